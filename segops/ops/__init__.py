@@ -1,0 +1,4 @@
+"""Public operators: `torch.library` custom ops with fakes, autograd and backend dispatch."""
+from segops.ops.criss_cross_attention import criss_cross_attention
+
+__all__ = ["criss_cross_attention"]
