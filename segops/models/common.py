@@ -1,0 +1,111 @@
+"""Building blocks shared by backbones and heads, named as in mmcv/mmseg so checkpoints load."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def make_norm(norm: Optional[str], channels: int) -> Optional[nn.Module]:
+    if norm is None:
+        return None
+    if norm == "bn":
+        return nn.BatchNorm2d(channels)
+    if norm == "syncbn":  # single-process stand-in with the same state_dict
+        return nn.BatchNorm2d(channels)
+    if norm == "gn":
+        return nn.GroupNorm(32, channels)
+    raise ValueError(f"unknown norm {norm!r} (expected 'bn', 'syncbn', 'gn' or None)")
+
+
+def make_act(act: Optional[str]) -> Optional[nn.Module]:
+    if act is None:
+        return None
+    if act == "relu":
+        return nn.ReLU(inplace=True)
+    if act == "gelu":
+        return nn.GELU()
+    raise ValueError(f"unknown activation {act!r} (expected 'relu', 'gelu' or None)")
+
+
+class ConvModule(nn.Module):
+    """conv -> norm -> activation, with mmcv's submodule names (`conv`, `bn`/`gn`, `activate`).
+
+    As in mmcv, the conv has a bias only when there is no norm layer (bias="auto").
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
+                 padding: int = 0, dilation: int = 1, groups: int = 1, bias="auto",
+                 norm: Optional[str] = "bn", act: Optional[str] = "relu") -> None:
+        super().__init__()
+        if bias == "auto":
+            bias = norm is None
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                              groups, bias=bias)
+        self.norm_name = None
+        norm_layer = make_norm(norm, out_channels)
+        if norm_layer is not None:
+            self.norm_name = "gn" if norm == "gn" else "bn"
+            self.add_module(self.norm_name, norm_layer)
+        self.activate = make_act(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        if self.norm_name is not None:
+            x = getattr(self, self.norm_name)(x)
+        if self.activate is not None:
+            x = self.activate(x)
+        return x
+
+
+def resize(x: Tensor, size, align_corners: bool = False) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
+class BaseDecodeHead(nn.Module):
+    """mmseg's BaseDecodeHead: input selection, dropout and the 1x1 classifier `conv_seg`.
+
+    input_transform: None (take inputs[in_index]), "resize_concat" (resize every selected input to
+    the first one's size and concatenate) or "multiple_select" (a list of the selected inputs).
+    """
+
+    def __init__(self, in_channels, channels: int, num_classes: int, *, dropout_ratio: float = 0.1,
+                 norm: Optional[str] = "bn", act: Optional[str] = "relu", in_index=-1,
+                 input_transform: Optional[str] = None, align_corners: bool = False,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if input_transform not in (None, "resize_concat", "multiple_select"):
+            raise ValueError(f"input_transform must be None, 'resize_concat' or 'multiple_select', "
+                             f"got {input_transform!r}")
+        if input_transform == "resize_concat":
+            self.in_channels = sum(in_channels)
+        else:
+            self.in_channels = in_channels
+        self.channels = channels
+        self.num_classes = num_classes
+        self.norm = norm
+        self.act = act
+        self.in_index = in_index
+        self.input_transform = input_transform
+        self.align_corners = align_corners
+        self.backend = backend
+        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
+        self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else None
+
+    def _transform_inputs(self, inputs):
+        if self.input_transform == "resize_concat":
+            selected = [inputs[i] for i in self.in_index]
+            size = selected[0].shape[2:]
+            return torch.cat([resize(x, size, self.align_corners) for x in selected], dim=1)
+        if self.input_transform == "multiple_select":
+            return [inputs[i] for i in self.in_index]
+        return inputs[self.in_index]
+
+    def cls_seg(self, feat: Tensor) -> Tensor:
+        if self.dropout is not None:
+            feat = self.dropout(feat)
+        return self.conv_seg(feat)
