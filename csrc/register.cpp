@@ -7,6 +7,12 @@
 
 TORCH_LIBRARY(segops_C, m) {
   // One block per operator; each op's forward returns what its backward needs.
+
+  // criss_cross_attention: forward -> (out, lse per position); lse has the dtype of the
+  // inputs (fp32 for fp32, fp64 for fp64).
+  m.def("criss_cross_attention_forward(Tensor query, Tensor key, Tensor value) -> (Tensor, Tensor)");
+  m.def("criss_cross_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
+        "Tensor out, Tensor stats) -> (Tensor, Tensor, Tensor)");
 }
 
 // A loadable Python module, so `import segops._C` registers the library above.
