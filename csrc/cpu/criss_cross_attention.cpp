@@ -50,6 +50,7 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
             const double*, const int*, const double*, const int*, const double*, double*,
             const int*) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 }
 
 namespace segops {
@@ -63,6 +64,18 @@ inline void blas_gemm(char ta, char tb, int m, int n, int k, double alpha, const
                       int lda, const double* b, int ldb, double beta, double* c, int ldc) {
   dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
 }
+// Inside a parallel task the BLAS must run single-threaded (MKL would otherwise start nested
+// threads and oversubscribe the cores).
+struct SingleThreadedBlas {
+  int prev = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
+  }
+};
+
 inline bool have_blas(float) { return sgemm_ != nullptr; }
 inline bool have_blas(double) { return dgemm_ != nullptr; }
 
@@ -191,6 +204,7 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
   const int64_t H = d.H, W = d.W, HW = d.HW, Ck = d.Ck, Cv = d.Cv;
   // (1) row log-sum-exp.
   at::parallel_for(0, d.N * H, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_guard;
     std::vector<T> e(W * W);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / H, y = t % H;
@@ -201,6 +215,7 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
   // (2) column tasks: finish the lse, write the column part of out.
   const int64_t nxb = (W + kColBlock - 1) / kColBlock;
   at::parallel_for(0, d.N * nxb, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_guard;
     const int64_t cc = std::min(Cv, kChanChunk);
     std::vector<T> qk(2 * kColBlock * Ck * H), p(kColBlock * H * H), lc(H);
     std::vector<T> vg(kColBlock * cc * H), r(kColBlock * cc * H);
@@ -232,6 +247,7 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
   });
   // (3) row tasks: out[:, y, :] += v_y p_row^T.
   at::parallel_for(0, d.N * H, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_guard;
     std::vector<T> e(W * W);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / H, y = t % H;
@@ -252,6 +268,7 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
   T* D = Dbuf.data();
   // Row tasks: D, then the row parts of dq, dk, dv (written, not accumulated).
   at::parallel_for(0, d.N * H, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_guard;
     std::vector<T> p(W * W), ds(W * W);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / H, y = t % H;
@@ -283,6 +300,7 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
   // Column tasks: add the column parts.
   const int64_t nxb = (W + kColBlock - 1) / kColBlock;
   at::parallel_for(0, d.N * nxb, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_guard;
     const int64_t cc = std::min(Cv, kChanChunk);
     const int64_t blk = kColBlock * Ck * H;
     std::vector<T> qk(4 * blk), p(kColBlock * H * H), ds(kColBlock * H * H);
