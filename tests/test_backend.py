@@ -78,3 +78,24 @@ def test_info_lists_every_op_and_backend():
         assert op in text
     for word in ("reference", "triton", "cpu", "cuda", "torch"):
         assert word in text
+
+
+def test_works_on_reference_with_one_warning_when_extension_is_missing():
+    code = r"""
+import importlib.abc, sys, warnings
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "segops._C":
+            raise ImportError("blocked for the test")
+sys.meta_path.insert(0, Block())
+import torch, segops
+x = torch.randn(1, 2, 3, 4)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        out = segops.criss_cross_attention(x, x, x)
+assert out.shape == (1, 2, 3, 4)
+missing = [w for w in caught if "segops._C could not be imported" in str(w.message)]
+assert len(missing) == 1, [str(w.message) for w in caught]
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
