@@ -7,3 +7,6 @@ from segops.reference.criss_cross_attention import criss_cross_attention
 from segops.reference.interlaced_sparse_attention import interlaced_sparse_attention
 
 __all__ = ["criss_cross_attention", "interlaced_sparse_attention"]
+from segops.reference.semantic_difference_conv2d import semantic_difference_conv2d
+
+__all__ = ["criss_cross_attention", "semantic_difference_conv2d"]
