@@ -4,5 +4,6 @@ Each function is differentiable by PyTorch autograd and is written the way the p
 computes it, since it is also the baseline of the benchmark.
 """
 from segops.reference.criss_cross_attention import criss_cross_attention
+from segops.reference.qco import qco_1d, qco_2d, texture_reconstruct
 
-__all__ = ["criss_cross_attention"]
+__all__ = ["criss_cross_attention", "qco_1d", "texture_reconstruct", "qco_2d"]
