@@ -10,3 +10,6 @@ __all__ = ["criss_cross_attention", "interlaced_sparse_attention"]
 from segops.reference.semantic_difference_conv2d import semantic_difference_conv2d
 
 __all__ = ["criss_cross_attention", "semantic_difference_conv2d"]
+from segops.reference.qco import qco_1d, qco_2d, texture_reconstruct
+
+__all__ = ["criss_cross_attention", "qco_1d", "texture_reconstruct", "qco_2d"]
