@@ -2,8 +2,9 @@
 from segops.nn.common import Scale
 from segops.nn.criss_cross_attention import CrissCrossAttention
 from segops.nn.interlaced_sparse_attention import InterlacedSparseAttention
-
-__all__ = ["Scale", "CrissCrossAttention", "InterlacedSparseAttention"]
 from segops.nn.semantic_difference_conv2d import SemanticDifferenceConv2d, SemanticDiffusion
 
-__all__ = ["Scale", "CrissCrossAttention", "SemanticDifferenceConv2d", "SemanticDiffusion"]
+# Every public callable imported above (derived, so each operator only adds its import line).
+__all__ = sorted(name for name, obj in list(globals().items())
+                 if not name.startswith("_") and callable(obj)
+                 and getattr(obj, "__module__", "").startswith(__name__ + "."))
