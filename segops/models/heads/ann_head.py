@@ -48,7 +48,6 @@ class ANNAttention(nn.Module):
         self.query_downsample = nn.MaxPool2d(query_scale) if query_scale > 1 else None
         self.key_downsample = PPMConcat(key_pool_scales)
         self.backend = backend
-        self._attn = op("disentangled_non_local")
 
     def forward(self, query_feats: Tensor, key_feats: Tensor) -> Tensor:
         query = self.query_project(query_feats)
@@ -56,7 +55,8 @@ class ANNAttention(nn.Module):
             query = self.query_downsample(query)
         key = self.key_downsample(self.key_project(key_feats))
         value = self.key_downsample(self.value_project(key_feats))
-        context = self._attn(query, key, value, whiten=False, backend=self.backend)
+        attn = op("disentangled_non_local")
+        context = attn(query, key, value, whiten=False, backend=self.backend)
         return self.out_project(context)
 
 

@@ -27,11 +27,11 @@ class PAM(nn.Module):
         self.value_project = nn.Conv2d(in_channels, in_channels, 1)
         self.gamma = Scale(0.0)
         self.backend = backend
-        self._attn = op("disentangled_non_local")
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self._attn(self.query_project(x), self.key_project(x), self.value_project(x),
-                         whiten=False, scale=1.0, backend=self.backend)
+        attn = op("disentangled_non_local")
+        out = attn(self.query_project(x), self.key_project(x), self.value_project(x),
+                   whiten=False, scale=1.0, backend=self.backend)
         return self.gamma(out) + x
 
 

@@ -42,14 +42,14 @@ class ObjectContextAttention(nn.Module):
         nn.init.zeros_(self.W.weight)
         nn.init.zeros_(self.W.bias)
         self.backend = backend
-        self._attn = op("disentangled_non_local")
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[2:]
         if self.pool is not None:
             x = self.pool(x)
-        context = self._attn(self.f_query(x), self.f_key(x), self.f_value(x), whiten=False,
-                             backend=self.backend)
+        attn = op("disentangled_non_local")
+        context = attn(self.f_query(x), self.f_key(x), self.f_value(x), whiten=False,
+                       backend=self.backend)
         context = self.W(context)
         if self.pool is not None:
             context = F.interpolate(context, size=(h, w), mode="bilinear", align_corners=True)

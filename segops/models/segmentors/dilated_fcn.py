@@ -13,15 +13,42 @@ from __future__ import annotations
 from typing import Callable
 
 from segops.models.backbones.resnet import resnet_v1c_d8
+from segops.models.backbones.resnet import ResNetV1c
+from segops.models.common import resize
+from segops.models.heads.ann_head import ANNHead
 from segops.models.heads.aspp_head import ASPPHead, DepthwiseSeparableASPPHead
 from segops.models.heads.cc_head import CCHead
+from segops.models.heads.da_head import DAHead
 from segops.models.heads.fcn_head import FCNHead
+from segops.models.heads.isa_head import ISAHead
+from segops.models.heads.nl_head import DNLHead, NLHead
+from segops.models.heads.ocnet_head import BaseOCHead
 from segops.models.heads.psp_head import PSPHead
+from segops.models.heads.sdn_neck import SDNNeck
+from segops.models.heads.stl_head import STLHead
 from segops.models.registry import register_model
 from segops.models.segmentors.encoder_decoder import EncoderDecoder
 
 # (decode head in_channels, decode channels, aux in_channels, aux channels) per depth (mmseg).
 WIDTHS = {18: (512, 128, 256, 64), 50: (2048, 512, 1024, 256), 101: (2048, 512, 1024, 256)}
+
+
+class MultiOutputEncoderDecoder(EncoderDecoder):
+    """EncoderDecoder for decode heads that return several logits in training mode (DANet: the
+    PAM+CAM, PAM-only and CAM-only predictions, each supervised). In training mode the first is
+    "out" and the others come first in "aux", before the auxiliary heads' outputs; eval mode is
+    unchanged (the head returns one tensor)."""
+
+    def forward(self, img):
+        if not self.training:
+            return super().forward(img)
+        size = img.shape[2:]
+        x = self.extract_feat(img)
+        outs = self._decode(x)
+        outs = [outs] if not isinstance(outs, (tuple, list)) else list(outs)
+        outs = [resize(o, size, self.align_corners) for o in outs]
+        aux = outs[1:] + [resize(h(x), size, self.align_corners) for h in self._aux_heads()]
+        return {"out": outs[0], "aux": aux}
 
 
 def aux_fcn_head(depth: int, num_classes: int, norm: str = "bn", backend: str = "auto",
@@ -34,7 +61,7 @@ def aux_fcn_head(depth: int, num_classes: int, norm: str = "bn", backend: str = 
 
 def d8_segmentor(depth: int, head_fn: Callable, *, num_classes: int = 19, backend: str = "auto",
                  norm: str = "bn", align_corners: bool = False, aux: bool = True,
-                 segmentor=EncoderDecoder, **head_kw) -> EncoderDecoder:
+                 segmentor=EncoderDecoder, backbone=None, neck=None, **head_kw) -> EncoderDecoder:
     """ResNetV1c-D8 backbone + `head_fn(in_channels, channels, num_classes, **common)` + aux FCN."""
     if depth not in WIDTHS:
         raise ValueError(f"depth must be one of {sorted(WIDTHS)}, got {depth}")
@@ -44,7 +71,8 @@ def d8_segmentor(depth: int, head_fn: Callable, *, num_classes: int = 19, backen
     common.update(head_kw)
     head = head_fn(in_ch, ch, num_classes, **common)
     auxiliary = aux_fcn_head(depth, num_classes, norm, backend, align_corners) if aux else None
-    return segmentor(resnet_v1c_d8(depth, norm=norm), head, auxiliary_head=auxiliary,
+    backbone = resnet_v1c_d8(depth, norm=norm) if backbone is None else backbone
+    return segmentor(backbone, head, neck=neck, auxiliary_head=auxiliary,
                      align_corners=align_corners)
 
 
@@ -86,8 +114,88 @@ def ccnet(depth: int, **kw):
     return d8_segmentor(depth, CCHead, recurrence=2, **kw)
 
 
+def nonlocal_net(depth: int, **kw):
+    """NonLocal: mmseg `configs/_base_/models/nonlocal_r50-d8.py` (NLHead: embedded Gaussian,
+    reduction 2, use_scale); the block is `segops.nn.NonLocal2d`."""
+    return d8_segmentor(depth, NLHead, reduction=2, use_scale=True, mode="embedded_gaussian", **kw)
+
+
+def dnl(depth: int, **kw):
+    """DNLNet: mmseg `configs/_base_/models/dnl_r50-d8.py` (DNLHead: reduction 2, use_scale,
+    temperature 0.05); the block is `segops.nn.DisentangledNonLocal2d`."""
+    return d8_segmentor(depth, DNLHead, reduction=2, use_scale=True, mode="embedded_gaussian",
+                        temperature=0.05, **kw)
+
+
+def isanet(depth: int, **kw):
+    """ISANet: mmseg `configs/_base_/models/isanet_r50-d8.py` (ISAHead: isa_channels 256, groups
+    8 x 8); the attention is `segops.nn.InterlacedSparseAttention`."""
+    return d8_segmentor(depth, ISAHead, isa_channels=256, down_factor=(8, 8), **kw)
+
+
+def danet(depth: int, **kw):
+    """DANet: mmseg `configs/_base_/models/danet_r50-d8.py` (DAHead: pam_channels 64); PAM through
+    `segops.disentangled_non_local(whiten=False, scale=1.0)`."""
+    return d8_segmentor(depth, DAHead, pam_channels=64, segmentor=MultiOutputEncoderDecoder, **kw)
+
+
+def ann(depth: int, **kw):
+    """ANN: mmseg `configs/_base_/models/ann_r50-d8.py` (ANNHead on stages 3 and 4: project
+    channels 256, query scales (1,), key pool scales 1, 3, 6, 8); pooled-key attention through
+    `segops.disentangled_non_local`."""
+    kw.setdefault("in_index", (2, 3))
+    return d8_segmentor(depth, lambda i, c, n, **k: ANNHead((1024, 2048) if depth != 18 else
+                                                            (256, 512), c, n, **k),
+                        project_channels=256, query_scales=(1,), key_pool_scales=(1, 3, 6, 8),
+                        **kw)
+
+
+def ocnet(depth: int = 101, *, num_classes: int = 19, backend: str = "auto", norm: str = "bn",
+          align_corners: bool = True, aux: bool = True):
+    """OCNet (Base-OC): openseg.pytorch `lib/models/nets/ocnet.py` `BaseOCNet` with its
+    `deepbase_resnet101_dilated8` backbone, i.e. ResNetV1c-D8 with a 128-channel deep stem
+    (64, 64, 128); head: 3x3 conv to 512, Base-OC block (key/value 256, dropout 0.05), classifier;
+    auxiliary "dsn" head on stage 3: 3x3 conv (bias) 1024 -> 512 + BN + ReLU, classifier, no
+    dropout. Outputs are upsampled with align_corners=True, as openseg does."""
+    backbone = ResNetV1c(depth, stem_channels=128, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4),
+                         contract_dilation=True, norm=norm)
+    in_ch, ch, aux_in, _ = WIDTHS[depth]
+    head = BaseOCHead(in_ch, ch, num_classes, key_channels=256, value_channels=256, sizes=(1,),
+                      in_index=3, dropout_ratio=0.05, norm=norm, align_corners=align_corners,
+                      backend=backend)
+    auxiliary = (FCNHead(aux_in, 512, num_classes, num_convs=1, concat_input=False, in_index=2,
+                         dropout_ratio=0.0, conv_bias=True, norm=norm,
+                         align_corners=align_corners, backend=backend) if aux else None)
+    return EncoderDecoder(backbone, head, auxiliary_head=auxiliary, align_corners=align_corners)
+
+
+def stlnet(depth: int = 101, **kw):
+    """STLNet: ResNet-D8 + ASPP context + STL texture block on stages 1-2 (see
+    `segops.models.heads.stl_head` for which parts follow the official code and which only the
+    paper); mmseg-style auxiliary FCN head on stage 3 (our choice: the paper does not say)."""
+    low = (64, 128) if depth == 18 else (256, 512)
+    return d8_segmentor(depth, STLHead, low_in_channels=low, dilations=(1, 12, 24, 36), **kw)
+
+
+def sdn_fcn(depth: int = 50, *, norm: str = "bn", backend: str = "auto", **kw):
+    """SDN on FCN: mmseg's fcn_r50-d8 with the single-scale SDN neck (paper description only, no
+    official code; see `segops.models.heads.sdn_neck`) on the stage-4 feature."""
+    in_ch = WIDTHS[depth][0]
+    neck = SDNNeck(in_ch, in_index=3, norm=norm, backend=backend)
+    return d8_segmentor(depth, FCNHead, num_convs=2, concat_input=True, neck=neck, norm=norm,
+                        backend=backend, **kw)
+
+
 _register("fcn", (18, 50, 101), fcn)
 _register("pspnet", (18, 50, 101), pspnet)
 _register("deeplabv3", (18, 50, 101), deeplabv3)
 _register("deeplabv3plus", (18, 50, 101), deeplabv3plus)
 _register("ccnet", (50, 101), ccnet)
+_register("nonlocal", (50, 101), nonlocal_net)
+_register("dnl", (50, 101), dnl)
+_register("isanet", (50, 101), isanet)
+_register("danet", (50, 101), danet)
+_register("ann", (50, 101), ann)
+_register("ocnet", (101,), ocnet)
+_register("stlnet", (101,), stlnet)
+_register("sdn-fcn", (50,), sdn_fcn)
