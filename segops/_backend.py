@@ -168,6 +168,9 @@ class OpBackends:
                 return name
             reasons.append(f"{name}: {reason}")
         key = (self.op, device.type, dtype, tuple(reasons))
+        load_error = _ext.load_error() if device.type == "cpu" else None
+        if load_error and all(load_error in r for r in reasons):
+            _warned.add(key)  # the missing extension was already reported, once
         if key not in _warned:
             _warned.add(key)
             warnings.warn(f"segops.{self.op}: no fused backend for {device.type} "
