@@ -181,7 +181,7 @@ def sdn_fcn(depth: int = 50, *, norm: str = "bn", backend: str = "auto", **kw):
     """SDN on FCN: mmseg's fcn_r50-d8 with the single-scale SDN neck (paper description only, no
     official code; see `segops.models.heads.sdn_neck`) on the stage-4 feature."""
     in_ch = WIDTHS[depth][0]
-    neck = SDNNeck(in_ch, in_index=3, norm=norm, backend=backend)
+    neck = SDNNeck(in_ch, in_index=3, backend=backend)
     return d8_segmentor(depth, FCNHead, num_convs=2, concat_input=True, neck=neck, norm=norm,
                         backend=backend, **kw)
 
