@@ -6,4 +6,11 @@
 
 TORCH_LIBRARY(segops_C, m) {
   // One block per operator; each op's forward returns what its backward needs.
+
+  // interlaced_sparse_attention: forward returns (out, lse (N, H, W), fp32; fp64 for fp64 inputs).
+  m.def("interlaced_sparse_attention_forward(Tensor query, Tensor key, Tensor value, int ph, "
+        "int pw, bool long_range, float scale) -> (Tensor, Tensor)");
+  m.def("interlaced_sparse_attention_backward(Tensor grad_out, Tensor query, Tensor key, "
+        "Tensor value, Tensor out, Tensor lse, int ph, int pw, bool long_range, float scale) "
+        "-> (Tensor, Tensor, Tensor)");
 }
