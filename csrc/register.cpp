@@ -7,6 +7,13 @@
 
 TORCH_LIBRARY(segops_C, m) {
   // One block per operator; each op's forward returns what its backward needs.
+
+  // semantic_difference_conv2d (SPEC 2.4): the backward recomputes the weighted differences.
+  m.def("semantic_difference_conv2d_forward(Tensor input, Tensor guidance, Tensor weight, "
+        "Tensor? bias, int dilation, str similarity, float sigma) -> Tensor");
+  m.def("semantic_difference_conv2d_backward(Tensor grad_out, Tensor input, Tensor guidance, "
+        "Tensor weight, int dilation, str similarity, float sigma) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // A loadable Python module, so `import segops._C` registers the library above.
