@@ -34,11 +34,20 @@ def has_kernel(kernel: str, dispatch_key: str) -> bool:
     """Whether `segops_C::<kernel>` has an implementation for `dispatch_key` ("CPU"/"CUDA")."""
     if not load():
         return False
-    qualname = f"segops_C::{kernel}"
+    return _kernel_registered(f"segops_C::{kernel}", dispatch_key)
+
+
+def _kernel_registered(qualname: str, dispatch_key: str) -> bool:
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key)
     except RuntimeError:  # operator not defined at all
         return False
+
+
+# torch.compile cannot trace the dispatcher query above (it returns a bool from a torch._C call,
+# a fullgraph error on the first compiled call of a fused backend): mark it a constant, what
+# torch.compiler.assume_constant_result does, without importing torch._dynamo at `import segops`.
+_kernel_registered._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def cuda_built() -> bool:
