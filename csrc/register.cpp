@@ -7,6 +7,14 @@
 TORCH_LIBRARY(segops_C, m) {
   // One block per operator; each op's forward returns what its backward needs.
 
+  // semantic_difference_conv2d (SPEC 2.4): the backward recomputes the weighted differences.
+  m.def("semantic_difference_conv2d_forward(Tensor input, Tensor guidance, Tensor weight, "
+        "Tensor? bias, int dilation, str similarity, float sigma) -> Tensor");
+  m.def("semantic_difference_conv2d_backward(Tensor grad_out, Tensor input, Tensor guidance, "
+        "Tensor weight, int dilation, str similarity, float sigma) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
   // interlaced_sparse_attention: forward returns (out, lse (N, H, W), fp32; fp64 for fp64 inputs).
   m.def("interlaced_sparse_attention_forward(Tensor query, Tensor key, Tensor value, int ph, "
         "int pw, bool long_range, float scale) -> (Tensor, Tensor)");
