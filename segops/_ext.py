@@ -30,6 +30,9 @@ def load_error() -> str | None:
     return _LOAD_ERROR
 
 
+# Constant for torch.compile: dynamo cannot trace the dispatcher query (a non-Tensor torch.*
+# result), and kernel availability does not change while a graph runs.
+@torch.compiler.assume_constant_result
 def has_kernel(kernel: str, dispatch_key: str) -> bool:
     """Whether `segops_C::<kernel>` has an implementation for `dispatch_key` ("CPU"/"CUDA")."""
     if not load():
