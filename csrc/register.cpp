@@ -13,6 +13,17 @@ TORCH_LIBRARY(segops_C, m) {
   m.def("semantic_difference_conv2d_backward(Tensor grad_out, Tensor input, Tensor guidance, "
         "Tensor weight, int dilation, str similarity, float sigma) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // qco (qco_1d with grid 1 and cooc false, qco_2d with cooc true): forward ->
+  // (hist, levels, sim, rnorm, mean, stats), see segops/ops/qco.py; texture_reconstruct saves
+  // nothing beyond its inputs.
+  m.def("qco_forward(Tensor x, int num_levels, int grid, bool cooc) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("qco_backward(Tensor grad_hist, Tensor grad_levels, Tensor? grad_sim, Tensor x, "
+        "Tensor hist, Tensor sim, Tensor rnorm, Tensor mean, Tensor stats, int num_levels, "
+        "int grid, bool cooc) -> Tensor");
+  m.def("texture_reconstruct_forward(Tensor sim, Tensor levels, Tensor features) -> Tensor");
+  m.def("texture_reconstruct_backward(Tensor grad_out, Tensor sim, Tensor levels, "
+        "Tensor features) -> (Tensor, Tensor, Tensor)");
 }
 
   // interlaced_sparse_attention: forward returns (out, lse (N, H, W), fp32; fp64 for fp64 inputs).

@@ -8,3 +8,7 @@ from segops.nn.semantic_difference_conv2d import SemanticDifferenceConv2d, Seman
 __all__ = sorted(name for name, obj in list(globals().items())
                  if not name.startswith("_") and callable(obj)
                  and getattr(obj, "__module__", "").startswith(__name__ + "."))
+from segops.nn.qco import QCO1d, QCO2d, STL, PyramidTextureExtraction, TextureEnhance
+
+__all__ = ["Scale", "CrissCrossAttention", "QCO1d", "QCO2d", "TextureEnhance",
+           "PyramidTextureExtraction", "STL"]

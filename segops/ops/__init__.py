@@ -7,3 +7,6 @@ from segops.ops.semantic_difference_conv2d import semantic_difference_conv2d
 __all__ = sorted(name for name, obj in list(globals().items())
                  if not name.startswith("_") and callable(obj)
                  and getattr(obj, "__module__", "").startswith(__name__ + "."))
+from segops.ops.qco import qco_1d, qco_2d, texture_reconstruct
+
+__all__ = ["criss_cross_attention", "qco_1d", "texture_reconstruct", "qco_2d"]
