@@ -7,6 +7,13 @@
 
 TORCH_LIBRARY(segops_C, m) {
   // One block per operator; each op's forward returns what its backward needs.
+  // disentangled_non_local (SPEC §2.3): flattened (N, C, L) inputs, s = scale / temperature;
+  // forward returns (out, lse (N, Lq), g (N, Cv), lse_u (N,)); backward (dq, dk, dv, du).
+  m.def("disentangled_non_local_forward(Tensor query, Tensor key, Tensor value, Tensor? unary, "
+        "bool whiten, float s) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("disentangled_non_local_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
+        "Tensor? unary, Tensor out, Tensor lse, Tensor g, Tensor lse_u, bool whiten, float s) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // A loadable Python module, so `import segops._C` registers the library above.
