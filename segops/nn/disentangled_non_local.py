@@ -176,8 +176,13 @@ class DisentangledNonLocal2d(NonLocal2d):
 
     _whiten = True
 
-    def __init__(self, *args, temperature: float = 0.05, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, in_channels: int, reduction: int = 2, use_scale: bool = True,
+                 conv_cfg: Optional[dict] = None, norm_cfg: Optional[dict] = None,
+                 mode: str = "embedded_gaussian", sub_sample: bool = False, *,
+                 temperature: float = 0.05, std: float = 0.01, zeros_init: bool = True,
+                 backend: str = "auto") -> None:
+        super().__init__(in_channels, reduction, use_scale, conv_cfg, norm_cfg, mode, sub_sample,
+                         std=std, zeros_init=zeros_init, backend=backend)
         self.temperature = temperature
         self.conv_mask = nn.Conv2d(self.in_channels, 1, kernel_size=1)
         self._pool = nn.MaxPool2d(kernel_size=(2, 2)) if self.sub_sample else None
