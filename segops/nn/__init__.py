@@ -12,3 +12,6 @@ from segops.nn.qco import QCO1d, QCO2d, STL, PyramidTextureExtraction, TextureEn
 
 __all__ = ["Scale", "CrissCrossAttention", "QCO1d", "QCO2d", "TextureEnhance",
            "PyramidTextureExtraction", "STL"]
+from segops.nn.disentangled_non_local import DisentangledNonLocal2d, NonLocal2d
+
+__all__ = ["Scale", "CrissCrossAttention", "DisentangledNonLocal2d", "NonLocal2d"]

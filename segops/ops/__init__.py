@@ -10,3 +10,6 @@ __all__ = sorted(name for name, obj in list(globals().items())
 from segops.ops.qco import qco_1d, qco_2d, texture_reconstruct
 
 __all__ = ["criss_cross_attention", "qco_1d", "texture_reconstruct", "qco_2d"]
+from segops.ops.disentangled_non_local import disentangled_non_local
+
+__all__ = ["criss_cross_attention", "disentangled_non_local"]

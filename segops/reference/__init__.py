@@ -12,3 +12,6 @@ from segops.reference.qco import qco_1d, qco_2d, texture_reconstruct
 __all__ = sorted(name for name, obj in list(globals().items())
                  if not name.startswith("_") and callable(obj)
                  and getattr(obj, "__module__", "").startswith(__name__ + "."))
+from segops.reference.disentangled_non_local import disentangled_non_local
+
+__all__ = ["criss_cross_attention", "disentangled_non_local"]
