@@ -2,3 +2,5 @@
 from segops.models.segmentors.encoder_decoder import CascadeEncoderDecoder, EncoderDecoder
 
 __all__ = ["EncoderDecoder", "CascadeEncoderDecoder"]
+from segops.models.segmentors import hrnet_models  # noqa: F401,E402
+from segops.models.segmentors import transformer_models  # noqa: F401,E402
