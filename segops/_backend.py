@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import threading
 import warnings
@@ -101,7 +102,10 @@ class FusedBackend:
         return self._resolved[which]
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype | None) -> str | None:
-        if self.name == "triton":
+        module = self.forward.split(":")[0] if isinstance(self.forward, str) else None
+        if module is not None and importlib.util.find_spec(module) is None:
+            reason = f"{module} is not implemented"
+        elif self.name == "triton":
             reason = triton_status(device)
         elif self.name in ("cpu", "cuda"):
             key = "CPU" if self.name == "cpu" else "CUDA"

@@ -1,0 +1,37 @@
+"""criss_cross_attention benchmark cases (SPEC §4): N=2, Ck=64, Cv=512, 97x97; N=1, 128x256."""
+import torch
+
+import segops
+from benchmarks.common import Case, standard_providers, tensor_bytes
+from segops.reference.criss_cross_attention import criss_cross_attention as reference
+
+OP = "criss_cross_attention"
+GPU_SHAPES = [(2, 64, 512, 97, 97), (1, 64, 512, 128, 256)]
+# CPU: same channels, a quarter of the spatial size (half of each side).
+CPU_SHAPES = [(2, 64, 512, 49, 49), (1, 64, 512, 64, 128)]
+QUICK_SHAPES = [(1, 16, 32, 17, 23)]
+
+
+def _flops(kw):
+    n, ck, h, w = kw["query"].shape
+    cv = kw["value"].shape[1]
+    return 2.0 * n * h * w * (h + w - 1) * (ck + cv)
+
+
+def _bytes(kw):
+    return tensor_bytes(kw["query"], kw["key"], kw["value"]) + tensor_bytes(kw["value"])
+
+
+def cases(device: str, dtype: torch.dtype, quick: bool = False):
+    shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
+    out = []
+    for n, ck, cv, h, w in shapes:
+        def make(dev, dt, n=n, ck=ck, cv=cv, h=h, w=w):
+            g = torch.Generator(device="cpu").manual_seed(0)
+            mk = lambda c: (torch.randn(n, c, h, w, generator=g) * 0.5).to(dev, dt)  # noqa: E731
+            return dict(query=mk(ck), key=mk(ck), value=mk(cv))
+        out.append(Case(OP, f"N{n} Ck{ck} Cv{cv} {h}x{w}", make, ("query", "key", "value"),
+                        standard_providers(OP, reference, segops.criss_cross_attention, device, dtype),
+                        flops=_flops, bytes=_bytes,
+                        params=dict(N=n, Ck=ck, Cv=cv, H=h, W=w)))
+    return out
