@@ -127,4 +127,8 @@ class ViTEncoderLayer(nn.Module):
 
 
 def drop_path_rates(rate: float, n: int) -> list:
-    return [float(v) for v in torch.linspace(0, rate, n)] if n else []
+    """Linearly increasing stochastic-depth rates 0..rate (torch.linspace's values, in Python so
+    models can be built on the meta device)."""
+    if n <= 1:
+        return [0.0] * n
+    return [rate * i / (n - 1) for i in range(n)]
