@@ -4,3 +4,4 @@ from segops.models.segmentors.encoder_decoder import CascadeEncoderDecoder, Enco
 __all__ = ["EncoderDecoder", "CascadeEncoderDecoder"]
 from segops.models.segmentors import hrnet_models  # noqa: F401,E402
 from segops.models.segmentors import transformer_models  # noqa: F401,E402
+from segops.models.segmentors import fpn_models  # noqa: F401,E402
