@@ -1,4 +1,9 @@
 """Public operators: `torch.library` custom ops with fakes, autograd and backend dispatch."""
 from segops.ops.criss_cross_attention import criss_cross_attention
+from segops.ops.interlaced_sparse_attention import interlaced_sparse_attention
+from segops.ops.semantic_difference_conv2d import semantic_difference_conv2d
 
-__all__ = ["criss_cross_attention"]
+# Every public callable imported above (derived, so each operator only adds its import line).
+__all__ = sorted(name for name, obj in list(globals().items())
+                 if not name.startswith("_") and callable(obj)
+                 and getattr(obj, "__module__", "").startswith(__name__ + "."))
