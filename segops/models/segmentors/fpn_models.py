@@ -6,30 +6,25 @@
   ResNet-V1c-101 D8, FCNHead on stage 3 (256 channels, 1 conv, loss 0.4) -> OCRHead on stage 4
   (512 channels, 256 OCR channels, dropout 0.1).
 * `sdn-fpn_r50`: fpn_r50 with an SDN pyramid neck after the FPN (levels guided by the next
-  coarser one). `sdn-segmenter_vit-s_mask`: segmenter_vit-s_mask with a single-scale SDN neck on
-  the ViT map. No reference config exists for these two (SDN has no public code).
-
-The ResNet models need `segops.models.backbones.resnet` (the dilated-FCN work); they are
-registered only when it is present.
+  coarser one). `sdn-segmenter_vit-s_mask`: segmenter_vit-s_mask with the single-scale SDN neck
+  on the ViT map. No reference config exists for these two (SDN has no public code).
 """
 from __future__ import annotations
 
 from segops.models.backbones.vit import vit
-from segops.models.heads.fcn_local import FCNHead
+from segops.models.heads.fcn_head import FCNHead
 from segops.models.heads.fpn_head import FPNHead
 from segops.models.heads.ocr_head import OCRHead
 from segops.models.necks.fpn import FPN
-from segops.models.necks.sdn import SDNPyramidNeck, SDNSingleNeck
+from segops.models.heads.sdn_neck import SDNNeck
+from segops.models.necks.sdn import SDNPyramidNeck
 from segops.models.registry import register_model
 from segops.models.segmentors.encoder_decoder import CascadeEncoderDecoder, EncoderDecoder
 from segops.models.segmentors.transformer_models import segmenter_head
 
 from torch import nn
 
-try:
-    from segops.models.backbones.resnet import ResNetV1c, resnet_v1c_d8
-except ImportError:  # ResNet lands with the dilated-FCN models
-    ResNetV1c = resnet_v1c_d8 = None
+from segops.models.backbones.resnet import ResNetV1c, resnet_v1c_d8
 
 
 def _fpn_parts(num_classes: int, norm: str, backend: str):
@@ -40,12 +35,14 @@ def _fpn_parts(num_classes: int, norm: str, backend: str):
     return neck, head
 
 
+@register_model("fpn_r50")
 def fpn_r50(num_classes: int = 19, backend: str = "auto", norm: str = "bn") -> EncoderDecoder:
     """mmseg fpn_r50 (Semantic FPN, Cityscapes)."""
     neck, head = _fpn_parts(num_classes, norm, backend)
     return EncoderDecoder(ResNetV1c(50, norm=norm), head, neck=neck)
 
 
+@register_model("sdn-fpn_r50")
 def sdn_fpn_r50(num_classes: int = 19, backend: str = "auto", norm: str = "bn") -> EncoderDecoder:
     """fpn_r50 + SDN pyramid neck; the necks form mmseg's list-of-necks Sequential
     (`neck.0` = FPN with fpn_r50's keys, `neck.1` = SDN)."""
@@ -54,6 +51,7 @@ def sdn_fpn_r50(num_classes: int = 19, backend: str = "auto", norm: str = "bn") 
     return EncoderDecoder(ResNetV1c(50, norm=norm), head, neck=neck)
 
 
+@register_model("ocrnet_r101-d8")
 def ocrnet_r101_d8(num_classes: int = 19, backend: str = "auto",
                    norm: str = "bn") -> CascadeEncoderDecoder:
     """mmseg ocrnet_r101-d8 (Cityscapes)."""
@@ -68,12 +66,8 @@ def ocrnet_r101_d8(num_classes: int = 19, backend: str = "auto",
 
 @register_model("sdn-segmenter_vit-s_mask")
 def sdn_segmenter_vit_s(num_classes: int = 150, backend: str = "auto") -> EncoderDecoder:
-    """segmenter_vit-s_mask with a single-scale SDN neck on the ViT-S map (ADE20K)."""
+    """segmenter_vit-s_mask with the single-scale SDN neck (heads/sdn_neck.py, as sdn-fcn_r50-d8:
+    stride-2 conv guidance of 384 // 4 channels) on the ViT-S map (ADE20K)."""
     return EncoderDecoder(vit("s"), segmenter_head("s", num_classes, backend),
-                          neck=SDNSingleNeck(384, backend=backend))
+                          neck=SDNNeck(384, backend=backend))
 
-
-if ResNetV1c is not None:
-    register_model("fpn_r50")(fpn_r50)
-    register_model("sdn-fpn_r50")(sdn_fpn_r50)
-    register_model("ocrnet_r101-d8")(ocrnet_r101_d8)

@@ -5,7 +5,7 @@ hr18s/hr48 overrides."""
 from __future__ import annotations
 
 from segops.models.backbones.hrnet import hrnet
-from segops.models.heads.fcn_local import FCNHead
+from segops.models.heads.fcn_head import FCNHead
 from segops.models.heads.ocr_head import OCRHead
 from segops.models.registry import register_model
 from segops.models.segmentors.encoder_decoder import CascadeEncoderDecoder, EncoderDecoder
