@@ -36,8 +36,6 @@ TORCH_LIBRARY(segops_C, m) {
   m.def("criss_cross_attention_forward(Tensor query, Tensor key, Tensor value) -> (Tensor, Tensor)");
   m.def("criss_cross_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
         "Tensor out, Tensor stats) -> (Tensor, Tensor, Tensor)");
-}
-
   // interlaced_sparse_attention: forward returns (out, lse (N, H, W), fp32; fp64 for fp64 inputs).
   m.def("interlaced_sparse_attention_forward(Tensor query, Tensor key, Tensor value, int ph, "
         "int pw, bool long_range, float scale) -> (Tensor, Tensor)");
