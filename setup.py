@@ -39,7 +39,8 @@ def _extensions():
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"]
     if os.environ.get("SEGOPS_NATIVE", "0") == "1":
         cxx.append("-march=native")
-    sources = _rel([os.path.join(ROOT, "csrc", "register.cpp")]
+    sources = _rel([os.path.join(ROOT, "csrc", "register.cpp"),
+                    os.path.join(ROOT, "csrc", "python_module.cpp")]
                    + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     define_macros = []

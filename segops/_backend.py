@@ -76,6 +76,13 @@ def triton_status(device: torch.device) -> str | None:
     return f"Triton does not run on {device.type} tensors"
 
 
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
 @dataclass
 class FusedBackend:
     """One fused implementation of an operator.
@@ -103,7 +110,7 @@ class FusedBackend:
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype | None) -> str | None:
         module = self.forward.split(":")[0] if isinstance(self.forward, str) else None
-        if module is not None and importlib.util.find_spec(module) is None:
+        if module is not None and not _module_exists(module):
             reason = f"{module} is not implemented"
         elif self.name == "triton":
             reason = triton_status(device)
@@ -168,6 +175,9 @@ class OpBackends:
                 return name
             reasons.append(f"{name}: {reason}")
         key = (self.op, device.type, dtype, tuple(reasons))
+        load_error = _ext.load_error() if device.type == "cpu" else None
+        if load_error and all(load_error in r for r in reasons):
+            _warned.add(key)  # the missing extension was already reported, once
         if key not in _warned:
             _warned.add(key)
             warnings.warn(f"segops.{self.op}: no fused backend for {device.type} "

@@ -60,6 +60,22 @@ class ConvModule(nn.Module):
         return x
 
 
+class DepthwiseSeparableConvModule(nn.Module):
+    """mmcv's DepthwiseSeparableConvModule: `depthwise_conv` (k x k, groups=in_channels, norm,
+    act) then `pointwise_conv` (1x1, norm, act), both ConvModules."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: int = 0, dilation: int = 1, norm: Optional[str] = "bn",
+                 act: Optional[str] = "relu") -> None:
+        super().__init__()
+        self.depthwise_conv = ConvModule(in_channels, in_channels, kernel_size, stride, padding,
+                                         dilation, groups=in_channels, norm=norm, act=act)
+        self.pointwise_conv = ConvModule(in_channels, out_channels, 1, norm=norm, act=act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pointwise_conv(self.depthwise_conv(x))
+
+
 def resize(x: Tensor, size, align_corners: bool = False) -> Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x

@@ -67,8 +67,23 @@ class CascadeEncoderDecoder(EncoderDecoder):
         super().__init__(backbone, nn.ModuleList(decode_heads), **kwargs)
         self.num_stages = len(decode_heads)
 
-    def _decode(self, x) -> Tensor:
-        out = self.decode_head[0](x)
+    def _decode_stages(self, x) -> list:
+        outs = [self.decode_head[0](x)]
         for head in self.decode_head[1:]:
-            out = head(x, out)
-        return out
+            outs.append(head(x, outs[-1]))
+        return outs
+
+    def _decode(self, x) -> Tensor:
+        return self._decode_stages(x)[-1]
+
+    def forward(self, img: Tensor):
+        """As EncoderDecoder; in training mode "aux" starts with the logits of every stage but
+        the last (mmseg supervises each cascade stage: OCRNet's FCN stage has loss weight 0.4),
+        followed by the auxiliary heads' logits."""
+        if not self.training:
+            return super().forward(img)
+        size = img.shape[2:]
+        x = self.extract_feat(img)
+        stages = [resize(o, size, self.align_corners) for o in self._decode_stages(x)]
+        aux = [resize(head(x), size, self.align_corners) for head in self._aux_heads()]
+        return {"out": stages[-1], "aux": stages[:-1] + aux}

@@ -1,0 +1,99 @@
+"""OCRNet head (Yuan et al., ECCV 2020) as mmseg's `OCRHead` (`mmseg/models/decode_heads/
+ocr_head.py`), a cascade stage fed the previous stage's logits.
+
+Object regions: `SpatialGatherModule` softmaxes the coarse logits over positions and pools one
+feature vector per class (the K region representations). Pixel-region relation: the
+`ObjectAttentionBlock` (mmseg SelfAttentionBlock with 2-conv key/query projections, BN+ReLU
+everywhere, scaled by ocr_channels**-0.5, out projection, then a 1x1 `bottleneck` over
+[context; feats]). The attention itself goes through `segops.disentangled_non_local(query, key,
+value, whiten=False, scale=ocr_channels**-0.5)` with the K regions as a (K, 1) key grid, so a
+fused backend carries it. State-dict keys as mmseg.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import segops
+from segops.models.common import BaseDecodeHead, ConvModule
+
+
+def _attention(query: Tensor, key: Tensor, value: Tensor, scale: float, backend: str) -> Tensor:
+    """softmax_j(scale <q_i, k_j>) v_j through segops (plain torch until the op exists)."""
+    op = getattr(segops, "disentangled_non_local", None)
+    if op is not None:
+        return op(query, key, value, whiten=False, scale=scale, backend=backend)
+    # Fallback only for checkouts that predate segops.disentangled_non_local (SPEC §2.3).
+    n, c = query.shape[:2]
+    q = query.flatten(2).transpose(1, 2)
+    sim = torch.softmax(scale * (q @ key.flatten(2)), dim=-1)
+    out = sim @ value.flatten(2).transpose(1, 2)
+    return out.transpose(1, 2).reshape(n, value.shape[1], *query.shape[2:])
+
+
+class SpatialGatherModule(nn.Module):
+    """Class-region representations: (N, C, H, W) feats, (N, K, H, W) logits -> (N, C, K, 1)."""
+
+    def __init__(self, scale: float = 1) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, feats: Tensor, probs: Tensor) -> Tensor:
+        n, k = probs.shape[:2]
+        probs = F.softmax(self.scale * probs.reshape(n, k, -1), dim=2)
+        ctx = probs @ feats.reshape(n, feats.shape[1], -1).transpose(1, 2)  # (N, K, C)
+        return ctx.transpose(1, 2).unsqueeze(3).contiguous()
+
+
+def _project(cin: int, cout: int, num_convs: int, norm, act) -> nn.Module:
+    convs = [ConvModule(cin if i == 0 else cout, cout, 1, norm=norm, act=act)
+             for i in range(num_convs)]
+    return convs[0] if num_convs == 1 else nn.Sequential(*convs)
+
+
+class ObjectAttentionBlock(nn.Module):
+    def __init__(self, in_channels: int, channels: int, scale: int = 1, norm="bn", act="relu",
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.channels = channels
+        self.backend = backend
+        self.key_project = _project(in_channels, channels, 2, norm, act)
+        self.query_project = _project(in_channels, channels, 2, norm, act)
+        self.value_project = _project(in_channels, channels, 1, norm, act)
+        self.out_project = _project(channels, in_channels, 1, norm, act)
+        self.query_downsample = nn.MaxPool2d(scale) if scale > 1 else None
+        self.bottleneck = ConvModule(in_channels * 2, in_channels, 1, norm=norm, act=act)
+
+    def forward(self, query_feats: Tensor, key_feats: Tensor) -> Tensor:
+        query = self.query_project(query_feats)
+        if self.query_downsample is not None:
+            query = self.query_downsample(query)
+        key = self.key_project(key_feats)
+        value = self.value_project(key_feats)
+        context = _attention(query, key, value, self.channels ** -0.5, self.backend)
+        if self.query_downsample is not None:  # back to the pixel grid
+            context = F.interpolate(context, size=query_feats.shape[2:], mode="bilinear",
+                                    align_corners=False)
+        context = self.out_project(context)
+        return self.bottleneck(torch.cat([context, query_feats], dim=1))
+
+
+class OCRHead(BaseDecodeHead):
+    """`forward(inputs, prev_output)`: prev_output are the previous stage's logits."""
+
+    def __init__(self, ocr_channels: int, scale: int = 1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.ocr_channels = ocr_channels
+        self.scale = scale
+        self.object_context_block = ObjectAttentionBlock(self.channels, ocr_channels, scale,
+                                                         self.norm, self.act, self.backend)
+        self.spatial_gather_module = SpatialGatherModule(scale)
+        self.bottleneck = ConvModule(self.in_channels, self.channels, 3, padding=1,
+                                     norm=self.norm, act=self.act)
+
+    def forward(self, inputs, prev_output: Tensor) -> Tensor:
+        x = self._transform_inputs(inputs)
+        feats = self.bottleneck(x)
+        context = self.spatial_gather_module(feats, prev_output)
+        return self.cls_seg(self.object_context_block(feats, context))

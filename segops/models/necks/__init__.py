@@ -1,0 +1,1 @@
+"""Necks between backbone and decode head."""

@@ -1,0 +1,46 @@
+"""Transformer segmentors with ADE20K defaults (150 classes), as mmseg's configs:
+`segformer_mit-b{0..5}` (MiT + SegformerHead, 256 channels, SyncBN->BN, dropout 0.1;
+configs/segformer/segformer_mit-b*_8xb2-160k_ade20k-512x512.py) and `segmenter_vit-{t,s,b,l}_mask`
+(ViT/16 + mask transformer head, 2 layers; configs/segmenter/segmenter_vit-*_mask_8xb1-160k_
+ade20k-512x512.py, vit-l at 640x640)."""
+from __future__ import annotations
+
+from segops.models.backbones.mit import MIT_VARIANTS, mit
+from segops.models.backbones.vit import VIT_VARIANTS, vit
+from segops.models.heads.segformer_head import SegformerHead
+from segops.models.heads.segmenter_head import SegmenterMaskTransformerHead
+from segops.models.registry import register_model
+from segops.models.segmentors.encoder_decoder import EncoderDecoder
+
+
+def _segformer(variant: str):
+    def build(num_classes: int = 150, backend: str = "auto", norm: str = "bn",
+              channels: int = 256) -> EncoderDecoder:
+        backbone = mit(variant)
+        head = SegformerHead(in_channels=backbone.out_channels, in_index=[0, 1, 2, 3],
+                             channels=channels, dropout_ratio=0.1, num_classes=num_classes,
+                             norm=norm, align_corners=False, backend=backend)
+        return EncoderDecoder(backbone, head)
+    build.__doc__ = f"mmseg segformer_mit-{variant} (ADE20K, 150 classes)."
+    return build
+
+
+def segmenter_head(variant: str, num_classes: int, backend: str = "auto"):
+    d = VIT_VARIANTS[variant]
+    return SegmenterMaskTransformerHead(in_channels=d["embed_dims"], channels=d["embed_dims"],
+                                        num_classes=num_classes, num_layers=2,
+                                        num_heads=d["num_heads"], embed_dims=d["embed_dims"],
+                                        dropout_ratio=0.0, backend=backend)
+
+
+def _segmenter(variant: str):
+    def build(num_classes: int = 150, backend: str = "auto") -> EncoderDecoder:
+        return EncoderDecoder(vit(variant), segmenter_head(variant, num_classes, backend))
+    build.__doc__ = f"mmseg segmenter_vit-{variant}_mask (ADE20K, 150 classes)."
+    return build
+
+
+for _v in MIT_VARIANTS:
+    register_model(f"segformer_mit-{_v}")(_segformer(_v))
+for _v in VIT_VARIANTS:
+    register_model(f"segmenter_vit-{_v}_mask")(_segmenter(_v))
