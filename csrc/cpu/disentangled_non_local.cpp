@@ -261,9 +261,11 @@ void backward_impl(const at::Tensor& go, const at::Tensor& qw, const at::Tensor&
   const int64_t nkb = (Lk + BN - 1) / BN;
   const int64_t threads = at::get_num_threads();
   const int64_t G = std::max<int64_t>(1, std::min(nkb, (threads + N - 1) / N));
-  // dQ~ partial sums, transposed so a query block's rows are contiguous: (N, G, Lq, Ck).
-  auto dqbuf = at::zeros({N, G, Lq, Ck}, qw.options());
+  // dQ~ partial sums of group 0 accumulate straight into dq; groups 1.. into (G-1, N, Ck, Lq).
+  dq.zero_();
+  auto dqbuf = at::zeros({G - 1, N, Ck, Lq}, qw.options());
   T* dqb = dqbuf.data_ptr<T>();
+  T* dqp = dq.data_ptr<T>();
   T* dkp = dk.data_ptr<T>();
   T* dvp = dv.data_ptr<T>();
 
@@ -276,7 +278,7 @@ void backward_impl(const at::Tensor& go, const at::Tensor& qw, const at::Tensor&
       T* kn = const_cast<T*>(kp) + n * Ck * Lk;
       T* vn = const_cast<T*>(vp) + n * Cv * Lk;
       T* gon = const_cast<T*>(gop) + n * Cv * Lq;
-      T* dqn = dqb + (n * G + grp) * Lq * Ck;
+      T* dqn = grp == 0 ? dqp + n * Ck * Lq : dqb + ((grp - 1) * N + n) * Ck * Lq;
       const T* ln = lp + n * Lq;
       const T* Dn = D.data() + n * Lq;
       for (int64_t kb = kb0; kb < kb1; ++kb) {
@@ -309,7 +311,7 @@ void backward_impl(const at::Tensor& go, const at::Tensor& qw, const at::Tensor&
           }
           dvm.addmm_(Oi, Pm);                                 // (Cv, bm) @ (bm, bn)
           dkm.addmm_(Qi, dPm);                                // (Ck, bm) @ (bm, bn)
-          mat(dqn + i0 * Ck, bm, Ck, Ck).addmm_(dPm, Kj.t());  // (bm, bn) @ (bn, Ck)
+          mat(dqn + i0, Ck, bm, Lq).addmm_(Kj, dPm.t());  // (Ck, bn) @ (bn, bm)
         }
         if (u != nullptr) {
           // w_j = softmax(u)_j; dv_j += w_j dg; du_j = w_j (dg . v_j - dg . g).
@@ -345,17 +347,15 @@ void backward_impl(const at::Tensor& go, const at::Tensor& qw, const at::Tensor&
     }
   });
 
-  // dq[n, c, i] = s * sum over groups of dqbuf[n, grp, i, c].
-  T* dqp = dq.data_ptr<T>();
+  // dq = s * (sum over groups).
   at::parallel_for(0, N * Ck, 4, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const int64_t n = r / Ck, c = r % Ck;
       T* o = dqp + r * Lq;
-      for (int64_t i = 0; i < Lq; ++i) {
-        T acc = 0;
-        for (int64_t grp = 0; grp < G; ++grp) acc += dqb[((n * G + grp) * Lq + i) * Ck + c];
-        o[i] = acc * s;
+      for (int64_t grp = 1; grp < G; ++grp) {
+        const T* a = dqb + ((grp - 1) * N * Ck + r) * Lq;
+        for (int64_t i = 0; i < Lq; ++i) o[i] += a[i];
       }
+      for (int64_t i = 0; i < Lq; ++i) o[i] *= s;
     }
   });
   if (whiten) {
