@@ -6,7 +6,8 @@
 // Forward: for each (sample, block of BM queries) a flash-attention style loop over blocks of BN
 // keys: S = s * q~^T k~ (one BM x BN GEMM), online softmax (running row max and sum), acc += v P^T.
 // Nothing of size Lq x Lk is ever allocated; per task the scratch is BM x BN scores plus a
-// Cv x BM accumulator. Saved for backward: per-query log-sum-exp (N, Lq), the unary vector
+// Cv x BM accumulator (and, when whitening, the current query/key block minus its channel
+// means: no whitened copy of the whole query or key is made). Saved for backward: per-query log-sum-exp (N, Lq), the unary vector
 // g = sum_j softmax(u)_j v_j (N, Cv) and the unary log-sum-exp (N,).
 //
 // Backward: tasks are (sample, group of key blocks); each recomputes P for its key blocks against
