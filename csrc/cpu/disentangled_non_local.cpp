@@ -6,7 +6,8 @@
 // Forward: for each (sample, block of BM queries) a flash-attention style loop over blocks of BN
 // keys: S = s * q~^T k~ (one BM x BN GEMM), online softmax (running row max and sum), acc += v P^T.
 // Nothing of size Lq x Lk is ever allocated; per task the scratch is BM x BN scores plus a
-// Cv x BM accumulator. Saved for backward: per-query log-sum-exp (N, Lq), the unary vector
+// Cv x BM accumulator (and, when whitening, the current query/key block minus its channel
+// means: no whitened copy of the whole query or key is made). Saved for backward: per-query log-sum-exp (N, Lq), the unary vector
 // g = sum_j softmax(u)_j v_j (N, Cv) and the unary log-sum-exp (N,).
 //
 // Backward: tasks are (sample, group of key blocks); each recomputes P for its key blocks against
@@ -72,24 +73,72 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
-// x - mean over the last dim (per sample, per channel), into a new buffer.
+// Per (sample, channel) mean over the last dim of a (N, C, L) tensor.
 template <typename T>
-at::Tensor centred(const at::Tensor& x) {
-  auto out = at::empty_like(x);
+std::vector<T> channel_means(const at::Tensor& x) {
   const int64_t rows = x.size(0) * x.size(1), len = x.size(2);
+  std::vector<T> mu(rows);
   const T* src = x.data_ptr<T>();
-  T* dst = out.data_ptr<T>();
   at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const T* a = src + r * len;
       double acc = 0;
       for (int64_t i = 0; i < len; ++i) acc += a[i];
-      const T mu = static_cast<T>(acc / static_cast<double>(len));
-      T* o = dst + r * len;
-      for (int64_t i = 0; i < len; ++i) o[i] = a[i] - mu;
+      mu[r] = static_cast<T>(acc / static_cast<double>(std::max<int64_t>(len, 1)));
     }
   });
-  return out;
+  return mu;
+}
+
+// One (C, len) block of positions [p0, p0 + len) of sample n of a (N, C, L) operand: a view of
+// the input, or (whitening) the input minus its channel means, written to `scratch`. Whitening
+// block by block costs C * len per block against C * len * (block of the other side) for the
+// GEMM it feeds, and needs no whitened copy of the whole tensor.
+template <typename T>
+struct Operand {
+  const T* base;
+  const T* mean;  // (N, C) or nullptr
+  int64_t C, L;
+
+  at::Tensor block(int64_t n, int64_t p0, int64_t len, T* scratch) const {
+    T* src = const_cast<T*>(base) + n * C * L + p0;
+    if (mean == nullptr) return mat(src, C, len, L);
+    for (int64_t c = 0; c < C; ++c) {
+      const T mu = mean[n * C + c];
+      const T* a = src + c * L;
+      T* o = scratch + c * len;
+      for (int64_t i = 0; i < len; ++i) o[i] = a[i] - mu;
+    }
+    return mat(scratch, C, len, len);
+  }
+};
+
+// max and sum of a row with independent partial results (vectorisable).
+template <typename T>
+T row_max(const T* x, int64_t len) {
+  constexpr int K = 8;
+  T m[K];
+  for (int k = 0; k < K; ++k) m[k] = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  for (; j + K <= len; j += K)
+    for (int k = 0; k < K; ++k) m[k] = std::max(m[k], x[j + k]);
+  for (; j < len; ++j) m[0] = std::max(m[0], x[j]);
+  T r = m[0];
+  for (int k = 1; k < K; ++k) r = std::max(r, m[k]);
+  return r;
+}
+
+template <typename T>
+T row_sum(const T* x, int64_t len) {
+  constexpr int K = 8;
+  T a[K] = {};
+  int64_t j = 0;
+  for (; j + K <= len; j += K)
+    for (int k = 0; k < K; ++k) a[k] += x[j + k];
+  for (; j < len; ++j) a[0] += x[j];
+  T r = 0;
+  for (int k = 0; k < K; ++k) r += a[k];
+  return r;
 }
 
 // In-place: x[r, :] -= mean(x[r, :]) for every row of a (rows, len) buffer.
@@ -135,23 +184,22 @@ void unary_forward(const T* u, const T* v, int64_t N, int64_t Cv, int64_t Lk, T*
 }
 
 template <typename T>
-void forward_impl(const at::Tensor& qw, const at::Tensor& kw, const at::Tensor& v, T s,
-                  const T* g, at::Tensor& out, at::Tensor& lse) {
-  const int64_t N = qw.size(0), Ck = qw.size(1), Lq = qw.size(2), Lk = kw.size(2), Cv = v.size(1);
-  const T* qp = qw.data_ptr<T>();
-  const T* kp = kw.data_ptr<T>();
+void forward_impl(const at::Tensor& query, const at::Tensor& key, const at::Tensor& v,
+                  const T* mq, const T* mk, T s, const T* g, at::Tensor& out, at::Tensor& lse) {
+  const int64_t N = query.size(0), Ck = query.size(1), Lq = query.size(2), Lk = key.size(2);
+  const int64_t Cv = v.size(1);
+  const Operand<T> Q{query.data_ptr<T>(), mq, Ck, Lq}, K{key.data_ptr<T>(), mk, Ck, Lk};
   const T* vp = v.data_ptr<T>();
   T* op = out.data_ptr<T>();
   T* lp = lse.data_ptr<T>();
   const int64_t nqb = (Lq + BM - 1) / BM;
   at::parallel_for(0, N * nqb, 1, [&](int64_t b, int64_t e) {
     std::vector<T> S(BM * BN), acc(Cv * BM), m(BM), l(BM), alpha(BM);
+    std::vector<T> qs(mq ? Ck * BM : 0), ks(mk ? Ck * BN : 0);
     for (int64_t task = b; task < e; ++task) {
       const int64_t n = task / nqb, i0 = (task % nqb) * BM, bm = std::min(BM, Lq - i0);
-      T* qn = const_cast<T*>(qp) + n * Ck * Lq;
-      T* kn = const_cast<T*>(kp) + n * Ck * Lk;
       T* vn = const_cast<T*>(vp) + n * Cv * Lk;
-      auto A = mat(qn + i0, Ck, bm, Lq).t();  // (bm, Ck)
+      auto A = Q.block(n, i0, bm, qs.data()).t();  // (bm, Ck)
       auto accm = mat(acc.data(), Cv, bm, bm);
       std::fill(acc.begin(), acc.begin() + Cv * bm, T(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
@@ -159,14 +207,11 @@ void forward_impl(const at::Tensor& qw, const at::Tensor& kw, const at::Tensor& 
       for (int64_t j0 = 0; j0 < Lk; j0 += BN) {
         const int64_t bn = std::min(BN, Lk - j0);
         auto Sm = mat(S.data(), bm, bn, bn);
-        at::mm_out(Sm, A, mat(kn + j0, Ck, bn, Lk));
+        at::mm_out(Sm, A, K.block(n, j0, bn, ks.data()));
         for (int64_t i = 0; i < bm; ++i) {
           T* row = S.data() + i * bn;
-          T mx = -std::numeric_limits<T>::infinity();
-          for (int64_t j = 0; j < bn; ++j) {
-            row[j] *= s;
-            mx = std::max(mx, row[j]);
-          }
+          for (int64_t j = 0; j < bn; ++j) row[j] *= s;
+          const T mx = row_max(row, bn);
           const T mnew = std::max(m[i], mx);
           alpha[i] = std::exp(m[i] - mnew);  // exp(-inf) = 0 on the first block
           m[i] = mnew;
@@ -174,10 +219,7 @@ void forward_impl(const at::Tensor& qw, const at::Tensor& kw, const at::Tensor& 
         }
         Sm.exp_();
         for (int64_t i = 0; i < bm; ++i) {
-          const T* row = S.data() + i * bn;
-          T sum = 0;
-          for (int64_t j = 0; j < bn; ++j) sum += row[j];
-          l[i] = l[i] * alpha[i] + sum;
+          l[i] = l[i] * alpha[i] + row_sum(S.data() + i * bn, bn);
         }
         if (j0 > 0) {
           for (int64_t c = 0; c < Cv; ++c) {
@@ -212,28 +254,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dnl_forward(
   auto g = at::zeros({N, Cv}, query.options());
   auto lse_u = at::zeros({N}, query.options());
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "disentangled_non_local_forward", [&] {
-    at::Tensor qw = whiten ? centred<scalar_t>(query) : query;
-    at::Tensor kw = whiten ? centred<scalar_t>(key) : key;
+    std::vector<scalar_t> mq, mk;
+    if (whiten) {
+      mq = channel_means<scalar_t>(query);
+      mk = channel_means<scalar_t>(key);
+    }
     const scalar_t* gp = nullptr;
     if (unary.has_value()) {
       unary_forward<scalar_t>(unary->data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), N, Cv, Lk,
                               lse_u.data_ptr<scalar_t>(), g.data_ptr<scalar_t>());
       gp = g.data_ptr<scalar_t>();
     }
-    forward_impl<scalar_t>(qw, kw, value, static_cast<scalar_t>(s), gp, out, lse);
+    forward_impl<scalar_t>(query, key, value, whiten ? mq.data() : nullptr,
+                           whiten ? mk.data() : nullptr, static_cast<scalar_t>(s), gp, out, lse);
   });
   return {out, lse, g, lse_u};
 }
 
 template <typename T>
-void backward_impl(const at::Tensor& go, const at::Tensor& qw, const at::Tensor& kw,
-                   const at::Tensor& v, const T* u, const at::Tensor& out, const at::Tensor& lse,
-                   const T* g, const T* lse_u, T s, bool whiten, at::Tensor& dq, at::Tensor& dk,
-                   at::Tensor& dv, T* du) {
-  const int64_t N = qw.size(0), Ck = qw.size(1), Lq = qw.size(2), Lk = kw.size(2), Cv = v.size(1);
+void backward_impl(const at::Tensor& go, const at::Tensor& query, const at::Tensor& key,
+                   const at::Tensor& v, const T* mq, const T* mk, const T* u,
+                   const at::Tensor& out, const at::Tensor& lse, const T* g, const T* lse_u, T s,
+                   bool whiten, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, T* du) {
+  const int64_t N = query.size(0), Ck = query.size(1), Lq = query.size(2), Lk = key.size(2);
+  const int64_t Cv = v.size(1);
+  const Operand<T> Q{query.data_ptr<T>(), mq, Ck, Lq}, K{key.data_ptr<T>(), mk, Ck, Lk};
   const T* gop = go.data_ptr<T>();
-  const T* qp = qw.data_ptr<T>();
-  const T* kp = kw.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   const T* outp = out.data_ptr<T>();
   const T* lp = lse.data_ptr<T>();
@@ -261,27 +307,28 @@ void backward_impl(const at::Tensor& go, const at::Tensor& qw, const at::Tensor&
   const int64_t nkb = (Lk + BN - 1) / BN;
   const int64_t threads = at::get_num_threads();
   const int64_t G = std::max<int64_t>(1, std::min(nkb, (threads + N - 1) / N));
-  // dQ~ partial sums, transposed so a query block's rows are contiguous: (N, G, Lq, Ck).
-  auto dqbuf = at::zeros({N, G, Lq, Ck}, qw.options());
+  // dQ~ partial sums of group 0 accumulate straight into dq; groups 1.. into (G-1, N, Ck, Lq).
+  dq.zero_();
+  auto dqbuf = at::zeros({G - 1, N, Ck, Lq}, query.options());
   T* dqb = dqbuf.data_ptr<T>();
+  T* dqp = dq.data_ptr<T>();
   T* dkp = dk.data_ptr<T>();
   T* dvp = dv.data_ptr<T>();
 
   at::parallel_for(0, N * G, 1, [&](int64_t b, int64_t e) {
     std::vector<T> P(BM * BN), dP(BM * BN), dkacc(Ck * BN), dvacc(Cv * BN), t(BN), w(BN);
+    std::vector<T> qs(mq ? Ck * BM : 0), ks(mk ? Ck * BN : 0);
     for (int64_t task = b; task < e; ++task) {
       const int64_t n = task / G, grp = task % G;
       const int64_t kb0 = grp * nkb / G, kb1 = (grp + 1) * nkb / G;
-      T* qn = const_cast<T*>(qp) + n * Ck * Lq;
-      T* kn = const_cast<T*>(kp) + n * Ck * Lk;
       T* vn = const_cast<T*>(vp) + n * Cv * Lk;
       T* gon = const_cast<T*>(gop) + n * Cv * Lq;
-      T* dqn = dqb + (n * G + grp) * Lq * Ck;
+      T* dqn = grp == 0 ? dqp + n * Ck * Lq : dqb + ((grp - 1) * N + n) * Ck * Lq;
       const T* ln = lp + n * Lq;
       const T* Dn = D.data() + n * Lq;
       for (int64_t kb = kb0; kb < kb1; ++kb) {
         const int64_t j0 = kb * BN, bn = std::min(BN, Lk - j0);
-        auto Kj = mat(kn + j0, Ck, bn, Lk);
+        auto Kj = K.block(n, j0, bn, ks.data());
         auto Vj = mat(vn + j0, Cv, bn, Lk);
         auto dkm = mat(dkacc.data(), Ck, bn, bn);
         auto dvm = mat(dvacc.data(), Cv, bn, bn);
@@ -289,7 +336,7 @@ void backward_impl(const at::Tensor& go, const at::Tensor& qw, const at::Tensor&
         std::fill(dvacc.begin(), dvacc.begin() + Cv * bn, T(0));
         for (int64_t i0 = 0; i0 < Lq; i0 += BM) {
           const int64_t bm = std::min(BM, Lq - i0);
-          auto Qi = mat(qn + i0, Ck, bm, Lq);   // (Ck, bm)
+          auto Qi = Q.block(n, i0, bm, qs.data());  // (Ck, bm)
           auto Oi = mat(gon + i0, Cv, bm, Lq);  // (Cv, bm)
           auto Pm = mat(P.data(), bm, bn, bn);
           auto dPm = mat(dP.data(), bm, bn, bn);
@@ -309,7 +356,7 @@ void backward_impl(const at::Tensor& go, const at::Tensor& qw, const at::Tensor&
           }
           dvm.addmm_(Oi, Pm);                                 // (Cv, bm) @ (bm, bn)
           dkm.addmm_(Qi, dPm);                                // (Ck, bm) @ (bm, bn)
-          mat(dqn + i0 * Ck, bm, Ck, Ck).addmm_(dPm, Kj.t());  // (bm, bn) @ (bn, Ck)
+          mat(dqn + i0, Ck, bm, Lq).addmm_(Kj, dPm.t());  // (Ck, bn) @ (bn, bm)
         }
         if (u != nullptr) {
           // w_j = softmax(u)_j; dv_j += w_j dg; du_j = w_j (dg . v_j - dg . g).
@@ -345,17 +392,15 @@ void backward_impl(const at::Tensor& go, const at::Tensor& qw, const at::Tensor&
     }
   });
 
-  // dq[n, c, i] = s * sum over groups of dqbuf[n, grp, i, c].
-  T* dqp = dq.data_ptr<T>();
+  // dq = s * (sum over groups).
   at::parallel_for(0, N * Ck, 4, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const int64_t n = r / Ck, c = r % Ck;
       T* o = dqp + r * Lq;
-      for (int64_t i = 0; i < Lq; ++i) {
-        T acc = 0;
-        for (int64_t grp = 0; grp < G; ++grp) acc += dqb[((n * G + grp) * Lq + i) * Ck + c];
-        o[i] = acc * s;
+      for (int64_t grp = 1; grp < G; ++grp) {
+        const T* a = dqb + ((grp - 1) * N * Ck + r) * Lq;
+        for (int64_t i = 0; i < Lq; ++i) o[i] += a[i];
       }
+      for (int64_t i = 0; i < Lq; ++i) o[i] *= s;
     }
   });
   if (whiten) {
@@ -382,10 +427,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dnl_backward(
   auto dv = at::empty_like(value);
   auto du = unary.has_value() ? at::empty_like(*unary) : at::empty({0}, query.options());
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "disentangled_non_local_backward", [&] {
-    at::Tensor qw = whiten ? centred<scalar_t>(query) : query;
-    at::Tensor kw = whiten ? centred<scalar_t>(key) : key;
+    std::vector<scalar_t> mq, mk;
+    if (whiten) {
+      mq = channel_means<scalar_t>(query);
+      mk = channel_means<scalar_t>(key);
+    }
     const bool has_u = unary.has_value();
-    backward_impl<scalar_t>(grad_out, qw, kw, value,
+    backward_impl<scalar_t>(grad_out, query, key, value, whiten ? mq.data() : nullptr,
+                            whiten ? mk.data() : nullptr,
                             has_u ? unary->data_ptr<scalar_t>() : nullptr, out, lse,
                             has_u ? g.data_ptr<scalar_t>() : nullptr,
                             has_u ? lse_u.data_ptr<scalar_t>() : nullptr,

@@ -21,9 +21,9 @@ def disentangled_non_local(query: Tensor, key: Tensor, value: Tensor, unary: Opt
     n, ck = query.shape[:2]
     cv = value.shape[1]
     sq = query.shape[2:]
-    theta_x = query.reshape(n, ck, -1).permute(0, 2, 1)   # (N, Lq, Ck)
-    phi_x = key.reshape(n, ck, -1)                         # (N, Ck, Lk)
-    g_x = value.reshape(n, cv, -1).permute(0, 2, 1)       # (N, Lk, Cv)
+    theta_x = query.flatten(2).permute(0, 2, 1)   # (N, Lq, Ck)
+    phi_x = key.flatten(2)                         # (N, Ck, Lk)
+    g_x = value.flatten(2).permute(0, 2, 1)       # (N, Lk, Cv)
     if whiten:
         theta_x = theta_x - theta_x.mean(dim=-2, keepdim=True)
         phi_x = phi_x - phi_x.mean(dim=-1, keepdim=True)
@@ -36,6 +36,6 @@ def disentangled_non_local(query: Tensor, key: Tensor, value: Tensor, unary: Opt
     pairwise = pairwise.softmax(dim=-1)
     y = torch.matmul(pairwise, g_x)                        # (N, Lq, Cv)
     if unary is not None:
-        unary_mask = unary.reshape(n, 1, -1).softmax(dim=-1)
+        unary_mask = unary.flatten(2).softmax(dim=-1)
         y = y + torch.matmul(unary_mask, g_x)              # (N, 1, Cv) broadcast over queries
     return y.permute(0, 2, 1).reshape(n, cv, *sq)
