@@ -107,11 +107,12 @@ def _logits(A, B, rows_a, rows_b, mask_a, mask_b, C, HW,
 
 
 @triton.jit
-def _pair_mask(ng_a, ng_b, valid_b, PACKED: tl.constexpr):
-    """Which (row a, row b) pairs attend: valid b, and in PACKED tiles the same group."""
+def _pair_mask(ng_a, valid_a, ng_b, valid_b, PACKED: tl.constexpr):
+    """Which (row a, row b) pairs attend: both valid, and in PACKED tiles in the same group."""
+    valid = valid_a[:, None] & valid_b[None, :]
     if PACKED:
-        return valid_b[None, :] & (ng_a[:, None] == ng_b[None, :])
-    return valid_b[None, :] & (ng_a[:, None] >= 0)
+        return valid & (ng_a[:, None] == ng_b[None, :])
+    return valid
 
 
 # ------------------------------------------------------------------------------ forward
@@ -135,7 +136,7 @@ def _fwd_kernel(Q, K, V, O, LSE, NG, G, L, CK, CV, HW, W, GW, PH, PW, NT, qk_sca
         ng_n, mask_n, krow, vrow_n = _rows(pid_g, t * BLOCK, NG, G, L, CK, CV, HW, W, GW, PH, PW,
                                            BLOCK, LP, PACKED, LONG)
         s = _logits(Q, K, qrow, krow, mask_m, mask_n, CK, HW, BLOCK, BLOCK, BLOCK_D, PREC) * qk_scale
-        s = tl.where(_pair_mask(ng_m, ng_n, mask_n, PACKED), s, float("-inf"))
+        s = tl.where(_pair_mask(ng_m, mask_m, ng_n, mask_n, PACKED), s, float("-inf"))
         m_new = tl.maximum(tl.maximum(m_i, tl.max(s, 1)), -1e30)  # rows with no key stay finite
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -200,7 +201,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, NG, G, L, CK, CV, HW, W, GW, PH,
         ng_n, mask_n, krow, vrow_n = _rows(pid_g, t * BLOCK, NG, G, L, CK, CV, HW, W, GW, PH, PW,
                                            BLOCK, LP, PACKED, LONG)
         s = _logits(Q, K, qrow, krow, mask_m, mask_n, CK, HW, BLOCK, BLOCK, BLOCK_D, PREC)
-        p = tl.where(_pair_mask(ng_m, ng_n, mask_n, PACKED), tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        p = tl.exp2(tl.where(_pair_mask(ng_m, mask_m, ng_n, mask_n, PACKED), s * qk_scale - lse2[:, None],
+                             float("-inf")))
         dp = _logits(DO, V, vrow, vrow_n, mask_m, mask_n, CV, HW, BLOCK, BLOCK, BLOCK_D, PREC)
         ds = p * (dp - delta[:, None])
         k = _load_tile(K, krow, offs_c, mask_n, mask_c, HW, False)
@@ -230,8 +232,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKV, NG, G, L, CK, CV, HW, W, GW, 
                                          BLOCK, LP, PACKED, LONG)
         lse2, delta = _stats(LSE, DELTA, qrow, mask_m, CK, HW)
         st = _logits(K, Q, krow, qrow, mask_n, mask_m, CK, HW, BLOCK, BLOCK, BLOCK_D, PREC)
-        pt = tl.where(_pair_mask(ng_n, ng_m, mask_m, PACKED),
-                      tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
+        pt = tl.exp2(tl.where(_pair_mask(ng_n, mask_n, ng_m, mask_m, PACKED), st * qk_scale - lse2[None, :],
+                              float("-inf")))
         if DV:
             do = _load_tile(DO, vrow, offs_c, mask_m, mask_c, HW, False)
             acc += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
