@@ -79,7 +79,7 @@ def test_reference_identities():
 
 @pytest.mark.parametrize("mode", ["long", "short"])
 def test_reference_gradcheck(mode):
-    x = {k: v.requires_grad_() for k, v in inputs(2, 3, 2, 4, 6, scale=0.5).items()}
+    x = {k: v.requires_grad_() for k, v in inputs(2, 2, 2, 2, 6, scale=0.5).items()}
     assert torch.autograd.gradcheck(lambda q, k, v: reference(q, k, v, (2, 3), mode), tuple(x.values()))
 
 
@@ -89,7 +89,7 @@ CASES = [
     ((1, 3, 5, 16, 8), (8, 8), ("long", "short")),    # the default block; groups of 2 / 64
     ((1, 5, 4, 6, 10), (1, 1), ("long", "short")),    # one group of 60 / 60 groups of 1
     ((1, 4, 3, 6, 10), (6, 10), ("long", "short")),   # block = (H, W)
-    ((1, 20, 24, 18, 20), (18, 20), ("short",)),      # 360 members: several key tiles, channels > 16
+    ((1, 20, 24, 10, 10), (10, 10), ("short",)),      # 100 members: two key tiles, channels > 16
 ]
 PARAMS = [pytest.param(s, b, m, id=f"{s}-{b}-{m}") for s, b, ms in CASES for m in ms]
 
@@ -192,7 +192,7 @@ def test_int_block_size_is_square():
 @pytest.mark.parametrize("mode", ["long", "short"])
 def test_cpu_gradcheck(mode):
     require_backend(OP, "cpu", "cpu", torch.float64)
-    x = {k: v.requires_grad_() for k, v in inputs(2, 3, 2, 4, 6, scale=0.5).items()}
+    x = {k: v.requires_grad_() for k, v in inputs(2, 2, 2, 2, 6, scale=0.5).items()}
     f = lambda q, k, v: segops.interlaced_sparse_attention(q, k, v, (2, 3), mode, backend="cpu")  # noqa: E731
     assert torch.autograd.gradcheck(f, tuple(x.values()))
 
