@@ -9,8 +9,17 @@ import segops
 import segops.nn as snn
 from segops.ops import qco as qco_ops
 from segops.reference import qco as R
-from tests.utils import (backend_cases, channels_last, check_against_reference, noncontiguous,
-                         require_backend)
+from tests.utils import (TRITON_DEVICE, backend_cases, channels_last, check_against_reference,
+                         noncontiguous, require_backend)
+
+# Triton under the CPU interpreter costs ~0.1 s per program and kernel: its slowest variants
+# (fp16 at many regions, which adds nothing dtype-specific) are trimmed there, not on a GPU.
+INTERPRETED = TRITON_DEVICE == "cpu"
+
+
+def _interpreter_trim(backend, dtype, heavy):
+    if backend == "triton" and INTERPRETED and heavy and dtype == torch.float16:
+        pytest.skip("Triton interpreter time: covered by the fp32 variant (and on a GPU)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,6 +217,7 @@ QCO2D_CASES = [((2, 3, 6, 6), 8, 1), ((1, 4, 6, 10), 8, 2), ((2, 3, 9, 6), 8, 3)
 @pytest.mark.parametrize("shape,k,grid", QCO2D_CASES)
 def test_qco_2d_matches_fp64_reference(backend, device, dtype, shape, k, grid):
     require_backend("qco_2d", backend, device, dtype)
+    _interpreter_trim(backend, dtype, grid >= 3)
     x = torch.randn(*shape, dtype=torch.float64)
     check_against_reference(_run("qco_2d", backend), R.qco_2d, dict(x=x), ["x"], dtype, device,
                             kwargs=dict(num_levels=k, grid=grid))
@@ -217,6 +227,7 @@ def test_qco_2d_matches_fp64_reference(backend, device, dtype, shape, k, grid):
 @pytest.mark.parametrize("layout", ["noncontiguous", "channels_last"])
 def test_non_contiguous_inputs_and_grads(backend, device, dtype, layout):
     require_backend("qco_1d", backend, device, dtype)
+    _interpreter_trim(backend, dtype, True)
     make = noncontiguous if layout == "noncontiguous" else channels_last
     x = torch.randn(2, 4, 6, 8, dtype=torch.float64)
     check_against_reference(_run("qco_1d", backend), R.qco_1d, dict(x=x), ["x"], dtype, device,
@@ -253,10 +264,11 @@ def test_ties_at_min_and_max(backend, device, dtype):
 def test_constant_input_gives_zero_counts_and_no_nan(backend, device, dtype, value):
     require_backend("qco_1d", backend, device, dtype)
     x = torch.full((2, 3, 6, 6), value, device=device, dtype=dtype, requires_grad=True)
-    for k in (1, 8, 128):
+    slow = backend == "triton" and INTERPRETED
+    for k in ((8,) if slow else (1, 8, 128)):
         counts, levels, sim = segops.qco_1d(x, k, backend=backend)
         assert (counts == 0).all()
-        cooc, lev2 = segops.qco_2d(x, k, 3, backend=backend)
+        cooc, lev2 = segops.qco_2d(x, k, 2 if slow else 3, backend=backend)
         assert (cooc == 0).all()
         feats = torch.randn(2, 5, k, device=device, dtype=dtype, requires_grad=True)
         out = segops.texture_reconstruct(sim, levels, feats, backend=backend)
@@ -278,7 +290,10 @@ def test_zero_pixels_have_finite_gradients(backend, device, dtype):
     for got, want in zip((counts, levels, sim), ref):
         torch.testing.assert_close(got.double().cpu(), want, rtol=0, atol=2e-3)
     (gx,) = torch.autograd.grad(counts.sum() + levels.sum() + sim.sum(), x)
-    assert torch.isfinite(gx).all()
+    if dtype in (torch.float32, torch.float64):
+        # d normalize(x)/dx at x = 0 is 1/eps = 1e12: finite in fp32/fp64, not representable
+        # in fp16 (whose reference gives NaN already in the forward, eps underflowing to 0)
+        assert torch.isfinite(gx).all()
 
 
 @pytest.mark.parametrize("backend,device,dtype", backend_cases())

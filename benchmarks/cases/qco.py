@@ -1,0 +1,107 @@
+"""QCO benchmark cases (SPEC §4): texture_reconstruct, qco_2d, qco_1d and the STL block.
+
+GPU: 1-D N=2, C=128, 97x97, K=128 with reconstruction to 256 channels; 2-D N=2, C=128, 96x96,
+K=8, grids 1, 2, 3, 6; STL N=2, 256 input channels, 97x97. CPU: same channels, half of each
+side (49x49 and 48x48). Each row's `op` names the operator it measures.
+"""
+import torch
+
+import segops
+import segops.nn as snn
+from benchmarks.common import Case, fused_providers, standard_providers, tensor_bytes
+from segops.reference import qco as R
+
+# The CPU targets are the first two rows (texture_reconstruct K=128, qco_2d grid 1).
+DEFAULT_CPU_CASES = 2
+
+
+def _sizes(device, quick):
+    if quick:
+        return dict(n=1, c=16, hw1=(13, 11), hw2=(12, 12), k1=16, cf=32, k2=4, stl_in=32)
+    if device == "cuda":
+        return dict(n=2, c=128, hw1=(97, 97), hw2=(96, 96), k1=128, cf=256, k2=8, stl_in=256)
+    return dict(n=2, c=128, hw1=(49, 49), hw2=(48, 48), k1=128, cf=256, k2=8, stl_in=256)
+
+
+def _gen():
+    return torch.Generator(device="cpu").manual_seed(0)
+
+
+def cases(device: str, dtype: torch.dtype, quick: bool = False):
+    z = _sizes(device, quick)
+    n, c, k1, cf, k2 = z["n"], z["c"], z["k1"], z["cf"], z["k2"]
+    (h1, w1), (h2, w2) = z["hw1"], z["hw2"]
+    out = []
+
+    # texture_reconstruct: sim and levels as qco_1d makes them, features (N, Cf, K)
+    def make_recon(dev, dt):
+        g = _gen()
+        x = torch.randn(n, c, h1, w1, generator=g)
+        if dev == "meta":
+            sim, levels = torch.empty(n, h1, w1), torch.empty(n, k1)
+        else:
+            _, levels, sim = R.qco_1d(x, k1)
+        feats = torch.randn(n, cf, k1, generator=g)
+        return dict(sim=sim.to(dev, dt), levels=levels.to(dev, dt), features=feats.to(dev, dt))
+
+    out.append(Case("texture_reconstruct", f"recon N{n} Cf{cf} {h1}x{w1} K{k1}", make_recon,
+                    ("sim", "levels", "features"),
+                    standard_providers("texture_reconstruct", R.texture_reconstruct,
+                                       segops.texture_reconstruct, device, dtype),
+                    flops=lambda kw: 2.0 * 2 * kw["features"].shape[1] * kw["sim"].numel(),
+                    bytes=lambda kw: tensor_bytes(kw["sim"], kw["levels"], kw["features"])
+                    + kw["sim"].numel() * kw["features"].shape[1] * kw["sim"].element_size(),
+                    params=dict(N=n, Cf=cf, H=h1, W=w1, K=k1)))
+
+    def make_x(hw):
+        def make(dev, dt):
+            return dict(x=torch.randn(n, c, *hw, generator=_gen()).to(dev, dt))
+        return make
+
+    for grid in (1, 2, 3, 6):
+        if quick and grid > 2:
+            continue
+        ref = (lambda s: (lambda x: R.qco_2d(x, k2, s)))(grid)
+        pub = (lambda s: (lambda x, backend="auto": segops.qco_2d(x, k2, s, backend=backend)))(grid)
+        out.append(Case("qco_2d", f"qco_2d N{n} C{c} {h2}x{w2} K{k2} grid{grid}", make_x((h2, w2)), ("x",),
+                        standard_providers("qco_2d", ref, pub, device, dtype),
+                        flops=lambda kw: 4.0 * kw["x"].numel(),
+                        bytes=lambda kw: 2 * tensor_bytes(kw["x"]),
+                        params=dict(N=n, C=c, H=h2, W=w2, K=k2, grid=grid)))
+
+    out.append(Case("qco_1d", f"qco_1d N{n} C{c} {h1}x{w1} K{k1}", make_x((h1, w1)), ("x",),
+                    standard_providers("qco_1d", lambda x: R.qco_1d(x, k1),
+                                       lambda x, backend="auto": segops.qco_1d(x, k1, backend=backend),
+                                       device, dtype),
+                    flops=lambda kw: 4.0 * kw["x"].numel(),
+                    bytes=lambda kw: 2 * tensor_bytes(kw["x"]),
+                    params=dict(N=n, C=c, H=h1, W=w1, K=k1)))
+
+    # The STL block end to end (train mode: BN batch statistics), input 256 channels
+    modules = {}
+
+    def stl(backend):
+        def run(x):
+            if backend not in modules:
+                torch.manual_seed(0)
+                modules[backend] = snn.STL(z["stl_in"], backend=backend).to(x.device, x.dtype)
+            return modules[backend](x)
+        return run
+
+    def make_stl(dev, dt):
+        return dict(x=torch.randn(n, z["stl_in"], h1, w1, generator=_gen()).to(dev, dt))
+
+    providers = {"reference": stl("reference")}
+    ref_mod = stl("reference")
+    compiled = {}
+
+    def stl_compiled(x):
+        if "fn" not in compiled:
+            compiled["fn"] = torch.compile(ref_mod, dynamic=False)
+        return compiled["fn"](x)
+    providers["reference+compile"] = stl_compiled
+    for name in fused_providers("qco_1d", None, device, dtype):
+        providers[name] = stl(name)
+    out.append(Case("stl", f"STL N{n} Cin{z['stl_in']} {h1}x{w1}", make_stl, ("x",), providers,
+                    params=dict(N=n, Cin=z["stl_in"], H=h1, W=w1)))
+    return out
