@@ -209,7 +209,7 @@ def test_opcheck_cpu(similarity, layout):
                                          x["weight"].detach(), 2, similarity, 0.9, "cpu"))
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
 def test_compile_fullgraph_forward_backward(backend):
     require_backend(OP, backend, "cpu", torch.float32)
     x = {k: v.float().requires_grad_() for k, v in inputs(1, 3, 3, 4, 5, 6, 3).items()}

@@ -17,6 +17,7 @@ GPU_SHAPES = [(2, 512, 512, 97, 97), (2, 512, 512, 128, 256)]
 # CPU: same channels, a quarter of the spatial size (half of each side).
 CPU_SHAPES = [(2, 512, 512, 49, 49), (2, 512, 512, 64, 128)]
 QUICK_SHAPES = [(1, 16, 24, 13, 17)]
+DEFAULT_CPU_CASES = 2  # the default CPU run: the first shape with both similarities
 K = 3
 
 

@@ -30,7 +30,10 @@ namespace {
 
 enum Sim { kNone = 0, kCharbonnier = 1, kGaussian = 2 };
 
-constexpr int64_t kTile = 128;  // pixels per panel
+// Pixels per panel: the forward multiplies the (Cout, Cin*k^2) weight by a (Cin*k^2, kTileFwd)
+// panel; the backward accumulates dW over (Kc, kTileBwd) panels (fewer read-modify-writes of dW).
+constexpr int64_t kTileFwd = 256;
+constexpr int64_t kTileBwd = 512;
 
 struct Geo {
   int64_t N, Cin, Cg, Cout, H, W, HW, k, KK, dil, half;
@@ -170,7 +173,7 @@ at::Tensor sdc_forward(const at::Tensor& input, const at::Tensor& guidance, cons
   at::Tensor out = at::empty({g.N, g.Cout, g.H, g.W}, input.options());
   if (out.numel() == 0) return out;
   const int64_t K = g.Cin * g.KK;
-  const int64_t ntile = (g.HW + kTile - 1) / kTile;
+  const int64_t ntile = (g.HW + kTileFwd - 1) / kTileFwd;
   at::Tensor w2 = weight.view({g.Cout, K});
   at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "semantic_difference_conv2d_forward", [&] {
@@ -183,19 +186,19 @@ at::Tensor sdc_forward(const at::Tensor& input, const at::Tensor& guidance, cons
     T* Y = out.data_ptr<T>();
     const T inv_s2 = T(1.0 / (sigma * sigma));
     at::parallel_for(0, g.N * ntile, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor panel = at::empty({K, kTile}, input.options());
-      at::Tensor res = at::empty({g.Cout, kTile}, input.options());
+      at::Tensor panel = at::empty({K, kTileFwd}, input.options());
+      at::Tensor res = at::empty({g.Cout, kTileFwd}, input.options());
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t n = i / ntile, p0 = (i % ntile) * kTile, p1 = std::min(g.HW, p0 + kTile);
+        const int64_t n = i / ntile, p0 = (i % ntile) * kTileFwd, p1 = std::min(g.HW, p0 + kTileFwd);
         const int64_t T_ = p1 - p0;
-        build_panel_any<T>(sim, g, U, V, Sp, n, 0, g.Cin, p0, p1, panel.data_ptr<T>(), kTile, inv_s2);
+        build_panel_any<T>(sim, g, U, V, Sp, n, 0, g.Cin, p0, p1, panel.data_ptr<T>(), kTileFwd, inv_s2);
         at::Tensor r = res.narrow(1, 0, T_);
-        if (T_ == kTile) at::mm_out(res, w2, panel);
+        if (T_ == kTileFwd) at::mm_out(res, w2, panel);
         else r.copy_(at::mm(w2, panel.narrow(1, 0, T_)));
         const T* rp = res.data_ptr<T>();
         for (int64_t o = 0; o < g.Cout; ++o) {
           T* yo = Y + (n * g.Cout + o) * g.HW + p0;
-          const T* ro = rp + o * kTile;
+          const T* ro = rp + o * kTileFwd;
           const T bo = bp ? bp[o] : T(0);
           for (int64_t j = 0; j < T_; ++j) yo[j] = ro[j] + bo;
         }
@@ -219,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
   at::Tensor dW = at::zeros_like(weight);
   at::Tensor db = at::sum(grad_out, {0, 2, 3});
   if (input.numel() == 0 || grad_out.numel() == 0) return {dU, dV, dW, db};
-  const int64_t ntile = (g.HW + kTile - 1) / kTile;
+  const int64_t ntile = (g.HW + kTileBwd - 1) / kTileBwd;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t nblk = std::min<int64_t>(g.Cin, nthreads);
   const int64_t cb = (g.Cin + nblk - 1) / nblk;
@@ -243,14 +246,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
         const int64_t c0 = blk * cb, c1 = std::min(g.Cin, c0 + cb), Kc = (c1 - c0) * g.KK;
         at::Tensor wblk_t = w2.narrow(1, c0 * g.KK, Kc).t().contiguous();  // (Kc, Cout)
         at::Tensor dwblk = at::zeros({g.Cout, Kc}, input.options());
-        at::Tensor panel = at::empty({Kc, kTile}, input.options());
-        at::Tensor dpanel = at::empty({Kc, kTile}, input.options());
+        at::Tensor panel = at::empty({Kc, kTileBwd}, input.options());
+        at::Tensor dpanel = at::empty({Kc, kTileBwd}, input.options());
         T* Gb = G.defined() ? G.data_ptr<T>() + blk * g.N * g.KK * g.HW : nullptr;
         for (int64_t i = 0; i < g.N * ntile; ++i) {
-          const int64_t n = i / ntile, p0 = (i % ntile) * kTile, p1 = std::min(g.HW, p0 + kTile);
+          const int64_t n = i / ntile, p0 = (i % ntile) * kTileBwd, p1 = std::min(g.HW, p0 + kTileBwd);
           const int64_t T_ = p1 - p0;
           at::Tensor dy = grad_out[n].view({g.Cout, g.HW}).narrow(1, p0, T_);
-          build_panel_any<T>(sim, g, U, V, Sp, n, c0, c1, p0, p1, panel.data_ptr<T>(), kTile, inv_s2);
+          build_panel_any<T>(sim, g, U, V, Sp, n, c0, c1, p0, p1, panel.data_ptr<T>(), kTileBwd, inv_s2);
           at::Tensor pn = panel.narrow(1, 0, T_);
           dwblk.addmm_(dy, pn.t());
           at::Tensor dp = dpanel.narrow(1, 0, T_);
@@ -264,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
             T* dVc = sim == kCharbonnier ? dVp + (n * g.Cg + c) * g.HW : nullptr;
             for (int64_t t = 0; t < g.KK; ++t) {
               const int64_t dy_ = g.dy(t), dx = g.dx(t);
-              const T* drow = dD + ((c - c0) * g.KK + t) * kTile;
+              const T* drow = dD + ((c - c0) * g.KK + t) * kTileBwd;
               const T* St = Sp ? Sp + (n * g.KK + t) * g.HW : nullptr;
               T* Gt = Gb ? Gb + (n * g.KK + t) * g.HW : nullptr;
               for_segments(g, p0, p1, dy_, dx, [&](int64_t y, int64_t yy, int64_t xa, int64_t xb,

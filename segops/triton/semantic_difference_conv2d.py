@@ -19,6 +19,7 @@ Backward (deterministic, no atomics):
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -273,6 +274,11 @@ def _on_gpu(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _geometry(input, weight):
     n, cin, h, w = input.shape
     cout, _, k, _ = weight.shape
@@ -342,7 +348,7 @@ def backward(grad_out: torch.Tensor, input: torch.Tensor, guidance: torch.Tensor
     blocks_per_image = triton.cdiv(hw, bp)
     nblocks = n * blocks_per_image
     tiles = kk * triton.cdiv(cin, bc) * triton.cdiv(cout, bo)
-    splits = max(1, min(nblocks, (4 * 132) // max(1, tiles))) if gpu else 1
+    splits = max(1, min(nblocks, (4 * _sm_count(dev)) // max(1, tiles))) if gpu else 1
     blocks_per_split = triton.cdiv(nblocks, splits)
     splits = triton.cdiv(nblocks, blocks_per_split)
     dwp = torch.empty((splits, kk, cin, cout), device=dev, dtype=torch.float32)
@@ -352,9 +358,10 @@ def backward(grad_out: torch.Tensor, input: torch.Tensor, guidance: torch.Tensor
         BLOCK_O=bo, **({"num_warps": 8, "num_stages": 3} if gpu else {}))
     grad_weight = dwp.sum(0).view(k, k, cin, cout).permute(3, 2, 0, 1).to(weight.dtype).contiguous()
 
-    # grad_input (+ charbonnier grad_guidance, + gaussian dL/dS partials)
+    # grad_input (+ charbonnier grad_guidance, + gaussian dL/dS partials); four [BLOCK_P, BLOCK_C]
+    # fp32 tiles live across the loop (du, dv, and the two dD accumulators): keep them small.
     bp = _pow2(hw, 16, 64 if gpu else 64)
-    bc = _pow2(cin, 16, 64 if gpu else 16)
+    bc = _pow2(cin, 16, 32 if gpu else 16)
     bo = _pow2(cout, 16, 64 if gpu else 32)
     ncb = triton.cdiv(cin, bc)
     grad_input = torch.empty_like(input)
