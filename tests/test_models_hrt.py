@@ -1,4 +1,5 @@
-"""Model zoo part B: HRNet (FCN, OCR), SegFormer (MiT), Segmenter (ViT), Swin backbone, FPN parts.
+"""Model zoo part B: HRNet (FCN, OCR), SegFormer (MiT), Segmenter (ViT), UPerNet (Swin), Semantic
+FPN and OCRNet on ResNet-V1c, and the SDN variants of Semantic FPN and Segmenter.
 
 Per model: build by config name, eval forward shape on CPU at a small size, train-mode forward
 with the aux outputs the mmseg config supervises, one backward step, and the parameter count at
@@ -7,13 +8,16 @@ meta device.
 
 Where the expected parameter counts come from (never from the code under test):
   * `_count_*` below recount them from mmseg's configs and module definitions (read from
-    open-mmlab/mmsegmentation: mmseg/models/backbones/{hrnet,mit,vit,swin}.py,
-    decode_heads/{fcn,ocr,segformer,segmenter_mask,fpn}_head.py, utils/self_attention_block.py),
-    layer by layer with closed-form per-layer counts.
+    open-mmlab/mmsegmentation: mmseg/models/backbones/{hrnet,mit,vit,swin,resnet}.py,
+    decode_heads/{fcn,ocr,segformer,segmenter_mask,fpn,uper}_head.py, necks/fpn.py,
+    utils/self_attention_block.py and configs/_base_/models/*), layer by layer with closed-form
+    per-layer counts. The SDN parts (no reference code exists) are counted from SPEC §2.4's
+    layer description.
   * Those are cross-checked against published totals: HRNetV2-W48 + FCN head 65.9M (HRNet
     TPAMI paper, Cityscapes table), HRNetV2-W48 + OCR 70.3M (OCRNet paper), MiT encoders
     B1..B5 13.1/24.2/44.0/60.8/81.4M (SegFormer paper, Table 1), official Swin-T/S/B(224)
-    ImageNet models 28,288,354 / 49,606,258 / 87,768,224 and timm ViT-Ti/S/B/L-16 (224)
+    ImageNet models 28,288,354 / 49,606,258 / 87,768,224, UPerNet-Swin-T/S/B/L 60/81/121/234M
+    (Swin paper, ADE20K), torchvision ResNet-50/101 and timm ViT-Ti/S/B/L-16 (224)
     5,717,416 / 22,050,664 / 86,567,656 / 304,326,632, translated to the mmseg form (no
     classifier, mmseg's per-stage output norms, position embedding for the config's img_size).
 """
@@ -153,6 +157,14 @@ def _count_swin(v, window=None):
     return n
 
 
+def _count_upernet_heads(widths, k, ch=512):
+    uper = (4 * (conv(widths[-1], ch) + bn(ch)) + conv(widths[-1] + 4 * ch, ch, 3) + bn(ch)
+            + sum(conv(c, ch) + bn(ch) for c in widths[:-1]) + 3 * (conv(ch, ch, 3) + bn(ch))
+            + conv(4 * ch, ch, 3) + bn(ch) + conv(ch, k, bias=True))
+    aux = conv(widths[2], 256, 3) + bn(256) + conv(256, k, bias=True)
+    return uper + aux
+
+
 def _count_resnet_v1c(depth):
     blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
     n = conv(3, 32, 3) + bn(32) + conv(32, 32, 3) + bn(32) + conv(32, 64, 3) + bn(64)
@@ -217,6 +229,11 @@ def test_analytic_counts_agree_with_published_totals():
         e = SWIN[v][0]
         expected = official - linear(8 * e, 1000) - ln(8 * e) + sum(ln(e * 2 ** i) for i in range(4))
         assert _count_swin(v, window=7) == expected, v
+    # Swin paper, ADE20K table: UPerNet Swin-T/S/B/L 60M / 81M / 121M / 234M.
+    for v, m in zip("tsbl", (60, 81, 121, 234)):
+        e = SWIN[v][0]
+        total = _count_swin(v) + _count_upernet_heads([e, 2 * e, 4 * e, 8 * e], 150)
+        assert round(total / 1e6) == m, v
     # torchvision ResNet-50/101 (25,557,032 / 44,549,160) without the fc layer, with the V1c
     # deep stem (three 3x3 convs 3-32-32-64 + BNs) in place of the 7x7 conv + BN.
     stem_delta = (conv(3, 32, 3) + conv(32, 32, 3) + conv(32, 64, 3) + bn(32) * 2 + bn(64)
@@ -242,6 +259,8 @@ EXPECTED = {
         [MIT[v][0] * h for h in (1, 2, 5, 8)], 150)) for v in MIT},
     **{f"segmenter_vit-{v}_mask": (lambda v=v: _count_vit(v) + _count_segmenter_head(VIT[v][0], 150))
        for v in VIT},
+    **{f"upernet_swin-{v}": (lambda v=v: _count_swin(v) + _count_upernet_heads(
+        [SWIN[v][0] * 2 ** i for i in range(4)], 150)) for v in SWIN},
     "fpn_r50": lambda: _count_resnet_v1c(50) + _count_fpn_neck_head(19),
     "ocrnet_r101-d8": lambda: _count_resnet_v1c(101) + _count_ocr_r101_heads(19),
     "sdn-fpn_r50": lambda: (_count_resnet_v1c(50) + _count_fpn_neck_head(19)
@@ -284,6 +303,7 @@ FORWARD = [
     ("segformer_mit-b2", (64, 48), 0),
     ("segmenter_vit-t_mask", (64, 48), 0),
     ("segmenter_vit-s_mask", (48, 32), 0),
+    ("upernet_swin-t", (64, 64), 1),
     ("fpn_r50", (64, 64), 0),
     ("sdn-fpn_r50", (64, 64), 0),
     ("ocrnet_r101-d8", (32, 32), 1),
