@@ -30,15 +30,22 @@ def load_error() -> str | None:
     return _LOAD_ERROR
 
 
-def has_kernel(kernel: str, dispatch_key: str) -> bool:
-    """Whether `segops_C::<kernel>` has an implementation for `dispatch_key` ("CPU"/"CUDA")."""
-    if not load():
-        return False
+def _has_kernel(kernel: str, dispatch_key: str) -> bool:
     qualname = f"segops_C::{kernel}"
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key)
     except RuntimeError:  # operator not defined at all
         return False
+
+
+# A constant for torch.compile (the dispatcher query is not traceable), so backend selection
+# inside a compiled region with fullgraph=True does not break the graph.
+@torch.compiler.assume_constant_result
+def has_kernel(kernel: str, dispatch_key: str) -> bool:
+    """Whether `segops_C::<kernel>` has an implementation for `dispatch_key` ("CPU"/"CUDA")."""
+    if not load():
+        return False
+    return _has_kernel(kernel, dispatch_key)
 
 
 def cuda_built() -> bool:

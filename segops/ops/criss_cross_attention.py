@@ -30,7 +30,12 @@ BACKENDS.register(FusedBackend(
 
 
 # The fused forward returns (out, stats): stats is the per-position softmax log-sum-exp
-# (N, H, W) in fp32, all the backward needs besides the inputs and the output.
+# (N, H, W) in the accumulation dtype (fp64 for fp64 inputs, else fp32), all the backward
+# needs besides the inputs and the output.
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("segops::criss_cross_attention", mutates_args=())
 def _forward_op(query: Tensor, key: Tensor, value: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     return BACKENDS.fused[backend].fn("forward")(query, key, value)
@@ -40,7 +45,7 @@ def _forward_op(query: Tensor, key: Tensor, value: Tensor, backend: str) -> tupl
 def _(query, key, value, backend):
     n, _, h, w = query.shape
     return (value.new_empty((n, value.shape[1], h, w)),
-            query.new_empty((n, h, w), dtype=torch.float32))
+            query.new_empty((n, h, w), dtype=_stats_dtype(query.dtype)))
 
 
 @torch.library.custom_op("segops::criss_cross_attention_backward", mutates_args=())

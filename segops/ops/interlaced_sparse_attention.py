@@ -35,8 +35,13 @@ BACKENDS.register(FusedBackend(
     dtypes=(torch.float16, torch.bfloat16, torch.float32)))
 
 
-# The fused forward returns (out, lse): lse is the per-position softmax log-sum-exp (N, H, W) in
-# fp32 (natural log, of the scaled logits), all the backward needs besides inputs and output.
+# The fused forward returns (out, lse): lse is the per-position softmax log-sum-exp (N, H, W) of
+# the scaled logits (natural log), fp32 (fp64 for fp64 inputs): all the backward needs besides
+# the inputs and the output.
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("segops::interlaced_sparse_attention", mutates_args=())
 def _forward_op(query: Tensor, key: Tensor, value: Tensor, ph: int, pw: int, long: bool,
                 scale: float, backend: str) -> tuple[Tensor, Tensor]:
@@ -47,7 +52,7 @@ def _forward_op(query: Tensor, key: Tensor, value: Tensor, ph: int, pw: int, lon
 def _(query, key, value, ph, pw, long, scale, backend):
     n, _, h, w = query.shape
     return (value.new_empty((n, value.shape[1], h, w)),
-            query.new_empty((n, h, w), dtype=torch.float32))
+            query.new_empty((n, h, w), dtype=_lse_dtype(query.dtype)))
 
 
 @torch.library.custom_op("segops::interlaced_sparse_attention_backward", mutates_args=())
@@ -60,7 +65,8 @@ def _backward_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, ou
 
 @_backward_op.register_fake
 def _(grad_out, query, key, value, out, lse, ph, pw, long, scale, backend):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    # The kernels return contiguous gradients whatever the inputs' strides.
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,62 @@
+"""interlaced_sparse_attention benchmark cases (SPEC §4).
+
+GPU: N=2, Ck=256, Cv=512, 104x104 and 128x256, block (8, 8), both modes.
+CPU: same channels, half of each side: 52x52 and 64x128. 52 is not a multiple of 8, and the op
+needs H % Ph == 0, so the 52x52 map runs at 56x56: the size the InterlacedSparseAttention module
+pads a 52x52 map to before calling the op.
+Providers: reference, reference+compile, sdpa (permute into groups, F.scaled_dot_product_attention,
+permute back) and the fused backends.
+"""
+import torch
+import torch.nn.functional as F
+
+import segops
+from benchmarks.common import Case, standard_providers, tensor_bytes
+from segops.reference.interlaced_sparse_attention import from_groups, to_groups
+from segops.reference.interlaced_sparse_attention import interlaced_sparse_attention as reference
+
+OP = "interlaced_sparse_attention"
+BLOCK = (8, 8)
+GPU_SHAPES = [(2, 256, 512, 104, 104), (2, 256, 512, 128, 256)]
+CPU_SHAPES = [(2, 256, 512, 56, 56), (2, 256, 512, 64, 128)]
+QUICK_SHAPES = [(1, 16, 32, 16, 24)]
+DEFAULT_CPU_CASES = 2  # the first shape, both modes
+
+
+def sdpa(query, key, value, block_size=BLOCK, mode="long"):
+    n, _, h, w = query.shape
+    q, k, v = (to_groups(t, block_size, mode).unsqueeze(1) for t in (query, key, value))
+    out = F.scaled_dot_product_attention(q, k, v)  # default scale = Ck**-0.5
+    return from_groups(out.squeeze(1), (n, value.shape[1], h, w), block_size, mode)
+
+
+def _groups(kw):
+    n, _, h, w = kw["query"].shape
+    return n * h * w, (h // BLOCK[0]) * (w // BLOCK[1]) if kw["mode"] == "long" else BLOCK[0] * BLOCK[1]
+
+
+def _flops(kw):
+    positions, members = _groups(kw)
+    ck, cv = kw["query"].shape[1], kw["value"].shape[1]
+    return 2.0 * positions * members * (ck + cv)
+
+
+def _bytes(kw):
+    return tensor_bytes(kw["query"], kw["key"], kw["value"]) + tensor_bytes(kw["value"])
+
+
+def cases(device: str, dtype: torch.dtype, quick: bool = False):
+    shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
+    out = []
+    for n, ck, cv, h, w in shapes:
+        for mode in ("long", "short"):
+            def make(dev, dt, n=n, ck=ck, cv=cv, h=h, w=w, mode=mode):
+                g = torch.Generator(device="cpu").manual_seed(0)
+                mk = lambda c: torch.randn(n, c, h, w, generator=g).to(dev, dt)  # noqa: E731
+                return dict(query=mk(ck), key=mk(ck), value=mk(cv), block_size=BLOCK, mode=mode)
+            out.append(Case(OP, f"N{n} Ck{ck} Cv{cv} {h}x{w} {mode}", make, ("query", "key", "value"),
+                            standard_providers(OP, reference, segops.interlaced_sparse_attention,
+                                               device, dtype, extra={"sdpa": sdpa}),
+                            flops=_flops, bytes=_bytes,
+                            params=dict(N=n, Ck=ck, Cv=cv, H=h, W=w, block=BLOCK, mode=mode)))
+    return out

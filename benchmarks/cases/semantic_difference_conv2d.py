@@ -1,0 +1,56 @@
+"""semantic_difference_conv2d benchmark cases (SPEC §4): N=2, Cin=Cout=512, 3x3, 97x97 and 128x256,
+both similarities (charbonnier with Cg = Cin; gaussian with Cg = Cin too, as in the SDN neck).
+
+Providers: the fused backends, the unfold reference (eager and compiled), and `conv2d`, a plain
+F.conv2d of the same shape: the speed-of-light anchor (same GEMM, no weighted differences).
+"""
+import torch
+import torch.nn.functional as F
+
+import segops
+from benchmarks.common import Case, standard_providers, tensor_bytes
+from segops.reference.semantic_difference_conv2d import semantic_difference_conv2d as reference
+
+OP = "semantic_difference_conv2d"
+SIMILARITIES = ("charbonnier", "gaussian")
+GPU_SHAPES = [(2, 512, 512, 97, 97), (2, 512, 512, 128, 256)]
+# CPU: same channels, a quarter of the spatial size (half of each side).
+CPU_SHAPES = [(2, 512, 512, 49, 49), (2, 512, 512, 64, 128)]
+QUICK_SHAPES = [(1, 16, 24, 13, 17)]
+K = 3
+
+
+def _conv2d(input, guidance, weight, similarity):
+    return F.conv2d(input, weight, padding=(weight.shape[-1] - 1) // 2)
+
+
+def _flops(kw):
+    n, cin, h, w = kw["input"].shape
+    cout, _, k, _ = kw["weight"].shape
+    return 2.0 * n * h * w * cout * cin * k * k
+
+
+def _bytes(kw):
+    out = kw["input"].new_empty(0)
+    n, _, h, w = kw["input"].shape
+    return (tensor_bytes(kw["input"], kw["guidance"], kw["weight"])
+            + n * kw["weight"].shape[0] * h * w * out.element_size())
+
+
+def cases(device: str, dtype: torch.dtype, quick: bool = False):
+    shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
+    out = []
+    for n, cin, cout, h, w in shapes:
+        for sim in SIMILARITIES:
+            def make(dev, dt, n=n, cin=cin, cout=cout, h=h, w=w, sim=sim):
+                g = torch.Generator(device="cpu").manual_seed(0)
+                mk = lambda *s: torch.randn(*s, generator=g).to(dev, dt)  # noqa: E731
+                return dict(input=mk(n, cin, h, w), guidance=mk(n, cin, h, w),
+                            weight=mk(cout, cin, K, K) / (cin * K * K) ** 0.5, similarity=sim)
+            providers = standard_providers(OP, reference, segops.semantic_difference_conv2d,
+                                           device, dtype, extra={"conv2d": _conv2d})
+            out.append(Case(OP, f"N{n} C{cin}->{cout} {K}x{K} {h}x{w} {sim}", make,
+                            ("input", "guidance", "weight"), providers,
+                            flops=_flops, bytes=_bytes,
+                            params=dict(N=n, Cin=cin, Cout=cout, k=K, H=h, W=w, similarity=sim)))
+    return out

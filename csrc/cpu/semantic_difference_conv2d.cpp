@@ -1,0 +1,361 @@
+// Semantic difference convolution (SDN), C++ CPU kernels — SPEC §2.4.
+//
+//   Y[n,o,p] = b[o] + sum_{c,t} w[o,c,t] * D[n,c,t,p],   D = S(c,p,t) * (U[c,p+d_t] - U[c,p])
+//
+// with U, V zero outside the image. Never materialises the k^2-unfolded U or V: the forward
+// builds the (Cin*k^2) x T panel of D for a tile of T pixels in per-thread scratch and multiplies
+// it by the (Cout, Cin*k^2) weight matrix (at::mm_out -> BLAS); the backward parallelises over
+// channel blocks, so each thread rebuilds D for its channels, accumulates its own columns of
+// dW (dY_tile @ D^T), computes dD = W^T dY_tile and scatters it into dU/dV of its own channels
+// (deterministic, no atomics). "gaussian" uses one small (N, k^2, H*W) similarity tensor (k^2/Cin
+// of the unfold size) and, in the backward, per-thread partial sums of dL/dS of that size.
+#include <ATen/core/Tensor.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace {
+
+enum Sim { kNone = 0, kCharbonnier = 1, kGaussian = 2 };
+
+constexpr int64_t kTile = 128;  // pixels per panel
+
+struct Geo {
+  int64_t N, Cin, Cg, Cout, H, W, HW, k, KK, dil, half;
+  int64_t dy(int64_t t) const { return (t / k - half) * dil; }
+  int64_t dx(int64_t t) const { return (t % k - half) * dil; }
+};
+
+int parse_similarity(const std::string& s) {
+  if (s == "none") return kNone;
+  if (s == "charbonnier") return kCharbonnier;
+  if (s == "gaussian") return kGaussian;
+  TORCH_CHECK(false, "semantic_difference_conv2d: similarity must be charbonnier, gaussian or none, got ", s);
+}
+
+Geo make_geo(const at::Tensor& input, const at::Tensor& guidance, const at::Tensor& weight,
+             int64_t dilation, int sim) {
+  TORCH_CHECK(input.dim() == 4 && guidance.dim() == 4 && weight.dim() == 4,
+              "semantic_difference_conv2d: input, guidance and weight must be 4-D");
+  TORCH_CHECK(input.is_contiguous() && guidance.is_contiguous() && weight.is_contiguous(),
+              "semantic_difference_conv2d: the CPU kernels take contiguous tensors");
+  TORCH_CHECK(input.scalar_type() == guidance.scalar_type() && input.scalar_type() == weight.scalar_type(),
+              "semantic_difference_conv2d: input, guidance and weight must share one dtype");
+  Geo g;
+  g.N = input.size(0); g.Cin = input.size(1); g.H = input.size(2); g.W = input.size(3);
+  g.HW = g.H * g.W; g.Cg = guidance.size(1); g.Cout = weight.size(0); g.k = weight.size(2);
+  g.KK = g.k * g.k; g.dil = dilation; g.half = (g.k - 1) / 2;
+  TORCH_CHECK(weight.size(1) == g.Cin && weight.size(3) == g.k && g.k % 2 == 1,
+              "semantic_difference_conv2d: weight must be (Cout, Cin, k, k) with k odd, got ", weight.sizes());
+  TORCH_CHECK(guidance.size(0) == g.N && guidance.size(2) == g.H && guidance.size(3) == g.W,
+              "semantic_difference_conv2d: guidance must match (N, H, W) of input");
+  TORCH_CHECK(sim != kCharbonnier || g.Cg == g.Cin,
+              "semantic_difference_conv2d: charbonnier needs Cg == Cin");
+  TORCH_CHECK(dilation >= 1, "semantic_difference_conv2d: dilation must be >= 1");
+  return g;
+}
+
+// Calls f(x, j, xn_valid) for the pixels p in [p0, p1) of one image, row segment by row segment,
+// for tap (dy, dx): `seg(y, yy_valid, xa, xb, lo, hi, j0)` with [lo, hi) the x whose neighbour
+// (y+dy, x+dx) is inside the image (empty when the neighbour row is outside).
+template <typename F>
+inline void for_segments(const Geo& g, int64_t p0, int64_t p1, int64_t dy, int64_t dx, F&& seg) {
+  int64_t p = p0;
+  while (p < p1) {
+    const int64_t y = p / g.W, xa = p % g.W, xb = std::min(g.W, xa + (p1 - p));
+    const int64_t yy = y + dy;
+    int64_t lo = std::min(std::max(-dx, xa), xb), hi = std::max(std::min(g.W - dx, xb), lo);
+    if (yy < 0 || yy >= g.H) lo = hi = xb;
+    seg(y, yy, xa, xb, lo, hi, p - p0);
+    p += xb - xa;
+  }
+}
+
+// Gaussian similarity S[n, t, p] = exp(-sum_c (V[c,p+d]-V[c,p])^2 / (2 sigma^2 Cg)).
+template <typename T>
+at::Tensor gaussian_similarity(const at::Tensor& guidance, const Geo& g, double sigma) {
+  at::Tensor S = at::zeros({g.N, g.KK, g.HW}, guidance.options());
+  const T* V = guidance.data_ptr<T>();
+  T* Sp = S.data_ptr<T>();
+  const T scale = T(-1.0 / (2.0 * sigma * sigma * double(g.Cg)));
+  at::parallel_for(0, g.N * g.KK, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n = i / g.KK, t = i % g.KK, dy = g.dy(t), dx = g.dx(t);
+      T* s = Sp + i * g.HW;
+      for (int64_t c = 0; c < g.Cg; ++c) {
+        const T* Vc = V + (n * g.Cg + c) * g.HW;
+        for_segments(g, 0, g.HW, dy, dx, [&](int64_t y, int64_t yy, int64_t xa, int64_t xb,
+                                            int64_t lo, int64_t hi, int64_t) {
+          T* srow = s + y * g.W;
+          const T* vrow = Vc + y * g.W;
+          const T* nrow = Vc + yy * g.W + dx;
+          for (int64_t x = xa; x < lo; ++x) srow[x] += vrow[x] * vrow[x];
+          for (int64_t x = lo; x < hi; ++x) { const T d = nrow[x] - vrow[x]; srow[x] += d * d; }
+          for (int64_t x = hi; x < xb; ++x) srow[x] += vrow[x] * vrow[x];
+        });
+      }
+      for (int64_t p = 0; p < g.HW; ++p) s[p] = std::exp(s[p] * scale);
+    }
+  });
+  return S;
+}
+
+// Similarity-weighted differences for channels [c0, c1), pixels [p0, p1) of image n:
+// D[(c - c0) * KK + t, j] (row stride ld).
+template <typename T, int SIM>
+void build_panel(const Geo& g, const T* U, const T* V, const T* S, int64_t n, int64_t c0,
+                 int64_t c1, int64_t p0, int64_t p1, T* D, int64_t ld, T inv_s2) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const T* Uc = U + (n * g.Cin + c) * g.HW;
+    const T* Vc = SIM == kCharbonnier ? V + (n * g.Cg + c) * g.HW : nullptr;
+    for (int64_t t = 0; t < g.KK; ++t) {
+      const int64_t dy = g.dy(t), dx = g.dx(t);
+      T* drow = D + ((c - c0) * g.KK + t) * ld;
+      const T* St = SIM == kGaussian ? S + (n * g.KK + t) * g.HW : nullptr;
+      for_segments(g, p0, p1, dy, dx, [&](int64_t y, int64_t yy, int64_t xa, int64_t xb,
+                                          int64_t lo, int64_t hi, int64_t j0) {
+        T* d = drow + j0 - xa;  // d[x] is pixel (y, x)
+        const T* u = Uc + y * g.W;
+        const T* un = Uc + yy * g.W + dx;
+        if (SIM == kNone) {
+          for (int64_t x = xa; x < lo; ++x) d[x] = -u[x];
+          for (int64_t x = lo; x < hi; ++x) d[x] = un[x] - u[x];
+          for (int64_t x = hi; x < xb; ++x) d[x] = -u[x];
+        } else if (SIM == kGaussian) {
+          const T* s = St + y * g.W;
+          for (int64_t x = xa; x < lo; ++x) d[x] = -s[x] * u[x];
+          for (int64_t x = lo; x < hi; ++x) d[x] = s[x] * (un[x] - u[x]);
+          for (int64_t x = hi; x < xb; ++x) d[x] = -s[x] * u[x];
+        } else {
+          const T* v = Vc + y * g.W;
+          const T* vn = Vc + yy * g.W + dx;
+          for (int64_t x = xa; x < lo; ++x) d[x] = -u[x] / std::sqrt(T(1) + v[x] * v[x] * inv_s2);
+          for (int64_t x = lo; x < hi; ++x) {
+            const T dv = vn[x] - v[x];
+            d[x] = (un[x] - u[x]) / std::sqrt(T(1) + dv * dv * inv_s2);
+          }
+          for (int64_t x = hi; x < xb; ++x) d[x] = -u[x] / std::sqrt(T(1) + v[x] * v[x] * inv_s2);
+        }
+      });
+    }
+  }
+}
+
+template <typename T>
+void build_panel_any(int sim, const Geo& g, const T* U, const T* V, const T* S, int64_t n,
+                     int64_t c0, int64_t c1, int64_t p0, int64_t p1, T* D, int64_t ld, T inv_s2) {
+  if (sim == kNone) build_panel<T, kNone>(g, U, V, S, n, c0, c1, p0, p1, D, ld, inv_s2);
+  else if (sim == kGaussian) build_panel<T, kGaussian>(g, U, V, S, n, c0, c1, p0, p1, D, ld, inv_s2);
+  else build_panel<T, kCharbonnier>(g, U, V, S, n, c0, c1, p0, p1, D, ld, inv_s2);
+}
+
+at::Tensor sdc_forward(const at::Tensor& input, const at::Tensor& guidance, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, int64_t dilation,
+                       std::string similarity, double sigma) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // BLAS calls on plain tensors
+  const int sim = parse_similarity(similarity);
+  const Geo g = make_geo(input, guidance, weight, dilation, sim);
+  at::Tensor out = at::empty({g.N, g.Cout, g.H, g.W}, input.options());
+  if (out.numel() == 0) return out;
+  const int64_t K = g.Cin * g.KK;
+  const int64_t ntile = (g.HW + kTile - 1) / kTile;
+  at::Tensor w2 = weight.view({g.Cout, K});
+  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "semantic_difference_conv2d_forward", [&] {
+    using T = scalar_t;
+    at::Tensor S = sim == kGaussian ? gaussian_similarity<T>(guidance, g, sigma) : at::Tensor();
+    const T* U = input.data_ptr<T>();
+    const T* V = guidance.data_ptr<T>();
+    const T* Sp = S.defined() ? S.data_ptr<T>() : nullptr;
+    const T* bp = b.defined() ? b.data_ptr<T>() : nullptr;
+    T* Y = out.data_ptr<T>();
+    const T inv_s2 = T(1.0 / (sigma * sigma));
+    at::parallel_for(0, g.N * ntile, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor panel = at::empty({K, kTile}, input.options());
+      at::Tensor res = at::empty({g.Cout, kTile}, input.options());
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = i / ntile, p0 = (i % ntile) * kTile, p1 = std::min(g.HW, p0 + kTile);
+        const int64_t T_ = p1 - p0;
+        build_panel_any<T>(sim, g, U, V, Sp, n, 0, g.Cin, p0, p1, panel.data_ptr<T>(), kTile, inv_s2);
+        at::Tensor r = res.narrow(1, 0, T_);
+        if (T_ == kTile) at::mm_out(res, w2, panel);
+        else r.copy_(at::mm(w2, panel.narrow(1, 0, T_)));
+        const T* rp = res.data_ptr<T>();
+        for (int64_t o = 0; o < g.Cout; ++o) {
+          T* yo = Y + (n * g.Cout + o) * g.HW + p0;
+          const T* ro = rp + o * kTile;
+          const T bo = bp ? bp[o] : T(0);
+          for (int64_t j = 0; j < T_; ++j) yo[j] = ro[j] + bo;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& guidance,
+    const at::Tensor& weight, int64_t dilation, std::string similarity, double sigma) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // BLAS calls on plain tensors
+  const int sim = parse_similarity(similarity);
+  const Geo g = make_geo(input, guidance, weight, dilation, sim);
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.dim() == 4 && grad_out.size(0) == g.N &&
+              grad_out.size(1) == g.Cout && grad_out.size(2) == g.H && grad_out.size(3) == g.W,
+              "semantic_difference_conv2d_backward: grad_out must be a contiguous (N, Cout, H, W) tensor");
+  at::Tensor dU = at::zeros_like(input);
+  at::Tensor dV = at::zeros_like(guidance);
+  at::Tensor dW = at::zeros_like(weight);
+  at::Tensor db = at::sum(grad_out, {0, 2, 3});
+  if (input.numel() == 0 || grad_out.numel() == 0) return {dU, dV, dW, db};
+  const int64_t ntile = (g.HW + kTile - 1) / kTile;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nblk = std::min<int64_t>(g.Cin, nthreads);
+  const int64_t cb = (g.Cin + nblk - 1) / nblk;
+  const int64_t nblk_eff = (g.Cin + cb - 1) / cb;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "semantic_difference_conv2d_backward", [&] {
+    using T = scalar_t;
+    at::Tensor S = sim == kGaussian ? gaussian_similarity<T>(guidance, g, sigma) : at::Tensor();
+    // Per-block partial sums of dL/dS (gaussian only): (nblk, N, KK, HW).
+    at::Tensor G = sim == kGaussian ? at::zeros({nblk_eff, g.N, g.KK, g.HW}, input.options())
+                                    : at::Tensor();
+    const T* U = input.data_ptr<T>();
+    const T* V = guidance.data_ptr<T>();
+    const T* Sp = S.defined() ? S.data_ptr<T>() : nullptr;
+    T* dUp = dU.data_ptr<T>();
+    T* dVp = dV.data_ptr<T>();
+    const T inv_s2 = T(1.0 / (sigma * sigma));
+    at::Tensor w2 = weight.view({g.Cout, g.Cin * g.KK});
+    at::Tensor dw2 = dW.view({g.Cout, g.Cin * g.KK});
+    at::parallel_for(0, nblk_eff, 1, [&](int64_t bb, int64_t be) {
+      for (int64_t blk = bb; blk < be; ++blk) {
+        const int64_t c0 = blk * cb, c1 = std::min(g.Cin, c0 + cb), Kc = (c1 - c0) * g.KK;
+        at::Tensor wblk_t = w2.narrow(1, c0 * g.KK, Kc).t().contiguous();  // (Kc, Cout)
+        at::Tensor dwblk = at::zeros({g.Cout, Kc}, input.options());
+        at::Tensor panel = at::empty({Kc, kTile}, input.options());
+        at::Tensor dpanel = at::empty({Kc, kTile}, input.options());
+        T* Gb = G.defined() ? G.data_ptr<T>() + blk * g.N * g.KK * g.HW : nullptr;
+        for (int64_t i = 0; i < g.N * ntile; ++i) {
+          const int64_t n = i / ntile, p0 = (i % ntile) * kTile, p1 = std::min(g.HW, p0 + kTile);
+          const int64_t T_ = p1 - p0;
+          at::Tensor dy = grad_out[n].view({g.Cout, g.HW}).narrow(1, p0, T_);
+          build_panel_any<T>(sim, g, U, V, Sp, n, c0, c1, p0, p1, panel.data_ptr<T>(), kTile, inv_s2);
+          at::Tensor pn = panel.narrow(1, 0, T_);
+          dwblk.addmm_(dy, pn.t());
+          at::Tensor dp = dpanel.narrow(1, 0, T_);
+          at::mm_out(dp, wblk_t, dy);
+          const T* dD = dpanel.data_ptr<T>();
+          // Scatter dD into dU (and dV / dS) of channels [c0, c1).
+          for (int64_t c = c0; c < c1; ++c) {
+            const T* Uc = U + (n * g.Cin + c) * g.HW;
+            T* dUc = dUp + (n * g.Cin + c) * g.HW;
+            const T* Vc = sim == kCharbonnier ? V + (n * g.Cg + c) * g.HW : nullptr;
+            T* dVc = sim == kCharbonnier ? dVp + (n * g.Cg + c) * g.HW : nullptr;
+            for (int64_t t = 0; t < g.KK; ++t) {
+              const int64_t dy_ = g.dy(t), dx = g.dx(t);
+              const T* drow = dD + ((c - c0) * g.KK + t) * kTile;
+              const T* St = Sp ? Sp + (n * g.KK + t) * g.HW : nullptr;
+              T* Gt = Gb ? Gb + (n * g.KK + t) * g.HW : nullptr;
+              for_segments(g, p0, p1, dy_, dx, [&](int64_t y, int64_t yy, int64_t xa, int64_t xb,
+                                                   int64_t lo, int64_t hi, int64_t j0) {
+                const T* gd = drow + j0 - xa;
+                const T* u = Uc + y * g.W;
+                T* du = dUc + y * g.W;
+                const T* un = Uc + yy * g.W + dx;
+                T* dun = dUc + yy * g.W + dx;
+                if (sim == kNone) {
+                  for (int64_t x = xa; x < xb; ++x) du[x] -= gd[x];
+                  for (int64_t x = lo; x < hi; ++x) dun[x] += gd[x];
+                } else if (sim == kGaussian) {
+                  const T* s = St + y * g.W;
+                  T* gs = Gt + y * g.W;
+                  for (int64_t x = xa; x < lo; ++x) { du[x] -= gd[x] * s[x]; gs[x] -= gd[x] * u[x]; }
+                  for (int64_t x = lo; x < hi; ++x) {
+                    const T gsx = gd[x] * s[x];
+                    du[x] -= gsx; dun[x] += gsx; gs[x] += gd[x] * (un[x] - u[x]);
+                  }
+                  for (int64_t x = hi; x < xb; ++x) { du[x] -= gd[x] * s[x]; gs[x] -= gd[x] * u[x]; }
+                } else {
+                  const T* v = Vc + y * g.W;
+                  T* dv = dVc + y * g.W;
+                  const T* vn = Vc + yy * g.W + dx;
+                  T* dvn = dVc + yy * g.W + dx;
+                  // s = (1 + e^2/sigma^2)^(-1/2), ds/de = -s^3 e / sigma^2, e = V[p+d] - V[p].
+                  for (int64_t x = xa; x < lo; ++x) {
+                    const T e = -v[x], s = T(1) / std::sqrt(T(1) + e * e * inv_s2);
+                    du[x] -= gd[x] * s;
+                    dv[x] += gd[x] * (-u[x]) * s * s * s * e * inv_s2;
+                  }
+                  for (int64_t x = lo; x < hi; ++x) {
+                    const T e = vn[x] - v[x], s = T(1) / std::sqrt(T(1) + e * e * inv_s2);
+                    const T gsx = gd[x] * s;
+                    du[x] -= gsx; dun[x] += gsx;
+                    const T de = -gsx * (un[x] - u[x]) * s * s * e * inv_s2;
+                    dvn[x] += de; dv[x] -= de;
+                  }
+                  for (int64_t x = hi; x < xb; ++x) {
+                    const T e = -v[x], s = T(1) / std::sqrt(T(1) + e * e * inv_s2);
+                    du[x] -= gd[x] * s;
+                    dv[x] += gd[x] * (-u[x]) * s * s * s * e * inv_s2;
+                  }
+                }
+              });
+            }
+          }
+        }
+        dw2.narrow(1, c0 * g.KK, Kc).copy_(dwblk);
+      }
+    });
+    if (sim == kGaussian) {
+      // dS total, then dV[c,p] -= dd, dV[c,p+d] += dd with dd = dS * (-S e_c / (sigma^2 Cg)).
+      at::Tensor Gs = G.sum(0);
+      const T* Gp = Gs.data_ptr<T>();
+      const T coef = T(1.0 / (sigma * sigma * double(g.Cg)));
+      at::parallel_for(0, g.N * g.Cg, 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          const int64_t n = i / g.Cg;
+          const T* Vc = V + i * g.HW;
+          T* dVc = dVp + i * g.HW;
+          for (int64_t t = 0; t < g.KK; ++t) {
+            const T* gs = Gp + (n * g.KK + t) * g.HW;
+            const T* st = Sp + (n * g.KK + t) * g.HW;
+            for_segments(g, 0, g.HW, g.dy(t), g.dx(t), [&](int64_t y, int64_t yy, int64_t xa,
+                                                        int64_t xb, int64_t lo, int64_t hi, int64_t) {
+              const T* v = Vc + y * g.W;
+              T* dv = dVc + y * g.W;
+              const T* vn = Vc + yy * g.W + g.dx(t);
+              T* dvn = dVc + yy * g.W + g.dx(t);
+              const T* gg = gs + y * g.W;
+              const T* s = st + y * g.W;
+              for (int64_t x = xa; x < lo; ++x) dv[x] -= gg[x] * s[x] * v[x] * coef;
+              for (int64_t x = lo; x < hi; ++x) {
+                const T dd = -gg[x] * s[x] * (vn[x] - v[x]) * coef;
+                dv[x] -= dd; dvn[x] += dd;
+              }
+              for (int64_t x = hi; x < xb; ++x) dv[x] -= gg[x] * s[x] * v[x] * coef;
+            });
+          }
+        }
+      });
+    }
+  });
+  return {dU, dV, dW, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segops_C, CPU, m) {
+  m.impl("semantic_difference_conv2d_forward", &sdc_forward);
+  m.impl("semantic_difference_conv2d_backward", &sdc_backward);
+}
