@@ -485,17 +485,24 @@ def _fused_cpu_available(op):
 @pytest.mark.parametrize("name,op", [("ocrnet_hr18s", "disentangled_non_local"),
                                      ("sdn-segmenter_vit-s_mask", "semantic_difference_conv2d")])
 def test_backend_switch_equivalence(name, op):
-    """The same weights give the same output whether the segops ops run on the reference or on
-    the fused CPU backend (enabled when that backend is built)."""
+    """The same weights give the same output and parameter gradients whether the segops ops run
+    on the reference or on the fused CPU backend (enabled when that backend is built)."""
     require_model(name)
     reason = _fused_cpu_available(op)
     if reason is not None:
         pytest.skip(reason)
     model = build(name, num_classes=4).double().eval()
     img = torch.randn(1, 3, 32, 48, dtype=torch.float64)
-    with torch.no_grad():
-        with segops.use_backend("reference"):
-            ref = model(img)
-        with segops.use_backend("cpu"):
-            got = model(img)
+    results = {}
+    for backend in ("reference", "cpu"):
+        model.zero_grad()
+        with segops.use_backend(backend):
+            out = model(img)
+        out.square().mean().backward()
+        results[backend] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                           if p.grad is not None})
+    (ref, ref_grads), (got, got_grads) = results["reference"], results["cpu"]
     assert torch.allclose(got, ref, atol=1e-9, rtol=1e-9)
+    assert ref_grads.keys() == got_grads.keys()
+    for n in ref_grads:
+        assert torch.allclose(got_grads[n], ref_grads[n], atol=1e-9, rtol=1e-7), n
