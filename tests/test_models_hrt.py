@@ -379,6 +379,50 @@ def test_swin_relative_position_index_matches_mmseg_construction():
     assert torch.equal(WindowMSA(8, 2, w).relative_position_index, expected)
 
 
+@pytest.mark.parametrize("shift", [0, 2])
+def test_shifted_window_attention_matches_per_pixel_definition(shift):
+    """(S)W-MSA against a per-pixel loop: each pixel attends to the pixels of its window in the
+    rolled map, with the relative position bias and -100 on pairs from different shift regions
+    (mmseg's mask), then `proj`."""
+    from segops.models.backbones.swin import ShiftWindowMSA
+    torch.manual_seed(0)
+    c, heads, ws, h, w = 8, 2, 4, 8, 8
+    attn = ShiftWindowMSA(c, heads, ws, shift).double().eval()
+    with torch.no_grad():
+        attn.w_msa.relative_position_bias_table.normal_()
+        x = torch.randn(1, h * w, c, dtype=torch.float64)
+        got = attn(x, (h, w))
+        msa = attn.w_msa
+        qkv = msa.qkv(x[0]).view(h, w, 3, heads, c // heads)
+        table = msa.relative_position_bias_table
+
+        def label(i, n):  # mmseg's slices (0, -ws), (-ws, -shift), (-shift, None)
+            return 0 if i < n - ws else (1 if i < n - shift else 2)
+
+        out = torch.zeros(h, w, c, dtype=torch.float64)
+        for y in range(h):
+            for x0 in range(w):
+                ry, rx = (y - shift) % h, (x0 - shift) % w  # position in the rolled map
+                keys = [(ky, kx) for ky in range(ry // ws * ws, ry // ws * ws + ws)
+                        for kx in range(rx // ws * ws, rx // ws * ws + ws)]
+                heads_out = []
+                for hd in range(heads):
+                    logits, vals = [], []
+                    for ky, kx in keys:
+                        oy, ox = (ky + shift) % h, (kx + shift) % w  # original position
+                        dy, dx = ry % ws - ky % ws, rx % ws - kx % ws
+                        b = table[(dy + ws - 1) * (2 * ws - 1) + dx + ws - 1, hd]
+                        l = (qkv[y, x0, 0, hd] * msa.scale) @ qkv[oy, ox, 1, hd] + b
+                        if shift and (label(ry, h), label(rx, w)) != (label(ky, h), label(kx, w)):
+                            l = l - 100.0
+                        logits.append(l)
+                        vals.append(qkv[oy, ox, 2, hd])
+                    a = torch.softmax(torch.stack(logits), 0)
+                    heads_out.append((a[:, None] * torch.stack(vals)).sum(0))
+                out[y, x0] = msa.proj(torch.cat(heads_out))
+    assert torch.allclose(got[0], out.view(h * w, c), atol=1e-10)
+
+
 def test_hrnet_odd_input_sizes():
     from segops.models.backbones.hrnet import hrnet
     model = hrnet("w18_small").eval()
