@@ -1,4 +1,5 @@
-"""Model zoo part B: HRNet (FCN, OCR), SegFormer (MiT), Segmenter (ViT), Swin backbone, FPN parts.
+"""Model zoo part B: HRNet (FCN, OCR), SegFormer (MiT), Segmenter (ViT), UPerNet (Swin), Semantic
+FPN and OCRNet on ResNet-V1c, and the SDN variants of Semantic FPN and Segmenter.
 
 Per model: build by config name, eval forward shape on CPU at a small size, train-mode forward
 with the aux outputs the mmseg config supervises, one backward step, and the parameter count at
@@ -7,13 +8,16 @@ meta device.
 
 Where the expected parameter counts come from (never from the code under test):
   * `_count_*` below recount them from mmseg's configs and module definitions (read from
-    open-mmlab/mmsegmentation: mmseg/models/backbones/{hrnet,mit,vit,swin}.py,
-    decode_heads/{fcn,ocr,segformer,segmenter_mask,fpn}_head.py, utils/self_attention_block.py),
-    layer by layer with closed-form per-layer counts.
+    open-mmlab/mmsegmentation: mmseg/models/backbones/{hrnet,mit,vit,swin,resnet}.py,
+    decode_heads/{fcn,ocr,segformer,segmenter_mask,fpn,uper}_head.py, necks/fpn.py,
+    utils/self_attention_block.py and configs/_base_/models/*), layer by layer with closed-form
+    per-layer counts. The SDN parts (no reference code exists) are counted from SPEC §2.4's
+    layer description.
   * Those are cross-checked against published totals: HRNetV2-W48 + FCN head 65.9M (HRNet
     TPAMI paper, Cityscapes table), HRNetV2-W48 + OCR 70.3M (OCRNet paper), MiT encoders
     B1..B5 13.1/24.2/44.0/60.8/81.4M (SegFormer paper, Table 1), official Swin-T/S/B(224)
-    ImageNet models 28,288,354 / 49,606,258 / 87,768,224 and timm ViT-Ti/S/B/L-16 (224)
+    ImageNet models 28,288,354 / 49,606,258 / 87,768,224, UPerNet-Swin-T/S/B/L 60/81/121/234M
+    (Swin paper, ADE20K), torchvision ResNet-50/101 and timm ViT-Ti/S/B/L-16 (224)
     5,717,416 / 22,050,664 / 86,567,656 / 304,326,632, translated to the mmseg form (no
     classifier, mmseg's per-stage output norms, position embedding for the config's img_size).
 """
@@ -108,8 +112,8 @@ def _count_vit(v):
 
 
 def _count_segmenter_head(d, k):
-    return (2 * _vit_layer(d) + linear(d, d) + k * d + 2 * d * d + ln(d) + ln(k)
-            + conv(d, k, bias=True))
+    # mmseg 1.x deletes the BaseDecodeHead classifier `conv_seg` in this head.
+    return 2 * _vit_layer(d) + linear(d, d) + k * d + 2 * d * d + ln(d) + ln(k)
 
 
 MIT = {"b0": (32, (2, 2, 2, 2)), "b1": (64, (2, 2, 2, 2)), "b2": (64, (3, 4, 6, 3)),
@@ -151,6 +155,14 @@ def _count_swin(v, window=None):
             n += ln(4 * c) + linear(4 * c, 2 * c, bias=False)
         n += ln(c)  # mmseg's output norm<i>
     return n
+
+
+def _count_upernet_heads(widths, k, ch=512):
+    uper = (4 * (conv(widths[-1], ch) + bn(ch)) + conv(widths[-1] + 4 * ch, ch, 3) + bn(ch)
+            + sum(conv(c, ch) + bn(ch) for c in widths[:-1]) + 3 * (conv(ch, ch, 3) + bn(ch))
+            + conv(4 * ch, ch, 3) + bn(ch) + conv(ch, k, bias=True))
+    aux = conv(widths[2], 256, 3) + bn(256) + conv(256, k, bias=True)
+    return uper + aux
 
 
 def _count_resnet_v1c(depth):
@@ -217,6 +229,11 @@ def test_analytic_counts_agree_with_published_totals():
         e = SWIN[v][0]
         expected = official - linear(8 * e, 1000) - ln(8 * e) + sum(ln(e * 2 ** i) for i in range(4))
         assert _count_swin(v, window=7) == expected, v
+    # Swin paper, ADE20K table: UPerNet Swin-T/S/B/L 60M / 81M / 121M / 234M.
+    for v, m in zip("tsbl", (60, 81, 121, 234)):
+        e = SWIN[v][0]
+        total = _count_swin(v) + _count_upernet_heads([e, 2 * e, 4 * e, 8 * e], 150)
+        assert round(total / 1e6) == m, v
     # torchvision ResNet-50/101 (25,557,032 / 44,549,160) without the fc layer, with the V1c
     # deep stem (three 3x3 convs 3-32-32-64 + BNs) in place of the 7x7 conv + BN.
     stem_delta = (conv(3, 32, 3) + conv(32, 32, 3) + conv(32, 64, 3) + bn(32) * 2 + bn(64)
@@ -242,6 +259,8 @@ EXPECTED = {
         [MIT[v][0] * h for h in (1, 2, 5, 8)], 150)) for v in MIT},
     **{f"segmenter_vit-{v}_mask": (lambda v=v: _count_vit(v) + _count_segmenter_head(VIT[v][0], 150))
        for v in VIT},
+    **{f"upernet_swin-{v}": (lambda v=v: _count_swin(v) + _count_upernet_heads(
+        [SWIN[v][0] * 2 ** i for i in range(4)], 150)) for v in SWIN},
     "fpn_r50": lambda: _count_resnet_v1c(50) + _count_fpn_neck_head(19),
     "ocrnet_r101-d8": lambda: _count_resnet_v1c(101) + _count_ocr_r101_heads(19),
     "sdn-fpn_r50": lambda: (_count_resnet_v1c(50) + _count_fpn_neck_head(19)
@@ -284,6 +303,7 @@ FORWARD = [
     ("segformer_mit-b2", (64, 48), 0),
     ("segmenter_vit-t_mask", (64, 48), 0),
     ("segmenter_vit-s_mask", (48, 32), 0),
+    ("upernet_swin-t", (64, 64), 1),
     ("fpn_r50", (64, 64), 0),
     ("sdn-fpn_r50", (64, 64), 0),
     ("ocrnet_r101-d8", (32, 32), 1),
@@ -359,6 +379,50 @@ def test_swin_relative_position_index_matches_mmseg_construction():
     assert torch.equal(WindowMSA(8, 2, w).relative_position_index, expected)
 
 
+@pytest.mark.parametrize("shift", [0, 2])
+def test_shifted_window_attention_matches_per_pixel_definition(shift):
+    """(S)W-MSA against a per-pixel loop: each pixel attends to the pixels of its window in the
+    rolled map, with the relative position bias and -100 on pairs from different shift regions
+    (mmseg's mask), then `proj`."""
+    from segops.models.backbones.swin import ShiftWindowMSA
+    torch.manual_seed(0)
+    c, heads, ws, h, w = 8, 2, 4, 8, 8
+    attn = ShiftWindowMSA(c, heads, ws, shift).double().eval()
+    with torch.no_grad():
+        attn.w_msa.relative_position_bias_table.normal_()
+        x = torch.randn(1, h * w, c, dtype=torch.float64)
+        got = attn(x, (h, w))
+        msa = attn.w_msa
+        qkv = msa.qkv(x[0]).view(h, w, 3, heads, c // heads)
+        table = msa.relative_position_bias_table
+
+        def label(i, n):  # mmseg's slices (0, -ws), (-ws, -shift), (-shift, None)
+            return 0 if i < n - ws else (1 if i < n - shift else 2)
+
+        out = torch.zeros(h, w, c, dtype=torch.float64)
+        for y in range(h):
+            for x0 in range(w):
+                ry, rx = (y - shift) % h, (x0 - shift) % w  # position in the rolled map
+                keys = [(ky, kx) for ky in range(ry // ws * ws, ry // ws * ws + ws)
+                        for kx in range(rx // ws * ws, rx // ws * ws + ws)]
+                heads_out = []
+                for hd in range(heads):
+                    logits, vals = [], []
+                    for ky, kx in keys:
+                        oy, ox = (ky + shift) % h, (kx + shift) % w  # original position
+                        dy, dx = ry % ws - ky % ws, rx % ws - kx % ws
+                        b = table[(dy + ws - 1) * (2 * ws - 1) + dx + ws - 1, hd]
+                        l = (qkv[y, x0, 0, hd] * msa.scale) @ qkv[oy, ox, 1, hd] + b
+                        if shift and (label(ry, h), label(rx, w)) != (label(ky, h), label(kx, w)):
+                            l = l - 100.0
+                        logits.append(l)
+                        vals.append(qkv[oy, ox, 2, hd])
+                    a = torch.softmax(torch.stack(logits), 0)
+                    heads_out.append((a[:, None] * torch.stack(vals)).sum(0))
+                out[y, x0] = msa.proj(torch.cat(heads_out))
+    assert torch.allclose(got[0], out.view(h * w, c), atol=1e-10)
+
+
 def test_hrnet_odd_input_sizes():
     from segops.models.backbones.hrnet import hrnet
     model = hrnet("w18_small").eval()
@@ -397,7 +461,7 @@ MMSEG_KEYS = {
         "backbone.layers.0.ffn.layers.0.0.weight", "backbone.layers.0.ffn.layers.1.bias",
         "backbone.ln1.weight", "decode_head.layers.1.ln2.bias", "decode_head.dec_proj.weight",
         "decode_head.cls_emb", "decode_head.patch_proj.weight", "decode_head.classes_proj.weight",
-        "decode_head.decoder_norm.weight", "decode_head.mask_norm.bias", "decode_head.conv_seg.weight"],
+        "decode_head.decoder_norm.weight", "decode_head.mask_norm.bias"],
 }
 
 
@@ -406,6 +470,8 @@ def test_state_dict_keys_follow_mmseg(name):
     keys = set(meta_build(name).state_dict())
     missing = [k for k in MMSEG_KEYS[name] if k not in keys]
     assert not missing, f"{name}: keys mmseg checkpoints have but the model lacks: {missing}"
+    if name.startswith("segmenter"):  # mmseg 1.x deletes the unused classifier of this head
+        assert not any(k.startswith("decode_head.conv_seg") for k in keys)
 
 
 def test_swin_state_dict_keys_follow_mmseg():
@@ -465,17 +531,24 @@ def _fused_cpu_available(op):
 @pytest.mark.parametrize("name,op", [("ocrnet_hr18s", "disentangled_non_local"),
                                      ("sdn-segmenter_vit-s_mask", "semantic_difference_conv2d")])
 def test_backend_switch_equivalence(name, op):
-    """The same weights give the same output whether the segops ops run on the reference or on
-    the fused CPU backend (enabled when that backend is built)."""
+    """The same weights give the same output and parameter gradients whether the segops ops run
+    on the reference or on the fused CPU backend (enabled when that backend is built)."""
     require_model(name)
     reason = _fused_cpu_available(op)
     if reason is not None:
         pytest.skip(reason)
     model = build(name, num_classes=4).double().eval()
     img = torch.randn(1, 3, 32, 48, dtype=torch.float64)
-    with torch.no_grad():
-        with segops.use_backend("reference"):
-            ref = model(img)
-        with segops.use_backend("cpu"):
-            got = model(img)
+    results = {}
+    for backend in ("reference", "cpu"):
+        model.zero_grad()
+        with segops.use_backend(backend):
+            out = model(img)
+        out.square().mean().backward()
+        results[backend] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                           if p.grad is not None})
+    (ref, ref_grads), (got, got_grads) = results["reference"], results["cpu"]
     assert torch.allclose(got, ref, atol=1e-9, rtol=1e-9)
+    assert ref_grads.keys() == got_grads.keys()
+    for n in ref_grads:
+        assert torch.allclose(got_grads[n], ref_grads[n], atol=1e-9, rtol=1e-7), n

@@ -20,16 +20,9 @@ from segops.models.common import BaseDecodeHead, ConvModule
 
 
 def _attention(query: Tensor, key: Tensor, value: Tensor, scale: float, backend: str) -> Tensor:
-    """softmax_j(scale <q_i, k_j>) v_j through segops (plain torch until the op exists)."""
-    op = getattr(segops, "disentangled_non_local", None)
-    if op is not None:
-        return op(query, key, value, whiten=False, scale=scale, backend=backend)
-    # Fallback only for checkouts that predate segops.disentangled_non_local (SPEC §2.3).
-    n, c = query.shape[:2]
-    q = query.flatten(2).transpose(1, 2)
-    sim = torch.softmax(scale * (q @ key.flatten(2)), dim=-1)
-    out = sim @ value.flatten(2).transpose(1, 2)
-    return out.transpose(1, 2).reshape(n, value.shape[1], *query.shape[2:])
+    """softmax_j(scale <q_i, k_j>) v_j over the K region keys, through segops (SPEC §2.3)."""
+    return segops.disentangled_non_local(query, key, value, whiten=False, scale=scale,
+                                         backend=backend)
 
 
 class SpatialGatherModule(nn.Module):

@@ -2,11 +2,12 @@
 `SegmenterMaskTransformerHead`: patch tokens are projected (`dec_proj`), K learned class
 embeddings (`cls_emb`) are appended, `num_layers` ViT encoder layers run on the joint sequence,
 then masks = <l2-normalised patch_proj(patches), l2-normalised classes_proj(classes)>,
-LayerNorm over classes (`mask_norm`). Keys as mmseg, including the unused `conv_seg` that
-mmseg's BaseDecodeHead creates (so checkpoints load strictly and parameter counts agree)."""
+LayerNorm over classes (`mask_norm`). Keys as mmseg (1.x), which removes BaseDecodeHead's
+`conv_seg` from this head."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segops.models.backbones._transformer import ViTEncoderLayer, drop_path_rates
@@ -29,6 +30,7 @@ class SegmenterMaskTransformerHead(BaseDecodeHead):
         self.classes_proj = nn.Linear(embed_dims, embed_dims, bias=False)
         self.decoder_norm = nn.LayerNorm(embed_dims)
         self.mask_norm = nn.LayerNorm(self.num_classes)
+        del self.conv_seg  # unused: the masks are the logits
         nn.init.trunc_normal_(self.cls_emb, std=init_std)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -47,7 +49,7 @@ class SegmenterMaskTransformerHead(BaseDecodeHead):
         k = self.num_classes
         patches = self.patch_proj(x[:, :-k])
         classes = self.classes_proj(x[:, -k:])
-        patches = patches / patches.norm(dim=-1, keepdim=True)
-        classes = classes / classes.norm(dim=-1, keepdim=True)
+        patches = F.normalize(patches, dim=2)
+        classes = F.normalize(classes, dim=2)
         masks = self.mask_norm(patches @ classes.transpose(1, 2))
         return masks.transpose(1, 2).reshape(b, k, h, w)

@@ -15,9 +15,9 @@ from segops.models.backbones.vit import vit
 from segops.models.heads.fcn_head import FCNHead
 from segops.models.heads.fpn_head import FPNHead
 from segops.models.heads.ocr_head import OCRHead
-from segops.models.necks.fpn import FPN
+from segops.models.heads.fpn_neck import FPN
 from segops.models.heads.sdn_neck import SDNNeck
-from segops.models.necks.sdn import SDNPyramidNeck
+from segops.models.heads.sdn_pyramid_neck import SDNPyramidNeck
 from segops.models.registry import register_model
 from segops.models.segmentors.encoder_decoder import CascadeEncoderDecoder, EncoderDecoder
 from segops.models.segmentors.transformer_models import segmenter_head

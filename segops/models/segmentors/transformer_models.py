@@ -2,11 +2,16 @@
 `segformer_mit-b{0..5}` (MiT + SegformerHead, 256 channels, SyncBN->BN, dropout 0.1;
 configs/segformer/segformer_mit-b*_8xb2-160k_ade20k-512x512.py) and `segmenter_vit-{t,s,b,l}_mask`
 (ViT/16 + mask transformer head, 2 layers; configs/segmenter/segmenter_vit-*_mask_8xb1-160k_
-ade20k-512x512.py, vit-l at 640x640)."""
+ade20k-512x512.py, vit-l at 640x640) and `upernet_swin-{t,s,b,l}` (Swin + UPerHead, 512 channels,
++ FCN auxiliary head on stage 3 with loss weight 0.4; configs/swin/swin-*_upernet_8xb2-160k_
+ade20k-512x512.py, b and l with window 12 as their ImageNet-22k/384 pretraining)."""
 from __future__ import annotations
 
 from segops.models.backbones.mit import MIT_VARIANTS, mit
+from segops.models.backbones.swin import SWIN_VARIANTS, swin
 from segops.models.backbones.vit import VIT_VARIANTS, vit
+from segops.models.heads.fcn_head import FCNHead
+from segops.models.heads.uper_head import UPerHead
 from segops.models.heads.segformer_head import SegformerHead
 from segops.models.heads.segmenter_head import SegmenterMaskTransformerHead
 from segops.models.registry import register_model
@@ -40,7 +45,24 @@ def _segmenter(variant: str):
     return build
 
 
+def _upernet_swin(variant: str):
+    def build(num_classes: int = 150, backend: str = "auto", norm: str = "bn") -> EncoderDecoder:
+        backbone = swin(variant)
+        widths = backbone.num_features
+        head = UPerHead(in_channels=widths, in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3, 6),
+                        channels=512, dropout_ratio=0.1, num_classes=num_classes, norm=norm,
+                        align_corners=False, backend=backend)
+        aux = FCNHead(in_channels=widths[2], in_index=2, channels=256, num_convs=1,
+                      concat_input=False, dropout_ratio=0.1, num_classes=num_classes, norm=norm,
+                      align_corners=False, backend=backend)
+        return EncoderDecoder(backbone, head, auxiliary_head=aux)
+    build.__doc__ = f"mmseg UPerNet with Swin-{variant.upper()} (ADE20K, 150 classes)."
+    return build
+
+
 for _v in MIT_VARIANTS:
     register_model(f"segformer_mit-{_v}")(_segformer(_v))
 for _v in VIT_VARIANTS:
     register_model(f"segmenter_vit-{_v}_mask")(_segmenter(_v))
+for _v in SWIN_VARIANTS:
+    register_model(f"upernet_swin-{_v}")(_upernet_swin(_v))

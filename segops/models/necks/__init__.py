@@ -1,1 +1,0 @@
-"""Necks between backbone and decode head."""
