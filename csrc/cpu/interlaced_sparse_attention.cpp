@@ -69,31 +69,53 @@ struct GroupMap {
   }
 };
 
-// dst[c * P + slot[p]] = src[c * HW + row(r) * W + x] over the band's P = rows * W pixels.
+// Band gather: dst[c * P + j * L + m] = src[c * HW + y * W + x] for the band's pixels, reading
+// whole rows. long: (row r, x = gx*Pw + lx) -> j = lx, m = r*GW + gx (a de-interleave: strided
+// reads inside an L1-resident row, contiguous writes); short: (row r, x = gx*Pw + lx) -> j = gx,
+// m = r*Pw + lx (contiguous runs of Pw). The slot table is the generic form (used for 1-channel
+// data); these loops are its fast special cases.
 template <typename T>
 inline void gather_band(const T* src, int64_t C, int64_t HW, const GroupMap& map, int64_t b,
-                        const int64_t* slot, T* dst) {
-  const int64_t W = map.W, P = map.band_rows * W;
+                        T* dst) {
+  const int64_t W = map.W, P = map.band_rows * W, L = map.members, pw = map.pw, gw = map.gw;
   for (int64_t c = 0; c < C; ++c) {
-    T* d = dst + c * P;
     for (int64_t r = 0; r < map.band_rows; ++r) {
       const T* s = src + c * HW + map.band_row(b, r) * W;
-      const int64_t* sl = slot + r * W;
-      for (int64_t x = 0; x < W; ++x) d[sl[x]] = s[x];
+      if (map.long_range) {
+        for (int64_t lx = 0; lx < pw; ++lx) {
+          T* d = dst + c * P + lx * L + r * gw;
+          for (int64_t gx = 0; gx < gw; ++gx) d[gx] = s[gx * pw + lx];
+        }
+      } else {
+        for (int64_t gx = 0; gx < gw; ++gx) {
+          T* d = dst + c * P + gx * L + r * pw;
+          const T* sg = s + gx * pw;
+          for (int64_t lx = 0; lx < pw; ++lx) d[lx] = sg[lx];
+        }
+      }
     }
   }
 }
 
 template <typename T>
 inline void scatter_band(const T* src, int64_t C, int64_t HW, const GroupMap& map, int64_t b,
-                         const int64_t* slot, T* dst) {
-  const int64_t W = map.W, P = map.band_rows * W;
+                         T* dst) {
+  const int64_t W = map.W, P = map.band_rows * W, L = map.members, pw = map.pw, gw = map.gw;
   for (int64_t c = 0; c < C; ++c) {
-    const T* s = src + c * P;
     for (int64_t r = 0; r < map.band_rows; ++r) {
       T* d = dst + c * HW + map.band_row(b, r) * W;
-      const int64_t* sl = slot + r * W;
-      for (int64_t x = 0; x < W; ++x) d[x] = s[sl[x]];
+      if (map.long_range) {
+        for (int64_t lx = 0; lx < pw; ++lx) {
+          const T* s = src + c * P + lx * L + r * gw;
+          for (int64_t gx = 0; gx < gw; ++gx) d[gx * pw + lx] = s[gx];
+        }
+      } else {
+        for (int64_t gx = 0; gx < gw; ++gx) {
+          const T* s = src + c * P + gx * L + r * pw;
+          T* dg = d + gx * pw;
+          for (int64_t lx = 0; lx < pw; ++lx) dg[lx] = s[lx];
+        }
+      }
     }
   }
 }
@@ -140,16 +162,14 @@ void forward_kernel(const T* Q, const T* K, const T* V, T* O, T* LSE, int64_t N,
   const int64_t HW = map.H * map.W, L = map.members, J = map.band_groups;
   const int64_t P = map.band_rows * map.W;  // pixels of a band (= J * L): the scratch stride
   const int64_t bm_max = std::min(kBlockM, L), bn_max = std::min(kBlockN, L);
-  std::vector<int64_t> slot(P);
-  map.band_slots(slot.data());
   at::parallel_for(0, N * map.bands, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> qs(Ck * P), ks(Ck * P), vs(Cv * P), ob(Cv * P), lse(P);
     std::vector<T> os(Cv * bm_max), s(bm_max * bn_max), mrow(bm_max), lrow(bm_max), alpha(bm_max);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / map.bands, b = task % map.bands;
-      gather_band(Q + n * Ck * HW, Ck, HW, map, b, slot.data(), qs.data());
-      gather_band(K + n * Ck * HW, Ck, HW, map, b, slot.data(), ks.data());
-      gather_band(V + n * Cv * HW, Cv, HW, map, b, slot.data(), vs.data());
+      gather_band(Q + n * Ck * HW, Ck, HW, map, b, qs.data());
+      gather_band(K + n * Ck * HW, Ck, HW, map, b, ks.data());
+      gather_band(V + n * Cv * HW, Cv, HW, map, b, vs.data());
       for (int64_t j = 0; j < J; ++j) {
         const T* qg = qs.data() + j * L;  // this group's C x L blocks, leading dimension P
         const T* kg = ks.data() + j * L;
@@ -196,8 +216,8 @@ void forward_kernel(const T* Q, const T* K, const T* V, T* O, T* LSE, int64_t N,
           }
         }
       }
-      scatter_band(ob.data(), Cv, HW, map, b, slot.data(), O + n * Cv * HW);
-      scatter_band(lse.data(), 1, HW, map, b, slot.data(), LSE + n * HW);
+      scatter_band(ob.data(), Cv, HW, map, b, O + n * Cv * HW);
+      scatter_band(lse.data(), 1, HW, map, b, LSE + n * HW);
     }
   });
 }
@@ -217,11 +237,11 @@ void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const T* O
     std::vector<T> p(bm_max * bn_max), dp(bm_max * bn_max);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / map.bands, b = task % map.bands;
-      gather_band(Q + n * Ck * HW, Ck, HW, map, b, slot.data(), qs.data());
-      gather_band(K + n * Ck * HW, Ck, HW, map, b, slot.data(), ks.data());
-      gather_band(V + n * Cv * HW, Cv, HW, map, b, slot.data(), vs.data());
-      gather_band(dO + n * Cv * HW, Cv, HW, map, b, slot.data(), dos.data());
-      gather_band(LSE + n * HW, 1, HW, map, b, slot.data(), lse.data());
+      gather_band(Q + n * Ck * HW, Ck, HW, map, b, qs.data());
+      gather_band(K + n * Ck * HW, Ck, HW, map, b, ks.data());
+      gather_band(V + n * Cv * HW, Cv, HW, map, b, vs.data());
+      gather_band(dO + n * Cv * HW, Cv, HW, map, b, dos.data());
+      gather_band(LSE + n * HW, 1, HW, map, b, lse.data());
       // delta = <dO, O> per pixel, reading the saved output row by row.
       for (int64_t r = 0; r < map.band_rows; ++r) {
         std::fill(drow.begin(), drow.end(), T(0));
@@ -268,9 +288,9 @@ void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const T* O
           }
         }
       }
-      scatter_band(dqs.data(), Ck, HW, map, b, slot.data(), dQ + n * Ck * HW);
-      scatter_band(dks.data(), Ck, HW, map, b, slot.data(), dK + n * Ck * HW);
-      scatter_band(dvs.data(), Cv, HW, map, b, slot.data(), dV + n * Cv * HW);
+      scatter_band(dqs.data(), Ck, HW, map, b, dQ + n * Ck * HW);
+      scatter_band(dks.data(), Ck, HW, map, b, dK + n * Ck * HW);
+      scatter_band(dvs.data(), Cv, HW, map, b, dV + n * Cv * HW);
     }
   });
 }
