@@ -175,7 +175,9 @@ void forward_kernel(const T* Q, const T* K, const T* V, T* O, T* LSE, int64_t N,
   const int64_t P = map.band_rows * map.W;  // pixels of a band (= J * L): the scratch stride
   const int64_t bm_max = std::min(kBlockM, L), bn_max = std::min(kBlockN, L);
   at::parallel_for(0, N * map.bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> qs(Ck * P), ks(Ck * P), vs(Cv * P), ob(Cv * P), lse(P);
+    // The band's output reuses the value scratch: group j's values are dead once its output
+    // (built in og, C x L) is complete.
+    std::vector<T> qs(Ck * P), ks(Ck * P), vs(Cv * P), og(Cv * L), lse(P);
     std::vector<T> os(Cv * bm_max), s(bm_max * bn_max), mrow(bm_max), lrow(bm_max), alpha(bm_max);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / map.bands, b = task % map.bands;
@@ -223,12 +225,14 @@ void forward_kernel(const T* Q, const T* K, const T* V, T* O, T* LSE, int64_t N,
           }
           for (int64_t c = 0; c < Cv; ++c) {
             const T* oc = os.data() + c * bm;
-            T* d = ob.data() + c * P + j * L + i0;
+            T* d = og.data() + c * L + i0;
             for (int64_t i = 0; i < bm; ++i) d[i] = oc[i] * alpha[i];
           }
         }
+        for (int64_t c = 0; c < Cv; ++c)
+          std::copy(og.data() + c * L, og.data() + (c + 1) * L, vs.data() + c * P + j * L);
       }
-      scatter_band(ob.data(), Cv, HW, map, b, O + n * Cv * HW);
+      scatter_band(vs.data(), Cv, HW, map, b, O + n * Cv * HW);
       scatter_band(lse.data(), 1, HW, map, b, LSE + n * HW);
     }
   });
@@ -245,7 +249,9 @@ void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const T* O
   map.band_slots(slot.data());
   at::parallel_for(0, N * map.bands, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> qs(Ck * P), ks(Ck * P), vs(Cv * P), dos(Cv * P);
-    std::vector<T> dqs(Ck * P), dks(Ck * P), dvs(Cv * P), lse(P), delta(P), drow(W);
+    // Per-group gradient buffers (C x L); a finished group's gradients overwrite its (dead)
+    // query/key/grad-output columns, which are then scattered: no band-sized gradient scratch.
+    std::vector<T> dqg_(Ck * L), dkg_(Ck * L), dvg_(Cv * L), lse(P), delta(P), drow(W);
     std::vector<T> p(bm_max * bn_max), dp(bm_max * bn_max);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / map.bands, b = task % map.bands;
@@ -269,14 +275,14 @@ void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const T* O
         }
         for (int64_t x = 0; x < W; ++x) delta[slot[r * W + x]] = drow[x];
       }
-      std::fill(dqs.begin(), dqs.end(), T(0));
-      std::fill(dks.begin(), dks.end(), T(0));
-      std::fill(dvs.begin(), dvs.end(), T(0));
       for (int64_t j = 0; j < J; ++j) {
         const int64_t off = j * L;
-        const T *qg = qs.data() + off, *kg = ks.data() + off, *vg = vs.data() + off;
-        const T* dog = dos.data() + off;
-        T *dqg = dqs.data() + off, *dkg = dks.data() + off, *dvg = dvs.data() + off;
+        T *qg = qs.data() + off, *kg = ks.data() + off, *vg = vs.data() + off;
+        T* dog = dos.data() + off;
+        T *dqg = dqg_.data(), *dkg = dkg_.data(), *dvg = dvg_.data();  // leading dimension L
+        std::fill(dqg_.begin(), dqg_.end(), T(0));
+        std::fill(dkg_.begin(), dkg_.end(), T(0));
+        std::fill(dvg_.begin(), dvg_.end(), T(0));
         for (int64_t j0 = 0; j0 < L; j0 += kBlockN) {
           const int64_t bn = std::min(kBlockN, L - j0);
           for (int64_t i0 = 0; i0 < L; i0 += kBlockM) {
@@ -289,7 +295,7 @@ void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const T* O
               for (int64_t jj = 0; jj < bn; ++jj) row[jj] = std::exp(row[jj] - l);
             }
             // dV[:, j] += dO[:, i] p
-            gemm_rm<T>(false, false, Cv, bn, bm, T(1), dog + i0, P, p.data(), bn, T(1), dvg + j0, P);
+            gemm_rm<T>(false, false, Cv, bn, bm, T(1), dog + i0, P, p.data(), bn, T(1), dvg + j0, L);
             // dp = dO[:, i]^T V[:, j]; ds = p * (dp - delta_i)
             gemm_rm<T>(true, false, bm, bn, Cv, T(1), dog + i0, P, vg + j0, P, T(0), dp.data(), bn);
             for (int64_t i = 0; i < bm; ++i) {
@@ -299,14 +305,19 @@ void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const T* O
               for (int64_t jj = 0; jj < bn; ++jj) drw[jj] = prow[jj] * (drw[jj] - d);
             }
             // dQ[:, i] += scale K[:, j] ds^T ; dK[:, j] += scale Q[:, i] ds
-            gemm_rm<T>(false, true, Ck, bm, bn, scale, kg + j0, P, dp.data(), bn, T(1), dqg + i0, P);
-            gemm_rm<T>(false, false, Ck, bn, bm, scale, qg + i0, P, dp.data(), bn, T(1), dkg + j0, P);
+            gemm_rm<T>(false, true, Ck, bm, bn, scale, kg + j0, P, dp.data(), bn, T(1), dqg + i0, L);
+            gemm_rm<T>(false, false, Ck, bn, bm, scale, qg + i0, P, dp.data(), bn, T(1), dkg + j0, L);
           }
         }
+        for (int64_t c = 0; c < Ck; ++c) {
+          std::copy(dqg + c * L, dqg + (c + 1) * L, qg + c * P);
+          std::copy(dkg + c * L, dkg + (c + 1) * L, kg + c * P);
+        }
+        for (int64_t c = 0; c < Cv; ++c) std::copy(dvg + c * L, dvg + (c + 1) * L, dog + c * P);
       }
-      scatter_band(dqs.data(), Ck, HW, map, b, dQ + n * Ck * HW);
-      scatter_band(dks.data(), Ck, HW, map, b, dK + n * Ck * HW);
-      scatter_band(dvs.data(), Cv, HW, map, b, dV + n * Cv * HW);
+      scatter_band(qs.data(), Ck, HW, map, b, dQ + n * Ck * HW);
+      scatter_band(ks.data(), Ck, HW, map, b, dK + n * Ck * HW);
+      scatter_band(dos.data(), Cv, HW, map, b, dV + n * Cv * HW);
     }
   });
 }
