@@ -90,6 +90,8 @@ CASES = [
     ((1, 5, 4, 6, 10), (1, 1), ("long", "short")),    # one group of 60 / 60 groups of 1
     ((1, 4, 3, 6, 10), (6, 10), ("long", "short")),   # block = (H, W)
     ((1, 20, 24, 10, 10), (10, 10), ("short",)),      # 100 members: two key tiles, channels > 16
+    ((1, 40, 72, 16, 16), (16, 16), ("short",)),      # 256 members (the largest group size named)
+    ((1, 512, 512, 4, 8), (4, 4), ("short",)),        # Ck = Cv = 512: several channel chunks
 ]
 PARAMS = [pytest.param(s, b, m, id=f"{s}-{b}-{m}") for s, b, ms in CASES for m in ms]
 

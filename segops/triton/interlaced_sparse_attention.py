@@ -149,7 +149,7 @@ def _fwd_kernel(Q, K, V, O, LSE, NG, G, L, CK, CV, HW, W, GW, PH, PW, NT, qk_sca
     if pid_c == 0:
         # Natural-log lse of the scaled logits, stored at (n, y, x) = vrow's pixel: the LSE
         # tensor is (N, H, W), so its row offset is the Ck = 1 offset.
-        lse_row = (qrow // (CK * HW)) * HW + qrow % HW
+        lse_row = (qrow // HW // CK) * HW + qrow % HW
         tl.store(LSE + lse_row, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=mask_m)
 
 
@@ -174,7 +174,7 @@ def _delta_kernel(O, DO, DELTA, CV, HW, BLOCK_P: tl.constexpr, BLOCK_C: tl.const
 @triton.jit
 def _stats(LSE, DELTA, qrow, mask, CK, HW):
     """(lse in log2 units, delta) of query rows."""
-    row = (qrow // (CK * HW)) * HW + qrow % HW
+    row = (qrow // HW // CK) * HW + qrow % HW
     lse2 = tl.load(LSE + row, mask=mask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row, mask=mask, other=0.0)
     return lse2, delta
