@@ -31,8 +31,8 @@ TORCH_LIBRARY(segops_C, m) {
   m.def("disentangled_non_local_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
         "Tensor? unary, Tensor out, Tensor lse, Tensor g, Tensor lse_u, bool whiten, float s) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
-  // criss_cross_attention: forward -> (out, lse per position); lse has the dtype of the
-  // inputs (fp32 for fp32, fp64 for fp64).
+  // criss_cross_attention: forward -> (out, stats); stats (N, 2, H, W) holds the softmax max and
+  // log-sum per position, in the dtype of the inputs (fp32 for fp32, fp64 for fp64).
   m.def("criss_cross_attention_forward(Tensor query, Tensor key, Tensor value) -> (Tensor, Tensor)");
   m.def("criss_cross_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
         "Tensor out, Tensor stats) -> (Tensor, Tensor, Tensor)");

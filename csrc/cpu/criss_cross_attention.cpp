@@ -14,9 +14,12 @@
 // forward saves only the softmax log-sum-exp per position, and the backward recomputes the
 // probabilities from it.
 //
-// Forward:  (1) row tasks: lse_row[u] = logsumexp_j e(u, (y, j));
-//           (2) column tasks: lse[u] = logaddexp(lse_row[u], logsumexp_{i != y} e(u, (i, x)))
-//               and out[:, u] = column part (overwrites);
+// Saved statistics (N, 2, H, W): the maximum energy m[u] and log l[u], l[u] = sum exp(e - m),
+// so P = exp((e - m) - log l): the energies are recomputed bit-identically in the backward,
+// and e - m stays exact where a single log-sum-exp would lose digits for large energies.
+// Forward:  (1) row tasks: row max and log-sum;
+//           (2) column tasks: merge with the column max and log-sum (joint softmax), and
+//               out[:, u] = column part (overwrites);
 //           (3) row tasks: out[:, u] += row part.
 // Backward: D[u] = <dout[:, u], out[:, u]>; dS = P * (dP - D) with dP = <dout[:, u], value[:, i]>;
 //           row tasks write dq, dk, dv (row parts); column tasks add the column parts.
@@ -115,12 +118,13 @@ inline T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
-// log(exp(a) + exp(b)) where a may be -inf (b is finite or -inf).
+// Merge softmax statistics (m, log l) of two disjoint sets; the second may be empty (-inf).
 template <typename T>
-inline T logaddexp(T a, T b) {
-  T m = std::max(a, b);
-  if (m == neg_inf<T>()) return m;
-  return m + std::log(std::exp(a - m) + std::exp(b - m));
+inline void merge_stats(T& m, T& ll, T m2, T ll2) {
+  if (m2 == neg_inf<T>()) return;
+  const T mx = std::max(m, m2);
+  ll = std::log(std::exp(m - mx + ll) + std::exp(m2 - mx + ll2));
+  m = mx;
 }
 
 // exp for the softmax: std::exp for double; for float a branch-free Cody-Waite reduction and a
@@ -145,33 +149,37 @@ inline float vexp(float x) {
   return xc < -87.0f ? 0.0f : p * scale;
 }
 
-// Row-wise log-sum-exp of a (R x L) matrix, one value per row.
+// Row-wise softmax statistics of a (R x L) matrix: m[r * stride] = max, ll[r * stride] = log of
+// the sum of exp(e - max) (both -inf for an all -inf row).
 template <typename T>
-inline void row_lse(const T* e, int64_t R, int64_t L, T* lse) {
+inline void row_stats(const T* e, int64_t R, int64_t L, T* m_out, T* ll_out, int64_t stride) {
   for (int64_t r = 0; r < R; ++r) {
     const T* er = e + r * L;
     T m = neg_inf<T>();
 #pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < L; ++j) m = std::max(m, er[j]);
     if (m == neg_inf<T>()) {
-      lse[r] = m;
+      m_out[r * stride] = m;
+      ll_out[r * stride] = m;
       continue;
     }
     T s = 0;
 #pragma omp simd reduction(+ : s)
     for (int64_t j = 0; j < L; ++j) s += vexp(er[j] - m);
-    lse[r] = m + std::log(s);
+    m_out[r * stride] = m;
+    ll_out[r * stride] = std::log(s);
   }
 }
 
-// p[r, j] = exp(e[r, j] - lse[r * lse_stride]) in place.
+// p[r, j] = exp((e[r, j] - m[r * stride]) - ll[r * stride]) in place.
 template <typename T>
-inline void softmax_from_lse(T* e, int64_t R, int64_t L, const T* lse, int64_t lse_stride) {
+inline void softmax_from_stats(T* e, int64_t R, int64_t L, const T* m, const T* ll,
+                               int64_t stride) {
   for (int64_t r = 0; r < R; ++r) {
-    const T l = lse[r * lse_stride];
+    const T mr = m[r * stride], lr = ll[r * stride];
     T* er = e + r * L;
 #pragma omp simd
-    for (int64_t j = 0; j < L; ++j) er[j] = vexp(er[j] - l);
+    for (int64_t j = 0; j < L; ++j) er[j] = vexp((er[j] - mr) - lr);
   }
 }
 
@@ -227,7 +235,7 @@ inline void row_energies(const Dims<T>& d, const T* qy, const T* ky, T* e) {
 }
 
 template <typename T>
-void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, T* lse) {
+void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, T* st) {
   const int64_t H = d.H, W = d.W, HW = d.HW, Ck = d.Ck, Cv = d.Cv;
   // (1) row log-sum-exp.
   at::parallel_for(0, d.N * H, 1, [&](int64_t begin, int64_t end) {
@@ -236,15 +244,16 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / H, y = t % H;
       row_energies(d, q + n * Ck * HW + y * W, k + n * Ck * HW + y * W, e.data());
-      row_lse(e.data(), W, W, lse + n * HW + y * W);
+      T* sm = st + 2 * n * HW + y * W;
+      row_stats(e.data(), W, W, sm, sm + HW, 1);
     }
   });
-  // (2) column tasks: finish the lse, write the column part of out.
+  // (2) column tasks: finish the statistics, write the column part of out.
   const int64_t nxb = (W + kColBlock - 1) / kColBlock;
   at::parallel_for(0, d.N * nxb, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas blas_guard;
     const int64_t cc = std::min(Cv, kChanChunk);
-    std::vector<T> qk(2 * kColBlock * Ck * H), p(kColBlock * H * H), lc(H);
+    std::vector<T> qk(2 * kColBlock * Ck * H), p(kColBlock * H * H), mc(H), lc(H);
     std::vector<T> vg(kColBlock * cc * H), r(kColBlock * cc * H);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / nxb, x0 = (t % nxb) * kColBlock, nb = std::min(kColBlock, W - x0);
@@ -255,10 +264,10 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
       for (int64_t b = 0; b < nb; ++b) {
         T* pb = p.data() + b * H * H;
         col_energies(d, qg + b * Ck * H, kg + b * Ck * H, pb);
-        row_lse(pb, H, H, lc.data());
-        T* l = lse + n * HW + x0 + b;
-        for (int64_t y = 0; y < H; ++y) l[y * W] = logaddexp(lc[y], l[y * W]);
-        softmax_from_lse(pb, H, H, l, W);
+        row_stats(pb, H, H, mc.data(), lc.data(), 1);
+        T* sm = st + 2 * n * HW + x0 + b;
+        for (int64_t y = 0; y < H; ++y) merge_stats(sm[y * W], sm[HW + y * W], mc[y], lc[y]);
+        softmax_from_stats(pb, H, H, sm, sm + HW, W);
       }
       for (int64_t c0 = 0; c0 < Cv; c0 += cc) {
         const int64_t nc = std::min(cc, Cv - c0);
@@ -279,7 +288,8 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / H, y = t % H;
       row_energies(d, q + n * Ck * HW + y * W, k + n * Ck * HW + y * W, e.data());
-      softmax_from_lse(e.data(), W, W, lse + n * HW + y * W, 1);
+      const T* sm = st + 2 * n * HW + y * W;
+      softmax_from_stats(e.data(), W, W, sm, sm + HW, 1);
       // out[c, x] += sum_j v[c, j] p[x, j]
       gemm_rm<T>(false, true, Cv, W, W, T(1), v + n * Cv * HW + y * W, HW, e.data(), W, T(1),
                  out + n * Cv * HW + y * W, HW);
@@ -289,7 +299,7 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
 
 template <typename T>
 void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const T* v,
-                   const T* out, const T* lse, T* dq, T* dk, T* dv) {
+                   const T* out, const T* st, T* dq, T* dk, T* dv) {
   const int64_t H = d.H, W = d.W, HW = d.HW, Ck = d.Ck, Cv = d.Cv;
   std::vector<T> Dbuf(d.N * HW);
   T* D = Dbuf.data();
@@ -308,7 +318,8 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
         for (int64_t x = 0; x < W; ++x) Dy[x] += a[x] * b[x];
       }
       row_energies(d, q + ko, k + ko, p.data());
-      softmax_from_lse(p.data(), W, W, lse + n * HW + y * W, 1);
+      const T* sm = st + 2 * n * HW + y * W;
+      softmax_from_stats(p.data(), W, W, sm, sm + HW, 1);
       // dP[x, j] = sum_c go[c, x] v[c, j]
       gemm_rm<T>(true, false, W, W, Cv, T(1), go + vo, HW, v + vo, HW, T(0), ds.data(), W);
       for (int64_t x = 0; x < W; ++x) {
@@ -341,7 +352,8 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
       for (int64_t b = 0; b < nb; ++b) {
         T* pb = p.data() + b * H * H;
         col_energies(d, qg + b * Ck * H, kg + b * Ck * H, pb);
-        softmax_from_lse(pb, H, H, lse + n * HW + x0 + b, W);
+        const T* sm = st + 2 * n * HW + x0 + b;
+        softmax_from_stats(pb, H, H, sm, sm + HW, W);
       }
       for (int64_t c0 = 0; c0 < Cv; c0 += cc) {
         const int64_t nc = std::min(cc, Cv - c0);
@@ -405,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor> cca_forward_cpu(const at::Tensor& query, cons
   const int64_t N = query.size(0), Ck = query.size(1), H = query.size(2), W = query.size(3);
   const int64_t Cv = value.size(1);
   at::Tensor out = at::empty({N, Cv, H, W}, value.options());
-  at::Tensor lse = at::empty({N, H, W}, query.options());
+  at::Tensor lse = at::empty({N, 2, H, W}, query.options());
   if (out.numel() == 0 || lse.numel() == 0) {
     out.zero_();
     return {out, lse};
@@ -428,8 +440,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward_cpu(
               out.sizes(), " must have the value's shape ", value.sizes());
   const int64_t N = query.size(0), Ck = query.size(1), H = query.size(2), W = query.size(3);
   const int64_t Cv = value.size(1);
-  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == N && stats.size(1) == H && stats.size(2) == W,
-              "criss_cross_attention_backward: stats must be (N, H, W), got ", stats.sizes());
+  TORCH_CHECK(stats.dim() == 4 && stats.size(0) == N && stats.size(1) == 2 &&
+                  stats.size(2) == H && stats.size(3) == W,
+              "criss_cross_attention_backward: stats must be (N, 2, H, W), got ", stats.sizes());
   TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() &&
                   out.scalar_type() == query.scalar_type() &&
                   stats.scalar_type() == query.scalar_type(),

@@ -29,9 +29,12 @@ BACKENDS.register(FusedBackend(
     dtypes=(torch.float16, torch.bfloat16, torch.float32)))
 
 
-# The fused forward returns (out, stats): stats is the per-position softmax log-sum-exp
-# (N, H, W) in the accumulation dtype (fp64 for fp64 inputs, else fp32), all the backward
-# needs besides the inputs and the output.
+# The fused forward returns (out, stats): stats (N, 2, H, W) holds, per position, the maximum
+# energy m and log l with l = sum over the H+W-1 positions of exp(e - m) (so the log-sum-exp is
+# m + log l), in the accumulation dtype (fp64 for fp64 inputs, else fp32). That is all the
+# backward needs besides the inputs and the output: P = exp((e - m) - log l). Keeping m apart
+# from log l keeps P accurate when the energies are large (one fp32 log-sum-exp of ~1000 would
+# be off by ~3e-5 and so would every P).
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -45,7 +48,7 @@ def _forward_op(query: Tensor, key: Tensor, value: Tensor, backend: str) -> tupl
 def _(query, key, value, backend):
     n, _, h, w = query.shape
     return (value.new_empty((n, value.shape[1], h, w)),
-            query.new_empty((n, h, w), dtype=_stats_dtype(query.dtype)))
+            query.new_empty((n, 2, h, w), dtype=_stats_dtype(query.dtype)))
 
 
 @torch.library.custom_op("segops::criss_cross_attention_backward", mutates_args=())

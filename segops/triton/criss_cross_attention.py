@@ -8,11 +8,11 @@ the vertical branch is read as coalesced as the horizontal one (the old CCNet/mm
 it strided). Outputs are written through explicit strides, so the column pass writes straight
 into NCHW-shaped fp32 buffers that the row pass then reads (coalesced) and merges.
 
-Forward: column pass (centre masked) -> out_col (normalised by its own log-sum-exp) and
-lse_col; row pass with an online softmax over the row, merged in its epilogue with the column
+Forward: column pass (centre masked) -> out_col (normalised by its own softmax) and its
+statistics; row pass with an online softmax over the row, merged in its epilogue with the column
 part: one joint softmax over the H + W - 1 positions, no attention matrix in global memory.
-Saves lse (N, H, W) fp32 only.
-Backward: D = <dout, out>; P = exp(e - lse), dS = P * (dP - D), dP = <dout, v>; three kernels
+Saves only the statistics (N, 2, H, W) fp32: the maximum energy m and log l, l = sum exp(e - m).
+Backward: D = <dout, out>; P = exp((e - m) - log l), dS = P * (dP - D), dP = <dout, v>; three kernels
 per pass (dq over keys, dk over pixels, dv over pixels per value-channel block), column pass into
 fp32 buffers, row pass adding them: no atomics.
 """
@@ -30,7 +30,7 @@ _NEG_INF = float("-inf")
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, PO, PLSE,
                 Ck, Cv, R, L,
-                so_n, so_c, so_r, so_l, sl_n, sl_r, sl_l,
+                so_n, so_c, so_r, so_l, sl_n, sl_r, sl_l, sl_s,
                 MASK_CENTRE: tl.constexpr, HAS_PREV: tl.constexpr,
                 BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CK: tl.constexpr,
                 BLOCK_CV: tl.constexpr):
@@ -74,32 +74,34 @@ def _fwd_kernel(Q, K, V, O, LSE, PO, PLSE,
                      mask=mask_k[:, None] & mask_cv[None, :], other=0.0)     # [K, Cv]
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
         m_i = m_new
-    has = l_i > 0.0
-    l_safe = tl.where(has, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    lse = tl.where(has, m_i + tl.log(l_safe), _NEG_INF)
     o_off = n * so_n + r * so_r + offs_cv[None, :].to(tl.int64) * so_c + offs_p[:, None] * so_l
     l_off = n * sl_n + r * sl_r + offs_p * sl_l
     omask = mask_p[:, None] & mask_cv[None, :]
     if HAS_PREV:
-        plse = tl.load(PLSE + l_off, mask=mask_p, other=_NEG_INF)
+        # The other branch: its max pm, log-sum pll and its own normalised output po.
+        pm = tl.load(PLSE + l_off, mask=mask_p, other=_NEG_INF)
+        pll = tl.load(PLSE + sl_s + l_off, mask=mask_p, other=_NEG_INF)
         po = tl.load(PO + o_off, mask=omask, other=0.0)
-        mx = tl.maximum(lse, plse)
-        mx = tl.where(mx == _NEG_INF, 0.0, mx)
-        tot = tl.exp(lse - mx) + tl.exp(plse - mx)
-        new_lse = tl.where(tot > 0.0, mx + tl.log(tl.where(tot > 0.0, tot, 1.0)), _NEG_INF)
-        safe = tl.where(new_lse == _NEG_INF, 0.0, new_lse)
-        o = o * tl.exp(lse - safe)[:, None] + po * tl.exp(plse - safe)[:, None]
-        lse = new_lse
+        m_new = tl.maximum(m_i, pm)
+        m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        a_self = tl.exp(m_i - m_safe)
+        a_prev = tl.exp(pm - m_safe + pll)
+        l_i = l_i * a_self + a_prev
+        acc = acc * a_self[:, None] + po * a_prev[:, None]
+        m_i = m_new
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    o = acc / l_safe[:, None]
     tl.store(O + o_off, o.to(O.dtype.element_ty), mask=omask)
     if pid_cv == 0:
-        tl.store(LSE + l_off, lse, mask=mask_p)
+        tl.store(LSE + l_off, tl.where(has, m_i, _NEG_INF), mask=mask_p)
+        tl.store(LSE + sl_s + l_off, tl.where(has, tl.log(l_safe), _NEG_INF), mask=mask_p)
 
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, D, DQ, PDQ,
                    Ck, Cv, R, L,
-                   so_n, so_c, so_r, so_l, sl_n, sl_r, sl_l,
+                   so_n, so_c, so_r, so_l, sl_n, sl_r, sl_l, sl_s,
                    MASK_CENTRE: tl.constexpr, HAS_PREV: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CK: tl.constexpr,
                    BLOCK_CV: tl.constexpr):
@@ -118,8 +120,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, D, DQ, PDQ,
     v_base = V + n * Cv * RL + r * L
     do_base = DO + n * Cv * RL + r * L
     l_off = n * sl_n + r * sl_r + offs_p * sl_l
-    lse = tl.load(LSE + l_off, mask=mask_p, other=0.0)
-    dd = tl.load(D + l_off, mask=mask_p, other=0.0)
+    mx = tl.load(LSE + l_off, mask=mask_p, other=0.0)
+    ll = tl.load(LSE + sl_s + l_off, mask=mask_p, other=0.0)
+    dd = tl.load(D + l_off - (n * sl_n) + n * (sl_n // 2), mask=mask_p, other=0.0)
     q = tl.load(q_base + offs_ck[None, :] * RL + offs_p[:, None],
                 mask=mask_p[:, None] & mask_ck[None, :], other=0.0)          # [P, Ck]
     acc = tl.zeros([BLOCK_P, BLOCK_CK], tl.float32)
@@ -132,7 +135,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, D, DQ, PDQ,
         valid = mask_k[None, :] & mask_p[:, None]
         if MASK_CENTRE:
             valid = valid & (offs_k[None, :] != offs_p[:, None])
-        p = tl.where(valid, tl.exp(e - lse[:, None]), 0.0)
+        p = tl.where(valid, tl.exp((e - mx[:, None]) - ll[:, None]), 0.0)
         dp = tl.zeros([BLOCK_P, BLOCK_K], tl.float32)
         for c0 in range(0, Cv, BLOCK_CV):
             offs_cv = c0 + tl.arange(0, BLOCK_CV)
@@ -156,7 +159,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, D, DQ, PDQ,
 @triton.jit
 def _bwd_dk_kernel(Q, K, V, DO, LSE, D, DK, PDK,
                    Ck, Cv, R, L,
-                   so_n, so_c, so_r, so_l, sl_n, sl_r, sl_l,
+                   so_n, so_c, so_r, so_l, sl_n, sl_r, sl_l, sl_s,
                    MASK_CENTRE: tl.constexpr, HAS_PREV: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CK: tl.constexpr,
                    BLOCK_CV: tl.constexpr):
@@ -181,15 +184,16 @@ def _bwd_dk_kernel(Q, K, V, DO, LSE, D, DK, PDK,
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < L
         l_off = n * sl_n + r * sl_r + offs_p * sl_l
-        lse = tl.load(LSE + l_off, mask=mask_p, other=0.0)
-        dd = tl.load(D + l_off, mask=mask_p, other=0.0)
+        mx = tl.load(LSE + l_off, mask=mask_p, other=0.0)
+        ll = tl.load(LSE + sl_s + l_off, mask=mask_p, other=0.0)
+        dd = tl.load(D + l_off - (n * sl_n) + n * (sl_n // 2), mask=mask_p, other=0.0)
         qt = tl.load(q_base + offs_ck[:, None] * RL + offs_p[None, :],
                      mask=mask_ck[:, None] & mask_p[None, :], other=0.0)     # [Ck, P]
         et = tl.dot(k2, qt, input_precision="ieee")                          # [K, P]
         valid = mask_k[:, None] & mask_p[None, :]
         if MASK_CENTRE:
             valid = valid & (offs_k[:, None] != offs_p[None, :])
-        pt = tl.where(valid, tl.exp(et - lse[None, :]), 0.0)
+        pt = tl.where(valid, tl.exp((et - mx[None, :]) - ll[None, :]), 0.0)
         dpt = tl.zeros([BLOCK_K, BLOCK_P], tl.float32)
         for c0 in range(0, Cv, BLOCK_CV):
             offs_cv = c0 + tl.arange(0, BLOCK_CV)
@@ -213,7 +217,7 @@ def _bwd_dk_kernel(Q, K, V, DO, LSE, D, DK, PDK,
 @triton.jit
 def _bwd_dv_kernel(Q, K, DO, LSE, DV, PDV,
                    Ck, Cv, R, L,
-                   so_n, so_c, so_r, so_l, sl_n, sl_r, sl_l,
+                   so_n, so_c, so_r, so_l, sl_n, sl_r, sl_l, sl_s,
                    MASK_CENTRE: tl.constexpr, HAS_PREV: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CK: tl.constexpr,
                    BLOCK_CV: tl.constexpr):
@@ -239,14 +243,16 @@ def _bwd_dv_kernel(Q, K, DO, LSE, DV, PDV,
     for p0 in range(0, L, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < L
-        lse = tl.load(LSE + n * sl_n + r * sl_r + offs_p * sl_l, mask=mask_p, other=0.0)
+        l_off = n * sl_n + r * sl_r + offs_p * sl_l
+        mx = tl.load(LSE + l_off, mask=mask_p, other=0.0)
+        ll = tl.load(LSE + sl_s + l_off, mask=mask_p, other=0.0)
         qt = tl.load(q_base + offs_ck[:, None] * RL + offs_p[None, :],
                      mask=mask_ck[:, None] & mask_p[None, :], other=0.0)     # [Ck, P]
         et = tl.dot(k2, qt, input_precision="ieee")                          # [K, P]
         valid = mask_k[:, None] & mask_p[None, :]
         if MASK_CENTRE:
             valid = valid & (offs_k[:, None] != offs_p[None, :])
-        pt = tl.where(valid, tl.exp(et - lse[None, :]), 0.0)
+        pt = tl.where(valid, tl.exp((et - mx[None, :]) - ll[None, :]), 0.0)
         do = tl.load(do_base + offs_cv[None, :].to(tl.int64) * RL + offs_p[:, None],
                      mask=mask_p[:, None] & mask_cv[None, :], other=0.0)     # [P, Cv]
         acc += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
@@ -301,31 +307,31 @@ def _launch_opts(on_gpu: bool, blocks: dict) -> dict:
 
 
 def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
-    """(out, lse): out (N, Cv, H, W) in the input dtype, lse (N, H, W) fp32."""
+    """(out, stats): out (N, Cv, H, W) in the input dtype, stats (N, 2, H, W) fp32 (max, log-sum)."""
     N, Ck, H, W = query.shape
     Cv = value.shape[1]
     HW = H * W
     dev = query.device
     on_gpu = dev.type == "cuda"
     out = torch.empty_like(value)
-    lse = torch.empty((N, H, W), device=dev, dtype=torch.float32)
+    lse = torch.empty((N, 2, H, W), device=dev, dtype=torch.float32)
     if out.numel() == 0 or lse.numel() == 0:
         return out.zero_(), lse.fill_(0.0)
     out_col = torch.empty((N, Cv, H, W), device=dev, dtype=torch.float32)
-    lse_col = torch.empty((N, H, W), device=dev, dtype=torch.float32)
+    lse_col = torch.empty((N, 2, H, W), device=dev, dtype=torch.float32)
     # Column pass on the transposed tensors: line = column x (R = W lines of length H).
     b = _blocks(H, Ck, Cv, on_gpu)
     grid = (triton.cdiv(H, b["BLOCK_P"]), N * W, triton.cdiv(Cv, b["BLOCK_CV"]))
     _fwd_kernel[grid](_t(query), _t(key), _t(value), out_col, lse_col, out_col, lse_col,
                       Ck, Cv, W, H,
-                      Cv * HW, HW, 1, W, HW, 1, W,
+                      Cv * HW, HW, 1, W, 2 * HW, 1, W, HW,
                       MASK_CENTRE=True, HAS_PREV=False, **b, **_launch_opts(on_gpu, b))
     # Row pass on the NCHW tensors, merged with the column part.
     b = _blocks(W, Ck, Cv, on_gpu)
     grid = (triton.cdiv(W, b["BLOCK_P"]), N * H, triton.cdiv(Cv, b["BLOCK_CV"]))
     _fwd_kernel[grid](query, key, value, out, lse, out_col, lse_col,
                       Ck, Cv, H, W,
-                      Cv * HW, HW, W, 1, HW, W, 1,
+                      Cv * HW, HW, W, 1, 2 * HW, W, 1, HW,
                       MASK_CENTRE=False, HAS_PREV=True, **b, **_launch_opts(on_gpu, b))
     return out, lse
 
@@ -372,9 +378,9 @@ def backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, val
     ck = torch.empty_like(cq)
     cv = torch.empty((N, Cv, H, W), device=dev, dtype=torch.float32)
     _backward_pass(_t(query), _t(key), _t(value), _t(grad_out), lse, dd, (cq, ck, cv),
-                   (None, None, None), W, H, lambda C: (C * HW, HW, 1, W), (HW, 1, W), True,
+                   (None, None, None), W, H, lambda C: (C * HW, HW, 1, W), (2 * HW, 1, W, HW), True,
                    on_gpu)
     # Row pass (NCHW), adding the column parts.
     _backward_pass(query, key, value, grad_out, lse, dd, (dq, dk, dv), (cq, ck, cv), H, W,
-                   lambda C: (C * HW, HW, W, 1), (HW, W, 1), False, on_gpu)
+                   lambda C: (C * HW, HW, W, 1), (2 * HW, W, 1, HW), False, on_gpu)
     return dq, dk, dv
