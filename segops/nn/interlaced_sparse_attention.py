@@ -6,7 +6,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segops.models.common import ConvModule
+from segops.nn.common import ConvModule
 from segops.ops.interlaced_sparse_attention import _block_size, interlaced_sparse_attention
 
 
