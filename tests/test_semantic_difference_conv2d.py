@@ -8,8 +8,8 @@ import segops
 import segops.nn
 from segops.ops.semantic_difference_conv2d import _backward_op, _forward_op
 from segops.reference.semantic_difference_conv2d import semantic_difference_conv2d as reference
-from tests.utils import (backend_cases, channels_last, check_against_reference, noncontiguous,
-                         require_backend)
+from tests.utils import (TRITON_DEVICE, backend_cases, channels_last, check_against_reference,
+                         noncontiguous, require_backend)
 
 OP = "semantic_difference_conv2d"
 
@@ -122,6 +122,20 @@ def test_backend_matches_fp64_reference(backend, device, dtype, cfg):
     names = ["input", "guidance", "weight"] + (["bias"] if bias else [])
     check_against_reference(_call(backend), reference, x, names, dtype, device,
                             kwargs=dict(dilation=dil, similarity=sim, sigma=0.9))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("similarity", ["charbonnier", "gaussian"])
+def test_triton_several_channel_blocks_and_split_k(monkeypatch, similarity):
+    # Several Cin / Cout / Cg blocks per program grid and the split-K grad_weight path (used on
+    # GPUs to fill the machine; forced here because the interpreter path uses one split).
+    require_backend(OP, "triton", TRITON_DEVICE, torch.float32)
+    import segops.triton.semantic_difference_conv2d as tri
+    monkeypatch.setattr(tri, "_DW_SPLITS", 3)
+    cg = 20 if similarity == "charbonnier" else 33
+    check_against_reference(_call("triton"), reference, inputs(2, 20, cg, 40, 5, 13, 3),
+                            ["input", "guidance", "weight", "bias"], torch.float32, TRITON_DEVICE,
+                            kwargs=dict(similarity=similarity, dilation=2))
 
 
 @pytest.mark.parametrize("backend,device,dtype", backend_cases())

@@ -248,6 +248,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
         at::Tensor dwblk = at::zeros({g.Cout, Kc}, input.options());
         at::Tensor panel = at::empty({Kc, kTileBwd}, input.options());
         at::Tensor dpanel = at::empty({Kc, kTileBwd}, input.options());
+        std::vector<T> scratch_a(g.W), scratch_b(g.W);  // per-row temporaries of the scatter
+        T* a = scratch_a.data();
+        T* b = scratch_b.data();
         T* Gb = G.defined() ? G.data_ptr<T>() + blk * g.N * g.KK * g.HW : nullptr;
         for (int64_t i = 0; i < g.N * ntile; ++i) {
           const int64_t n = i / ntile, p0 = (i % ntile) * kTileBwd, p1 = std::min(g.HW, p0 + kTileBwd);
@@ -281,37 +284,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
                   for (int64_t x = xa; x < xb; ++x) du[x] -= gd[x];
                   for (int64_t x = lo; x < hi; ++x) dun[x] += gd[x];
                 } else if (sim == kGaussian) {
+                  // Separate passes: du and dun alias (one channel plane), so a fused loop
+                  // would not vectorise; a[x] = dD * S is computed once into scratch.
                   const T* s = St + y * g.W;
                   T* gs = Gt + y * g.W;
-                  for (int64_t x = xa; x < lo; ++x) { du[x] -= gd[x] * s[x]; gs[x] -= gd[x] * u[x]; }
-                  for (int64_t x = lo; x < hi; ++x) {
-                    const T gsx = gd[x] * s[x];
-                    du[x] -= gsx; dun[x] += gsx; gs[x] += gd[x] * (un[x] - u[x]);
-                  }
-                  for (int64_t x = hi; x < xb; ++x) { du[x] -= gd[x] * s[x]; gs[x] -= gd[x] * u[x]; }
+                  for (int64_t x = xa; x < xb; ++x) a[x] = gd[x] * s[x];
+                  for (int64_t x = xa; x < xb; ++x) du[x] -= a[x];
+                  for (int64_t x = lo; x < hi; ++x) dun[x] += a[x];
+                  for (int64_t x = xa; x < lo; ++x) gs[x] -= gd[x] * u[x];
+                  for (int64_t x = lo; x < hi; ++x) gs[x] += gd[x] * (un[x] - u[x]);
+                  for (int64_t x = hi; x < xb; ++x) gs[x] -= gd[x] * u[x];
                 } else {
                   const T* v = Vc + y * g.W;
                   T* dv = dVc + y * g.W;
                   const T* vn = Vc + yy * g.W + dx;
                   T* dvn = dVc + yy * g.W + dx;
-                  // s = (1 + e^2/sigma^2)^(-1/2), ds/de = -s^3 e / sigma^2, e = V[p+d] - V[p].
+                  // s = (1 + e^2/sigma^2)^(-1/2), ds/de = -s^3 e / sigma^2, e = V[p+d] - V[p]:
+                  // a = dD * s (to dU), b = dL/de (dV[p] -= b, dV[p+d] += b), then the updates.
                   for (int64_t x = xa; x < lo; ++x) {
-                    const T e = -v[x], s = T(1) / std::sqrt(T(1) + e * e * inv_s2);
-                    du[x] -= gd[x] * s;
-                    dv[x] += gd[x] * (-u[x]) * s * s * s * e * inv_s2;
+                    const T e = -v[x], sx = T(1) / std::sqrt(T(1) + e * e * inv_s2);
+                    a[x] = gd[x] * sx;
+                    b[x] = a[x] * u[x] * sx * sx * e * inv_s2;
                   }
                   for (int64_t x = lo; x < hi; ++x) {
-                    const T e = vn[x] - v[x], s = T(1) / std::sqrt(T(1) + e * e * inv_s2);
-                    const T gsx = gd[x] * s;
-                    du[x] -= gsx; dun[x] += gsx;
-                    const T de = -gsx * (un[x] - u[x]) * s * s * e * inv_s2;
-                    dvn[x] += de; dv[x] -= de;
+                    const T e = vn[x] - v[x], sx = T(1) / std::sqrt(T(1) + e * e * inv_s2);
+                    a[x] = gd[x] * sx;
+                    b[x] = -a[x] * (un[x] - u[x]) * sx * sx * e * inv_s2;
                   }
                   for (int64_t x = hi; x < xb; ++x) {
-                    const T e = -v[x], s = T(1) / std::sqrt(T(1) + e * e * inv_s2);
-                    du[x] -= gd[x] * s;
-                    dv[x] += gd[x] * (-u[x]) * s * s * s * e * inv_s2;
+                    const T e = -v[x], sx = T(1) / std::sqrt(T(1) + e * e * inv_s2);
+                    a[x] = gd[x] * sx;
+                    b[x] = a[x] * u[x] * sx * sx * e * inv_s2;
                   }
+                  for (int64_t x = xa; x < xb; ++x) { du[x] -= a[x]; dv[x] -= b[x]; }
+                  for (int64_t x = lo; x < hi; ++x) { dun[x] += a[x]; dvn[x] += b[x]; }
                 }
               });
             }

@@ -30,6 +30,7 @@ from segops.triton import _interpreter_compat  # noqa: F401  (numpy>=2.3 under T
 
 SIM_NONE, SIM_CHARBONNIER, SIM_GAUSSIAN = 0, 1, 2
 _SIM = {"none": SIM_NONE, "charbonnier": SIM_CHARBONNIER, "gaussian": SIM_GAUSSIAN}
+_DW_SPLITS = None  # override of the grad_weight split count (tests only)
 
 
 @triton.jit
@@ -349,6 +350,8 @@ def backward(grad_out: torch.Tensor, input: torch.Tensor, guidance: torch.Tensor
     nblocks = n * blocks_per_image
     tiles = kk * triton.cdiv(cin, bc) * triton.cdiv(cout, bo)
     splits = max(1, min(nblocks, (4 * _sm_count(dev)) // max(1, tiles))) if gpu else 1
+    if _DW_SPLITS is not None:  # tests force the split-K path under the interpreter
+        splits = max(1, min(nblocks, _DW_SPLITS))
     blocks_per_split = triton.cdiv(nblocks, splits)
     splits = triton.cdiv(nblocks, blocks_per_split)
     dwp = torch.empty((splits, kk, cin, cout), device=dev, dtype=torch.float32)
