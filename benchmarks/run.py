@@ -184,8 +184,6 @@ def plot(rows: list[dict], out_dir: str, tag: str) -> list[str]:
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
             ax.set_xticklabels(labels, rotation=15, fontsize=7)
             ax.set_ylabel(ylabel)
-            if metric == "median_ms":
-                ax.set_yscale("log")
         axes[0].legend(fontsize=7)
         fig.suptitle(f"{op} ({tag})")
         fig.tight_layout()
