@@ -52,3 +52,8 @@ def check_dims(op: str, name: str, t: torch.Tensor, dims: Sequence[int], expecte
 
 def is_empty(*tensors: torch.Tensor) -> bool:
     return any(t is not None and t.numel() == 0 for t in tensors)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels accumulate and save statistics in: fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -35,10 +35,6 @@ BACKENDS.register(FusedBackend(
 # backward needs besides the inputs and the output: P = exp((e - m) - log l). Keeping m apart
 # from log l keeps P accurate when the energies are large (one fp32 log-sum-exp of ~1000 would
 # be off by ~3e-5 and so would every P).
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("segops::criss_cross_attention", mutates_args=())
 def _forward_op(query: Tensor, key: Tensor, value: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     return BACKENDS.fused[backend].fn("forward")(query, key, value)
@@ -48,7 +44,7 @@ def _forward_op(query: Tensor, key: Tensor, value: Tensor, backend: str) -> tupl
 def _(query, key, value, backend):
     n, _, h, w = query.shape
     return (value.new_empty((n, value.shape[1], h, w)),
-            query.new_empty((n, 2, h, w), dtype=_stats_dtype(query.dtype)))
+            query.new_empty((n, 2, h, w), dtype=V.accumulation_dtype(query.dtype)))
 
 
 @torch.library.custom_op("segops::criss_cross_attention_backward", mutates_args=())

@@ -44,10 +44,6 @@ BACKENDS.register(FusedBackend(
     dtypes=(torch.float16, torch.bfloat16, torch.float32)))
 
 
-def _stats_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("segops::disentangled_non_local", mutates_args=())
 def _forward_op(query: Tensor, key: Tensor, value: Tensor, unary: Optional[Tensor], whiten: bool,
                 s: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -58,7 +54,7 @@ def _forward_op(query: Tensor, key: Tensor, value: Tensor, unary: Optional[Tenso
 def _(query, key, value, unary, whiten, s, backend):
     n, _, lq = query.shape
     cv = value.shape[1]
-    sd = _stats_dtype(query)
+    sd = V.accumulation_dtype(query.dtype)
     return (value.new_empty((n, cv, lq)), query.new_empty((n, lq), dtype=sd),
             query.new_empty((n, cv), dtype=sd), query.new_empty((n,), dtype=sd))
 

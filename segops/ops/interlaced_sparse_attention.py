@@ -38,10 +38,6 @@ BACKENDS.register(FusedBackend(
 # The fused forward returns (out, lse): lse is the per-position softmax log-sum-exp (N, H, W) of
 # the scaled logits (natural log), fp32 (fp64 for fp64 inputs): all the backward needs besides
 # the inputs and the output.
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("segops::interlaced_sparse_attention", mutates_args=())
 def _forward_op(query: Tensor, key: Tensor, value: Tensor, ph: int, pw: int, long: bool,
                 scale: float, backend: str) -> tuple[Tensor, Tensor]:
@@ -52,7 +48,7 @@ def _forward_op(query: Tensor, key: Tensor, value: Tensor, ph: int, pw: int, lon
 def _(query, key, value, ph, pw, long, scale, backend):
     n, _, h, w = query.shape
     return (value.new_empty((n, value.shape[1], h, w)),
-            query.new_empty((n, h, w), dtype=_lse_dtype(query.dtype)))
+            query.new_empty((n, h, w), dtype=V.accumulation_dtype(query.dtype)))
 
 
 @torch.library.custom_op("segops::interlaced_sparse_attention_backward", mutates_args=())

@@ -69,13 +69,9 @@ BACKENDS_RECON.register(FusedBackend(
     "segops.triton.qco:texture_reconstruct_backward", dtypes=FUSED_DTYPES_TRITON))
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _qco_fake(x: Tensor, num_levels: int, grid: int, cooc: bool):
     n, c, h, w = x.shape
-    acc = _acc(x.dtype)
+    acc = V.accumulation_dtype(x.dtype)
     k, r = num_levels, grid * grid
     hist_shape = (n, grid, grid, k, k) if cooc else (n, k)
     lev_shape = (n, grid, grid, k) if cooc else (n, k)
