@@ -46,7 +46,7 @@ def _extensions():
     define_macros = []
     if _want_cuda(torch.version.cuda):
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
-                        + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+                        + [os.path.join(ROOT, "csrc", "cuda_binding.cpp")])
         define_macros.append(("SEGOPS_WITH_CUDA", "1"))
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
         ext = CUDAExtension("segops._C", sources, include_dirs=include_dirs,

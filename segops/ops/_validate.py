@@ -57,3 +57,7 @@ def is_empty(*tensors: torch.Tensor) -> bool:
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels accumulate and save statistics in: fp64 for fp64 inputs, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# What the CUDA C++ kernels (csrc/cuda) accept; they accumulate in accumulation_dtype().
+CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -12,16 +12,20 @@ OP = "criss_cross_attention"
 BACKENDS = op_backends(OP)
 
 
-def _cpu_forward(query, key, value):
+# The segops._C kernels; the dispatcher picks the CPU or CUDA implementation by device.
+def _compiled_forward(query, key, value):
     return torch.ops.segops_C.criss_cross_attention_forward(query, key, value)
 
 
-def _cpu_backward(grad_out, query, key, value, out, stats):
+def _compiled_backward(grad_out, query, key, value, out, stats):
     return torch.ops.segops_C.criss_cross_attention_backward(grad_out, query, key, value, out, stats)
 
 
 BACKENDS.register(FusedBackend(
-    "cpu", _cpu_forward, _cpu_backward,
+    "cpu", _compiled_forward, _compiled_backward,
+    kernels=("criss_cross_attention_forward", "criss_cross_attention_backward")))
+BACKENDS.register(FusedBackend(
+    "cuda", _compiled_forward, _compiled_backward, dtypes=V.CUDA_DTYPES,
     kernels=("criss_cross_attention_forward", "criss_cross_attention_backward")))
 BACKENDS.register(FusedBackend(
     "triton", "segops.triton.criss_cross_attention:forward",

@@ -26,17 +26,21 @@ OP = "disentangled_non_local"
 BACKENDS = op_backends(OP)
 
 
-def _cpu_forward(query, key, value, unary, whiten, s):
+# The segops._C kernels; the dispatcher picks the CPU or CUDA implementation by device.
+def _compiled_forward(query, key, value, unary, whiten, s):
     return torch.ops.segops_C.disentangled_non_local_forward(query, key, value, unary, whiten, s)
 
 
-def _cpu_backward(grad_out, query, key, value, unary, out, lse, g, lse_u, whiten, s):
+def _compiled_backward(grad_out, query, key, value, unary, out, lse, g, lse_u, whiten, s):
     return torch.ops.segops_C.disentangled_non_local_backward(
         grad_out, query, key, value, unary, out, lse, g, lse_u, whiten, s)
 
 
 BACKENDS.register(FusedBackend(
-    "cpu", _cpu_forward, _cpu_backward,
+    "cpu", _compiled_forward, _compiled_backward,
+    kernels=("disentangled_non_local_forward", "disentangled_non_local_backward")))
+BACKENDS.register(FusedBackend(
+    "cuda", _compiled_forward, _compiled_backward, dtypes=V.CUDA_DTYPES,
     kernels=("disentangled_non_local_forward", "disentangled_non_local_backward")))
 BACKENDS.register(FusedBackend(
     "triton", "segops.triton.disentangled_non_local:forward",

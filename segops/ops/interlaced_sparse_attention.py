@@ -17,17 +17,21 @@ OP = "interlaced_sparse_attention"
 BACKENDS = op_backends(OP)
 
 
-def _cpu_forward(query, key, value, ph, pw, long, scale):
+# The segops._C kernels; the dispatcher picks the CPU or CUDA implementation by device.
+def _compiled_forward(query, key, value, ph, pw, long, scale):
     return torch.ops.segops_C.interlaced_sparse_attention_forward(query, key, value, ph, pw, long, scale)
 
 
-def _cpu_backward(grad_out, query, key, value, out, lse, ph, pw, long, scale):
+def _compiled_backward(grad_out, query, key, value, out, lse, ph, pw, long, scale):
     return torch.ops.segops_C.interlaced_sparse_attention_backward(
         grad_out, query, key, value, out, lse, ph, pw, long, scale)
 
 
 BACKENDS.register(FusedBackend(
-    "cpu", _cpu_forward, _cpu_backward,
+    "cpu", _compiled_forward, _compiled_backward,
+    kernels=("interlaced_sparse_attention_forward", "interlaced_sparse_attention_backward")))
+BACKENDS.register(FusedBackend(
+    "cuda", _compiled_forward, _compiled_backward, dtypes=V.CUDA_DTYPES,
     kernels=("interlaced_sparse_attention_forward", "interlaced_sparse_attention_backward")))
 BACKENDS.register(FusedBackend(
     "triton", "segops.triton.interlaced_sparse_attention:forward",

@@ -38,31 +38,37 @@ BACKENDS_2D = op_backends(QCO_2D)
 BACKENDS_RECON = op_backends(RECON)
 
 
-def _cpu_qco_forward(x, num_levels, grid, cooc):
+# The segops._C kernels; the dispatcher picks the CPU or CUDA implementation by device.
+def _compiled_qco_forward(x, num_levels, grid, cooc):
     return torch.ops.segops_C.qco_forward(x, num_levels, grid, cooc)
 
 
-def _cpu_qco_backward(grad_hist, grad_levels, grad_sim, x, hist, sim, rnorm, mean, stats,
+def _compiled_qco_backward(grad_hist, grad_levels, grad_sim, x, hist, sim, rnorm, mean, stats,
                       num_levels, grid, cooc):
     return torch.ops.segops_C.qco_backward(grad_hist, grad_levels, grad_sim, x, hist, sim, rnorm,
                                            mean, stats, num_levels, grid, cooc)
 
 
-def _cpu_recon_forward(sim, levels, features):
+def _compiled_recon_forward(sim, levels, features):
     return torch.ops.segops_C.texture_reconstruct_forward(sim, levels, features)
 
 
-def _cpu_recon_backward(grad_out, sim, levels, features):
+def _compiled_recon_backward(grad_out, sim, levels, features):
     return torch.ops.segops_C.texture_reconstruct_backward(grad_out, sim, levels, features)
 
 
 _QCO_KERNELS = ("qco_forward", "qco_backward")
 for _b in (BACKENDS_1D, BACKENDS_2D):
-    _b.register(FusedBackend("cpu", _cpu_qco_forward, _cpu_qco_backward, kernels=_QCO_KERNELS))
+    _b.register(FusedBackend("cpu", _compiled_qco_forward, _compiled_qco_backward, kernels=_QCO_KERNELS))
+    _b.register(FusedBackend("cuda", _compiled_qco_forward, _compiled_qco_backward,
+                             dtypes=V.CUDA_DTYPES, kernels=_QCO_KERNELS))
     _b.register(FusedBackend("triton", "segops.triton.qco:qco_forward",
                              "segops.triton.qco:qco_backward", dtypes=FUSED_DTYPES_TRITON))
 BACKENDS_RECON.register(FusedBackend(
-    "cpu", _cpu_recon_forward, _cpu_recon_backward,
+    "cpu", _compiled_recon_forward, _compiled_recon_backward,
+    kernels=("texture_reconstruct_forward", "texture_reconstruct_backward")))
+BACKENDS_RECON.register(FusedBackend(
+    "cuda", _compiled_recon_forward, _compiled_recon_backward, dtypes=V.CUDA_DTYPES,
     kernels=("texture_reconstruct_forward", "texture_reconstruct_backward")))
 BACKENDS_RECON.register(FusedBackend(
     "triton", "segops.triton.qco:texture_reconstruct_forward",

@@ -20,18 +20,22 @@ OP = "semantic_difference_conv2d"
 BACKENDS = op_backends(OP)
 
 
-def _cpu_forward(input, guidance, weight, bias, dilation, similarity, sigma):
+# The segops._C kernels; the dispatcher picks the CPU or CUDA implementation by device.
+def _compiled_forward(input, guidance, weight, bias, dilation, similarity, sigma):
     return torch.ops.segops_C.semantic_difference_conv2d_forward(
         input, guidance, weight, bias, dilation, similarity, sigma)
 
 
-def _cpu_backward(grad_out, input, guidance, weight, dilation, similarity, sigma):
+def _compiled_backward(grad_out, input, guidance, weight, dilation, similarity, sigma):
     return torch.ops.segops_C.semantic_difference_conv2d_backward(
         grad_out, input, guidance, weight, dilation, similarity, sigma)
 
 
 BACKENDS.register(FusedBackend(
-    "cpu", _cpu_forward, _cpu_backward,
+    "cpu", _compiled_forward, _compiled_backward,
+    kernels=("semantic_difference_conv2d_forward", "semantic_difference_conv2d_backward")))
+BACKENDS.register(FusedBackend(
+    "cuda", _compiled_forward, _compiled_backward, dtypes=V.CUDA_DTYPES,
     kernels=("semantic_difference_conv2d_forward", "semantic_difference_conv2d_backward")))
 BACKENDS.register(FusedBackend(
     "triton", "segops.triton.semantic_difference_conv2d:forward",

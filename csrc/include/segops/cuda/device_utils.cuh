@@ -1,0 +1,78 @@
+// Device-side helpers shared by the CUDA kernels: the accumulation type, conversions between the
+// storage types and it, warp reductions and the DType -> C++ type dispatch. CUDA headers only.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "segops/cuda/common.h"
+
+namespace segops {
+namespace cuda {
+
+// fp64 inputs accumulate in fp64, everything else in fp32.
+template <typename T> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+template <typename T> using acc_t = typename AccType<T>::type;
+
+template <typename A, typename T> __device__ __forceinline__ A to_acc(T v) { return static_cast<A>(v); }
+template <> __device__ __forceinline__ float to_acc<float, __half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_acc<float, __nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) { return static_cast<T>(v); }
+template <> __device__ __forceinline__ __half from_acc<__half, float>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename A> __device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename A> __device__ __forceinline__ A warp_max(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+__device__ __forceinline__ double fast_exp(double x) { return exp(x); }
+
+inline unsigned int ceil_div(int64_t a, int64_t b) { return static_cast<unsigned int>((a + b - 1) / b); }
+
+}  // namespace cuda
+}  // namespace segops
+
+// Runs the statement with `scalar_t` bound to the C++ type of `dtype` (float, double, __half,
+// __nv_bfloat16); an unknown dtype returns cudaErrorInvalidValue from the enclosing launcher.
+#define SEGOPS_CUDA_DISPATCH(dtype, ...)                                   \
+  switch (dtype) {                                                         \
+    case ::segops::cuda::DType::kFloat32: {                                \
+      using scalar_t = float;                                              \
+      __VA_ARGS__;                                                         \
+      break;                                                               \
+    }                                                                      \
+    case ::segops::cuda::DType::kFloat64: {                                \
+      using scalar_t = double;                                             \
+      __VA_ARGS__;                                                         \
+      break;                                                               \
+    }                                                                      \
+    case ::segops::cuda::DType::kFloat16: {                                \
+      using scalar_t = __half;                                             \
+      __VA_ARGS__;                                                         \
+      break;                                                               \
+    }                                                                      \
+    case ::segops::cuda::DType::kBFloat16: {                               \
+      using scalar_t = __nv_bfloat16;                                      \
+      __VA_ARGS__;                                                         \
+      break;                                                               \
+    }                                                                      \
+    default:                                                               \
+      return cudaErrorInvalidValue;                                        \
+  }
