@@ -1,6 +1,7 @@
 """Timing and peak-memory measurement of one (case, provider, mode).
 
-CPU time: torch.utils.benchmark (blocked_autorange), median and p20/p80 of its blocks.
+CPU time: torch.utils.benchmark (blocked_autorange) with all of torch's threads, median and
+p20/p80 of its blocks.
 CPU memory: the process's peak resident set above the resident set before the call, with the
 peak reset through /proc/self/clear_refs and glibc told to unmap large blocks on free
 (MALLOC_MMAP_THRESHOLD_, set by the runner), so freed memory returns to the OS and the peak
@@ -76,7 +77,9 @@ def measure(step: Callable, device: str, min_run_time: float) -> dict:
     step()
     peak = max(0, _rss_kib("VmHWM") - base) * 1024
     from torch.utils import benchmark
-    m = benchmark.Timer(stmt="step()", globals={"step": step}).blocked_autorange(min_run_time=min_run_time)
+    # torch.utils.benchmark times with one thread unless told otherwise; time what a user gets.
+    m = benchmark.Timer(stmt="step()", globals={"step": step},
+                        num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time)
     times = sorted(m.times)
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
     return dict(median_ms=m.median * 1e3, p20_ms=q[1] * 1e3, p80_ms=q[7] * 1e3, peak_bytes=int(peak))

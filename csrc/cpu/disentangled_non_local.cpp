@@ -17,7 +17,7 @@
 // dv_j += w_j dg, du_j = w_j (dg . v_j - dg . g) with dg = sum_i dout_i.
 //
 // The GEMM-shaped parts run through ATen's mm/addmm on views of the blocks (BLAS, one thread per
-// task inside at::parallel_for); the exponentials through at::exp_ (vectorised).
+// task inside at::parallel_for); the softmax passes through the vectorised row helpers below.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
@@ -27,11 +27,12 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/exp.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -113,32 +114,97 @@ struct Operand {
   }
 };
 
-// max and sum of a row with independent partial results (vectorisable).
-template <typename T>
-T row_max(const T* x, int64_t len) {
-  constexpr int K = 8;
-  T m[K];
-  for (int k = 0; k < K; ++k) m[k] = -std::numeric_limits<T>::infinity();
-  int64_t j = 0;
-  for (; j + K <= len; j += K)
-    for (int k = 0; k < K; ++k) m[k] = std::max(m[k], x[j + k]);
-  for (; j < len; ++j) m[0] = std::max(m[0], x[j]);
-  T r = m[0];
-  for (int k = 1; k < K; ++k) r = std::max(r, m[k]);
-  return r;
+// The per-element softmax work, one fused pass per step, vectorised. The float versions are
+// compiled for AVX-512, AVX2 and baseline x86-64 (picked at load time) and use a polynomial exp
+// that the compiler vectorises: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-7 polynomial
+// (Cephes' minimax coefficients, about 1 ulp), 2^n from the exponent bits. libm's expf is a
+// scalar call per element, which made these passes cost a third of the GEMMs at Lq = Lk = 8192.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SEGOPS_VEC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SEGOPS_VEC_CLONES
+#endif
+
+inline float exp_poly(float x) {
+  const bool underflow = x < -87.0f;  // e^-87 ~ 1.6e-38: flush to zero (also catches -inf)
+  x = std::max(x, -87.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, two-part ln2
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return underflow ? 0.0f : p * scale;
 }
 
-template <typename T>
-T row_sum(const T* x, int64_t len) {
-  constexpr int K = 8;
-  T a[K] = {};
+// row[j] *= s; returns the new row maximum. (Reductions keep kLanes independent partial results:
+// without -ffast-math the compiler may not reorder one running float sum or max.)
+constexpr int64_t kLanes = 16;
+
+SEGOPS_VEC_CLONES float scale_and_max(float* row, int64_t len, float s) {
+  float m[kLanes];
+  for (int64_t k = 0; k < kLanes; ++k) m[k] = -std::numeric_limits<float>::infinity();
   int64_t j = 0;
-  for (; j + K <= len; j += K)
-    for (int k = 0; k < K; ++k) a[k] += x[j + k];
-  for (; j < len; ++j) a[0] += x[j];
-  T r = 0;
-  for (int k = 0; k < K; ++k) r += a[k];
+  for (; j + kLanes <= len; j += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      row[j + k] *= s;
+      m[k] = m[k] > row[j + k] ? m[k] : row[j + k];
+    }
+  }
+  for (; j < len; ++j) {
+    row[j] *= s;
+    m[0] = std::max(m[0], row[j]);
+  }
+  float r = m[0];
+  for (int64_t k = 1; k < kLanes; ++k) r = std::max(r, m[k]);
   return r;
+}
+double scale_and_max(double* row, int64_t len, double s) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < len; ++j) {
+    row[j] *= s;
+    m = std::max(m, row[j]);
+  }
+  return m;
+}
+
+// row[j] = exp(row[j] * s - shift); returns the row sum.
+SEGOPS_VEC_CLONES float exp_affine_sum(float* row, int64_t len, float s, float shift) {
+  float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      row[j + k] = exp_poly(row[j + k] * s - shift);
+      acc[k] += row[j + k];
+    }
+  }
+  for (; j < len; ++j) {
+    row[j] = exp_poly(row[j] * s - shift);
+    acc[0] += row[j];
+  }
+  float sum = 0.0f;
+  for (int64_t k = 0; k < kLanes; ++k) sum += acc[k];
+  return sum;
+}
+double exp_affine_sum(double* row, int64_t len, double s, double shift) {
+  double sum = 0.0;
+  for (int64_t j = 0; j < len; ++j) {
+    row[j] = std::exp(row[j] * s - shift);
+    sum += row[j];
+  }
+  return sum;
+}
+
+// d[j] = p[j] * (d[j] - D): the softmax backward of one row.
+template <typename T>
+SEGOPS_VEC_CLONES void softmax_grad_row(const T* p, T* d, int64_t len, T D) {
+  for (int64_t j = 0; j < len; ++j) d[j] = p[j] * (d[j] - D);
 }
 
 // In-place: x[r, :] -= mean(x[r, :]) for every row of a (rows, len) buffer.
@@ -210,16 +276,10 @@ void forward_impl(const at::Tensor& query, const at::Tensor& key, const at::Tens
         at::mm_out(Sm, A, K.block(n, j0, bn, ks.data()));
         for (int64_t i = 0; i < bm; ++i) {
           T* row = S.data() + i * bn;
-          for (int64_t j = 0; j < bn; ++j) row[j] *= s;
-          const T mx = row_max(row, bn);
-          const T mnew = std::max(m[i], mx);
+          const T mnew = std::max(m[i], scale_and_max(row, bn, s));
           alpha[i] = std::exp(m[i] - mnew);  // exp(-inf) = 0 on the first block
           m[i] = mnew;
-          for (int64_t j = 0; j < bn; ++j) row[j] -= mnew;
-        }
-        Sm.exp_();
-        for (int64_t i = 0; i < bm; ++i) {
-          l[i] = l[i] * alpha[i] + row_sum(S.data() + i * bn, bn);
+          l[i] = l[i] * alpha[i] + exp_affine_sum(row, bn, T(1), mnew);
         }
         if (j0 > 0) {
           for (int64_t c = 0; c < Cv; ++c) {
@@ -341,18 +401,10 @@ void backward_impl(const at::Tensor& go, const at::Tensor& query, const at::Tens
           auto Pm = mat(P.data(), bm, bn, bn);
           auto dPm = mat(dP.data(), bm, bn, bn);
           at::mm_out(Pm, Qi.t(), Kj);
-          for (int64_t i = 0; i < bm; ++i) {
-            T* row = P.data() + i * bn;
-            const T li = ln[i0 + i];
-            for (int64_t j = 0; j < bn; ++j) row[j] = row[j] * s - li;
-          }
-          Pm.exp_();
+          for (int64_t i = 0; i < bm; ++i) exp_affine_sum(P.data() + i * bn, bn, s, ln[i0 + i]);
           at::mm_out(dPm, Oi.t(), Vj);
           for (int64_t i = 0; i < bm; ++i) {
-            const T* p = P.data() + i * bn;
-            T* d = dP.data() + i * bn;
-            const T Di = Dn[i0 + i];
-            for (int64_t j = 0; j < bn; ++j) d[j] = p[j] * (d[j] - Di);
+            softmax_grad_row<T>(P.data() + i * bn, dP.data() + i * bn, bn, Dn[i0 + i]);
           }
           dvm.addmm_(Oi, Pm);                                 // (Cv, bm) @ (bm, bn)
           dkm.addmm_(Qi, dPm);                                // (Ck, bm) @ (bm, bn)
