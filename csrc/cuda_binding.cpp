@@ -9,9 +9,13 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+#ifdef SEGOPS_CUDA_EMULATION  // tests/cuda_emulation: the kernels run on the CPU, see build.py
+#include "emu_torch_cuda.h"
+#else
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#endif
 
 #include <initializer_list>
 #include <tuple>
@@ -52,7 +56,12 @@ inline void check_launch(cudaError_t err, const char* op) {
 inline void check_tensors(const char* op, const at::Tensor& like,
                           std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
   for (const auto& [name, t] : ts) {
-    TORCH_CHECK(t->is_cuda(), "segops.", op, " (cuda): ", name, " must be a CUDA tensor, got ",
+#ifdef SEGOPS_CUDA_EMULATION
+    const bool on_device = t->is_cpu();
+#else
+    const bool on_device = t->is_cuda();
+#endif
+    TORCH_CHECK(on_device, "segops.", op, " (cuda): ", name, " must be a CUDA tensor, got ",
                 t->device());
     TORCH_CHECK(t->device() == like.device(), "segops.", op, " (cuda): ", name, " is on ",
                 t->device(), ", expected ", like.device());

@@ -1,0 +1,3 @@
+// Emulation stand-in for the CUDA header of the same name (see emu_cuda.h).
+#pragma once
+#include "emu_cuda.h"

@@ -1,0 +1,18 @@
+// CPU stand-ins for the c10::cuda pieces csrc/cuda_binding.cpp uses, for the emulation build
+// (tests/cuda_emulation/build.py compiles the binding with SEGOPS_CUDA_EMULATION).
+#pragma once
+#include <c10/core/Device.h>
+
+#include "emu_cuda.h"
+
+namespace c10 {
+namespace cuda {
+struct CUDAGuard {
+  explicit CUDAGuard(c10::Device) {}
+};
+struct EmuStream {
+  cudaStream_t stream() const { return nullptr; }
+};
+inline EmuStream getCurrentCUDAStream() { return {}; }
+}  // namespace cuda
+}  // namespace c10
