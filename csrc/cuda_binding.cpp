@@ -79,7 +79,121 @@ inline void check_tensors(const char* op, const at::Tensor& like,
 
 
 // ===== criss_cross_attention =====
+namespace segops {
+namespace cuda_binding {
+namespace cca {
 
+constexpr const char* kOp = "criss_cross_attention";
+
+// Statistics are kept in the accumulation dtype: float64 for float64 inputs, float32 otherwise.
+inline at::ScalarType stats_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_qkv(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value) {
+  TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4,
+              "segops.criss_cross_attention (cuda): query, key, value must be 4-D, got ",
+              query.dim(), ", ", key.dim(), ", ", value.dim());
+  TORCH_CHECK(key.sizes() == query.sizes(), "segops.criss_cross_attention (cuda): key shape ",
+              key.sizes(), " must equal query shape ", query.sizes());
+  TORCH_CHECK(value.size(0) == query.size(0) && value.size(2) == query.size(2) &&
+                  value.size(3) == query.size(3),
+              "segops.criss_cross_attention (cuda): value shape ", value.sizes(),
+              " must be (N, Cv, H, W) with (N, H, W) of query ", query.sizes());
+  check_tensors(kOp, query, {{"query", &query}, {"key", &key}, {"value", &value}});
+  (void)dtype_of(query, kOp);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& query, const at::Tensor& key,
+                                           const at::Tensor& value) {
+  check_qkv(query, key, value);
+  c10::cuda::CUDAGuard guard(query.device());
+  const int64_t N = query.size(0), Ck = query.size(1), H = query.size(2), W = query.size(3);
+  const int64_t Cv = value.size(1);
+  at::Tensor out = at::empty({N, Cv, H, W}, value.options());
+  at::Tensor stats = at::empty({N, 2, H, W}, query.options().dtype(stats_dtype(query.scalar_type())));
+  if (N * H * W == 0) return {out, stats};
+  cuda::CcaForwardParams p;
+  p.query = query.const_data_ptr();
+  p.key = key.const_data_ptr();
+  p.value = value.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.stats = stats.mutable_data_ptr();
+  p.N = N;
+  p.Ck = Ck;
+  p.Cv = Cv;
+  p.H = H;
+  p.W = W;
+  p.dtype = dtype_of(query, kOp);
+  const size_t ws_bytes = cuda::criss_cross_attention_forward_workspace_bytes(p);
+  at::Tensor ws;
+  if (ws_bytes > 0) {
+    ws = at::empty({static_cast<int64_t>(ws_bytes)}, query.options().dtype(at::kByte));
+    p.workspace = ws.mutable_data_ptr();
+  }
+  check_launch(cuda::criss_cross_attention_forward(p, current_stream()), kOp);
+  return {out, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& stats) {
+  check_qkv(query, key, value);
+  TORCH_CHECK(grad_out.sizes() == value.sizes() && out.sizes() == value.sizes(),
+              "segops.criss_cross_attention_backward (cuda): grad_out ", grad_out.sizes(),
+              " and out ", out.sizes(), " must have the value's shape ", value.sizes());
+  check_tensors(kOp, query, {{"grad_out", &grad_out}, {"out", &out}});
+  const int64_t N = query.size(0), Ck = query.size(1), H = query.size(2), W = query.size(3);
+  const int64_t Cv = value.size(1);
+  TORCH_CHECK(stats.dim() == 4 && stats.size(0) == N && stats.size(1) == 2 &&
+                  stats.size(2) == H && stats.size(3) == W,
+              "segops.criss_cross_attention_backward (cuda): stats must be (N, 2, H, W) = (", N,
+              ", 2, ", H, ", ", W, "), got ", stats.sizes());
+  TORCH_CHECK(stats.scalar_type() == stats_dtype(query.scalar_type()),
+              "segops.criss_cross_attention_backward (cuda): stats must have dtype ",
+              stats_dtype(query.scalar_type()), " for ", query.scalar_type(), " inputs, got ",
+              stats.scalar_type());
+  check_tensors(kOp, stats, {{"stats", &stats}});
+  TORCH_CHECK(stats.device() == query.device(),
+              "segops.criss_cross_attention_backward (cuda): stats is on ", stats.device(),
+              ", expected ", query.device());
+  c10::cuda::CUDAGuard guard(query.device());
+  at::Tensor dq = at::empty_like(query), dk = at::empty_like(key), dv = at::empty_like(value);
+  if (N * H * W == 0) return {dq, dk, dv};
+  cuda::CcaBackwardParams p;
+  p.grad_out = grad_out.const_data_ptr();
+  p.query = query.const_data_ptr();
+  p.key = key.const_data_ptr();
+  p.value = value.const_data_ptr();
+  p.out = out.const_data_ptr();
+  p.stats = stats.const_data_ptr();
+  p.grad_query = dq.mutable_data_ptr();
+  p.grad_key = dk.mutable_data_ptr();
+  p.grad_value = dv.mutable_data_ptr();
+  p.N = N;
+  p.Ck = Ck;
+  p.Cv = Cv;
+  p.H = H;
+  p.W = W;
+  p.dtype = dtype_of(query, kOp);
+  const size_t ws_bytes = cuda::criss_cross_attention_backward_workspace_bytes(p);
+  at::Tensor ws;
+  if (ws_bytes > 0) {
+    ws = at::empty({static_cast<int64_t>(ws_bytes)}, query.options().dtype(at::kByte));
+    p.workspace = ws.mutable_data_ptr();
+  }
+  check_launch(cuda::criss_cross_attention_backward(p, current_stream()), kOp);
+  return {dq, dk, dv};
+}
+
+}  // namespace cca
+}  // namespace cuda_binding
+}  // namespace segops
+
+TORCH_LIBRARY_IMPL(segops_C, CUDA, m) {
+  m.impl("criss_cross_attention_forward", &segops::cuda_binding::cca::forward);
+  m.impl("criss_cross_attention_backward", &segops::cuda_binding::cca::backward);
+}
 // ===== end criss_cross_attention =====
 
 
