@@ -40,6 +40,14 @@ namespace {
 
 constexpr int kThreads = 256;  // every tiled kernel: 256 threads (8 warps)
 
+// fp16/bf16 use the WMMA kernels (forward, grad_weight, grad_input); build with
+// -DSEGOPS_SDC_NO_WMMA to run them through the SIMT kernels instead (debugging).
+#ifdef SEGOPS_SDC_NO_WMMA
+template <typename T> constexpr bool use_wmma() { return false; }
+#else
+template <typename T> constexpr bool use_wmma() { return sizeof(T) == 2; }
+#endif
+
 // Geometry in 32-bit where the launcher guarantees it fits (HW, Cin*k^2, ... < 2^31); plane
 // offsets are formed in int64 by the kernels.
 struct Geo {
@@ -405,6 +413,89 @@ __global__ void __launch_bounds__(kThreads) grad_weight_partial_kernel(
   }
 }
 
+// WMMA variant (fp16/bf16) of the grad_weight partials: the same tiles and splits, pixel blocks of
+// 32 (two 16-deep MMAs per block). A = dY (channel x pixel) from Gs[p][o] (col_major, ld 72),
+// B = D^T (pixel x K) from Ds[p][k] (row_major, ld 72), D rounded to the storage type (the
+// reference rounds D the same way). Warp w owns channels 16 (w % 4) .., K-columns 32 (w / 4) ..:
+// two fp32 accumulator fragments, staged through Cs[o][k] (ld 68) for the store.
+// Loaders: pixel tid % 32, rows tid / 32 + 8 i (i < 8). Shared: 2 x 32 x 72 x 2 + 64 x 68 x 4 = 26624 B.
+constexpr int kDwMmaBP = 32;
+
+template <typename T, int SIM>
+__global__ void __launch_bounds__(kThreads) grad_weight_partial_wmma_kernel(
+    const T* __restrict__ G, const T* __restrict__ U, const T* __restrict__ V,
+    const float* __restrict__ S, float* __restrict__ part, Geo g, float inv_s2,
+    int tiles_o, int tiles_k, int64_t blocks_per_image, int64_t blocks_per_split, int64_t nblocks) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  constexpr int BO = kDwBO, BKK = kDwBK, BP = kDwMmaBP;
+  __shared__ __align__(32) T Gs[BP * kMmaLd];
+  __shared__ __align__(32) T Ds[BP * kMmaLd];
+  __shared__ __align__(32) float Cs[BO * kMmaLdC];
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int tiles = tiles_o * tiles_k;
+  const int tile = static_cast<int>(blockIdx.x % tiles);
+  const int64_t split = blockIdx.x / tiles;
+  const int o0 = (tile % tiles_o) * BO, k0 = (tile / tiles_o) * BKK;
+  const int lp = tid % BP, lr = tid / BP;  // loader: pixel, first row (0..7)
+  const int fo = (warp % 4) * 16, fk = (warp / 4) * 32;
+  const T zero = from_acc<T>(0.0f);
+
+  int lc[8], lt[8];
+  bool lk[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int kidx = k0 + lr + 8 * i;
+    lk[i] = kidx < g.K;
+    lc[i] = lk[i] ? kidx / g.KK : 0;
+    lt[i] = lk[i] ? kidx - lc[i] * g.KK : 0;
+  }
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.0f);
+  wmma::fill_fragment(acc[1], 0.0f);
+
+  const int64_t b0 = split * blocks_per_split;
+  const int64_t b1 = b0 + blocks_per_split < nblocks ? b0 + blocks_per_split : nblocks;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n = b / blocks_per_image;
+    const int p = static_cast<int>(b % blocks_per_image) * BP + lp;
+    const bool pin = p < g.HW;
+    const int y = pin ? p / g.W : 0, x = pin ? p % g.W : 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int r = lr + 8 * i, o = o0 + r;
+      Gs[lp * kMmaLd + r] = (pin && o < g.Cout) ? G[(n * g.Cout + o) * g.HW + p] : zero;
+      Ds[lp * kMmaLd + r] = (pin && lk[i])
+          ? from_acc<T>(weighted_diff<T, SIM>(U, V, S, g, n, lc[i], lt[i], p, y, x, inv_s2)) : zero;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < BP; ks += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
+      wmma::load_matrix_sync(a, Gs + ks * kMmaLd + fo, kMmaLd);
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
+        wmma::load_matrix_sync(bf, Ds + ks * kMmaLd + fk + 16 * f, kMmaLd);
+        wmma::mma_sync(acc[f], a, bf, acc[f]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int f = 0; f < 2; ++f)
+    wmma::store_matrix_sync(Cs + fo * kMmaLdC + fk + 16 * f, acc[f], kMmaLdC, wmma::mem_row_major);
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < BO * BKK / kThreads; ++i) {
+    const int idx = tid + kThreads * i;
+    const int kk = idx % BKK, oo = idx / BKK;
+    const int o = o0 + oo, kidx = k0 + kk;
+    if (o < g.Cout && kidx < g.K) part[(split * g.Cout + o) * g.K + kidx] = Cs[oo * kMmaLdC + kk];
+  }
+#endif
+}
+
 // grad_weight[i] = sum_{s < splits} part[s][i], in split order (deterministic).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) grad_weight_reduce_kernel(
@@ -420,24 +511,146 @@ __global__ void __launch_bounds__(kThreads) grad_weight_reduce_kernel(
 
 // grad_input by gathering. Block: 64 pixels x 32 input channels of image n (channel block
 // blockIdx.y). Thread (tp, tc) = (tid % 16, tid / 16) owns q = p0 + tp + 16 i (i < 4),
-// c = c0 + tc + 16 j (j < 2). Per tap t, over output-channel chunks of 16:
+// c = c0 + tc + 16 j (j < 2). Per tap t, over chunks of output channels (tap products below):
 //   aq[q][c] = sum_o W[o,c,t] dY[o,q]       (dD at q)
 //   ar[q][c] = sum_o W[o,c,t] dY[o,q-d_t]   (dD at the pixel whose tap t reads q; 0 outside)
-// Loaders: dY at pixel tid % 64, rows tid / 64 + 4 i (i < 4); W at channel tid % 32, rows
-// tid / 32 + 8 i (i < 2), from the tap-major copy Wtap[t][o][c].
 // Gaussian: GS[((cb * N + n) * KK + t) * HW + q] = sum_{c in block} aq (U[c,q+d] - U[c,q]).
-constexpr int kDuBP = 64, kDuBC = 32, kDuBO = 16;
+constexpr int kDuBP = 64, kDuBC = 32;
 
-template <typename T, int SIM>
+// SIMT tap products: output-channel chunks of 16. Loaders: dY at pixel tid % 64, rows
+// tid / 64 + 4 i (i < 4); W at channel tid % 32, rows tid / 32 + 8 i (i < 2), from the
+// tap-major copy Wtap[t][o][c]. Shared: 2 x 16 x 64 + 16 x 32 accumulation-type elements.
+template <typename T>
+__device__ __forceinline__ void tap_products_simt(const T* __restrict__ gbase, const T* __restrict__ Wtap,
+                                                  const Geo& g, int t, int p0, int c0, int lq, bool lqin,
+                                                  int lr, bool lrin, acc_t<T> (&aq)[4][2], acc_t<T> (&ar)[4][2]) {
+  using A = acc_t<T>;
+  constexpr int BP = kDuBP, BC = kDuBC, BO = 16;
+  __shared__ A Gq[BO][BP];
+  __shared__ A Gr[BO][BP];
+  __shared__ A Ws[BO][BC];
+  const int tid = threadIdx.x;
+  const int lp = tid % BP, lo = tid / BP;  // dY loader (lq = p0 + lp)
+  const int wc = tid % BC, wo = tid / BC;  // weight loader
+  const int tp = tid % 16, tc = tid / 16;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) aq[i][j] = ar[i][j] = A(0);
+  for (int o0 = 0; o0 < g.Cout; o0 += BO) {
+#pragma unroll
+    for (int i = 0; i < BO * BP / kThreads; ++i) {
+      const int r = lo + 4 * i, o = o0 + r;
+      const T* go = gbase + static_cast<int64_t>(o < g.Cout ? o : 0) * g.HW;
+      Gq[r][lp] = load_or_zero<A>(go, lq, lqin && o < g.Cout);
+      Gr[r][lp] = load_or_zero<A>(go, lr, lrin && o < g.Cout);
+    }
+#pragma unroll
+    for (int i = 0; i < BO * BC / kThreads; ++i) {
+      const int r = wo + 8 * i, o = o0 + r, c = c0 + wc;
+      Ws[r][wc] = (o < g.Cout && c < g.Cin)
+                      ? to_acc<A>(Wtap[(static_cast<int64_t>(t) * g.Cout + o) * g.Cin + c]) : A(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int oo = 0; oo < BO; ++oo) {
+      A a[4], b[4], w[2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        a[i] = Gq[oo][tp + 16 * i];
+        b[i] = Gr[oo][tp + 16 * i];
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) w[j] = Ws[oo][tc + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          aq[i][j] += a[i] * w[j];
+          ar[i][j] += b[i] * w[j];
+        }
+    }
+    __syncthreads();
+  }
+}
+
+// WMMA tap products (fp16/bf16): output-channel chunks of 32 (two 16-deep MMAs). Gq/Gr[o][p]
+// (A = dY^T, pixel x channel, col_major, ld 72), Ws[o][c] (B, row_major, ld 40). Warp w owns the
+// 16 x 16 sub-tile pixels 16 (w % 4) .., channels 16 (w / 4) ..: one aq and one ar fragment,
+// staged through shared fp32 Aq/Ar[p][c] (ld 36) and read back by the owning threads.
+// Loaders: dY at pixel tid % 64, rows tid / 64 + 4 i (i < 8); W at channel tid % 32, rows
+// tid / 32 + 8 i (i < 4). Shared: 2 x 32 x 72 + 32 x 40 storage + 2 x 64 x 36 fp32 = 30720 B.
+constexpr int kDuMmaBO = 32, kDuLdP = 64 + 8, kDuLdC = 32 + 8, kDuLdF = 32 + 4;
+
+template <typename T>
+__device__ __forceinline__ void tap_products_wmma(const T* __restrict__ gbase, const T* __restrict__ Wtap,
+                                                  const Geo& g, int t, int p0, int c0, int lq, bool lqin,
+                                                  int lr, bool lrin, float (&aq)[4][2], float (&ar)[4][2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  constexpr int BP = kDuBP, BC = kDuBC, BO = kDuMmaBO;
+  __shared__ __align__(32) T Gq[BO * kDuLdP];
+  __shared__ __align__(32) T Gr[BO * kDuLdP];
+  __shared__ __align__(32) T Ws[BO * kDuLdC];
+  __shared__ __align__(32) float Aq[BP * kDuLdF];
+  __shared__ __align__(32) float Ar[BP * kDuLdF];
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int lp = tid % BP, lo = tid / BP;
+  const int wc = tid % BC, wo = tid / BC;
+  const int tp = tid % 16, tc = tid / 16;
+  const int fp = (warp % 4) * 16, fc = (warp / 4) * 16;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> cq, cr;
+  wmma::fill_fragment(cq, 0.0f);
+  wmma::fill_fragment(cr, 0.0f);
+  const T zero = from_acc<T>(0.0f);
+  for (int o0 = 0; o0 < g.Cout; o0 += BO) {
+#pragma unroll
+    for (int i = 0; i < BO * BP / kThreads; ++i) {
+      const int r = lo + 4 * i, o = o0 + r;
+      const T* go = gbase + static_cast<int64_t>(o < g.Cout ? o : 0) * g.HW;
+      Gq[r * kDuLdP + lp] = (lqin && o < g.Cout) ? go[lq] : zero;
+      Gr[r * kDuLdP + lp] = (lrin && o < g.Cout) ? go[lr] : zero;
+    }
+#pragma unroll
+    for (int i = 0; i < BO * BC / kThreads; ++i) {
+      const int r = wo + 8 * i, o = o0 + r, c = c0 + wc;
+      Ws[r * kDuLdC + wc] = (o < g.Cout && c < g.Cin)
+                                ? Wtap[(static_cast<int64_t>(t) * g.Cout + o) * g.Cin + c] : zero;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < BO; ks += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+      wmma::load_matrix_sync(b, Ws + ks * kDuLdC + fc, kDuLdC);
+      wmma::load_matrix_sync(a, Gq + ks * kDuLdP + fp, kDuLdP);
+      wmma::mma_sync(cq, a, b, cq);
+      wmma::load_matrix_sync(a, Gr + ks * kDuLdP + fp, kDuLdP);
+      wmma::mma_sync(cr, a, b, cr);
+    }
+    __syncthreads();
+  }
+  wmma::store_matrix_sync(Aq + fp * kDuLdF + fc, cq, kDuLdF, wmma::mem_row_major);
+  wmma::store_matrix_sync(Ar + fp * kDuLdF + fc, cr, kDuLdF, wmma::mem_row_major);
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      aq[i][j] = Aq[(tp + 16 * i) * kDuLdF + tc + 16 * j];
+      ar[i][j] = Ar[(tp + 16 * i) * kDuLdF + tc + 16 * j];
+    }
+  // The next call's stores to Aq/Ar come after its first __syncthreads: no hazard with these reads.
+#endif
+}
+
+template <typename T, int SIM, bool MMA>
 __global__ void __launch_bounds__(kThreads) grad_input_kernel(
     const T* __restrict__ G, const T* __restrict__ U, const T* __restrict__ V,
     const acc_t<T>* __restrict__ S, const T* __restrict__ Wtap, T* __restrict__ dU,
     T* __restrict__ dV, acc_t<T>* __restrict__ GS, Geo g, acc_t<T> inv_s2, int tiles_per_image) {
   using A = acc_t<T>;
-  constexpr int BP = kDuBP, BC = kDuBC, BO = kDuBO;
-  __shared__ A Gq[BO][BP];
-  __shared__ A Gr[BO][BP];
-  __shared__ A Ws[BO][BC];
+  constexpr int BP = kDuBP, BC = kDuBC;
   __shared__ A red[16][BP];  // gaussian: per-tc partial sums of dL/dS
   const int tid = threadIdx.x;
   const int64_t n = blockIdx.x / tiles_per_image;
@@ -445,11 +658,9 @@ __global__ void __launch_bounds__(kThreads) grad_input_kernel(
   const int cb = blockIdx.y, c0 = cb * BC;
   const int tp = tid % 16, tc = tid / 16;
 
-  const int lp = tid % BP, lo = tid / BP;  // dY loader
-  const int lq = p0 + lp;
+  const int lq = p0 + tid % BP;  // the dY loaders' pixel (both product variants)
   const bool lqin = lq < g.HW;
   const int ly = lqin ? lq / g.W : 0, lx = lqin ? lq % g.W : 0;
-  const int wc = tid % BC, wo = tid / BC;  // weight loader
   const T* gbase = G + n * g.Cout * g.HW;
 
   int qy[4], qx[4], qq[4];
@@ -486,44 +697,10 @@ __global__ void __launch_bounds__(kThreads) grad_input_kernel(
     const bool lrin = lqin && g.inside(lyr, lxr);
     const int lr = lrin ? lyr * g.W + lxr : 0;
     A aq[4][2], ar[4][2];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) aq[i][j] = ar[i][j] = A(0);
-    for (int o0 = 0; o0 < g.Cout; o0 += BO) {
-#pragma unroll
-      for (int i = 0; i < BO * BP / kThreads; ++i) {
-        const int r = lo + 4 * i, o = o0 + r;
-        const T* go = gbase + static_cast<int64_t>(o < g.Cout ? o : 0) * g.HW;
-        Gq[r][lp] = load_or_zero<A>(go, lq, lqin && o < g.Cout);
-        Gr[r][lp] = load_or_zero<A>(go, lr, lrin && o < g.Cout);
-      }
-#pragma unroll
-      for (int i = 0; i < BO * BC / kThreads; ++i) {
-        const int r = wo + 8 * i, o = o0 + r, c = c0 + wc;
-        Ws[r][wc] = (o < g.Cout && c < g.Cin)
-                        ? to_acc<A>(Wtap[(static_cast<int64_t>(t) * g.Cout + o) * g.Cin + c]) : A(0);
-      }
-      __syncthreads();
-#pragma unroll
-      for (int oo = 0; oo < BO; ++oo) {
-        A a[4], b[4], w[2];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          a[i] = Gq[oo][tp + 16 * i];
-          b[i] = Gr[oo][tp + 16 * i];
-        }
-#pragma unroll
-        for (int j = 0; j < 2; ++j) w[j] = Ws[oo][tc + 16 * j];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            aq[i][j] += a[i] * w[j];
-            ar[i][j] += b[i] * w[j];
-          }
-      }
-      __syncthreads();
+    if constexpr (MMA) {
+      tap_products_wmma<T>(gbase, Wtap, g, t, p0, c0, lq, lqin, lr, lrin, aq, ar);
+    } else {
+      tap_products_simt<T>(gbase, Wtap, g, t, p0, c0, lq, lqin, lr, lrin, aq, ar);
     }
     // Tap epilogue: p = q + d (the neighbour tap t of q reads), r = q - d (the pixel whose tap t reads q).
 #pragma unroll
@@ -694,12 +871,17 @@ struct BwdLayout {
 
 BwdLayout backward_layout(const Geo& g, const SdcGeometry& s) {
   BwdLayout l;
+#ifdef SEGOPS_SDC_NO_WMMA
+  const int dw_bp = kDwBP;
+#else
+  const int dw_bp = elem_size(s.dtype) == 2 ? kDwMmaBP : kDwBP;  // must match the kernel launched
+#endif
   const int64_t A = static_cast<int64_t>(acc_size(s.dtype));
   const int64_t nkh = g.N * g.KK * g.HW;
   l.ncb = (g.Cin + kDuBC - 1) / kDuBC;
   l.tiles_o = (g.Cout + kDwBO - 1) / kDwBO;
   l.tiles_k = (g.K + kDwBK - 1) / kDwBK;
-  l.blocks_per_image = (g.HW + kDwBP - 1) / kDwBP;
+  l.blocks_per_image = (g.HW + dw_bp - 1) / dw_bp;
   l.nblocks = g.N * l.blocks_per_image;
   // Splits: about 512 blocks in all (fixed, so results do not depend on the GPU), each split at
   // least 8 pixel blocks, then rounded so that no split is empty.
@@ -749,7 +931,7 @@ cudaError_t launch_forward_sim(const SdcForwardParams& p, const Geo& g, cudaStre
   const T* Wt = static_cast<const T*>(p.weight);
   const T* B = static_cast<const T*>(p.bias);
   T* Y = static_cast<T*>(p.output);
-  if constexpr (sizeof(T) == 2) {
+  if constexpr (use_wmma<T>()) {
     forward_wmma_kernel<T, SIM><<<grid, kThreads, 0, stream>>>(U, V, S, Wt, B, Y, g, inv_s2, tiles_per_image);
   } else {
     forward_simt_kernel<T, SIM><<<grid, kThreads, 0, stream>>>(U, V, S, Wt, B, Y, g, inv_s2, tiles_per_image);
@@ -806,13 +988,18 @@ cudaError_t launch_backward_sim(const SdcBackwardParams& p, const Geo& g, cudaSt
   SDC_CHECK();
   tap_major_kernel<T><<<elementwise_blocks(static_cast<int64_t>(g.Cout) * g.K), kThreads, 0, stream>>>(Wt, Wtap, g);
   SDC_CHECK();
-  grad_weight_partial_kernel<T, SIM><<<static_cast<unsigned int>(dw_gx), kThreads, 0, stream>>>(
-      G, U, V, S, part, g, inv_s2, l.tiles_o, l.tiles_k, l.blocks_per_image, l.blocks_per_split, l.nblocks);
+  if constexpr (use_wmma<T>()) {
+    grad_weight_partial_wmma_kernel<T, SIM><<<static_cast<unsigned int>(dw_gx), kThreads, 0, stream>>>(
+        G, U, V, S, part, g, inv_s2, l.tiles_o, l.tiles_k, l.blocks_per_image, l.blocks_per_split, l.nblocks);
+  } else {
+    grad_weight_partial_kernel<T, SIM><<<static_cast<unsigned int>(dw_gx), kThreads, 0, stream>>>(
+        G, U, V, S, part, g, inv_s2, l.tiles_o, l.tiles_k, l.blocks_per_image, l.blocks_per_split, l.nblocks);
+  }
   SDC_CHECK();
   const int64_t wnumel = static_cast<int64_t>(g.Cout) * g.K;
   grad_weight_reduce_kernel<T><<<elementwise_blocks(wnumel), kThreads, 0, stream>>>(part, dW, wnumel, l.splits);
   SDC_CHECK();
-  grad_input_kernel<T, SIM><<<dim3(static_cast<unsigned int>(du_gx), static_cast<unsigned int>(l.ncb)), kThreads, 0, stream>>>(
+  grad_input_kernel<T, SIM, use_wmma<T>()><<<dim3(static_cast<unsigned int>(du_gx), static_cast<unsigned int>(l.ncb)), kThreads, 0, stream>>>(
       G, U, V, S, Wtap, dU, dV, GS, g, inv_s2, tiles_per_image);
   SDC_CHECK();
   if (SIM == kSdcGaussian) {
