@@ -180,8 +180,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
               "segops.", kOp, "_backward (cuda): grad_out must be (N, Cout, H, W) = (", geo.N, ", ",
               geo.Cout, ", ", geo.H, ", ", geo.W, "), got ", grad_out.sizes());
   c10::cuda::CUDAGuard guard(input.device());
-  if (input.numel() == 0 || guidance.numel() == 0 || weight.numel() == 0 || grad_out.numel() == 0) {
+  if (input.numel() == 0 || grad_out.numel() == 0) {
     // Nothing reaches the inputs; grad_bias is still grad_out summed (zeros when it is empty).
+    // (An empty guidance alone is fine: the launcher writes grad_input and grad_weight.)
     return {at::zeros_like(input), at::zeros_like(guidance), at::zeros_like(weight),
             at::sum(grad_out, {0, 2, 3})};
   }
