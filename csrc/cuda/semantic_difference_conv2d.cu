@@ -20,8 +20,10 @@
 //             - S(q) dD(q); charbonnier's dV follows from the same two terms.
 //           - gaussian grad_guidance: dL/dS(t,p) = sum_c dD (U[c,p+d]-U[c,p]) (per channel-block
 //             partials, summed in order), then one gather pass over V.
-// fp32/fp64 and fp16/bf16 use the SIMT shared-memory tiles (fp16/bf16 converted to fp32 on load);
-// the fp16/bf16 forward uses WMMA (16x16x16, fp32 accumulators) instead.
+// fp32/fp64 use SIMT shared-memory tiles with accumulation-type FMAs. fp16/bf16 run the three
+// GEMM-shaped kernels (forward, grad_weight partials, grad_input tap products) on tensor cores
+// through WMMA (16x16x16, fp32 accumulator fragments; D is rounded to the storage type before the
+// MMA, as the reference does); everything elementwise stays in fp32.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -914,6 +916,11 @@ cudaError_t launch_forward_sim(const SdcForwardParams& p, const Geo& g, cudaStre
   using A = acc_t<T>;
   const A inv_s2 = static_cast<A>(1.0 / (p.g.sigma * p.g.sigma));
   A* S = static_cast<A*>(p.workspace);
+  static_assert(kMmaBP == kFwdBP && kMmaBO == kFwdBO, "one forward grid for both kernels");
+  const int tiles_per_image = (g.HW + kFwdBP - 1) / kFwdBP;  // kMmaBP == kFwdBP
+  const int64_t gx = g.N * tiles_per_image;
+  const int64_t gy = (g.Cout + kFwdBO - 1) / kFwdBO;            // kMmaBO == kFwdBO
+  if (gx > kMaxInt || gy > 65535) return cudaErrorInvalidValue;
   if (SIM == kSdcGaussian) {
     const A scale = gaussian_scale<A>(p.g.sigma, g.Cg);
     gaussian_similarity_kernel<T><<<elementwise_blocks(g.N * g.KK * g.HW), kThreads, 0, stream>>>(
@@ -921,10 +928,6 @@ cudaError_t launch_forward_sim(const SdcForwardParams& p, const Geo& g, cudaStre
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  const int tiles_per_image = (g.HW + kFwdBP - 1) / kFwdBP;  // kMmaBP == kFwdBP
-  const int64_t gx = g.N * tiles_per_image;
-  const int64_t gy = (g.Cout + kFwdBO - 1) / kFwdBO;            // kMmaBO == kFwdBO
-  if (gx > kMaxInt || gy > 65535) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned int>(gx), static_cast<unsigned int>(gy));
   const T* U = static_cast<const T*>(p.input);
   const T* V = static_cast<const T*>(p.guidance);
