@@ -1,7 +1,65 @@
 // Torch-free launcher declarations of the semantic_difference_conv2d CUDA kernels (csrc/cuda/semantic_difference_conv2d.cu).
+//
+//   Y[n,o,p] = b[o] + sum_{c,t} w[o,c,t] * S(c,p,t) * (U[c,p+d_t] - U[c,p])   (SPEC 2.4)
+//
+// All tensors are contiguous, on one device, of one dtype (`dtype`). The launchers need a
+// device scratch buffer of *_workspace_bytes(params) bytes (may be 0, then `workspace` may be
+// null); its contents on entry do not matter.
 #pragma once
+#include <cstddef>
+
 #include "segops/cuda/common.h"
 
 namespace segops {
-namespace cuda {}  // namespace cuda
+namespace cuda {
+
+// Similarity kinds, the same numbering as the CPU and Triton backends.
+enum SdcSimilarity : int { kSdcNone = 0, kSdcCharbonnier = 1, kSdcGaussian = 2 };
+
+// Geometry shared by forward and backward. input (N, Cin, H, W), guidance (N, Cg, H, W),
+// weight (Cout, Cin, k, k) with k odd, stride 1, "same" zero padding dilation * (k - 1) / 2.
+struct SdcGeometry {
+  int64_t N = 0, Cin = 0, Cg = 0, Cout = 0, H = 0, W = 0, k = 1, dilation = 1;
+  int similarity = kSdcCharbonnier;  // SdcSimilarity; charbonnier needs Cg == Cin
+  double sigma = 1.0;
+  DType dtype = DType::kFloat32;
+};
+
+struct SdcForwardParams {
+  SdcGeometry g;
+  const void* input = nullptr;
+  const void* guidance = nullptr;
+  const void* weight = nullptr;
+  const void* bias = nullptr;  // (Cout,) or null
+  void* output = nullptr;      // (N, Cout, H, W)
+  void* workspace = nullptr;   // semantic_difference_conv2d_forward_workspace_bytes(*this) bytes
+};
+
+struct SdcBackwardParams {
+  SdcGeometry g;
+  const void* grad_out = nullptr;  // (N, Cout, H, W)
+  const void* input = nullptr;
+  const void* guidance = nullptr;
+  const void* weight = nullptr;
+  void* grad_input = nullptr;     // (N, Cin, H, W), fully written
+  void* grad_guidance = nullptr;  // (N, Cg, H, W), fully written (zeros for "none")
+  void* grad_weight = nullptr;    // (Cout, Cin, k, k), fully written
+  void* grad_bias = nullptr;      // (Cout,), fully written: grad_out summed over (N, H, W)
+  void* workspace = nullptr;      // semantic_difference_conv2d_backward_workspace_bytes(*this) bytes
+};
+
+// Scratch: the gaussian similarity S (N, k^2, H*W) in the accumulation type.
+size_t semantic_difference_conv2d_forward_workspace_bytes(const SdcForwardParams& p);
+// Scratch: gaussian S and per-channel-block dL/dS partials, the tap-major weight copy, and the
+// split-K partial sums of grad_weight (accumulation type), reduced in a fixed order.
+size_t semantic_difference_conv2d_backward_workspace_bytes(const SdcBackwardParams& p);
+
+// Both return cudaErrorInvalidValue for sizes the kernels do not support (H*W >= 2^31, a grid
+// dimension over its limit, k even, a bad similarity, charbonnier with Cg != Cin) and the first
+// launch error otherwise. Empty tensors must be handled by the caller (nothing is launched for
+// them here either, but outputs are then left untouched).
+cudaError_t semantic_difference_conv2d_forward(const SdcForwardParams& p, cudaStream_t stream);
+cudaError_t semantic_difference_conv2d_backward(const SdcBackwardParams& p, cudaStream_t stream);
+
+}  // namespace cuda
 }  // namespace segops
