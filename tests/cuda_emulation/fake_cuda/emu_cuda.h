@@ -30,7 +30,7 @@
 #define __noinline__
 #define __launch_bounds__(...)
 #define __shared__ static
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 #ifndef __CUDA_ARCH__
 #define __CUDA_ARCH__ 800
 #endif
