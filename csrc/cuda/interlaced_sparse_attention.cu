@@ -24,6 +24,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <cmath>
 #include <cstdint>
@@ -41,6 +42,12 @@ constexpr int kThreads = 256;  // 16 x 16
 // logits. fp64 uses smaller tiles so that everything fits in 48 KiB of static shared memory.
 template <typename T> struct TileCfg { static constexpr int M = 64, D = 32; };
 template <> struct TileCfg<double> { static constexpr int M = 32, D = 16; };
+
+// fp16 / bf16 run the four matrix products on tensor cores (nvcuda::wmma 16x16x16, fp32
+// accumulators, sm_80+); fp32 / fp64 use the SIMT products.
+template <typename T> struct UseWmma { static constexpr bool value = false; };
+template <> struct UseWmma<__half> { static constexpr bool value = true; };
+template <> struct UseWmma<__nv_bfloat16> { static constexpr bool value = true; };
 
 // Geometry of one call (host-computed, passed by value).
 struct Geom {
@@ -114,6 +121,19 @@ __device__ __forceinline__ void load_tile(acc_t<T>* dst, int ld_r, int ld_d, con
   }
 }
 
+// As load_tile, but keeps the storage type (the operands of the tensor-core products).
+template <typename T, int M, int DC>
+__device__ __forceinline__ void load_tile_raw(T* dst, int ld_r, int ld_d, const T* X, int64_t C,
+                                              int64_t HW, const Rows<M>& rows, int64_t d0) {
+  for (int idx = threadIdx.x; idx < DC * M; idx += kThreads) {
+    const int d = idx / M, r = idx % M;
+    const int64_t ch = d0 + d;
+    T v = from_acc<T>(0.0f);
+    if (ch < C && rows.ng[r] >= 0) v = X[(rows.n[r] * C + ch) * HW + rows.pix[r]];
+    dst[r * ld_r + d * ld_d] = v;
+  }
+}
+
 // s[a][b] += sum_c X[c, row ty+16a] * Y[c, row tx+16b] over all C channels, in chunks of D
 // staged channel-major in buf (2 * D * M values). Ends with a barrier (buf free again).
 template <typename T, int M, int D>
@@ -142,6 +162,94 @@ __device__ __forceinline__ void tile_dot(acc_t<T> (&s)[M / 16][M / 16], acc_t<T>
     }
     __syncthreads();
   }
+}
+
+// Tensor-core forms (fp16 / bf16). The 16 (16 x 16) output tiles of an M x M product (M = 64)
+// are split over the 8 warps, 2 each: warp w owns tiles f = 2 w, 2 w + 1 at (row block f / 4,
+// column block f % 4). The fp32 result goes through `stage` (M x SLD floats) into the SIMT
+// ownership (rows ty + 16 a, columns tx + 16 b), so that the softmax code is shared.
+template <int M> struct WmmaTiles {
+  static constexpr int kPerWarp = (M / 16) * (M / 16) / (kThreads / 32);
+  static_assert(kPerWarp * (kThreads / 32) == (M / 16) * (M / 16), "tiles must split over warps");
+  __device__ static int row(int u) { return ((threadIdx.x / 32) * kPerWarp + u) / (M / 16); }
+  __device__ static int col(int u) { return ((threadIdx.x / 32) * kPerWarp + u) % (M / 16); }
+};
+
+// Same contract as tile_dot; buf holds 2 * D * M values of T (32-byte aligned), stage M * SLD
+// floats. Ends with a barrier.
+template <typename T, int M, int D, int SLD>
+__device__ __forceinline__ void tile_dot_wmma(float (&s)[M / 16][M / 16], T* buf, float* stage,
+                                              const T* X, const Rows<M>& rx, const T* Y,
+                                              const Rows<M>& ry, int64_t C, int64_t HW, int tx,
+                                              int ty) {
+  namespace wmma = nvcuda::wmma;
+  constexpr int TM = M / 16, NF = WmmaTiles<M>::kPerWarp;
+  static_assert(D % 16 == 0, "D must be a multiple of 16");
+  T* xs = buf;           // (D x M): A = X^T is M x D column-major, ld M
+  T* ys = buf + D * M;   // (D x M): B = Y is D x M row-major, ld M
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf[NF];
+#pragma unroll
+  for (int u = 0; u < NF; ++u) wmma::fill_fragment(cf[u], 0.0f);
+  for (int64_t d0 = 0; d0 < C; d0 += D) {
+    load_tile_raw<T, M, D>(xs, 1, M, X, C, HW, rx, d0);
+    load_tile_raw<T, M, D>(ys, 1, M, Y, C, HW, ry, d0);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < D; kk += 16) {
+#pragma unroll
+      for (int u = 0; u < NF; ++u) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> af;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
+        wmma::load_matrix_sync(af, xs + kk * M + WmmaTiles<M>::row(u) * 16, M);
+        wmma::load_matrix_sync(bf, ys + kk * M + WmmaTiles<M>::col(u) * 16, M);
+        wmma::mma_sync(cf[u], af, bf, cf[u]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int u = 0; u < NF; ++u)
+    wmma::store_matrix_sync(stage + WmmaTiles<M>::row(u) * 16 * SLD + WmmaTiles<M>::col(u) * 16,
+                            cf[u], SLD, wmma::mem_row_major);
+  __syncthreads();
+#pragma unroll
+  for (int a = 0; a < TM; ++a)
+#pragma unroll
+    for (int b = 0; b < TM; ++b) s[a][b] += stage[(ty + 16 * a) * SLD + tx + 16 * b];
+  __syncthreads();
+}
+
+// acc[a][c] += sum_j ph[row ty+16a][j] * ms[j][col tx+16c] on tensor cores; ph and ms are
+// (M x HLD) row-major T, stage M * SLD floats. Call after a barrier that publishes ph and ms;
+// returns without a final barrier (the caller's next barrier frees stage).
+template <typename T, int M, int HLD, int SLD>
+__device__ __forceinline__ void tile_pv_wmma(float (&acc)[M / 16][M / 16], const T* ph,
+                                             const T* ms, float* stage, int tx, int ty) {
+  namespace wmma = nvcuda::wmma;
+  constexpr int TM = M / 16, NF = WmmaTiles<M>::kPerWarp;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf[NF];
+#pragma unroll
+  for (int u = 0; u < NF; ++u) wmma::fill_fragment(cf[u], 0.0f);
+#pragma unroll
+  for (int kk = 0; kk < M; kk += 16) {
+#pragma unroll
+    for (int u = 0; u < NF; ++u) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
+      wmma::load_matrix_sync(af, ph + WmmaTiles<M>::row(u) * 16 * HLD + kk, HLD);
+      wmma::load_matrix_sync(bf, ms + kk * HLD + WmmaTiles<M>::col(u) * 16, HLD);
+      wmma::mma_sync(cf[u], af, bf, cf[u]);
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < NF; ++u)
+    wmma::store_matrix_sync(stage + WmmaTiles<M>::row(u) * 16 * SLD + WmmaTiles<M>::col(u) * 16,
+                            cf[u], SLD, wmma::mem_row_major);
+  __syncthreads();
+#pragma unroll
+  for (int a = 0; a < TM; ++a)
+#pragma unroll
+    for (int b = 0; b < TM; ++b) acc[a][b] += stage[(ty + 16 * a) * SLD + tx + 16 * b];
 }
 
 // acc[a][c] += sum_j ps[row ty+16a][j] * ms[j][col tx+16c].
@@ -221,11 +329,16 @@ __global__ void __launch_bounds__(kThreads, 2)
                        T* __restrict__ O, acc_t<T>* __restrict__ LSE, Geom g, acc_t<T> scale) {
   using A = acc_t<T>;
   constexpr int M = TileCfg<T>::M, D = TileCfg<T>::D, TM = M / 16;
-  constexpr int PLD = M + 16, ULD = M + 1;
-  constexpr int UBUF = (2 * D * M > M * ULD) ? 2 * D * M : M * ULD;
+  constexpr bool kTC = UseWmma<T>::value;
+  constexpr int PLD = M + 16, ULD = M + 1, HLD = M + 8;
+  // ubuf: the logit operands (2 x D x M), the multiplied tile (M x ULD values, or for tensor
+  // cores two M x HLD tiles of T: the tile and the probabilities), the output staging.
+  constexpr int UBUF = (2 * D * M > M * HLD) ? 2 * D * M : M * HLD;
   __shared__ Rows<M> own, oth;
-  __shared__ A ubuf[UBUF];
-  __shared__ A ps[M * PLD];
+  __shared__ __align__(32) A ubuf[UBUF];
+  __shared__ __align__(32) A ps[M * PLD];  // probabilities (SIMT) / fp32 staging (tensor cores)
+  T* const ms_h = reinterpret_cast<T*>(ubuf);  // tensor cores: multiplied tile, M x HLD
+  T* const ph = ms_h + M * HLD;                // tensor cores: probabilities, M x HLD
 
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int64_t c0 = int64_t(blockIdx.y) * M;
@@ -252,7 +365,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int a = 0; a < TM; ++a)
 #pragma unroll
       for (int b = 0; b < TM; ++b) s[a][b] = A(0);
-    tile_dot<T, M, D>(s, ubuf, Q, own, K, oth, g.Ck, g.HW, tx, ty);
+    if constexpr (kTC)
+      tile_dot_wmma<T, M, D, PLD>(s, ms_h, ps, Q, own, K, oth, g.Ck, g.HW, tx, ty);
+    else
+      tile_dot<T, M, D>(s, ubuf, Q, own, K, oth, g.Ck, g.HW, tx, ty);
 
     A alpha[TM];
 #pragma unroll
@@ -273,7 +389,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int b = 0; b < TM; ++b) {
         const A p = acc_exp(s[a][b] - m_new);  // exp(-inf) = 0 for masked keys
         sum += p;
-        ps[(ty + 16 * a) * PLD + tx + 16 * b] = p;
+        if constexpr (kTC)
+          ph[(ty + 16 * a) * HLD + tx + 16 * b] = from_acc<T>(p);
+        else
+          ps[(ty + 16 * a) * PLD + tx + 16 * b] = p;
       }
       l_i[a] = l_i[a] * alpha[a] + row_sum(sum);
       m_i[a] = m_new;
@@ -281,9 +400,15 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int b = 0; b < TM; ++b) acc[a][b] *= alpha[a];
     }
     // values of the key tile, row-major (key x channel), channels c0 .. c0 + M
-    load_tile<T, M, M>(ubuf, ULD, 1, V, g.Cv, g.HW, oth, c0);
+    if constexpr (kTC)
+      load_tile_raw<T, M, M>(ms_h, HLD, 1, V, g.Cv, g.HW, oth, c0);
+    else
+      load_tile<T, M, M>(ubuf, ULD, 1, V, g.Cv, g.HW, oth, c0);
     __syncthreads();
-    tile_pv<A, M, PLD, ULD>(acc, ps, ubuf, tx, ty);
+    if constexpr (kTC)
+      tile_pv_wmma<T, M, HLD, PLD>(acc, ph, ms_h, ps, tx, ty);
+    else
+      tile_pv<A, M, PLD, ULD>(acc, ps, ubuf, tx, ty);
   }
 
   A inv[TM];
@@ -331,11 +456,16 @@ __global__ void __launch_bounds__(kThreads, 2)
                         T* __restrict__ OUT, Geom g, acc_t<T> scale) {
   using A = acc_t<T>;
   constexpr int M = TileCfg<T>::M, D = TileCfg<T>::D, TM = M / 16;
-  constexpr int PLD = M + 16, ULD = M + 1;
-  constexpr int UBUF = (2 * D * M > M * ULD) ? 2 * D * M : M * ULD;
+  constexpr bool kTC = UseWmma<T>::value;
+  constexpr int PLD = M + 16, ULD = M + 1, HLD = M + 8;
+  // ubuf: the logit operands (2 x D x M), the multiplied tile (M x ULD values, or for tensor
+  // cores two M x HLD tiles of T: the tile and the probabilities), the output staging.
+  constexpr int UBUF = (2 * D * M > M * HLD) ? 2 * D * M : M * HLD;
   __shared__ Rows<M> own, oth;
-  __shared__ A ubuf[UBUF];
-  __shared__ A ps[M * PLD];
+  __shared__ __align__(32) A ubuf[UBUF];
+  __shared__ __align__(32) A ps[M * PLD];  // probabilities (SIMT) / fp32 staging (tensor cores)
+  T* const ms_h = reinterpret_cast<T*>(ubuf);  // tensor cores: multiplied tile, M x HLD
+  T* const ph = ms_h + M * HLD;                // tensor cores: probabilities, M x HLD
   __shared__ A st_lse[M], st_delta[M];  // statistics of the query-side rows
 
   // own-side / other-side tensors of the two products, the multiplied tensor, output channels
@@ -381,8 +511,15 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int a = 0; a < TM; ++a)
 #pragma unroll
       for (int b = 0; b < TM; ++b) s[a][b] = dp[a][b] = A(0);
-    tile_dot<T, M, D>(s, ubuf, X1, own, Y1, oth, g.Ck, g.HW, tx, ty);  // syncs: st_* visible
-    if (MODE != kGradV) tile_dot<T, M, D>(dp, ubuf, X2, own, Y2, oth, g.Cv, g.HW, tx, ty);
+    // (both end with a barrier; the first also publishes st_*)
+    if constexpr (kTC) {
+      tile_dot_wmma<T, M, D, PLD>(s, ms_h, ps, X1, own, Y1, oth, g.Ck, g.HW, tx, ty);
+      if (MODE != kGradV)
+        tile_dot_wmma<T, M, D, PLD>(dp, ms_h, ps, X2, own, Y2, oth, g.Cv, g.HW, tx, ty);
+    } else {
+      tile_dot<T, M, D>(s, ubuf, X1, own, Y1, oth, g.Ck, g.HW, tx, ty);
+      if (MODE != kGradV) tile_dot<T, M, D>(dp, ubuf, X2, own, Y2, oth, g.Cv, g.HW, tx, ty);
+    }
 
 #pragma unroll
     for (int a = 0; a < TM; ++a) {
@@ -398,13 +535,22 @@ __global__ void __launch_bounds__(kThreads, 2)
           const A p = acc_exp(s[a][b] * scale - st_lse[q]);
           v = MODE == kGradV ? p : p * (dp[a][b] - st_delta[q]);
         }
-        ps[i * PLD + j] = v;
+        if constexpr (kTC)
+          ph[i * HLD + j] = from_acc<T>(v);
+        else
+          ps[i * PLD + j] = v;
       }
     }
     // the multiplied tensor's other-side rows, row-major (row x channel), channels c0 .. c0 + M
-    load_tile<T, M, M>(ubuf, ULD, 1, Mt, Cm, g.HW, oth, c0);
+    if constexpr (kTC)
+      load_tile_raw<T, M, M>(ms_h, HLD, 1, Mt, Cm, g.HW, oth, c0);
+    else
+      load_tile<T, M, M>(ubuf, ULD, 1, Mt, Cm, g.HW, oth, c0);
     __syncthreads();
-    tile_pv<A, M, PLD, ULD>(acc, ps, ubuf, tx, ty);
+    if constexpr (kTC)
+      tile_pv_wmma<T, M, HLD, PLD>(acc, ph, ms_h, ps, tx, ty);
+    else
+      tile_pv<A, M, PLD, ULD>(acc, ps, ubuf, tx, ty);
   }
 
   A mul[TM];
