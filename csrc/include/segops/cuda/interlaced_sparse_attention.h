@@ -1,7 +1,57 @@
 // Torch-free launcher declarations of the interlaced_sparse_attention CUDA kernels (csrc/cuda/interlaced_sparse_attention.cu).
 #pragma once
+#include <cstddef>
+#include <cstdint>
+
 #include "segops/cuda/common.h"
 
 namespace segops {
-namespace cuda {}  // namespace cuda
+namespace cuda {
+
+// Shapes and options shared by the forward and the backward. query, key: (N, Ck, H, W); value,
+// out: (N, Cv, H, W); lse: (N, H, W) in the accumulation dtype (float64 for float64 data,
+// float32 otherwise). H % ph == 0 and W % pw == 0. long_range selects the long-range groups
+// (equal (y mod ph, x mod pw)); otherwise the ph x pw blocks (short range).
+struct IsaShape {
+  int64_t N = 0, Ck = 0, Cv = 0, H = 0, W = 0, ph = 1, pw = 1;
+  bool long_range = true;
+  double scale = 1.0;
+  DType dtype = DType::kFloat32;
+};
+
+// All tensors contiguous, of `dtype` except lse (accumulation dtype).
+struct IsaForwardParams {
+  IsaShape shape;
+  const void* query = nullptr;
+  const void* key = nullptr;
+  const void* value = nullptr;
+  void* out = nullptr;  // (N, Cv, H, W)
+  void* lse = nullptr;  // (N, H, W), natural log-sum-exp of the scaled logits per position
+};
+
+struct IsaBackwardParams {
+  IsaShape shape;
+  const void* grad_out = nullptr;  // (N, Cv, H, W)
+  const void* query = nullptr;
+  const void* key = nullptr;
+  const void* value = nullptr;
+  const void* out = nullptr;  // the forward's output
+  const void* lse = nullptr;  // the forward's lse
+  void* grad_query = nullptr;
+  void* grad_key = nullptr;
+  void* grad_value = nullptr;
+  // Scratch of interlaced_sparse_attention_backward_workspace_bytes(params) bytes (the
+  // per-position delta = <dO, O>, N*H*W accumulation-dtype values), aligned to 16 bytes.
+  void* workspace = nullptr;
+};
+
+// Every output element is written (no pre-zeroing needed). Requires N, Ck, Cv, H, W > 0;
+// returns cudaErrorInvalidValue for sizes the kernels cannot handle (a bad dtype, non-positive
+// sizes, H or W not divisible by the block size, grids beyond the hardware limits).
+cudaError_t interlaced_sparse_attention_forward(const IsaForwardParams& p, cudaStream_t stream);
+
+size_t interlaced_sparse_attention_backward_workspace_bytes(const IsaBackwardParams& p);
+cudaError_t interlaced_sparse_attention_backward(const IsaBackwardParams& p, cudaStream_t stream);
+
+}  // namespace cuda
 }  // namespace segops

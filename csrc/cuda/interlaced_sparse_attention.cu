@@ -1,0 +1,663 @@
+// Interlaced sparse self-attention (SPEC §2.2), CUDA forward and backward.
+//
+// The algorithm of csrc/cpu/interlaced_sparse_attention.cpp and
+// segops/triton/interlaced_sparse_attention.py: flash-style dense attention inside each group,
+// the groups read and written in place in the (N, C, H, W) tensors by index arithmetic
+// (member_offset), no permuted copies and nothing of size (groups, L, L) in global memory.
+//
+// Tiles: a thread block owns a tile of M "rows" (group members) of one group (or, for groups
+// smaller than M / 2, several whole groups packed into one tile: a row then only attends to the
+// rows of its own group) and one chunk of M output channels. The logits of a (row tile x key
+// tile) pair are built by looping over the Ck channels in chunks of D, so any Ck / Cv works; a
+// block with a later output-channel chunk recomputes the logits (as the Triton kernels do).
+//
+// Forward: online softmax over key tiles (natural exp, like the CPU backend), out = acc / l and
+// the per-position log-sum-exp lse = m + log(l) (accumulation dtype).
+// Backward: delta = <dO, O> per position (scratch), then three launches of one kernel template:
+// dQ (own rows = queries), dK and dV (own rows = keys), each recomputing the probabilities
+// p = exp(scale q.k - lse) from the saved lse. Every output element is written by exactly one
+// thread: no atomics, deterministic.
+//
+// Threads: 256 per block as a 16 x 16 grid (tx = threadIdx.x % 16, ty = threadIdx.x / 16); a
+// thread owns rows ty + 16 a and columns (keys or channels) tx + 16 b, a, b < M / 16. A row's 16
+// owners are the 16 lanes of one half-warp, so row reductions are 4 shuffles.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "segops/cuda/device_utils.cuh"
+#include "segops/cuda/interlaced_sparse_attention.h"
+
+namespace segops {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;  // 16 x 16
+
+// M: rows per tile (queries = keys = output channels per block), D: channel chunk of the
+// logits. fp64 uses smaller tiles so that everything fits in 48 KiB of static shared memory.
+template <typename T> struct TileCfg { static constexpr int M = 64, D = 32; };
+template <> struct TileCfg<double> { static constexpr int M = 32, D = 16; };
+
+// fp16 / bf16 run the four matrix products on tensor cores (nvcuda::wmma 16x16x16, fp32
+// accumulators, sm_80+); fp32 / fp64 use the SIMT products.
+template <typename T> struct UseWmma { static constexpr bool value = false; };
+template <> struct UseWmma<__half> { static constexpr bool value = true; };
+template <> struct UseWmma<__nv_bfloat16> { static constexpr bool value = true; };
+
+// Geometry of one call (host-computed, passed by value).
+struct Geom {
+  int64_t NG;    // N * G: groups of all samples
+  int64_t G;     // groups per sample
+  int64_t L;     // members per group
+  int64_t Ck, Cv, HW, W, GW, PH, PW;
+  int64_t LP;    // packed tiles: members slots per group (next power of two >= L)
+  int64_t MT;    // unpacked: member tiles per group (ceil(L / M)); packed: 1
+  bool long_range, packed;
+};
+
+// Pixel offset y * W + x of member m of group grp (the one place that knows the mapping).
+// long:  group (ly, lx) = (grp / PW, grp % PW), members (gy, gx) row-major over (H/PH, W/PW);
+// short: group (gy, gx) = (grp / GW, grp % GW), members (ly, lx) row-major over (PH, PW);
+// y = gy * PH + ly, x = gx * PW + lx.
+__device__ __forceinline__ int64_t member_offset(const Geom& g, int64_t grp, int64_t m) {
+  int64_t gy, gx, ly, lx;
+  if (g.long_range) {
+    ly = grp / g.PW; lx = grp % g.PW; gy = m / g.GW; gx = m % g.GW;
+  } else {
+    gy = grp / g.GW; gx = grp % g.GW; ly = m / g.PW; lx = m % g.PW;
+  }
+  return (gy * g.PH + ly) * g.W + gx * g.PW + lx;
+}
+
+// The M rows of a tile: flat group index (-1: padding row), sample, pixel offset.
+template <int M> struct Rows {
+  int64_t ng[M];
+  int64_t n[M];
+  int64_t pix[M];
+};
+
+// Rows of tile `tile` starting at member `start`. Unpacked: tile = flat group, members start ..
+// start + M. Packed: rows r -> group tile * (M / LP) + r / LP, member r % LP.
+template <int M>
+__device__ __forceinline__ void fill_rows(Rows<M>& rows, const Geom& g, int64_t tile, int64_t start) {
+  for (int r = threadIdx.x; r < M; r += kThreads) {
+    int64_t ng, m;
+    if (g.packed) {
+      ng = tile * (M / g.LP) + r / g.LP;
+      m = r % g.LP;
+    } else {
+      ng = tile;
+      m = start + r;
+    }
+    if (m < g.L && ng < g.NG) {
+      rows.ng[r] = ng;
+      rows.n[r] = ng / g.G;
+      rows.pix[r] = member_offset(g, ng % g.G, m);
+    } else {
+      rows.ng[r] = -1;
+      rows.n[r] = 0;
+      rows.pix[r] = 0;
+    }
+  }
+}
+
+// dst[r * ld_r + d * ld_d] = X[n_r, d0 + d, pix_r] for rows r < M, channels d < DC (0 outside the
+// tensor or for padding rows). Consecutive threads take consecutive rows (neighbouring pixels).
+template <typename T, int M, int DC>
+__device__ __forceinline__ void load_tile(acc_t<T>* dst, int ld_r, int ld_d, const T* X, int64_t C, int64_t HW,
+                          const Rows<M>& rows, int64_t d0) {
+  using A = acc_t<T>;
+  for (int idx = threadIdx.x; idx < DC * M; idx += kThreads) {
+    const int d = idx / M, r = idx % M;
+    const int64_t ch = d0 + d;
+    A v = A(0);
+    if (ch < C && rows.ng[r] >= 0) v = to_acc<A>(X[(rows.n[r] * C + ch) * HW + rows.pix[r]]);
+    dst[r * ld_r + d * ld_d] = v;
+  }
+}
+
+// As load_tile, but keeps the storage type (the operands of the tensor-core products).
+template <typename T, int M, int DC>
+__device__ __forceinline__ void load_tile_raw(T* dst, int ld_r, int ld_d, const T* X, int64_t C,
+                                              int64_t HW, const Rows<M>& rows, int64_t d0) {
+  for (int idx = threadIdx.x; idx < DC * M; idx += kThreads) {
+    const int d = idx / M, r = idx % M;
+    const int64_t ch = d0 + d;
+    T v = from_acc<T>(0.0f);
+    if (ch < C && rows.ng[r] >= 0) v = X[(rows.n[r] * C + ch) * HW + rows.pix[r]];
+    dst[r * ld_r + d * ld_d] = v;
+  }
+}
+
+// s[a][b] += sum_c X[c, row ty+16a] * Y[c, row tx+16b] over all C channels, in chunks of D
+// staged channel-major in buf (2 * D * M values). Ends with a barrier (buf free again).
+template <typename T, int M, int D>
+__device__ __forceinline__ void tile_dot(acc_t<T> (&s)[M / 16][M / 16], acc_t<T>* buf, const T* X,
+                         const Rows<M>& rx, const T* Y, const Rows<M>& ry, int64_t C, int64_t HW,
+                         int tx, int ty) {
+  using A = acc_t<T>;
+  constexpr int TM = M / 16;
+  A* xs = buf;
+  A* ys = buf + D * M;
+  for (int64_t d0 = 0; d0 < C; d0 += D) {
+    load_tile<T, M, D>(xs, 1, M, X, C, HW, rx, d0);
+    load_tile<T, M, D>(ys, 1, M, Y, C, HW, ry, d0);
+    __syncthreads();
+#pragma unroll 4
+    for (int d = 0; d < D; ++d) {
+      A xa[TM], yb[TM];
+#pragma unroll
+      for (int a = 0; a < TM; ++a) xa[a] = xs[d * M + ty + 16 * a];
+#pragma unroll
+      for (int b = 0; b < TM; ++b) yb[b] = ys[d * M + tx + 16 * b];
+#pragma unroll
+      for (int a = 0; a < TM; ++a)
+#pragma unroll
+        for (int b = 0; b < TM; ++b) s[a][b] += xa[a] * yb[b];
+    }
+    __syncthreads();
+  }
+}
+
+// Tensor-core forms (fp16 / bf16). The 16 (16 x 16) output tiles of an M x M product (M = 64)
+// are split over the 8 warps, 2 each: warp w owns tiles f = 2 w, 2 w + 1 at (row block f / 4,
+// column block f % 4). The fp32 result goes through `stage` (M x SLD floats) into the SIMT
+// ownership (rows ty + 16 a, columns tx + 16 b), so that the softmax code is shared.
+template <int M> struct WmmaTiles {
+  static constexpr int kPerWarp = (M / 16) * (M / 16) / (kThreads / 32);
+  static_assert(kPerWarp * (kThreads / 32) == (M / 16) * (M / 16), "tiles must split over warps");
+  __device__ static int row(int u) { return ((threadIdx.x / 32) * kPerWarp + u) / (M / 16); }
+  __device__ static int col(int u) { return ((threadIdx.x / 32) * kPerWarp + u) % (M / 16); }
+};
+
+// Same contract as tile_dot; buf holds 2 * D * M values of T (32-byte aligned), stage M * SLD
+// floats. Ends with a barrier.
+template <typename T, int M, int D, int SLD>
+__device__ __forceinline__ void tile_dot_wmma(float (&s)[M / 16][M / 16], T* buf, float* stage,
+                                              const T* X, const Rows<M>& rx, const T* Y,
+                                              const Rows<M>& ry, int64_t C, int64_t HW, int tx,
+                                              int ty) {
+  namespace wmma = nvcuda::wmma;
+  constexpr int TM = M / 16, NF = WmmaTiles<M>::kPerWarp;
+  static_assert(D % 16 == 0, "D must be a multiple of 16");
+  T* xs = buf;           // (D x M): A = X^T is M x D column-major, ld M
+  T* ys = buf + D * M;   // (D x M): B = Y is D x M row-major, ld M
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf[NF];
+#pragma unroll
+  for (int u = 0; u < NF; ++u) wmma::fill_fragment(cf[u], 0.0f);
+  for (int64_t d0 = 0; d0 < C; d0 += D) {
+    load_tile_raw<T, M, D>(xs, 1, M, X, C, HW, rx, d0);
+    load_tile_raw<T, M, D>(ys, 1, M, Y, C, HW, ry, d0);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < D; kk += 16) {
+#pragma unroll
+      for (int u = 0; u < NF; ++u) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> af;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
+        wmma::load_matrix_sync(af, xs + kk * M + WmmaTiles<M>::row(u) * 16, M);
+        wmma::load_matrix_sync(bf, ys + kk * M + WmmaTiles<M>::col(u) * 16, M);
+        wmma::mma_sync(cf[u], af, bf, cf[u]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int u = 0; u < NF; ++u)
+    wmma::store_matrix_sync(stage + WmmaTiles<M>::row(u) * 16 * SLD + WmmaTiles<M>::col(u) * 16,
+                            cf[u], SLD, wmma::mem_row_major);
+  __syncthreads();
+#pragma unroll
+  for (int a = 0; a < TM; ++a)
+#pragma unroll
+    for (int b = 0; b < TM; ++b) s[a][b] += stage[(ty + 16 * a) * SLD + tx + 16 * b];
+  __syncthreads();
+}
+
+// acc[a][c] += sum_j ph[row ty+16a][j] * ms[j][col tx+16c] on tensor cores; ph and ms are
+// (M x HLD) row-major T, stage M * SLD floats. Call after a barrier that publishes ph and ms;
+// returns without a final barrier (the caller's next barrier frees stage).
+template <typename T, int M, int HLD, int SLD>
+__device__ __forceinline__ void tile_pv_wmma(float (&acc)[M / 16][M / 16], const T* ph,
+                                             const T* ms, float* stage, int tx, int ty) {
+  namespace wmma = nvcuda::wmma;
+  constexpr int TM = M / 16, NF = WmmaTiles<M>::kPerWarp;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf[NF];
+#pragma unroll
+  for (int u = 0; u < NF; ++u) wmma::fill_fragment(cf[u], 0.0f);
+#pragma unroll
+  for (int kk = 0; kk < M; kk += 16) {
+#pragma unroll
+    for (int u = 0; u < NF; ++u) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
+      wmma::load_matrix_sync(af, ph + WmmaTiles<M>::row(u) * 16 * HLD + kk, HLD);
+      wmma::load_matrix_sync(bf, ms + kk * HLD + WmmaTiles<M>::col(u) * 16, HLD);
+      wmma::mma_sync(cf[u], af, bf, cf[u]);
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < NF; ++u)
+    wmma::store_matrix_sync(stage + WmmaTiles<M>::row(u) * 16 * SLD + WmmaTiles<M>::col(u) * 16,
+                            cf[u], SLD, wmma::mem_row_major);
+  __syncthreads();
+#pragma unroll
+  for (int a = 0; a < TM; ++a)
+#pragma unroll
+    for (int b = 0; b < TM; ++b) acc[a][b] += stage[(ty + 16 * a) * SLD + tx + 16 * b];
+}
+
+// acc[a][c] += sum_j ps[row ty+16a][j] * ms[j][col tx+16c].
+template <typename A, int M, int PLD, int ULD>
+__device__ __forceinline__ void tile_pv(A (&acc)[M / 16][M / 16], const A* ps, const A* ms,
+                                        int tx, int ty) {
+  constexpr int TM = M / 16;
+#pragma unroll 4
+  for (int j = 0; j < M; ++j) {
+    A pa[TM], mb[TM];
+#pragma unroll
+    for (int a = 0; a < TM; ++a) pa[a] = ps[(ty + 16 * a) * PLD + j];
+#pragma unroll
+    for (int b = 0; b < TM; ++b) mb[b] = ms[j * ULD + tx + 16 * b];
+#pragma unroll
+    for (int a = 0; a < TM; ++a)
+#pragma unroll
+      for (int b = 0; b < TM; ++b) acc[a][b] += pa[a] * mb[b];
+  }
+}
+
+// Reductions over the 16 lanes of a half-warp (the owners of one row).
+template <typename A> __device__ __forceinline__ A row_max(A v) {
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+template <typename A> __device__ __forceinline__ A row_sum(A v) {
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
+__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+__device__ __forceinline__ float acc_log(float x) { return logf(x); }
+__device__ __forceinline__ double acc_log(double x) { return log(x); }
+
+// Writes the block's (rows x M channels) result, staged channel-major through buf (M * (M + 1)
+// values) so that global stores run along the rows: out[n_i, c0 + c, pix_i] = acc[a][c] * mul[a].
+template <typename T, int M>
+__device__ __forceinline__ void store_tile(T* out, int64_t C, int64_t HW, const Rows<M>& rows, int64_t c0,
+                           acc_t<T>* buf, const acc_t<T> (&acc)[M / 16][M / 16],
+                           const acc_t<T> (&mul)[M / 16], int tx, int ty) {
+  constexpr int TM = M / 16, ULD = M + 1;
+  __syncthreads();  // buf may still be read by the last product
+#pragma unroll
+  for (int a = 0; a < TM; ++a)
+#pragma unroll
+    for (int b = 0; b < TM; ++b) buf[(tx + 16 * b) * ULD + ty + 16 * a] = acc[a][b] * mul[a];
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < M * M; idx += kThreads) {
+    const int c = idx / M, r = idx % M;
+    const int64_t ch = c0 + c;
+    if (ch < C && rows.ng[r] >= 0)
+      out[(rows.n[r] * C + ch) * HW + rows.pix[r]] = from_acc<T>(buf[c * ULD + r]);
+  }
+}
+
+// Own tile of block x: (tile index for fill_rows, first member).
+__device__ __forceinline__ void own_tile(const Geom& g, int64_t bx, int M, int64_t& tile,
+                                         int64_t& start) {
+  if (g.packed) {
+    tile = bx;
+    start = 0;
+  } else {
+    tile = bx / g.MT;
+    start = (bx % g.MT) * M;
+  }
+}
+
+// ------------------------------------------------------------------------------ forward
+// grid (own tiles, ceil(Cv / M)). lse written by the blocks of channel chunk 0.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2)
+    isa_forward_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
+                       T* __restrict__ O, acc_t<T>* __restrict__ LSE, Geom g, acc_t<T> scale) {
+  using A = acc_t<T>;
+  constexpr int M = TileCfg<T>::M, D = TileCfg<T>::D, TM = M / 16;
+  constexpr bool kTC = UseWmma<T>::value;
+  constexpr int PLD = M + 16, ULD = M + 1, HLD = M + 8;
+  // ubuf: the logit operands (2 x D x M), the multiplied tile (M x ULD values, or for tensor
+  // cores two M x HLD tiles of T: the tile and the probabilities), the output staging.
+  constexpr int UBUF = (2 * D * M > M * HLD) ? 2 * D * M : M * HLD;
+  __shared__ Rows<M> own, oth;
+  __shared__ __align__(32) A ubuf[UBUF];
+  __shared__ __align__(32) A ps[M * PLD];  // probabilities (SIMT) / fp32 staging (tensor cores)
+  T* const ms_h = reinterpret_cast<T*>(ubuf);  // tensor cores: multiplied tile, M x HLD
+  T* const ph = ms_h + M * HLD;                // tensor cores: probabilities, M x HLD
+
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int64_t c0 = int64_t(blockIdx.y) * M;
+  int64_t tile, start;
+  own_tile(g, blockIdx.x, M, tile, start);
+  fill_rows<M>(own, g, tile, start);
+
+  const A neg_inf = -INFINITY;
+  A m_i[TM], l_i[TM], acc[TM][TM];
+#pragma unroll
+  for (int a = 0; a < TM; ++a) {
+    m_i[a] = neg_inf;
+    l_i[a] = A(0);
+#pragma unroll
+    for (int b = 0; b < TM; ++b) acc[a][b] = A(0);
+  }
+
+  for (int64_t t = 0; t < g.MT; ++t) {
+    __syncthreads();  // the previous tile is done with oth, ubuf, ps
+    fill_rows<M>(oth, g, tile, g.packed ? 0 : t * M);
+    __syncthreads();
+    A s[TM][TM];
+#pragma unroll
+    for (int a = 0; a < TM; ++a)
+#pragma unroll
+      for (int b = 0; b < TM; ++b) s[a][b] = A(0);
+    if constexpr (kTC)
+      tile_dot_wmma<T, M, D, PLD>(s, ms_h, ps, Q, own, K, oth, g.Ck, g.HW, tx, ty);
+    else
+      tile_dot<T, M, D>(s, ubuf, Q, own, K, oth, g.Ck, g.HW, tx, ty);
+
+    A alpha[TM];
+#pragma unroll
+    for (int a = 0; a < TM; ++a) {
+      const int64_t ngi = own.ng[ty + 16 * a];
+      A mx = neg_inf;
+#pragma unroll
+      for (int b = 0; b < TM; ++b) {
+        const int64_t ngj = oth.ng[tx + 16 * b];
+        s[a][b] = (ngj >= 0 && ngj == ngi) ? s[a][b] * scale : neg_inf;
+        mx = max(mx, s[a][b]);
+      }
+      A m_new = max(m_i[a], row_max(mx));
+      if (m_new == neg_inf) m_new = A(0);  // no key yet (padding row): keep everything finite
+      alpha[a] = acc_exp(m_i[a] - m_new);  // 0 on the first key tile (m_i = -inf)
+      A sum = A(0);
+#pragma unroll
+      for (int b = 0; b < TM; ++b) {
+        const A p = acc_exp(s[a][b] - m_new);  // exp(-inf) = 0 for masked keys
+        sum += p;
+        if constexpr (kTC)
+          ph[(ty + 16 * a) * HLD + tx + 16 * b] = from_acc<T>(p);
+        else
+          ps[(ty + 16 * a) * PLD + tx + 16 * b] = p;
+      }
+      l_i[a] = l_i[a] * alpha[a] + row_sum(sum);
+      m_i[a] = m_new;
+#pragma unroll
+      for (int b = 0; b < TM; ++b) acc[a][b] *= alpha[a];
+    }
+    // values of the key tile, row-major (key x channel), channels c0 .. c0 + M
+    if constexpr (kTC)
+      load_tile_raw<T, M, M>(ms_h, HLD, 1, V, g.Cv, g.HW, oth, c0);
+    else
+      load_tile<T, M, M>(ubuf, ULD, 1, V, g.Cv, g.HW, oth, c0);
+    __syncthreads();
+    if constexpr (kTC)
+      tile_pv_wmma<T, M, HLD, PLD>(acc, ph, ms_h, ps, tx, ty);
+    else
+      tile_pv<A, M, PLD, ULD>(acc, ps, ubuf, tx, ty);
+  }
+
+  A inv[TM];
+#pragma unroll
+  for (int a = 0; a < TM; ++a) inv[a] = l_i[a] > A(0) ? A(1) / l_i[a] : A(0);
+  if (blockIdx.y == 0 && tx == 0) {
+#pragma unroll
+    for (int a = 0; a < TM; ++a) {
+      const int r = ty + 16 * a;
+      if (own.ng[r] >= 0) LSE[own.n[r] * g.HW + own.pix[r]] = m_i[a] + acc_log(l_i[a]);
+    }
+  }
+  store_tile<T, M>(O, g.Cv, g.HW, own, c0, ubuf, acc, inv, tx, ty);
+}
+
+// ------------------------------------------------------------------------------ backward
+// delta[n, p] = sum_c dO[n, c, p] * O[n, c, p], one thread per position.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2)
+    isa_delta_kernel(const T* __restrict__ O, const T* __restrict__ dO,
+                     acc_t<T>* __restrict__ delta, int64_t NHW, int64_t Cv, int64_t HW) {
+  using A = acc_t<T>;
+  const int64_t p = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (p >= NHW) return;
+  const int64_t base = (p / HW) * Cv * HW + p % HW;
+  A sum = A(0);
+  for (int64_t c = 0; c < Cv; ++c)
+    sum += to_acc<A>(O[base + c * HW]) * to_acc<A>(dO[base + c * HW]);
+  delta[p] = sum;
+}
+
+enum BwdMode : int { kGradQ = 0, kGradK = 1, kGradV = 2 };
+
+// One chunk of M channels of dQ, dK or dV for a tile of own rows (queries for dQ, keys for
+// dK / dV), looping over the group's other tiles (keys for dQ, queries for dK / dV):
+//   dQ[:, i] = scale sum_j P_ij (dP_ij - delta_i) K[:, j]
+//   dK[:, j] = scale sum_i P_ij (dP_ij - delta_i) Q[:, i]
+//   dV[:, j] =       sum_i P_ij dO[:, i]
+// with P_ij = exp(scale q_i.k_j - lse_i), dP_ij = dO_i.v_j. grid (own tiles, ceil(C_out / M)).
+template <typename T, int MODE>
+__global__ void __launch_bounds__(kThreads, 2)
+    isa_backward_kernel(const T* __restrict__ Q, const T* __restrict__ K,
+                        const T* __restrict__ V, const T* __restrict__ dO,
+                        const acc_t<T>* __restrict__ LSE, const acc_t<T>* __restrict__ DELTA,
+                        T* __restrict__ OUT, Geom g, acc_t<T> scale) {
+  using A = acc_t<T>;
+  constexpr int M = TileCfg<T>::M, D = TileCfg<T>::D, TM = M / 16;
+  constexpr bool kTC = UseWmma<T>::value;
+  constexpr int PLD = M + 16, ULD = M + 1, HLD = M + 8;
+  // ubuf: the logit operands (2 x D x M), the multiplied tile (M x ULD values, or for tensor
+  // cores two M x HLD tiles of T: the tile and the probabilities), the output staging.
+  constexpr int UBUF = (2 * D * M > M * HLD) ? 2 * D * M : M * HLD;
+  __shared__ Rows<M> own, oth;
+  __shared__ __align__(32) A ubuf[UBUF];
+  __shared__ __align__(32) A ps[M * PLD];  // probabilities (SIMT) / fp32 staging (tensor cores)
+  T* const ms_h = reinterpret_cast<T*>(ubuf);  // tensor cores: multiplied tile, M x HLD
+  T* const ph = ms_h + M * HLD;                // tensor cores: probabilities, M x HLD
+  __shared__ A st_lse[M], st_delta[M];  // statistics of the query-side rows
+
+  // own-side / other-side tensors of the two products, the multiplied tensor, output channels
+  const T* X1 = MODE == kGradQ ? Q : K;   // own, Ck
+  const T* Y1 = MODE == kGradQ ? K : Q;   // other, Ck
+  const T* X2 = MODE == kGradQ ? dO : V;  // own, Cv
+  const T* Y2 = MODE == kGradQ ? V : dO;  // other, Cv
+  const T* Mt = MODE == kGradQ ? K : (MODE == kGradK ? Q : dO);
+  const int64_t Cm = MODE == kGradV ? g.Cv : g.Ck;
+  const A out_scale = MODE == kGradV ? A(1) : scale;
+
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int64_t c0 = int64_t(blockIdx.y) * M;
+  int64_t tile, start;
+  own_tile(g, blockIdx.x, M, tile, start);
+  fill_rows<M>(own, g, tile, start);
+
+  A acc[TM][TM];
+#pragma unroll
+  for (int a = 0; a < TM; ++a)
+#pragma unroll
+    for (int b = 0; b < TM; ++b) acc[a][b] = A(0);
+
+  for (int64_t t = 0; t < g.MT; ++t) {
+    __syncthreads();  // the previous tile is done with oth, st_*, ubuf, ps (and own is filled)
+    fill_rows<M>(oth, g, tile, g.packed ? 0 : t * M);
+    __syncthreads();
+    const Rows<M>& qrows = MODE == kGradQ ? own : oth;
+    if (MODE != kGradQ || t == 0) {
+      for (int r = threadIdx.x; r < M; r += kThreads) {
+        A l = A(0), d = A(0);
+        if (qrows.ng[r] >= 0) {
+          const int64_t off = qrows.n[r] * g.HW + qrows.pix[r];
+          l = LSE[off];
+          d = DELTA[off];
+        }
+        st_lse[r] = l;
+        st_delta[r] = d;
+      }
+    }
+    A s[TM][TM], dp[TM][TM];
+#pragma unroll
+    for (int a = 0; a < TM; ++a)
+#pragma unroll
+      for (int b = 0; b < TM; ++b) s[a][b] = dp[a][b] = A(0);
+    // (both end with a barrier; the first also publishes st_*)
+    if constexpr (kTC) {
+      tile_dot_wmma<T, M, D, PLD>(s, ms_h, ps, X1, own, Y1, oth, g.Ck, g.HW, tx, ty);
+      if (MODE != kGradV)
+        tile_dot_wmma<T, M, D, PLD>(dp, ms_h, ps, X2, own, Y2, oth, g.Cv, g.HW, tx, ty);
+    } else {
+      tile_dot<T, M, D>(s, ubuf, X1, own, Y1, oth, g.Ck, g.HW, tx, ty);
+      if (MODE != kGradV) tile_dot<T, M, D>(dp, ubuf, X2, own, Y2, oth, g.Cv, g.HW, tx, ty);
+    }
+
+#pragma unroll
+    for (int a = 0; a < TM; ++a) {
+      const int i = ty + 16 * a;
+      const int64_t ngi = own.ng[i];
+#pragma unroll
+      for (int b = 0; b < TM; ++b) {
+        const int j = tx + 16 * b;
+        const int64_t ngj = oth.ng[j];
+        const int q = MODE == kGradQ ? i : j;  // the query of the pair (i own, j other)
+        A v = A(0);
+        if (ngj >= 0 && ngj == ngi) {
+          const A p = acc_exp(s[a][b] * scale - st_lse[q]);
+          v = MODE == kGradV ? p : p * (dp[a][b] - st_delta[q]);
+        }
+        if constexpr (kTC)
+          ph[i * HLD + j] = from_acc<T>(v);
+        else
+          ps[i * PLD + j] = v;
+      }
+    }
+    // the multiplied tensor's other-side rows, row-major (row x channel), channels c0 .. c0 + M
+    if constexpr (kTC)
+      load_tile_raw<T, M, M>(ms_h, HLD, 1, Mt, Cm, g.HW, oth, c0);
+    else
+      load_tile<T, M, M>(ubuf, ULD, 1, Mt, Cm, g.HW, oth, c0);
+    __syncthreads();
+    if constexpr (kTC)
+      tile_pv_wmma<T, M, HLD, PLD>(acc, ph, ms_h, ps, tx, ty);
+    else
+      tile_pv<A, M, PLD, ULD>(acc, ps, ubuf, tx, ty);
+  }
+
+  A mul[TM];
+#pragma unroll
+  for (int a = 0; a < TM; ++a) mul[a] = out_scale;
+  store_tile<T, M>(OUT, Cm, g.HW, own, c0, ubuf, acc, mul, tx, ty);
+}
+
+// ------------------------------------------------------------------------------ launchers
+bool make_geom(const IsaShape& s, Geom& g, int M) {
+  if (s.N <= 0 || s.Ck <= 0 || s.Cv <= 0 || s.H <= 0 || s.W <= 0 || s.ph <= 0 || s.pw <= 0)
+    return false;
+  if (s.H % s.ph != 0 || s.W % s.pw != 0) return false;
+  const int64_t inner = s.ph * s.pw, outer = (s.H / s.ph) * (s.W / s.pw);
+  g.G = s.long_range ? inner : outer;
+  g.L = s.long_range ? outer : inner;
+  g.NG = s.N * g.G;
+  g.Ck = s.Ck;
+  g.Cv = s.Cv;
+  g.HW = s.H * s.W;
+  g.W = s.W;
+  g.GW = s.W / s.pw;
+  g.PH = s.ph;
+  g.PW = s.pw;
+  g.long_range = s.long_range;
+  int64_t lp = 1;
+  while (lp < g.L) lp *= 2;
+  g.LP = lp;
+  g.packed = 2 * lp <= M;
+  g.MT = g.packed ? 1 : (g.L + M - 1) / M;
+  return true;
+}
+
+// Number of own tiles (grid x).
+int64_t own_tiles(const Geom& g, int M) {
+  return g.packed ? (g.NG + M / g.LP - 1) / (M / g.LP) : g.NG * g.MT;
+}
+
+bool grid_ok(int64_t x, int64_t y) { return x >= 1 && x <= 0x7fffffffLL && y >= 1 && y <= 65535; }
+
+template <typename T>
+cudaError_t launch_forward(const IsaForwardParams& p, cudaStream_t stream) {
+  using A = acc_t<T>;
+  constexpr int M = TileCfg<T>::M;
+  Geom g;
+  if (!make_geom(p.shape, g, M)) return cudaErrorInvalidValue;
+  const int64_t gx = own_tiles(g, M), gy = (g.Cv + M - 1) / M;
+  if (!grid_ok(gx, gy)) return cudaErrorInvalidValue;
+  isa_forward_kernel<T><<<dim3(unsigned(gx), unsigned(gy)), kThreads, 0, stream>>>(
+      static_cast<const T*>(p.query), static_cast<const T*>(p.key),
+      static_cast<const T*>(p.value), static_cast<T*>(p.out), static_cast<A*>(p.lse), g,
+      static_cast<A>(p.shape.scale));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_backward(const IsaBackwardParams& p, cudaStream_t stream) {
+  using A = acc_t<T>;
+  constexpr int M = TileCfg<T>::M;
+  Geom g;
+  if (!make_geom(p.shape, g, M)) return cudaErrorInvalidValue;
+  if (p.workspace == nullptr) return cudaErrorInvalidValue;
+  const int64_t nhw = p.shape.N * g.HW;
+  const int64_t gx = own_tiles(g, M);
+  const int64_t gy_k = (g.Ck + M - 1) / M, gy_v = (g.Cv + M - 1) / M;
+  if (!grid_ok((nhw + kThreads - 1) / kThreads, 1) || !grid_ok(gx, gy_k) || !grid_ok(gx, gy_v))
+    return cudaErrorInvalidValue;
+  const T* Q = static_cast<const T*>(p.query);
+  const T* K = static_cast<const T*>(p.key);
+  const T* V = static_cast<const T*>(p.value);
+  const T* dO = static_cast<const T*>(p.grad_out);
+  const A* lse = static_cast<const A*>(p.lse);
+  A* delta = static_cast<A*>(p.workspace);
+  const A scale = static_cast<A>(p.shape.scale);
+
+  isa_delta_kernel<T><<<unsigned((nhw + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      static_cast<const T*>(p.out), dO, delta, nhw, g.Cv, g.HW);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  isa_backward_kernel<T, kGradQ><<<dim3(unsigned(gx), unsigned(gy_k)), kThreads, 0, stream>>>(
+      Q, K, V, dO, lse, delta, static_cast<T*>(p.grad_query), g, scale);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  isa_backward_kernel<T, kGradK><<<dim3(unsigned(gx), unsigned(gy_k)), kThreads, 0, stream>>>(
+      Q, K, V, dO, lse, delta, static_cast<T*>(p.grad_key), g, scale);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  isa_backward_kernel<T, kGradV><<<dim3(unsigned(gx), unsigned(gy_v)), kThreads, 0, stream>>>(
+      Q, K, V, dO, lse, delta, static_cast<T*>(p.grad_value), g, scale);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t interlaced_sparse_attention_forward(const IsaForwardParams& p, cudaStream_t stream) {
+  SEGOPS_CUDA_DISPATCH(p.shape.dtype, return launch_forward<scalar_t>(p, stream));
+  return cudaErrorInvalidValue;
+}
+
+size_t interlaced_sparse_attention_backward_workspace_bytes(const IsaBackwardParams& p) {
+  const size_t acc = p.shape.dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
+  const int64_t nhw = p.shape.N * p.shape.H * p.shape.W;
+  return nhw > 0 ? static_cast<size_t>(nhw) * acc : 0;
+}
+
+cudaError_t interlaced_sparse_attention_backward(const IsaBackwardParams& p, cudaStream_t stream) {
+  SEGOPS_CUDA_DISPATCH(p.shape.dtype, return launch_backward<scalar_t>(p, stream));
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace segops
