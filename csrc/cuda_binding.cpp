@@ -43,6 +43,15 @@ inline cuda::DType dtype_of(const at::Tensor& t, const char* op) {
   }
 }
 
+// Whether `t` lives where the kernels run (a CUDA device; the CPU in the emulation build).
+inline bool on_kernel_device(const at::Tensor& t) {
+#ifdef SEGOPS_CUDA_EMULATION
+  return t.is_cpu();
+#else
+  return t.is_cuda();
+#endif
+}
+
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 inline void check_launch(cudaError_t err, const char* op) {
@@ -56,12 +65,7 @@ inline void check_launch(cudaError_t err, const char* op) {
 inline void check_tensors(const char* op, const at::Tensor& like,
                           std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
   for (const auto& [name, t] : ts) {
-#ifdef SEGOPS_CUDA_EMULATION
-    const bool on_device = t->is_cpu();
-#else
-    const bool on_device = t->is_cuda();
-#endif
-    TORCH_CHECK(on_device, "segops.", op, " (cuda): ", name, " must be a CUDA tensor, got ",
+    TORCH_CHECK(on_kernel_device(*t), "segops.", op, " (cuda): ", name, " must be a CUDA tensor, got ",
                 t->device());
     TORCH_CHECK(t->device() == like.device(), "segops.", op, " (cuda): ", name, " is on ",
                 t->device(), ", expected ", like.device());
@@ -276,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                   lse.size(2) == query.size(3) && lse.scalar_type() == lse_dtype(query),
               "segops.interlaced_sparse_attention_backward (cuda): lse must be (N, H, W) of "
               "dtype ", lse_dtype(query), ", got ", lse.sizes(), " ", lse.scalar_type());
-  TORCH_CHECK(lse.is_cuda() && lse.device() == query.device() && lse.is_contiguous(),
+  TORCH_CHECK(on_kernel_device(lse) && lse.device() == query.device() && lse.is_contiguous(),
               "segops.interlaced_sparse_attention_backward (cuda): lse must be a contiguous "
               "tensor on ", query.device(), ", got ", lse.device());
   auto dq = at::empty_like(query), dk = at::empty_like(key), dv = at::empty_like(value);
