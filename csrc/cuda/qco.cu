@@ -3,8 +3,9 @@
 // rnorm, mean, stats), the same band rule (three candidates round(u) − 1 .. round(u) + 1 around
 // u = (sim − L_0)/Δ, tested with |L − sim| < Δ), the 1e-6 histogram epsilon, gradient through
 // min/max split evenly between ties. No dense encoding is built: no (N, P, K) and no
-// (N, K, K, h, w) tensor; per-region histograms live in shared memory (or, when they do not fit,
-// in a per-region slice of the workspace).
+// (N, K, K, h, w) tensor. Histograms are per-warp copies in shared memory (or, when they do not
+// fit, in a per-block slice of the workspace), filled lane by lane and summed in warp order: no
+// atomics anywhere, every output is bitwise reproducible.
 //
 // The levels L_k = (2k+1)/(2K)·(hi − lo) + lo are computed with explicitly rounded operations
 // (no FMA contraction), so the forward's band decisions, the levels it returns and the
@@ -14,8 +15,8 @@
 //   1. region_sum_kernel    one block per (n, r, c): mean[n, r, c] = Σ x / hw
 //   2. mean_norm_kernel     one block per (n, r): gn = mean / max(|mean|, 1e-12)
 //   3. similarity_kernel    32 pixels × 8 channel slices per block: sim, rnorm
-//   4. region_hist_kernel   one block per (n, r): lo/hi, levels, histogram (shared-memory atomics),
-//                           normalisation, stats
+//   4. region_hist_kernel   one block per (n, r): lo/hi, levels, the (co-occurrence) histogram,
+//                           its normalisation, stats
 // qco backward:
 //   1. region_grad_kernel   one block per (n, r): d(sim) through E (and both pairs for qco_2d), the
 //                           levels' gradient, ties at min/max -> per-pixel coefficients a, b
@@ -24,7 +25,7 @@
 //   4. input_grad_kernel    gx = a_i gn − b_i x_i + dg
 // texture_reconstruct: per-sample lo/hi (lohi_kernel), then per pixel the ≤ 2 features it hits;
 // the backward's d(features) and the levels' gradient are per-(n, c) histograms weighted by
-// grad_out (shared-memory atomics) and a small reduction over channels.
+// grad_out (recon_feat_kernel) and a small reduction over channels (recon_glev_kernel).
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -42,7 +43,9 @@ constexpr double kNormEps = 1e-12;  // F.normalize's eps
 constexpr double kHistEps = 1e-6;   // histogram normaliser (SPEC §2.5)
 
 constexpr int kRegionThreads = 512;   // region kernels (one block per region)
+constexpr int kRegionWarps = kRegionThreads / 32;
 constexpr int kSumThreads = 256;      // region_sum / mean_norm / lohi
+constexpr int kSumWarps = kSumThreads / 32;
 constexpr int kPixTile = 32;          // similarity / recon-gsim: pixels per block (x)
 constexpr int kChanSlices = 8;        // ... channel slices per block (y)
 constexpr int kElemThreads = 256;     // elementwise kernels: pixels per block
@@ -166,6 +169,47 @@ __device__ __forceinline__ void block_min_max(A& lo, A& hi) {
   __syncthreads();
 }
 
+constexpr unsigned kFull = 0xffffffffu;
+
+template <typename V>
+__device__ __forceinline__ V bcast(V v, int src) {
+  return __shfl_sync(kFull, v, src);
+}
+
+template <typename A>
+__device__ __forceinline__ A pick3(int j, A a0, A a1, A a2) {
+  return j == 0 ? a0 : (j == 1 ? a1 : a2);
+}
+
+// Deterministic histograms: every warp owns a private copy of the bins (`nwarps` copies of `nb`
+// bins, warp w at w·nb). A warp adds its 32 pixels' contributions lane by lane (each lane's
+// values broadcast with shuffles, the <= 9 distinct bins of one pixel written by distinct
+// lanes), so each bin receives its terms in pixel order; the copies are then summed in warp
+// order (bin_total). No atomics, bitwise reproducible. All 32 lanes of a warp must take part.
+template <typename A>
+__device__ __forceinline__ A bin_total(const A* bins, int64_t nb, int nwarps, int64_t i) {
+  A v = bins[i];
+  for (int w = 1; w < nwarps; ++w) v += bins[w * nb + i];
+  return v;
+}
+
+// Adds w[j] to wbins[m − 1 + j] (j < 3, levels in [0, k), zero values skipped) for every lane's
+// (m, w), in lane order.
+template <typename A>
+__device__ __forceinline__ void warp_add3(A* wbins, int k, int m, A w0, A w1, A w2) {
+  const int lane = threadIdx.x & 31;
+  for (int src = 0; src < 32; ++src) {
+    const int ms = bcast(m, src);
+    const A v0 = bcast(w0, src), v1 = bcast(w1, src), v2 = bcast(w2, src);
+    if (lane < 3) {
+      const int l = ms - 1 + lane;
+      const A v = pick3(lane, v0, v1, v2);
+      if (l >= 0 && l < k && v != A(0)) wbins[l] += v;
+    }
+    __syncwarp();
+  }
+}
+
 // Geometry of the regions: sample-flat pixel index of region-local pixel t of region (ry, rx).
 struct Geo {
   int64_t c, w, p, s, r, bh, bw;
@@ -282,7 +326,8 @@ similarity_kernel(const T* __restrict__ x, const A* __restrict__ gn, A* __restri
 }
 
 // One block per (n, r): lo/hi, levels, the (co-occurrence) histogram, its normalisation, stats.
-// Bins: dynamic shared memory when use_smem, else the region's slice of gbins.
+// Bins (NT/32 per-warp copies of nb): dynamic shared memory when use_smem, else the region's
+// slice of gbins.
 template <typename A, int NT>
 __global__ void __launch_bounds__(NT)
 region_hist_kernel(const A* __restrict__ sim, A* __restrict__ hist, A* __restrict__ levels,
@@ -293,7 +338,8 @@ region_hist_kernel(const A* __restrict__ sim, A* __restrict__ hist, A* __restric
   const int64_t org = g.origin(rr);
   const A* sn = sim + ni * g.p;
   const int64_t nb = cooc ? static_cast<int64_t>(k) * k : k;
-  A* bins = use_smem ? reinterpret_cast<A*>(qco_dyn_smem) : gbins + nr * nb;
+  constexpr int kWarps = NT / 32;
+  A* bins = use_smem ? reinterpret_cast<A*>(qco_dyn_smem) : gbins + nr * kWarps * nb;
 
   A lo = sn[g.pixel(org, 0)], hi = lo;
   for (int t = threadIdx.x; t < g.hw; t += NT) {
@@ -306,42 +352,56 @@ region_hist_kernel(const A* __restrict__ sim, A* __restrict__ hist, A* __restric
   auto lev = [&](int i) { return level_value<A>(i, k, lo, hi); };
 
   for (int64_t i = threadIdx.x; i < k; i += NT) levels[nr * k + i] = lev(static_cast<int>(i));
-  for (int64_t i = threadIdx.x; i < nb; i += NT) bins[i] = A(0);
+  for (int64_t i = threadIdx.x; i < kWarps * nb; i += NT) bins[i] = A(0);
   __syncthreads();
 
-  for (int t = threadIdx.x; t < g.hw; t += NT) {
-    const int64_t pix = g.pixel(org, t);
-    const Enc<A> e = encode(sn[pix], lev, k, delta);
-    if (!cooc) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  A* wbins = bins + warp * nb;
+  // warp-uniform loop: lane t = t0 + lane, lanes past the region contribute nothing
+  for (int t0 = warp * 32; t0 < g.hw; t0 += NT) {
+    const int t = t0 + lane;
+    Enc<A> e, q;
+    e.m = q.m = 0;
 #pragma unroll
-      for (int j = 0; j < 3; ++j) {
-        const int l = e.m - 1 + j;
-        if (l >= 0 && l < k && e.w[j] != A(0)) atomicAdd(bins + l, e.w[j]);
-      }
-    } else {
-      const int ty = t / static_cast<int>(g.bw), tx = t - ty * static_cast<int>(g.bw);
-      if (ty + 1 < g.bh && tx + 1 < g.bw) {  // pair (pixel, its (+1, +1) neighbour)
-        const Enc<A> q = encode(sn[pix + g.w + 1], lev, k, delta);
-#pragma unroll
-        for (int j = 0; j < 3; ++j) {
-          const int a = e.m - 1 + j;
-          if (a < 0 || a >= k || e.w[j] == A(0)) continue;
-#pragma unroll
-          for (int jj = 0; jj < 3; ++jj) {
-            const int bq = q.m - 1 + jj;
-            if (bq < 0 || bq >= k || q.w[jj] == A(0)) continue;
-            atomicAdd(bins + static_cast<int64_t>(a) * k + bq, e.w[j] * q.w[jj]);
-          }
+    for (int j = 0; j < 3; ++j) e.w[j] = e.sg[j] = q.w[j] = q.sg[j] = A(0);
+    if (t < g.hw) {
+      const int64_t pix = g.pixel(org, t);
+      if (!cooc) {
+        e = encode(sn[pix], lev, k, delta);
+      } else {
+        const int ty = t / static_cast<int>(g.bw), tx = t - ty * static_cast<int>(g.bw);
+        if (ty + 1 < g.bh && tx + 1 < g.bw) {  // pair (pixel, its (+1, +1) neighbour)
+          e = encode(sn[pix], lev, k, delta);
+          q = encode(sn[pix + g.w + 1], lev, k, delta);
         }
+      }
+    }
+    if (!cooc) {
+      warp_add3(wbins, k, e.m, e.w[0], e.w[1], e.w[2]);
+    } else {
+      // lane j·3 + jj (< 9) adds the pair of levels (a, b) = (m_e − 1 + j, m_q − 1 + jj)
+      const int j = lane / 3, jj = lane - 3 * (lane / 3);
+      for (int src = 0; src < 32; ++src) {
+        const int me = bcast(e.m, src), mq = bcast(q.m, src);
+        const A e0 = bcast(e.w[0], src), e1 = bcast(e.w[1], src), e2 = bcast(e.w[2], src);
+        const A q0 = bcast(q.w[0], src), q1 = bcast(q.w[1], src), q2 = bcast(q.w[2], src);
+        if (lane < 9) {
+          const int a = me - 1 + j, bq = mq - 1 + jj;
+          const A wa = pick3(j, e0, e1, e2), wq = pick3(jj, q0, q1, q2);
+          if (a >= 0 && a < k && bq >= 0 && bq < k && wa != A(0) && wq != A(0))
+            wbins[static_cast<int64_t>(a) * k + bq] += wa * wq;
+        }
+        __syncwarp();
       }
     }
   }
   __syncthreads();
   A part = A(0);
-  for (int64_t i = threadIdx.x; i < nb; i += NT) part += bins[i];
+  for (int64_t i = threadIdx.x; i < nb; i += NT) part += bin_total(bins, nb, kWarps, i);
   const A total = block_sum<NT>(part);
   const A den = total + A(kHistEps);
-  for (int64_t i = threadIdx.x; i < nb; i += NT) hist[nr * nb + i] = bins[i] / den;
+  for (int64_t i = threadIdx.x; i < nb; i += NT)
+    hist[nr * nb + i] = bin_total(bins, nb, kWarps, i) / den;
   if (threadIdx.x == 0) {
     stats[nr * 3 + 0] = lo;
     stats[nr * 3 + 1] = hi;
@@ -382,55 +442,63 @@ region_grad_kernel(const A* __restrict__ grad_hist, const A* __restrict__ grad_l
                                                 : A(0);
   };
 
-  A* bins = use_smem ? reinterpret_cast<A*>(qco_dyn_smem) : gbins + nr * k;
-  for (int64_t i = threadIdx.x; i < k; i += NT) bins[i] = A(0);
+  constexpr int kWarps = NT / 32;
+  A* bins = use_smem ? reinterpret_cast<A*>(qco_dyn_smem) : gbins + nr * kWarps * k;
+  for (int64_t i = threadIdx.x; i < kWarps * static_cast<int64_t>(k); i += NT) bins[i] = A(0);
   __syncthreads();
 
   A* ca = coef + ni * 2 * g.p;
   A* cb = ca + g.p;
   long long cnt_min = 0, cnt_max = 0;
-  for (int t = threadIdx.x; t < g.hw; t += NT) {
-    const int64_t pix = g.pixel(org, t);
-    const A sv = sn[pix];
-    const Enc<A> e = encode(sv, lev, k, delta);
-    A de[3] = {A(0), A(0), A(0)};
-    if (!cooc) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // warp-uniform loop; lane t = t0 + lane (= threadIdx.x + i·NT, as in the loop further down)
+  for (int t0 = warp * 32; t0 < g.hw; t0 += NT) {
+    const int t = t0 + lane;
+    int m = 0;
+    A v3[3] = {A(0), A(0), A(0)};
+    if (t < g.hw) {
+      const int64_t pix = g.pixel(org, t);
+      const A sv = sn[pix];
+      const Enc<A> e = encode(sv, lev, k, delta);
+      A de[3] = {A(0), A(0), A(0)};
+      if (!cooc) {
+#pragma unroll
+        for (int j = 0; j < 3; ++j) {
+          const int l = e.m - 1 + j;
+          de[j] = (l >= 0 && l < k) ? (gh[l] - dot) / den : A(0);
+        }
+      } else {
+        const int ty = t / static_cast<int>(g.bw), tx = t - ty * static_cast<int>(g.bw);
+        if (ty + 1 < g.bh && tx + 1 < g.bw) {  // pixel as the left element of a pair
+          const Enc<A> q = encode(sn[pix + g.w + 1], lev, k, delta);
+#pragma unroll
+          for (int j = 0; j < 3; ++j) {
+            const int a = e.m - 1 + j;
+            de[j] += dh2(a, q.m - 1) * q.w[0] + dh2(a, q.m) * q.w[1] + dh2(a, q.m + 1) * q.w[2];
+          }
+        }
+        if (ty > 0 && tx > 0) {  // pixel as the right element
+          const Enc<A> o = encode(sn[pix - g.w - 1], lev, k, delta);
+#pragma unroll
+          for (int j = 0; j < 3; ++j) {
+            const int a = e.m - 1 + j;
+#pragma unroll
+            for (int jj = 0; jj < 3; ++jj) de[j] += dh2(o.m - 1 + jj, a) * o.w[jj];
+          }
+        }
+      }
+      A gs = grad_sim ? grad_sim[ni * g.p + pix] : A(0);
 #pragma unroll
       for (int j = 0; j < 3; ++j) {
-        const int l = e.m - 1 + j;
-        de[j] = (l >= 0 && l < k) ? (gh[l] - dot) / den : A(0);
+        v3[j] = de[j] * e.sg[j];
+        gs += v3[j];
       }
-    } else {
-      const int ty = t / static_cast<int>(g.bw), tx = t - ty * static_cast<int>(g.bw);
-      if (ty + 1 < g.bh && tx + 1 < g.bw) {  // pixel as the left element of a pair
-        const Enc<A> q = encode(sn[pix + g.w + 1], lev, k, delta);
-#pragma unroll
-        for (int j = 0; j < 3; ++j) {
-          const int a = e.m - 1 + j;
-          de[j] += dh2(a, q.m - 1) * q.w[0] + dh2(a, q.m) * q.w[1] + dh2(a, q.m + 1) * q.w[2];
-        }
-      }
-      if (ty > 0 && tx > 0) {  // pixel as the right element
-        const Enc<A> o = encode(sn[pix - g.w - 1], lev, k, delta);
-#pragma unroll
-        for (int j = 0; j < 3; ++j) {
-          const int a = e.m - 1 + j;
-#pragma unroll
-          for (int jj = 0; jj < 3; ++jj) de[j] += dh2(o.m - 1 + jj, a) * o.w[jj];
-        }
-      }
+      m = e.m;
+      ca[pix] = gs;  // partial; ties added below (read back by this same thread)
+      cnt_min += sv == lo;
+      cnt_max += sv == hi;
     }
-    A gs = grad_sim ? grad_sim[ni * g.p + pix] : A(0);
-#pragma unroll
-    for (int j = 0; j < 3; ++j) {
-      const A v = de[j] * e.sg[j];
-      gs += v;
-      const int l = e.m - 1 + j;
-      if (l >= 0 && l < k && v != A(0)) atomicAdd(bins + l, v);
-    }
-    ca[pix] = gs;  // partial; ties added below (read back by this same thread)
-    cnt_min += sv == lo;
-    cnt_max += sv == hi;
+    warp_add3(bins + warp * static_cast<int64_t>(k), k, m, v3[0], v3[1], v3[2]);
   }
   __syncthreads();  // bins complete
   const long long nmin = block_sum<NT>(cnt_min);
@@ -439,7 +507,7 @@ region_grad_kernel(const A* __restrict__ grad_hist, const A* __restrict__ grad_l
   const A* gl = grad_levels + nr * k;
   A glo = A(0), ghi = A(0);
   for (int64_t i = threadIdx.x; i < k; i += NT) {
-    const A gtot = gl[i] - bins[i];
+    const A gtot = gl[i] - bin_total(bins, k, kWarps, i);
     const A c = A(2 * i + 1) / A(2 * static_cast<int64_t>(k));
     ghi += c * gtot;
     glo += gtot - c * gtot;
@@ -590,7 +658,8 @@ recon_gsim_kernel(const T* __restrict__ grad_out, const T* __restrict__ sim,
 }
 
 // One block per (n, c): gfeat[n, c, l] = Σ_i g[n, c, i] · E_l(i) and, for the levels' gradient,
-// hs[n, c, l] = Σ_i g[n, c, i] · sign_l(i). Bins (2K): shared memory or the block's gbins slice.
+// hs[n, c, l] = Σ_i g[n, c, i] · sign_l(i). Bins (NT/32 per-warp copies of 2K): shared memory or
+// the block's gbins slice.
 template <typename T, typename A, int NT>
 __global__ void __launch_bounds__(NT)
 recon_feat_kernel(const T* __restrict__ grad_out, const T* __restrict__ sim,
@@ -599,28 +668,46 @@ recon_feat_kernel(const T* __restrict__ grad_out, const T* __restrict__ sim,
                   int64_t np, int64_t cf, int k, bool use_smem) {
   const int64_t b = blockIdx.x;  // n · Cf + c
   const int64_t ni = b / cf;
-  A* bw = use_smem ? reinterpret_cast<A*>(qco_dyn_smem) : gbins + b * 2 * k;
-  A* bs = bw + k;
-  for (int64_t i = threadIdx.x; i < 2 * static_cast<int64_t>(k); i += NT) bw[i] = A(0);
+  constexpr int kWarps = NT / 32;
+  const int64_t nb = 2 * static_cast<int64_t>(k);  // per warp: k E-weighted, then k sign bins
+  A* bins = use_smem ? reinterpret_cast<A*>(qco_dyn_smem) : gbins + b * kWarps * nb;
+  for (int64_t i = threadIdx.x; i < kWarps * nb; i += NT) bins[i] = A(0);
   __syncthreads();
   const T* g = grad_out + b * np;
-  for (int64_t p = threadIdx.x; p < np; p += NT) {
-    const Enc<A> e = recon_encode(sim, levels, lohi, ni, p, np, k);
-    const A gv = to_acc<A>(g[p]);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  A* wb = bins + warp * nb;
+  for (int64_t p0 = warp * 32; p0 < np; p0 += NT) {  // warp-uniform loop
+    const int64_t p = p0 + lane;
+    int m = 0;
+    A vw[3] = {A(0), A(0), A(0)}, vs[3] = {A(0), A(0), A(0)};
+    if (p < np) {
+      const Enc<A> e = recon_encode(sim, levels, lohi, ni, p, np, k);
+      const A gv = to_acc<A>(g[p]);
+      m = e.m;
 #pragma unroll
-    for (int j = 0; j < 3; ++j) {
-      const int l = e.m - 1 + j;
-      if (l < 0 || l >= k) continue;
-      const A vw = gv * e.w[j];
-      const A vs = gv * e.sg[j];
-      if (vw != A(0)) atomicAdd(bw + l, vw);
-      if (vs != A(0)) atomicAdd(bs + l, vs);
+      for (int j = 0; j < 3; ++j) {
+        vw[j] = gv * e.w[j];
+        vs[j] = gv * e.sg[j];
+      }
+    }
+    // lane j (< 3) adds vw[j] to bin m − 1 + j, lane 3 + j adds vs[j] to the sign bin
+    const int j = lane < 3 ? lane : lane - 3;
+    for (int src = 0; src < 32; ++src) {
+      const int ms = bcast(m, src);
+      const A w0 = bcast(vw[0], src), w1 = bcast(vw[1], src), w2 = bcast(vw[2], src);
+      const A s0 = bcast(vs[0], src), s1 = bcast(vs[1], src), s2 = bcast(vs[2], src);
+      if (lane < 6) {
+        const int l = ms - 1 + j;
+        const A v = lane < 3 ? pick3(j, w0, w1, w2) : pick3(j, s0, s1, s2);
+        if (l >= 0 && l < k && v != A(0)) wb[(lane < 3 ? 0 : k) + l] += v;
+      }
+      __syncwarp();
     }
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < k; i += NT) {
-    grad_features[b * k + i] = from_acc<T>(bw[i]);
-    hs[b * k + i] = bs[i];
+    grad_features[b * k + i] = from_acc<T>(bin_total(bins, nb, kWarps, i));
+    hs[b * k + i] = bin_total(bins, nb, kWarps, k + i);
   }
 }
 
@@ -679,17 +766,17 @@ bool qco_geometry(const P& p, Geo& g) {
   g.r = p.grid * p.grid;
   g.bh = p.h / p.grid;
   g.bw = p.w / p.grid;
-  if (g.bh * g.bw > INT_MAX) return false;  // region-local pixel indices are int
+  if (g.bh * g.bw > INT_MAX - 1024) return false;  // region-local pixel indices (+ NT) are int
   g.hw = static_cast<int>(g.bh * g.bw);
   return true;
 }
 
+// Bins per region (nb) and whether the kRegionThreads/32 per-warp copies fit in shared memory.
 template <typename P>
-void qco_bins(const P& p, const Geo& g, bool forward, int64_t& nb, bool& use_smem) {
+void qco_bins(const P& p, bool forward, int64_t& nb, bool& use_smem) {
   const int64_t k = p.num_levels;
   nb = forward ? (p.cooc ? k * k : k) : k;
-  use_smem = static_cast<size_t>(nb) * acc_size(p.dtype) <= kSmemBinsMax;
-  (void)g;
+  use_smem = static_cast<size_t>(kRegionWarps * nb) * acc_size(p.dtype) <= kSmemBinsMax;
 }
 
 template <typename T>
@@ -700,7 +787,7 @@ cudaError_t qco_forward_impl(const QcoForwardParams& p, cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
   int64_t nb;
   bool use_smem;
-  qco_bins(p, g, true, nb, use_smem);
+  qco_bins(p, true, nb, use_smem);
   const int k = static_cast<int>(p.num_levels);
   const int64_t nr = p.n * g.r;
   const int64_t pix_blocks = cdiv(g.p, kPixTile);
@@ -708,7 +795,7 @@ cudaError_t qco_forward_impl(const QcoForwardParams& p, cudaStream_t stream) {
   if (p.workspace == nullptr) return cudaErrorInvalidValue;
   Carver ws{static_cast<unsigned char*>(p.workspace)};
   A* gn = ws.take<A>(nr * g.c);
-  A* gbins = use_smem ? nullptr : ws.take<A>(nr * nb);
+  A* gbins = use_smem ? nullptr : ws.take<A>(nr * kRegionWarps * nb);
   const T* x = static_cast<const T*>(p.x);
   A* mean = static_cast<A*>(p.mean);
 
@@ -724,7 +811,7 @@ cudaError_t qco_forward_impl(const QcoForwardParams& p, cudaStream_t stream) {
                             0, stream>>>(x, gn, static_cast<A*>(p.sim), static_cast<A*>(p.rnorm),
                                          g, pix_blocks);
   if (cudaError_t e = last_error()) return e;
-  const size_t smem = use_smem ? static_cast<size_t>(nb) * sizeof(A) : 0;
+  const size_t smem = use_smem ? static_cast<size_t>(kRegionWarps * nb) * sizeof(A) : 0;
   region_hist_kernel<A, kRegionThreads><<<static_cast<unsigned>(nr), kRegionThreads, smem, stream>>>(
       static_cast<const A*>(p.sim), static_cast<A*>(p.hist), static_cast<A*>(p.levels),
       static_cast<A*>(p.stats), gbins, g, k, p.cooc, use_smem);
@@ -739,7 +826,7 @@ cudaError_t qco_backward_impl(const QcoBackwardParams& p, cudaStream_t stream) {
   if (p.n == 0 || p.c == 0) return cudaSuccess;  // grad_x is empty
   int64_t nb;
   bool use_smem;
-  qco_bins(p, g, false, nb, use_smem);
+  qco_bins(p, false, nb, use_smem);
   const int k = static_cast<int>(p.num_levels);
   const int64_t nr = p.n * g.r;
   const int64_t pix_blocks = cdiv(g.p, kElemThreads);
@@ -752,10 +839,10 @@ cudaError_t qco_backward_impl(const QcoBackwardParams& p, cudaStream_t stream) {
   A* gn = ws.take<A>(nr * g.c);
   A* dg = ws.take<A>(nr * g.c);
   A* dgn = ws.take<A>(nr * g.c);
-  A* gbins = use_smem ? nullptr : ws.take<A>(nr * nb);
+  A* gbins = use_smem ? nullptr : ws.take<A>(nr * kRegionWarps * nb);
   const T* x = static_cast<const T*>(p.x);
 
-  const size_t smem = use_smem ? static_cast<size_t>(nb) * sizeof(A) : 0;
+  const size_t smem = use_smem ? static_cast<size_t>(kRegionWarps * nb) * sizeof(A) : 0;
   region_grad_kernel<A, kRegionThreads><<<static_cast<unsigned>(nr), kRegionThreads, smem, stream>>>(
       static_cast<const A*>(p.grad_hist), static_cast<const A*>(p.grad_levels),
       static_cast<const A*>(p.grad_sim), static_cast<const A*>(p.hist),
@@ -804,7 +891,7 @@ cudaError_t recon_forward_impl(const TextureReconstructParams& p, cudaStream_t s
 }
 
 bool recon_bins_in_smem(const TextureReconstructParams& p) {
-  return static_cast<size_t>(2 * p.num_levels) * acc_size(p.dtype) <= kSmemBinsMax;
+  return static_cast<size_t>(kSumWarps * 2 * p.num_levels) * acc_size(p.dtype) <= kSmemBinsMax;
 }
 
 template <typename T>
@@ -822,7 +909,7 @@ cudaError_t recon_backward_impl(const TextureReconstructParams& p, cudaStream_t 
   Carver ws{static_cast<unsigned char*>(p.workspace)};
   A* lohi = ws.take<A>(2 * p.n);
   A* hs = ws.take<A>(p.n * p.cf * p.num_levels);
-  A* gbins = use_smem ? nullptr : ws.take<A>(p.n * p.cf * 2 * p.num_levels);
+  A* gbins = use_smem ? nullptr : ws.take<A>(p.n * p.cf * kSumWarps * 2 * p.num_levels);
   const T* sim = static_cast<const T*>(p.sim);
   const T* levels = static_cast<const T*>(p.levels);
   const T* features = static_cast<const T*>(p.features);
@@ -835,7 +922,7 @@ cudaError_t recon_backward_impl(const TextureReconstructParams& p, cudaStream_t 
                                       static_cast<T*>(p.grad_sim), np, p.cf, k, pix_blocks);
   if (cudaError_t e = last_error()) return e;
   if (p.cf > 0) {
-    const size_t smem = use_smem ? static_cast<size_t>(2 * p.num_levels) * sizeof(A) : 0;
+    const size_t smem = use_smem ? static_cast<size_t>(kSumWarps * 2 * p.num_levels) * sizeof(A) : 0;
     recon_feat_kernel<T, A, kSumThreads><<<static_cast<unsigned>(p.n * p.cf), kSumThreads, smem,
                                            stream>>>(grad_out, sim, levels, lohi,
                                                      static_cast<T*>(p.grad_features), hs, gbins,
@@ -857,10 +944,10 @@ size_t qco_forward_workspace_bytes(const QcoForwardParams& p) {
   if (!qco_geometry(p, g)) return 0;
   int64_t nb;
   bool use_smem;
-  qco_bins(p, g, true, nb, use_smem);
+  qco_bins(p, true, nb, use_smem);
   const size_t a = acc_size(p.dtype);
   const int64_t nr = p.n * g.r;
-  return align_up(nr * g.c * a) + (use_smem ? 0 : align_up(nr * nb * a));
+  return align_up(nr * g.c * a) + (use_smem ? 0 : align_up(nr * kRegionWarps * nb * a));
 }
 
 cudaError_t qco_forward(const QcoForwardParams& p, cudaStream_t stream) {
@@ -873,11 +960,11 @@ size_t qco_backward_workspace_bytes(const QcoBackwardParams& p) {
   if (!qco_geometry(p, g)) return 0;
   int64_t nb;
   bool use_smem;
-  qco_bins(p, g, false, nb, use_smem);
+  qco_bins(p, false, nb, use_smem);
   const size_t a = acc_size(p.dtype);
   const int64_t nr = p.n * g.r;
   return align_up(p.n * 2 * g.p * a) + 3 * align_up(nr * g.c * a) +
-         (use_smem ? 0 : align_up(nr * nb * a));
+         (use_smem ? 0 : align_up(nr * kRegionWarps * nb * a));
 }
 
 cudaError_t qco_backward(const QcoBackwardParams& p, cudaStream_t stream) {
@@ -899,7 +986,7 @@ size_t texture_reconstruct_backward_workspace_bytes(const TextureReconstructPara
   if (!recon_sizes_ok(p)) return 0;
   const size_t a = acc_size(p.dtype);
   return align_up(2 * p.n * a) + align_up(p.n * p.cf * p.num_levels * a) +
-         (recon_bins_in_smem(p) ? 0 : align_up(p.n * p.cf * 2 * p.num_levels * a));
+         (recon_bins_in_smem(p) ? 0 : align_up(p.n * p.cf * kSumWarps * 2 * p.num_levels * a));
 }
 
 cudaError_t texture_reconstruct_backward(const TextureReconstructParams& p, cudaStream_t stream) {
