@@ -481,7 +481,7 @@ inline at::ScalarType acc_type(const at::Tensor& x) {
 
 inline void check_qco_args(const char* op, const at::Tensor& x, int64_t num_levels, int64_t grid,
                            bool cooc) {
-  TORCH_CHECK(x.is_cuda(), "segops.", op, " (cuda): x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(on_kernel_device(x), "segops.", op, " (cuda): x must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 4, "segops.", op, " (cuda): x must be 4-D (N, C, H, W), got shape ",
               x.sizes());
   TORCH_CHECK(x.is_contiguous(), "segops.", op, " (cuda): x must be contiguous");
@@ -603,7 +603,7 @@ at::Tensor qco_backward(const at::Tensor& grad_hist, const at::Tensor& grad_leve
 
 inline void check_recon(const char* op, const at::Tensor& sim, const at::Tensor& levels,
                         const at::Tensor& features) {
-  TORCH_CHECK(sim.is_cuda(), "segops.", op, " (cuda): sim must be a CUDA tensor, got ",
+  TORCH_CHECK(on_kernel_device(sim), "segops.", op, " (cuda): sim must be a CUDA tensor, got ",
               sim.device());
   TORCH_CHECK(sim.dim() == 3, "segops.", op, " (cuda): sim must be 3-D (N, H, W), got shape ",
               sim.sizes());

@@ -117,7 +117,7 @@ def build(root: str = ROOT, verbose: bool = False) -> None:
     srcs = sources(root, out_dir)
     load(name=LIBRARY, sources=srcs, build_directory=out_dir, is_python_module=False,
          extra_include_paths=[os.path.join(HERE, "fake_cuda"), os.path.join(root, "csrc", "include")],
-         extra_cflags=["-std=c++20", "-O1", "-DSEGOPS_CUDA_EMULATION", "-Wno-unknown-pragmas",
+         extra_cflags=["-std=c++20", "-O1", "-DSEGOPS_CUDA_EMULATION", "-Wno-unknown-pragmas", "-ffp-contract=off",
                        "-Wno-unused-function", "-Wno-unused-variable"],
          extra_ldflags=["-pthread"], verbose=verbose)
 
