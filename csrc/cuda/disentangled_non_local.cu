@@ -33,6 +33,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -56,16 +57,6 @@ constexpr int64_t kMaxBlocks = 2147483647;  // gridDim.x limit
 static_assert(kThreads == 16 * 16, "thread layout is 16 x 16");
 static_assert(kTile == 4 * 16, "each thread owns 4 rows and 4 columns of a tile");
 static_assert(kKC * kTile % kThreads == 0, "score_tile stage loads divide evenly");
-
-// Shared-memory layout of the attention-tile kernels, in accumulation-type elements.
-template <int VPT>
-struct TileSmem {
-  static constexpr int kX = 0;                        // [kKC][kTile] score operand X~
-  static constexpr int kY = kX + kKC * kTile;         // [kKC][kTile] score operand Y~
-  static constexpr int kP = kY + kKC * kTile;         // [kTile][kPLd] P or dS
-  static constexpr int kZ = kP + kTile * kPLd;        // [16 * VPT][kZLd] accumulate operand
-  static constexpr int kElems = kZ + 16 * VPT * kZLd;
-};
 
 template <typename A> __device__ __forceinline__ A neg_inf();
 template <> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000); }
@@ -195,7 +186,196 @@ __device__ __forceinline__ void accumulate_tile(A (&acc)[4][VPT], const A* Ps,
   }
 }
 
-extern __shared__ __align__(16) unsigned char dnl_smem[];
+extern __shared__ __align__(128) unsigned char dnl_smem[];
+
+constexpr size_t round_up128(size_t b) { return (b + 127) / 128 * 128; }
+
+// The attention-tile kernels reach their two products through a tile-ops policy, which also owns
+// the shared-memory layout (bytes from the dynamic shared-memory base):
+//   p_tile(smem):   the 64 x kPLd accumulation-type tile the kernel writes P / dS into;
+//   score(...):     s[r][k] += S[ty + 16 r][tx + 16 k] (see score_tile);
+//   accumulate(...): acc[r][k] += (T Z~^T)[ty + 16 r][tx + 16 k] (see accumulate_tile).
+// Both end with __syncthreads. SimtTiles: fp32/fp64 FMA (every dtype when SEGOPS_DNL_NO_WMMA).
+template <typename T, int VPT>
+struct SimtTiles {
+  using A = acc_t<T>;
+  static constexpr size_t kP = 0;                                        // [kTile][kPLd] A
+  static constexpr size_t kX = round_up128(kP + sizeof(A) * kTile * kPLd);  // [kKC][kTile] A
+  static constexpr size_t kY = round_up128(kX + sizeof(A) * kKC * kTile);   // [kKC][kTile] A
+  static constexpr size_t kZ = round_up128(kY + sizeof(A) * kKC * kTile);   // [16 VPT][kZLd] A
+  static constexpr size_t kBytes = round_up128(kZ + sizeof(A) * 16 * VPT * kZLd);
+
+  static __device__ __forceinline__ A* p_tile(unsigned char* sm) {
+    return reinterpret_cast<A*>(sm + kP);
+  }
+  static __device__ __forceinline__ void score(A (&s)[4][4], const T* __restrict__ X,
+                                               const A* __restrict__ muX, int64_t LX, int64_t a0,
+                                               const T* __restrict__ Y, const A* __restrict__ muY,
+                                               int64_t LY, int64_t b0, int64_t C,
+                                               unsigned char* sm) {
+    score_tile(s, X, muX, LX, a0, Y, muY, LY, b0, C, reinterpret_cast<A*>(sm + kX),
+               reinterpret_cast<A*>(sm + kY));
+  }
+  static __device__ __forceinline__ void accumulate(A (&acc)[4][VPT], const A* Ps,
+                                                    const T* __restrict__ Z,
+                                                    const A* __restrict__ muZ, int64_t LZ,
+                                                    int64_t b0, int64_t C, int64_t c0,
+                                                    unsigned char* sm) {
+    accumulate_tile<VPT>(acc, Ps, Z, muZ, LZ, b0, C, c0, reinterpret_cast<A*>(sm + kZ));
+  }
+};
+
+// WmmaTiles (fp16 / bf16): both products on tensor cores (nvcuda::wmma 16x16x16, fp32
+// accumulator fragments); operands are staged in shared memory in the storage type (whitened
+// values and P / dS rounded to it, as the Triton kernels do), the fp32 results go through shared
+// memory back into the same per-thread ownership as the SIMT path, so the kernels are shared.
+// 8 warps: score() gives warp w the 16 x 32 strip (rows 16 (w / 2), columns 32 (w % 2)) of the
+// 64 x 64 tile; accumulate() gives it rows 16 (w % 4) and VPT / 2 column tiles of 16 starting at
+// column tile (w / 4) VPT / 2 of the 64 x 16 VPT result. Fragment elements are never addressed
+// individually (their layout is unspecified).
+template <typename T, int VPT>
+struct WmmaTiles {
+  using A = float;
+  static_assert(VPT % 2 == 0, "accumulate() splits 16 VPT columns over 2 warp columns");
+  static constexpr int kHLd = kTile + 8;        // leading dim of the storage-type 64-wide tiles
+  static constexpr int kSLd = kTile + 4;        // leading dim of the fp32 score result
+  static constexpr int kFLd = 16 * VPT + 4;     // leading dim of the fp32 product result
+  static constexpr int kFElems = kTile * (kSLd > kFLd ? kSLd : kFLd);
+  static constexpr size_t kP = 0;                                           // [kTile][kPLd] f32
+  static constexpr size_t kXh = round_up128(kP + sizeof(float) * kTile * kPLd);  // [kKC][kTile] T
+  static constexpr size_t kYh = round_up128(kXh + sizeof(T) * kKC * kTile);       // [kKC][kTile] T
+  static constexpr size_t kPh = round_up128(kYh + sizeof(T) * kKC * kTile);       // [kTile][kHLd] T
+  static constexpr size_t kZh = round_up128(kPh + sizeof(T) * kTile * kHLd);      // [16VPT][kHLd] T
+  static constexpr size_t kF = round_up128(kZh + sizeof(T) * 16 * VPT * kHLd);    // fp32 results
+  static constexpr size_t kBytes = round_up128(kF + sizeof(float) * kFElems);
+
+  static __device__ __forceinline__ float* p_tile(unsigned char* sm) {
+    return reinterpret_cast<float*>(sm + kP);
+  }
+
+  static __device__ __forceinline__ void score(float (&s)[4][4], const T* __restrict__ X,
+                                               const float* __restrict__ muX, int64_t LX,
+                                               int64_t a0, const T* __restrict__ Y,
+                                               const float* __restrict__ muY, int64_t LY,
+                                               int64_t b0, int64_t C, unsigned char* sm) {
+    namespace wmma = nvcuda::wmma;
+    T* Xh = reinterpret_cast<T*>(sm + kXh);
+    T* Yh = reinterpret_cast<T*>(sm + kYh);
+    float* Sf = reinterpret_cast<float*>(sm + kF);
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5;
+    const int rt = warp >> 1, ct0 = (warp & 1) * 2;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2];
+    wmma::fill_fragment(c[0], 0.0f);
+    wmma::fill_fragment(c[1], 0.0f);
+    for (int64_t d0 = 0; d0 < C; d0 += kKC) {
+#pragma unroll
+      for (int q = 0; q < kKC * kTile / kThreads; ++q) {
+        const int e = tid + q * kThreads;
+        const int d = e / kTile, p = e % kTile;
+        const int64_t dd = d0 + d, a = a0 + p, b = b0 + p;
+        float xv = 0.0f, yv = 0.0f;
+        if (dd < C) {
+          if (a < LX) xv = to_acc<float>(X[dd * LX + a]) - (muX != nullptr ? muX[dd] : 0.0f);
+          if (b < LY) yv = to_acc<float>(Y[dd * LY + b]) - (muY != nullptr ? muY[dd] : 0.0f);
+        }
+        Xh[d * kTile + p] = from_acc<T>(xv);
+        Yh[d * kTile + p] = from_acc<T>(yv);
+      }
+      __syncthreads();
+      // A = X~^T (64 x 16): element (a, d) at Xh[d * kTile + a], i.e. column-major.
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+      wmma::load_matrix_sync(fa, Xh + rt * 16, kTile);
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        // B = Y~ (16 x 64): element (d, b) at Yh[d * kTile + b], row-major.
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, Yh + (ct0 + t) * 16, kTile);
+        wmma::mma_sync(c[t], fa, fb, c[t]);
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+      wmma::store_matrix_sync(Sf + rt * 16 * kSLd + (ct0 + t) * 16, c[t], kSLd,
+                              wmma::mem_row_major);
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) s[r][k] += Sf[(ty + 16 * r) * kSLd + tx + 16 * k];
+    __syncthreads();
+  }
+
+  static __device__ __forceinline__ void accumulate(float (&acc)[4][VPT], const float* Ps,
+                                                    const T* __restrict__ Z,
+                                                    const float* __restrict__ muZ, int64_t LZ,
+                                                    int64_t b0, int64_t C, int64_t c0,
+                                                    unsigned char* sm) {
+    namespace wmma = nvcuda::wmma;
+    constexpr int BV = 16 * VPT;
+    T* Ph = reinterpret_cast<T*>(sm + kPh);
+    T* Zh = reinterpret_cast<T*>(sm + kZh);
+    float* F = reinterpret_cast<float*>(sm + kF);
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5;
+    // Stage T (the caller's fp32 tile, written before the call) and Z~ in the storage type.
+#pragma unroll 4
+    for (int q = 0; q < kTile * kTile / kThreads; ++q) {
+      const int e = tid + q * kThreads;
+      const int a = e / kTile, b = e % kTile;
+      Ph[a * kHLd + b] = from_acc<T>(Ps[a * kPLd + b]);
+    }
+#pragma unroll 4
+    for (int q = 0; q < BV * kTile / kThreads; ++q) {
+      const int e = tid + q * kThreads;
+      const int c = e / kTile, p = e % kTile;
+      const int64_t cc = c0 + c, b = b0 + p;
+      float zv = 0.0f;
+      if (cc < C && b < LZ) zv = to_acc<float>(Z[cc * LZ + b]) - (muZ != nullptr ? muZ[cc] : 0.0f);
+      Zh[c * kHLd + p] = from_acc<T>(zv);
+    }
+    __syncthreads();
+    const int rt = warp & 3, ct0 = (warp >> 2) * (VPT / 2);
+#pragma unroll
+    for (int t = 0; t < VPT / 2; ++t) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
+      wmma::fill_fragment(fc, 0.0f);
+#pragma unroll
+      for (int kk = 0; kk < kTile / 16; ++kk) {
+        // A = T (64 x 64): element (a, b) at Ph[a * kHLd + b], row-major.
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, Ph + rt * 16 * kHLd + kk * 16, kHLd);
+        // B = Z~^T (64 x BV): element (b, c) at Zh[c * kHLd + b], column-major.
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+        wmma::load_matrix_sync(fb, Zh + (ct0 + t) * 16 * kHLd + kk * 16, kHLd);
+        wmma::mma_sync(fc, fa, fb, fc);
+      }
+      wmma::store_matrix_sync(F + rt * 16 * kFLd + (ct0 + t) * 16, fc, kFLd, wmma::mem_row_major);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int k = 0; k < VPT; ++k) acc[r][k] += F[(ty + 16 * r) * kFLd + tx + 16 * k];
+    __syncthreads();
+  }
+};
+
+template <typename T, int VPT>
+struct TileOps {
+  using type = SimtTiles<T, VPT>;
+};
+#ifndef SEGOPS_DNL_NO_WMMA
+template <int VPT>
+struct TileOps<__half, VPT> {
+  using type = WmmaTiles<__half, VPT>;
+};
+template <int VPT>
+struct TileOps<__nv_bfloat16, VPT> {
+  using type = WmmaTiles<__nv_bfloat16, VPT>;
+};
+#endif
+template <typename T, int VPT>
+using tile_ops_t = typename TileOps<T, VPT>::type;
 
 // ---------------------------------------------------------------------------------------------
 // Small kernels (row reductions and per-position loops).
@@ -335,10 +515,9 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(
     const acc_t<T>* __restrict__ g, T* __restrict__ out, acc_t<T>* __restrict__ lse, int64_t Ck,
     int64_t Cv, int64_t Lq, int64_t Lk, acc_t<T> s, int64_t nqb, int64_t ncb) {
   using A = acc_t<T>;
-  using L = TileSmem<VPT>;
+  using Tiles = tile_ops_t<T, VPT>;
   constexpr int BV = 16 * VPT;
-  A* sm = reinterpret_cast<A*>(dnl_smem);
-  A* Ps = sm + L::kP;
+  A* Ps = Tiles::p_tile(dnl_smem);
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int64_t bid = blockIdx.x;
   const int64_t cb = bid % ncb, qb = (bid / ncb) % nqb, n = bid / (ncb * nqb);
@@ -363,7 +542,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(
     for (int r = 0; r < 4; ++r)
 #pragma unroll
       for (int c = 0; c < 4; ++c) sc[r][c] = A(0);
-    score_tile(sc, qn, mqn, Lq, i0, kn, mkn, Lk, j0, Ck, sm + L::kX, sm + L::kY);
+    Tiles::score(sc, qn, mqn, Lq, i0, kn, mkn, Lk, j0, Ck, dnl_smem);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       A mx = neg_inf<A>();
@@ -389,8 +568,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(
 #pragma unroll
       for (int c = 0; c < VPT; ++c) acc[r][c] *= alpha;
     }
-    accumulate_tile<VPT>(acc, Ps, vn, static_cast<const A*>(nullptr), Lk, j0, Cv, c0,
-                         sm + L::kZ);
+    Tiles::accumulate(acc, Ps, vn, static_cast<const A*>(nullptr), Lk, j0, Cv, c0, dnl_smem);
   }
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
@@ -419,10 +597,9 @@ __global__ void __launch_bounds__(kThreads) attention_dv_kernel(
     const acc_t<T>* __restrict__ lse_u, T* __restrict__ dv, int64_t Ck, int64_t Cv, int64_t Lq,
     int64_t Lk, acc_t<T> s, int64_t nkb, int64_t ncb) {
   using A = acc_t<T>;
-  using L = TileSmem<VPT>;
+  using Tiles = tile_ops_t<T, VPT>;
   constexpr int BV = 16 * VPT;
-  A* sm = reinterpret_cast<A*>(dnl_smem);
-  A* Ps = sm + L::kP;
+  A* Ps = Tiles::p_tile(dnl_smem);
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int64_t bid = blockIdx.x;
   const int64_t cb = bid % ncb, kb = (bid / ncb) % nkb, n = bid / (ncb * nkb);
@@ -445,7 +622,7 @@ __global__ void __launch_bounds__(kThreads) attention_dv_kernel(
     for (int r = 0; r < 4; ++r)
 #pragma unroll
       for (int c = 0; c < 4; ++c) st[r][c] = A(0);
-    score_tile(st, kn, mkn, Lk, j0, qn, mqn, Lq, i0, Ck, sm + L::kX, sm + L::kY);
+    Tiles::score(st, kn, mkn, Lk, j0, qn, mqn, Lq, i0, Ck, dnl_smem);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int64_t i = i0 + tx + 16 * c;
@@ -456,8 +633,7 @@ __global__ void __launch_bounds__(kThreads) attention_dv_kernel(
         Ps[(ty + 16 * r) * kPLd + tx + 16 * c] =
             valid && j0 + ty + 16 * r < Lk ? acc_exp(st[r][c] * s - li) : A(0);
     }
-    accumulate_tile<VPT>(acc, Ps, gon, static_cast<const A*>(nullptr), Lq, i0, Cv, c0,
-                         sm + L::kZ);
+    Tiles::accumulate(acc, Ps, gon, static_cast<const A*>(nullptr), Lq, i0, Cv, c0, dnl_smem);
   }
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
@@ -486,10 +662,9 @@ __global__ void __launch_bounds__(kThreads) attention_dk_kernel(
     acc_t<T>* __restrict__ colsum, int64_t Ck, int64_t Cv, int64_t Lq, int64_t Lk, acc_t<T> s,
     int64_t nkb, int64_t ncb) {
   using A = acc_t<T>;
-  using L = TileSmem<VPT>;
+  using Tiles = tile_ops_t<T, VPT>;
   constexpr int BC = 16 * VPT;
-  A* sm = reinterpret_cast<A*>(dnl_smem);
-  A* Ps = sm + L::kP;
+  A* Ps = Tiles::p_tile(dnl_smem);
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int64_t bid = blockIdx.x;
   const int64_t cb = bid % ncb, kb = (bid / ncb) % nkb, n = bid / (ncb * nkb);
@@ -519,9 +694,9 @@ __global__ void __launch_bounds__(kThreads) attention_dk_kernel(
         st[r][c] = A(0);
         dpt[r][c] = A(0);
       }
-    score_tile(st, kn, mkn, Lk, j0, qn, mqn, Lq, i0, Ck, sm + L::kX, sm + L::kY);
-    score_tile(dpt, vn, static_cast<const A*>(nullptr), Lk, j0, gon,
-               static_cast<const A*>(nullptr), Lq, i0, Cv, sm + L::kX, sm + L::kY);
+    Tiles::score(st, kn, mkn, Lk, j0, qn, mqn, Lq, i0, Ck, dnl_smem);
+    Tiles::score(dpt, vn, static_cast<const A*>(nullptr), Lk, j0, gon,
+               static_cast<const A*>(nullptr), Lq, i0, Cv, dnl_smem);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int64_t i = i0 + tx + 16 * c;
@@ -536,7 +711,7 @@ __global__ void __launch_bounds__(kThreads) attention_dk_kernel(
         Ps[(ty + 16 * r) * kPLd + tx + 16 * c] = ds;
       }
     }
-    accumulate_tile<VPT>(acc, Ps, qn, mqn, Lq, i0, Ck, c0, sm + L::kZ);
+    Tiles::accumulate(acc, Ps, qn, mqn, Lq, i0, Ck, c0, dnl_smem);
   }
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
@@ -562,10 +737,9 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(
     const acc_t<T>* __restrict__ corr, T* __restrict__ dq, int64_t Ck, int64_t Cv, int64_t Lq,
     int64_t Lk, acc_t<T> s, int64_t nqb, int64_t ncb) {
   using A = acc_t<T>;
-  using L = TileSmem<VPT>;
+  using Tiles = tile_ops_t<T, VPT>;
   constexpr int BC = 16 * VPT;
-  A* sm = reinterpret_cast<A*>(dnl_smem);
-  A* Ps = sm + L::kP;
+  A* Ps = Tiles::p_tile(dnl_smem);
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int64_t bid = blockIdx.x;
   const int64_t cb = bid % ncb, qb = (bid / ncb) % nqb, n = bid / (ncb * nqb);
@@ -595,9 +769,9 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(
         sc[r][c] = A(0);
         dp[r][c] = A(0);
       }
-    score_tile(sc, qn, mqn, Lq, i0, kn, mkn, Lk, j0, Ck, sm + L::kX, sm + L::kY);
-    score_tile(dp, gon, static_cast<const A*>(nullptr), Lq, i0, vn,
-               static_cast<const A*>(nullptr), Lk, j0, Cv, sm + L::kX, sm + L::kY);
+    Tiles::score(sc, qn, mqn, Lq, i0, kn, mkn, Lk, j0, Ck, dnl_smem);
+    Tiles::score(dp, gon, static_cast<const A*>(nullptr), Lq, i0, vn,
+               static_cast<const A*>(nullptr), Lk, j0, Cv, dnl_smem);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const bool valid = j0 + tx + 16 * c < Lk;
@@ -606,7 +780,7 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(
         Ps[(ty + 16 * r) * kPLd + tx + 16 * c] =
             valid ? acc_exp(sc[r][c] * s - li[r]) * (dp[r][c] - di[r]) : A(0);
     }
-    accumulate_tile<VPT>(acc, Ps, kn, mkn, Lk, j0, Ck, c0, sm + L::kZ);
+    Tiles::accumulate(acc, Ps, kn, mkn, Lk, j0, Ck, c0, dnl_smem);
   }
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
@@ -661,7 +835,7 @@ cudaError_t with_vpt(int64_t C, F f) {
 }
 
 template <typename T, int VPT>
-size_t tile_smem() { return sizeof(acc_t<T>) * TileSmem<VPT>::kElems; }
+size_t tile_smem() { return tile_ops_t<T, VPT>::kBytes; }
 
 template <typename T, int VPT>
 cudaError_t forward_attention(const DisentangledNonLocalForwardParams& p, const acc_t<T>* mq,
