@@ -29,7 +29,10 @@
 //                    minus per-channel means), 16 channels per shared-memory stage;
 //   accumulate_tile: acc (64 x 16*VPT) += T Z~^T, T the 64 x 64 tile in shared memory (P or dS),
 //                    Z~ a (C, L) operand (optionally whitened), 16 positions per stage.
-// SIMT with fp32 accumulation (fp64 for fp64) for every dtype; no tensor cores yet.
+// The products go through a tile-ops policy (SimtTiles / WmmaTiles below): fp32 and fp64 use
+// SIMT FMA in the accumulation type; fp16 and bf16 use WMMA tensor cores (fp32 accumulators,
+// operands and P / dS rounded to the storage type, as in the Triton kernels). Defining
+// SEGOPS_DNL_NO_WMMA selects the SIMT policy for every dtype. Statistics are fp32 (fp64).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -317,7 +320,9 @@ struct WmmaTiles {
     T* Zh = reinterpret_cast<T*>(sm + kZh);
     float* F = reinterpret_cast<float*>(sm + kF);
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5;
-    // Stage T (the caller's fp32 tile, written before the call) and Z~ in the storage type.
+    // Stage T (the caller's fp32 tile, written by other threads just before the call: hence
+    // the barrier) and Z~ in the storage type.
+    __syncthreads();
 #pragma unroll 4
     for (int q = 0; q < kTile * kTile / kThreads; ++q) {
       const int e = tid + q * kThreads;
