@@ -324,6 +324,165 @@ TORCH_LIBRARY_IMPL(segops_C, CUDA, m) {
 
 // ===== disentangled_non_local =====
 
+namespace segops {
+namespace cuda_binding {
+namespace dnl {
+
+constexpr const char* kOp = "disentangled_non_local";
+
+// Saved statistics (lse, g, lse_u) are in the accumulation dtype: float64 for float64, else float32.
+inline at::ScalarType stat_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& unary) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "segops.", kOp,
+              " (cuda): query, key and value must be 3-D (N, C, L), got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1), "segops.", kOp,
+              " (cuda): key must be (N, Ck, Lk) with (N, Ck) of query ", q.sizes(), ", got ",
+              k.sizes());
+  TORCH_CHECK(v.size(0) == k.size(0) && v.size(2) == k.size(2), "segops.", kOp,
+              " (cuda): value must be (N, Cv, Lk) with N, Lk of key ", k.sizes(), ", got ",
+              v.sizes());
+  if (unary.has_value()) {
+    TORCH_CHECK(unary->dim() == 2 && unary->size(0) == k.size(0) && unary->size(1) == k.size(2),
+                "segops.", kOp, " (cuda): unary must be (N, Lk) = (", k.size(0), ", ", k.size(2),
+                "), got ", unary->sizes());
+  }
+  TORCH_CHECK(k.size(2) > 0 || q.size(0) * q.size(2) == 0, "segops.", kOp,
+              " (cuda): key has no positions (Lk = 0) but there are queries");
+}
+
+void check_stat(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dt,
+                const at::Tensor& like) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "segops.", kOp, " (cuda): ", name,
+              " must be on ", like.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dt, "segops.", kOp, " (cuda): ", name, " must have dtype ", dt,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "segops.", kOp, " (cuda): ", name, " must have shape ", shape,
+              ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "segops.", kOp, " (cuda): ", name, " must be contiguous");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& unary, bool whiten, double s) {
+  check_tensors(kOp, query, {{"query", &query}, {"key", &key}, {"value", &value}});
+  if (unary.has_value()) check_tensors(kOp, query, {{"unary", &*unary}});
+  check_shapes(query, key, value, unary);
+  const cuda::DType dtype = dtype_of(query, kOp);
+  const int64_t N = query.size(0), Ck = query.size(1), Lq = query.size(2);
+  const int64_t Cv = value.size(1), Lk = key.size(2);
+  c10::cuda::CUDAGuard guard(query.device());
+  const auto sopt = query.options().dtype(stat_dtype(query));
+  auto out = at::empty({N, Cv, Lq}, value.options());
+  auto lse = at::empty({N, Lq}, sopt);
+  auto g = at::zeros({N, Cv}, sopt);
+  auto lse_u = at::zeros({N}, sopt);
+  // Nothing to compute: no samples, no keys (then no queries either), or no queries and no
+  // unary statistics to produce.
+  if (N == 0 || Lk == 0 || (Lq == 0 && !unary.has_value())) return {out, lse, g, lse_u};
+  cuda::DisentangledNonLocalForwardParams p;
+  p.query = query.data_ptr();
+  p.key = key.data_ptr();
+  p.value = value.data_ptr();
+  p.unary = unary.has_value() ? unary->data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  p.g = g.data_ptr();
+  p.lse_u = lse_u.data_ptr();
+  p.N = N;
+  p.Ck = Ck;
+  p.Cv = Cv;
+  p.Lq = Lq;
+  p.Lk = Lk;
+  p.whiten = whiten;
+  p.s = s;
+  p.dtype = dtype;
+  const size_t ws = cuda::disentangled_non_local_forward_workspace_bytes(p);
+  at::Tensor workspace;
+  if (ws > 0) {
+    workspace = at::empty({static_cast<int64_t>(ws)}, query.options().dtype(at::kByte));
+    p.workspace = workspace.data_ptr();
+  }
+  check_launch(cuda::disentangled_non_local_forward(p, current_stream()), kOp);
+  return {out, lse, g, lse_u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const std::optional<at::Tensor>& unary, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& g, const at::Tensor& lse_u, bool whiten, double s) {
+  check_tensors(kOp, query, {{"grad_out", &grad_out}, {"query", &query}, {"key", &key},
+                             {"value", &value}, {"out", &out}});
+  if (unary.has_value()) check_tensors(kOp, query, {{"unary", &*unary}});
+  check_shapes(query, key, value, unary);
+  const cuda::DType dtype = dtype_of(query, kOp);
+  const int64_t N = query.size(0), Ck = query.size(1), Lq = query.size(2);
+  const int64_t Cv = value.size(1), Lk = key.size(2);
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({N, Cv, Lq}), "segops.", kOp,
+              " (cuda): out must have shape (N, Cv, Lq) = (", N, ", ", Cv, ", ", Lq, "), got ",
+              out.sizes());
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "segops.", kOp,
+              " (cuda): grad_out must have the shape of out ", out.sizes(), ", got ",
+              grad_out.sizes());
+  const at::ScalarType sd = stat_dtype(query);
+  check_stat(lse, "lse", {N, Lq}, sd, query);
+  if (unary.has_value()) {
+    check_stat(g, "g", {N, Cv}, sd, query);
+    check_stat(lse_u, "lse_u", {N}, sd, query);
+  }
+  c10::cuda::CUDAGuard guard(query.device());
+  auto dq = at::empty_like(query);
+  // With no queries the gradients of key, value and unary are zero (nothing is launched).
+  auto dk = Lq == 0 ? at::zeros_like(key) : at::empty_like(key);
+  auto dv = Lq == 0 ? at::zeros_like(value) : at::empty_like(value);
+  auto du = unary.has_value() ? (Lq == 0 ? at::zeros_like(*unary) : at::empty_like(*unary))
+                              : at::empty({0}, query.options());
+  if (N == 0 || Lq == 0 || Lk == 0) return {dq, dk, dv, du};
+  cuda::DisentangledNonLocalBackwardParams p;
+  p.grad_out = grad_out.data_ptr();
+  p.query = query.data_ptr();
+  p.key = key.data_ptr();
+  p.value = value.data_ptr();
+  p.unary = unary.has_value() ? unary->data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  p.g = unary.has_value() ? g.data_ptr() : nullptr;
+  p.lse_u = unary.has_value() ? lse_u.data_ptr() : nullptr;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.du = unary.has_value() ? du.data_ptr() : nullptr;
+  p.N = N;
+  p.Ck = Ck;
+  p.Cv = Cv;
+  p.Lq = Lq;
+  p.Lk = Lk;
+  p.whiten = whiten;
+  p.s = s;
+  p.dtype = dtype;
+  const size_t ws = cuda::disentangled_non_local_backward_workspace_bytes(p);
+  at::Tensor workspace;
+  if (ws > 0) {
+    workspace = at::empty({static_cast<int64_t>(ws)}, query.options().dtype(at::kByte));
+    p.workspace = workspace.data_ptr();
+  }
+  check_launch(cuda::disentangled_non_local_backward(p, current_stream()), kOp);
+  return {dq, dk, dv, du};
+}
+
+}  // namespace dnl
+}  // namespace cuda_binding
+}  // namespace segops
+
+TORCH_LIBRARY_IMPL(segops_C, CUDA, m) {
+  m.impl("disentangled_non_local_forward", &segops::cuda_binding::dnl::forward);
+  m.impl("disentangled_non_local_backward", &segops::cuda_binding::dnl::backward);
+}
+
 // ===== end disentangled_non_local =====
 
 

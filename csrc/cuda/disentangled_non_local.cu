@@ -1,0 +1,1022 @@
+// Disentangled non-local attention (SPEC §2.3), CUDA kernels. Same algorithm, saved statistics
+// and output dtypes as csrc/cpu/disentangled_non_local.cpp and segops/triton/disentangled_non_local.py.
+//
+// Inputs are flattened and contiguous: query (N, Ck, Lq), key (N, Ck, Lk), value (N, Cv, Lk),
+// unary (N, Lk) or none; s = scale / temperature. Every operand is channel-major, so every tile
+// is read from (C, L) storage coalesced along positions.
+//
+// Forward (flash-attention style, nothing of size Lq x Lk ever reaches global memory):
+//   channel means of query and key when whitening (one block per (n, c) row, saved to scratch);
+//   with unary: lse_u (one block per sample) and g = sum_j softmax(u)_j v_j (one block per (n, c));
+//   the attention kernel: one block per (sample, 64 queries, chunk of 16*VPT value channels)
+//   loops over blocks of 64 keys: S = s q~^T k~ (registers, Ck in chunks of 16 through shared
+//   memory), online softmax (running max / sum per query row), acc = acc * alpha + P V^T.
+//   It writes out = acc / l + g and (first channel chunk only) lse = m + log(l).
+// Backward (recomputes P from lse; deterministic, no atomics):
+//   D_i = dout_i . (out_i - g) (one thread per query), dg = sum_i dout_i (with unary);
+//   dV kernel: per (sample, 64 keys, value-channel chunk): dv_j = sum_i P_ij dout_i (+ w_j dg);
+//   dK kernel: per (sample, 64 keys, key-channel chunk): dS = P (dP - D), dk_j = s sum_i dS_ij q~_i,
+//     and (first chunk, whitening) the column sums sum_i dS_ij;
+//   whitening: corr = (s / Lq) sum_j colsum_j k~_j = mean_i of dq~ (one block per (n, c));
+//     the key side needs no correction: sum_j dS_ij = 0 makes mean_j dk~ vanish;
+//   dQ kernel: per (sample, 64 queries, key-channel chunk): dq_i = s sum_j dS_ij k~_j - corr;
+//   du_j = w_j (dg . v_j - dg . g) (one thread per key), w = softmax(u).
+//
+// The attention-tile kernels share two building blocks (256 threads; thread t owns rows
+// ty + 16 r (r < 4) and columns tx + 16 k of each tile, ty = t / 16, tx = t % 16, so the 16
+// threads of a half warp hold whole rows and row reductions are 16-lane shuffles):
+//   score_tile:      S (64 x 64) += X~^T Y~ over C channels (X~, Y~: (C, L) operands, optionally
+//                    minus per-channel means), 16 channels per shared-memory stage;
+//   accumulate_tile: acc (64 x 16*VPT) += T Z~^T, T the 64 x 64 tile in shared memory (P or dS),
+//                    Z~ a (C, L) operand (optionally whitened), 16 positions per stage.
+// The products go through a tile-ops policy (SimtTiles / WmmaTiles below): fp32 and fp64 use
+// SIMT FMA in the accumulation type; fp16 and bf16 use WMMA tensor cores (fp32 accumulators,
+// operands and P / dS rounded to the storage type, as in the Triton kernels). Defining
+// SEGOPS_DNL_NO_WMMA selects the SIMT policy for every dtype. Statistics are fp32 (fp64).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "segops/cuda/device_utils.cuh"
+#include "segops/cuda/disentangled_non_local.h"
+
+namespace segops {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;         // threads of every block
+constexpr int kTile = 64;             // positions per attention tile (rows and columns)
+constexpr int kKC = 16;               // channels per stage of score_tile
+constexpr int kPLd = kTile + 1;       // leading dimension of the P / dS tile in shared memory
+constexpr int kZC = 16;               // positions per stage of accumulate_tile
+constexpr int kZLd = kZC + 1;         // leading dimension of the Z stage
+constexpr int64_t kMaxBlocks = 2147483647;  // gridDim.x limit
+
+static_assert(kThreads == 16 * 16, "thread layout is 16 x 16");
+static_assert(kTile == 4 * 16, "each thread owns 4 rows and 4 columns of a tile");
+static_assert(kKC * kTile % kThreads == 0, "score_tile stage loads divide evenly");
+
+template <typename A> __device__ __forceinline__ A neg_inf();
+template <> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000); }
+template <> __device__ __forceinline__ double neg_inf<double>() {
+  return __longlong_as_double(static_cast<long long>(0xfff0000000000000ULL));
+}
+
+// Accurate exp / log (not __expf): the forward's statistics and the backward's recomputed
+// probabilities use the same function on the same operands.
+__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
+__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+__device__ __forceinline__ float acc_log(float x) { return logf(x); }
+__device__ __forceinline__ double acc_log(double x) { return log(x); }
+__device__ __forceinline__ float madd(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double madd(double a, double b, double c) { return fma(a, b, c); }
+
+// Reductions over the 16 lanes of a half warp (one tile row); all 32 lanes take part.
+template <typename A> __device__ __forceinline__ A row16_max(A v) {
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+template <typename A> __device__ __forceinline__ A row16_sum(A v) {
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block (kThreads threads); every thread gets the result. `red` holds 32 values.
+template <typename A> __device__ __forceinline__ A block_sum(A v, A* red) {
+  v = warp_sum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // `red` may still be read from a previous call
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  A r = lane < kThreads / 32 ? red[lane] : A(0);
+  return warp_sum(r);
+}
+template <typename A> __device__ __forceinline__ A block_max(A v, A* red) {
+  v = warp_max(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  A r = lane < kThreads / 32 ? red[lane] : neg_inf<A>();
+  return warp_max(r);
+}
+
+// s[r][k] += sum_{d < C} X~[d][a0 + ty + 16 r] * Y~[d][b0 + tx + 16 k], where X~ = X - muX
+// (per channel, muX may be null) is zero outside [0, LX), likewise Y~. X, Y point at the
+// sample's (C, LX) / (C, LY) storage. Xs, Ys: [kKC][kTile] shared stages. Starts and ends with
+// all threads past a barrier-free region (ends with __syncthreads).
+template <typename T, typename A>
+__device__ __forceinline__ void score_tile(A (&s)[4][4], const T* __restrict__ X,
+                                           const A* __restrict__ muX, int64_t LX, int64_t a0,
+                                           const T* __restrict__ Y, const A* __restrict__ muY,
+                                           int64_t LY, int64_t b0, int64_t C, A* Xs, A* Ys) {
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  for (int64_t d0 = 0; d0 < C; d0 += kKC) {
+#pragma unroll
+    for (int q = 0; q < kKC * kTile / kThreads; ++q) {
+      const int e = tid + q * kThreads;
+      const int d = e / kTile, p = e % kTile;
+      const int64_t dd = d0 + d, a = a0 + p, b = b0 + p;
+      A xv = A(0), yv = A(0);
+      if (dd < C) {
+        if (a < LX) xv = to_acc<A>(X[dd * LX + a]) - (muX != nullptr ? muX[dd] : A(0));
+        if (b < LY) yv = to_acc<A>(Y[dd * LY + b]) - (muY != nullptr ? muY[dd] : A(0));
+      }
+      Xs[d * kTile + p] = xv;
+      Ys[d * kTile + p] = yv;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int d = 0; d < kKC; ++d) {
+      A xa[4], yb[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) xa[r] = Xs[d * kTile + ty + 16 * r];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) yb[k] = Ys[d * kTile + tx + 16 * k];
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) s[r][k] = madd(xa[r], yb[k], s[r][k]);
+    }
+    __syncthreads();
+  }
+}
+
+// acc[r][k] += sum_{b < 64} Ps[(ty + 16 r) * kPLd + b] * Z~[c0 + tx + 16 k][b0 + b], where
+// Z~ = Z - muZ (per channel, muZ may be null) is zero for channels >= C and positions >= LZ.
+// Ps (the caller's P / dS tile) must be zero in columns b with b0 + b >= LZ. The caller writes
+// Ps before the call without a barrier (the first stage's barrier orders it); the call ends with
+// __syncthreads, so Ps may be overwritten afterwards. Zs: [16 * VPT][kZLd] shared stage.
+template <int VPT, typename T, typename A>
+__device__ __forceinline__ void accumulate_tile(A (&acc)[4][VPT], const A* Ps,
+                                                const T* __restrict__ Z, const A* __restrict__ muZ,
+                                                int64_t LZ, int64_t b0, int64_t C, int64_t c0,
+                                                A* Zs) {
+  constexpr int BV = 16 * VPT;
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  for (int bc = 0; bc < kTile; bc += kZC) {
+    if (b0 + bc >= LZ) break;  // uniform over the block
+#pragma unroll
+    for (int q = 0; q < BV * kZC / kThreads; ++q) {
+      const int e = tid + q * kThreads;
+      const int c = e / kZC, p = e % kZC;
+      const int64_t cc = c0 + c, b = b0 + bc + p;
+      A zv = A(0);
+      if (cc < C && b < LZ) zv = to_acc<A>(Z[cc * LZ + b]) - (muZ != nullptr ? muZ[cc] : A(0));
+      Zs[c * kZLd + p] = zv;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int p = 0; p < kZC; ++p) {
+      A t[4], z[VPT];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) t[r] = Ps[(ty + 16 * r) * kPLd + bc + p];
+#pragma unroll
+      for (int k = 0; k < VPT; ++k) z[k] = Zs[(tx + 16 * k) * kZLd + p];
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int k = 0; k < VPT; ++k) acc[r][k] = madd(t[r], z[k], acc[r][k]);
+    }
+    __syncthreads();
+  }
+}
+
+extern __shared__ __align__(128) unsigned char dnl_smem[];
+
+constexpr size_t round_up128(size_t b) { return (b + 127) / 128 * 128; }
+
+// The attention-tile kernels reach their two products through a tile-ops policy, which also owns
+// the shared-memory layout (bytes from the dynamic shared-memory base):
+//   p_tile(smem):   the 64 x kPLd accumulation-type tile the kernel writes P / dS into;
+//   score(...):     s[r][k] += S[ty + 16 r][tx + 16 k] (see score_tile);
+//   accumulate(...): acc[r][k] += (T Z~^T)[ty + 16 r][tx + 16 k] (see accumulate_tile).
+// Both end with __syncthreads. SimtTiles: fp32/fp64 FMA (every dtype when SEGOPS_DNL_NO_WMMA).
+template <typename T, int VPT>
+struct SimtTiles {
+  using A = acc_t<T>;
+  static constexpr size_t kP = 0;                                        // [kTile][kPLd] A
+  static constexpr size_t kX = round_up128(kP + sizeof(A) * kTile * kPLd);  // [kKC][kTile] A
+  static constexpr size_t kY = round_up128(kX + sizeof(A) * kKC * kTile);   // [kKC][kTile] A
+  static constexpr size_t kZ = round_up128(kY + sizeof(A) * kKC * kTile);   // [16 VPT][kZLd] A
+  static constexpr size_t kBytes = round_up128(kZ + sizeof(A) * 16 * VPT * kZLd);
+
+  static __device__ __forceinline__ A* p_tile(unsigned char* sm) {
+    return reinterpret_cast<A*>(sm + kP);
+  }
+  static __device__ __forceinline__ void score(A (&s)[4][4], const T* __restrict__ X,
+                                               const A* __restrict__ muX, int64_t LX, int64_t a0,
+                                               const T* __restrict__ Y, const A* __restrict__ muY,
+                                               int64_t LY, int64_t b0, int64_t C,
+                                               unsigned char* sm) {
+    score_tile(s, X, muX, LX, a0, Y, muY, LY, b0, C, reinterpret_cast<A*>(sm + kX),
+               reinterpret_cast<A*>(sm + kY));
+  }
+  static __device__ __forceinline__ void accumulate(A (&acc)[4][VPT], const A* Ps,
+                                                    const T* __restrict__ Z,
+                                                    const A* __restrict__ muZ, int64_t LZ,
+                                                    int64_t b0, int64_t C, int64_t c0,
+                                                    unsigned char* sm) {
+    accumulate_tile<VPT>(acc, Ps, Z, muZ, LZ, b0, C, c0, reinterpret_cast<A*>(sm + kZ));
+  }
+};
+
+// WmmaTiles (fp16 / bf16): both products on tensor cores (nvcuda::wmma 16x16x16, fp32
+// accumulator fragments); operands are staged in shared memory in the storage type (whitened
+// values and P / dS rounded to it, as the Triton kernels do), the fp32 results go through shared
+// memory back into the same per-thread ownership as the SIMT path, so the kernels are shared.
+// 8 warps: score() gives warp w the 16 x 32 strip (rows 16 (w / 2), columns 32 (w % 2)) of the
+// 64 x 64 tile; accumulate() gives it rows 16 (w % 4) and VPT / 2 column tiles of 16 starting at
+// column tile (w / 4) VPT / 2 of the 64 x 16 VPT result. Fragment elements are never addressed
+// individually (their layout is unspecified).
+template <typename T, int VPT>
+struct WmmaTiles {
+  using A = float;
+  static_assert(VPT % 2 == 0, "accumulate() splits 16 VPT columns over 2 warp columns");
+  static constexpr int kHLd = kTile + 8;        // leading dim of the storage-type 64-wide tiles
+  static constexpr int kSLd = kTile + 4;        // leading dim of the fp32 score result
+  static constexpr int kFLd = 16 * VPT + 4;     // leading dim of the fp32 product result
+  static constexpr int kFElems = kTile * (kSLd > kFLd ? kSLd : kFLd);
+  static constexpr size_t kP = 0;                                           // [kTile][kPLd] f32
+  static constexpr size_t kXh = round_up128(kP + sizeof(float) * kTile * kPLd);  // [kKC][kTile] T
+  static constexpr size_t kYh = round_up128(kXh + sizeof(T) * kKC * kTile);       // [kKC][kTile] T
+  static constexpr size_t kPh = round_up128(kYh + sizeof(T) * kKC * kTile);       // [kTile][kHLd] T
+  static constexpr size_t kZh = round_up128(kPh + sizeof(T) * kTile * kHLd);      // [16VPT][kHLd] T
+  static constexpr size_t kF = round_up128(kZh + sizeof(T) * 16 * VPT * kHLd);    // fp32 results
+  static constexpr size_t kBytes = round_up128(kF + sizeof(float) * kFElems);
+
+  static __device__ __forceinline__ float* p_tile(unsigned char* sm) {
+    return reinterpret_cast<float*>(sm + kP);
+  }
+
+  static __device__ __forceinline__ void score(float (&s)[4][4], const T* __restrict__ X,
+                                               const float* __restrict__ muX, int64_t LX,
+                                               int64_t a0, const T* __restrict__ Y,
+                                               const float* __restrict__ muY, int64_t LY,
+                                               int64_t b0, int64_t C, unsigned char* sm) {
+    namespace wmma = nvcuda::wmma;
+    T* Xh = reinterpret_cast<T*>(sm + kXh);
+    T* Yh = reinterpret_cast<T*>(sm + kYh);
+    float* Sf = reinterpret_cast<float*>(sm + kF);
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5;
+    const int rt = warp >> 1, ct0 = (warp & 1) * 2;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2];
+    wmma::fill_fragment(c[0], 0.0f);
+    wmma::fill_fragment(c[1], 0.0f);
+    for (int64_t d0 = 0; d0 < C; d0 += kKC) {
+#pragma unroll
+      for (int q = 0; q < kKC * kTile / kThreads; ++q) {
+        const int e = tid + q * kThreads;
+        const int d = e / kTile, p = e % kTile;
+        const int64_t dd = d0 + d, a = a0 + p, b = b0 + p;
+        float xv = 0.0f, yv = 0.0f;
+        if (dd < C) {
+          if (a < LX) xv = to_acc<float>(X[dd * LX + a]) - (muX != nullptr ? muX[dd] : 0.0f);
+          if (b < LY) yv = to_acc<float>(Y[dd * LY + b]) - (muY != nullptr ? muY[dd] : 0.0f);
+        }
+        Xh[d * kTile + p] = from_acc<T>(xv);
+        Yh[d * kTile + p] = from_acc<T>(yv);
+      }
+      __syncthreads();
+      // A = X~^T (64 x 16): element (a, d) at Xh[d * kTile + a], i.e. column-major.
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+      wmma::load_matrix_sync(fa, Xh + rt * 16, kTile);
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        // B = Y~ (16 x 64): element (d, b) at Yh[d * kTile + b], row-major.
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, Yh + (ct0 + t) * 16, kTile);
+        wmma::mma_sync(c[t], fa, fb, c[t]);
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+      wmma::store_matrix_sync(Sf + rt * 16 * kSLd + (ct0 + t) * 16, c[t], kSLd,
+                              wmma::mem_row_major);
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) s[r][k] += Sf[(ty + 16 * r) * kSLd + tx + 16 * k];
+    __syncthreads();
+  }
+
+  static __device__ __forceinline__ void accumulate(float (&acc)[4][VPT], const float* Ps,
+                                                    const T* __restrict__ Z,
+                                                    const float* __restrict__ muZ, int64_t LZ,
+                                                    int64_t b0, int64_t C, int64_t c0,
+                                                    unsigned char* sm) {
+    namespace wmma = nvcuda::wmma;
+    constexpr int BV = 16 * VPT;
+    T* Ph = reinterpret_cast<T*>(sm + kPh);
+    T* Zh = reinterpret_cast<T*>(sm + kZh);
+    float* F = reinterpret_cast<float*>(sm + kF);
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5;
+    // Stage T (the caller's fp32 tile, written by other threads just before the call: hence
+    // the barrier) and Z~ in the storage type.
+    __syncthreads();
+#pragma unroll 4
+    for (int q = 0; q < kTile * kTile / kThreads; ++q) {
+      const int e = tid + q * kThreads;
+      const int a = e / kTile, b = e % kTile;
+      Ph[a * kHLd + b] = from_acc<T>(Ps[a * kPLd + b]);
+    }
+#pragma unroll 4
+    for (int q = 0; q < BV * kTile / kThreads; ++q) {
+      const int e = tid + q * kThreads;
+      const int c = e / kTile, p = e % kTile;
+      const int64_t cc = c0 + c, b = b0 + p;
+      float zv = 0.0f;
+      if (cc < C && b < LZ) zv = to_acc<float>(Z[cc * LZ + b]) - (muZ != nullptr ? muZ[cc] : 0.0f);
+      Zh[c * kHLd + p] = from_acc<T>(zv);
+    }
+    __syncthreads();
+    const int rt = warp & 3, ct0 = (warp >> 2) * (VPT / 2);
+#pragma unroll
+    for (int t = 0; t < VPT / 2; ++t) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
+      wmma::fill_fragment(fc, 0.0f);
+#pragma unroll
+      for (int kk = 0; kk < kTile / 16; ++kk) {
+        // A = T (64 x 64): element (a, b) at Ph[a * kHLd + b], row-major.
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, Ph + rt * 16 * kHLd + kk * 16, kHLd);
+        // B = Z~^T (64 x BV): element (b, c) at Zh[c * kHLd + b], column-major.
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+        wmma::load_matrix_sync(fb, Zh + (ct0 + t) * 16 * kHLd + kk * 16, kHLd);
+        wmma::mma_sync(fc, fa, fb, fc);
+      }
+      wmma::store_matrix_sync(F + rt * 16 * kFLd + (ct0 + t) * 16, fc, kFLd, wmma::mem_row_major);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int k = 0; k < VPT; ++k) acc[r][k] += F[(ty + 16 * r) * kFLd + tx + 16 * k];
+    __syncthreads();
+  }
+};
+
+template <typename T, int VPT>
+struct TileOps {
+  using type = SimtTiles<T, VPT>;
+};
+#ifndef SEGOPS_DNL_NO_WMMA
+template <int VPT>
+struct TileOps<__half, VPT> {
+  using type = WmmaTiles<__half, VPT>;
+};
+template <int VPT>
+struct TileOps<__nv_bfloat16, VPT> {
+  using type = WmmaTiles<__nv_bfloat16, VPT>;
+};
+#endif
+template <typename T, int VPT>
+using tile_ops_t = typename TileOps<T, VPT>::type;
+
+// ---------------------------------------------------------------------------------------------
+// Small kernels (row reductions and per-position loops).
+
+// mean[r] = mean of row r of a (rows, L) tensor; one block per row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) row_mean_kernel(const T* __restrict__ x, int64_t L,
+                                                            acc_t<T>* __restrict__ mean) {
+  using A = acc_t<T>;
+  __shared__ A red[32];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * L;
+  A acc = A(0);
+  for (int64_t i = threadIdx.x; i < L; i += kThreads) acc += to_acc<A>(xr[i]);
+  acc = block_sum(acc, red);
+  if (threadIdx.x == 0) mean[row] = L > 0 ? acc / static_cast<A>(L) : A(0);
+}
+
+// sum[r] = sum of row r of a (rows, L) tensor; one block per row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) row_sum_kernel(const T* __restrict__ x, int64_t L,
+                                                           acc_t<T>* __restrict__ sum) {
+  using A = acc_t<T>;
+  __shared__ A red[32];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * L;
+  A acc = A(0);
+  for (int64_t i = threadIdx.x; i < L; i += kThreads) acc += to_acc<A>(xr[i]);
+  acc = block_sum(acc, red);
+  if (threadIdx.x == 0) sum[row] = acc;
+}
+
+// lse_u[n] = log sum_j exp(u[n, j]); one block per sample.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) unary_lse_kernel(const T* __restrict__ u, int64_t Lk,
+                                                             acc_t<T>* __restrict__ lse_u) {
+  using A = acc_t<T>;
+  __shared__ A red[32];
+  const int64_t n = blockIdx.x;
+  const T* un = u + n * Lk;
+  A mx = neg_inf<A>();
+  for (int64_t j = threadIdx.x; j < Lk; j += kThreads) mx = max(mx, to_acc<A>(un[j]));
+  mx = block_max(mx, red);
+  A sum = A(0);
+  for (int64_t j = threadIdx.x; j < Lk; j += kThreads) sum += acc_exp(to_acc<A>(un[j]) - mx);
+  sum = block_sum(sum, red);
+  if (threadIdx.x == 0) lse_u[n] = mx + acc_log(sum);
+}
+
+// g[n, c] = sum_j exp(u[n, j] - lse_u[n]) v[n, c, j]; one block per (n, c) row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) unary_g_kernel(const T* __restrict__ u,
+                                                           const T* __restrict__ v,
+                                                           const acc_t<T>* __restrict__ lse_u,
+                                                           int64_t Cv, int64_t Lk,
+                                                           acc_t<T>* __restrict__ g) {
+  using A = acc_t<T>;
+  __shared__ A red[32];
+  const int64_t row = blockIdx.x, n = row / Cv;
+  const T* un = u + n * Lk;
+  const T* vr = v + row * Lk;
+  const A lu = lse_u[n];
+  A acc = A(0);
+  for (int64_t j = threadIdx.x; j < Lk; j += kThreads)
+    acc += acc_exp(to_acc<A>(un[j]) - lu) * to_acc<A>(vr[j]);
+  acc = block_sum(acc, red);
+  if (threadIdx.x == 0) g[row] = acc;
+}
+
+// D[n, i] = sum_c dout[n, c, i] (out[n, c, i] - g[n, c]); one thread per (n, i).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) delta_kernel(const T* __restrict__ go,
+                                                         const T* __restrict__ out,
+                                                         const acc_t<T>* __restrict__ g,
+                                                         int64_t N, int64_t Cv, int64_t Lq,
+                                                         acc_t<T>* __restrict__ D) {
+  using A = acc_t<T>;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (idx >= N * Lq) return;
+  const int64_t n = idx / Lq, i = idx % Lq;
+  const T* gon = go + n * Cv * Lq + i;
+  const T* on = out + n * Cv * Lq + i;
+  A acc = A(0);
+  for (int64_t c = 0; c < Cv; ++c) {
+    const A gc = g != nullptr ? g[n * Cv + c] : A(0);
+    acc += to_acc<A>(gon[c * Lq]) * (to_acc<A>(on[c * Lq]) - gc);
+  }
+  D[idx] = acc;
+}
+
+// du[n, j] = w_j (sum_c dg[n, c] (v[n, c, j] - g[n, c])), w_j = exp(u[n, j] - lse_u[n]);
+// one thread per (n, j).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) unary_grad_kernel(
+    const T* __restrict__ u, const T* __restrict__ v, const acc_t<T>* __restrict__ g,
+    const acc_t<T>* __restrict__ lse_u, const acc_t<T>* __restrict__ dg, int64_t N, int64_t Cv,
+    int64_t Lk, T* __restrict__ du) {
+  using A = acc_t<T>;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (idx >= N * Lk) return;
+  const int64_t n = idx / Lk, j = idx % Lk;
+  const T* vn = v + n * Cv * Lk + j;
+  A t = A(0);
+  for (int64_t c = 0; c < Cv; ++c) t += dg[n * Cv + c] * (to_acc<A>(vn[c * Lk]) - g[n * Cv + c]);
+  const A w = acc_exp(to_acc<A>(u[idx]) - lse_u[n]);
+  du[idx] = from_acc<T>(w * t);
+}
+
+// corr[n, c] = (s / Lq) sum_j colsum[n, j] (k[n, c, j] - mk[n, c]) = mean over queries of
+// s * sum_j dS_ij k~_j (whitening's correction of dq); one block per (n, c) row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dq_correction_kernel(
+    const T* __restrict__ k, const acc_t<T>* __restrict__ mk,
+    const acc_t<T>* __restrict__ colsum, int64_t Ck, int64_t Lq, int64_t Lk, acc_t<T> s,
+    acc_t<T>* __restrict__ corr) {
+  using A = acc_t<T>;
+  __shared__ A red[32];
+  const int64_t row = blockIdx.x, n = row / Ck;
+  const T* kr = k + row * Lk;
+  const A* cs = colsum + n * Lk;
+  const A mu = mk[row];
+  A acc = A(0);
+  for (int64_t j = threadIdx.x; j < Lk; j += kThreads) acc += cs[j] * (to_acc<A>(kr[j]) - mu);
+  acc = block_sum(acc, red);
+  if (threadIdx.x == 0) corr[row] = acc * s / static_cast<A>(Lq > 0 ? Lq : 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention-tile kernels. Blocks are numbered n-major, then position block, then channel chunk
+// (fastest), so the blocks sharing one position tile run together.
+
+// Forward: block = (n, query block qb, value-channel chunk cb).
+template <typename T, int VPT>
+__global__ void __launch_bounds__(kThreads) attention_forward_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const acc_t<T>* __restrict__ mq, const acc_t<T>* __restrict__ mk,
+    const acc_t<T>* __restrict__ g, T* __restrict__ out, acc_t<T>* __restrict__ lse, int64_t Ck,
+    int64_t Cv, int64_t Lq, int64_t Lk, acc_t<T> s, int64_t nqb, int64_t ncb) {
+  using A = acc_t<T>;
+  using Tiles = tile_ops_t<T, VPT>;
+  constexpr int BV = 16 * VPT;
+  A* Ps = Tiles::p_tile(dnl_smem);
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int64_t bid = blockIdx.x;
+  const int64_t cb = bid % ncb, qb = (bid / ncb) % nqb, n = bid / (ncb * nqb);
+  const int64_t i0 = qb * kTile, c0 = cb * BV;
+  const T* qn = q + n * Ck * Lq;
+  const T* kn = k + n * Ck * Lk;
+  const T* vn = v + n * Cv * Lk;
+  const A* mqn = mq != nullptr ? mq + n * Ck : nullptr;
+  const A* mkn = mk != nullptr ? mk + n * Ck : nullptr;
+
+  A m[4], l[4], acc[4][VPT];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    m[r] = neg_inf<A>();
+    l[r] = A(0);
+#pragma unroll
+    for (int c = 0; c < VPT; ++c) acc[r][c] = A(0);
+  }
+  for (int64_t j0 = 0; j0 < Lk; j0 += kTile) {
+    A sc[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) sc[r][c] = A(0);
+    Tiles::score(sc, qn, mqn, Lq, i0, kn, mkn, Lk, j0, Ck, dnl_smem);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      A mx = neg_inf<A>();
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int64_t j = j0 + tx + 16 * c;
+        sc[r][c] = j < Lk ? sc[r][c] * s : neg_inf<A>();
+        mx = max(mx, sc[r][c]);
+      }
+      mx = row16_max(mx);  // finite: key j0 < Lk is in this block
+      const A mnew = max(m[r], mx);
+      const A alpha = acc_exp(m[r] - mnew);  // exp(-inf) = 0 on the first block
+      A sum = A(0);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const A p = acc_exp(sc[r][c] - mnew);  // 0 for masked keys
+        sum += p;
+        Ps[(ty + 16 * r) * kPLd + tx + 16 * c] = p;
+      }
+      sum = row16_sum(sum);
+      l[r] = l[r] * alpha + sum;
+      m[r] = mnew;
+#pragma unroll
+      for (int c = 0; c < VPT; ++c) acc[r][c] *= alpha;
+    }
+    Tiles::accumulate(acc, Ps, vn, static_cast<const A*>(nullptr), Lk, j0, Cv, c0, dnl_smem);
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int64_t i = i0 + ty + 16 * r;
+    if (i >= Lq) continue;
+    const A inv = A(1) / l[r];
+#pragma unroll
+    for (int c = 0; c < VPT; ++c) {
+      const int64_t cc = c0 + tx + 16 * c;
+      if (cc < Cv) {
+        const A gc = g != nullptr ? g[n * Cv + cc] : A(0);
+        out[(n * Cv + cc) * Lq + i] = from_acc<T>(acc[r][c] * inv + gc);
+      }
+    }
+    if (cb == 0 && tx == 0) lse[n * Lq + i] = m[r] + acc_log(l[r]);
+  }
+}
+
+// dV: block = (n, key block kb, value-channel chunk cb); rows are keys, columns queries.
+// dv[c, j] = sum_i P_ij dout[c, i] (+ w_j dg_c with unary).
+template <typename T, int VPT>
+__global__ void __launch_bounds__(kThreads) attention_dv_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ go,
+    const T* __restrict__ u, const acc_t<T>* __restrict__ mq, const acc_t<T>* __restrict__ mk,
+    const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ dg,
+    const acc_t<T>* __restrict__ lse_u, T* __restrict__ dv, int64_t Ck, int64_t Cv, int64_t Lq,
+    int64_t Lk, acc_t<T> s, int64_t nkb, int64_t ncb) {
+  using A = acc_t<T>;
+  using Tiles = tile_ops_t<T, VPT>;
+  constexpr int BV = 16 * VPT;
+  A* Ps = Tiles::p_tile(dnl_smem);
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int64_t bid = blockIdx.x;
+  const int64_t cb = bid % ncb, kb = (bid / ncb) % nkb, n = bid / (ncb * nkb);
+  const int64_t j0 = kb * kTile, c0 = cb * BV;
+  const T* qn = q + n * Ck * Lq;
+  const T* kn = k + n * Ck * Lk;
+  const T* gon = go + n * Cv * Lq;
+  const A* mqn = mq != nullptr ? mq + n * Ck : nullptr;
+  const A* mkn = mk != nullptr ? mk + n * Ck : nullptr;
+  const A* lsen = lse + n * Lq;
+
+  A acc[4][VPT];
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int c = 0; c < VPT; ++c) acc[r][c] = A(0);
+  for (int64_t i0 = 0; i0 < Lq; i0 += kTile) {
+    A st[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) st[r][c] = A(0);
+    Tiles::score(st, kn, mkn, Lk, j0, qn, mqn, Lq, i0, Ck, dnl_smem);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int64_t i = i0 + tx + 16 * c;
+      const bool valid = i < Lq;
+      const A li = valid ? lsen[i] : A(0);
+#pragma unroll
+      for (int r = 0; r < 4; ++r)  // keys j >= Lk masked too (their P could overflow)
+        Ps[(ty + 16 * r) * kPLd + tx + 16 * c] =
+            valid && j0 + ty + 16 * r < Lk ? acc_exp(st[r][c] * s - li) : A(0);
+    }
+    Tiles::accumulate(acc, Ps, gon, static_cast<const A*>(nullptr), Lq, i0, Cv, c0, dnl_smem);
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int64_t j = j0 + ty + 16 * r;
+    if (j >= Lk) continue;
+    const A w = u != nullptr ? acc_exp(to_acc<A>(u[n * Lk + j]) - lse_u[n]) : A(0);
+#pragma unroll
+    for (int c = 0; c < VPT; ++c) {
+      const int64_t cc = c0 + tx + 16 * c;
+      if (cc < Cv) {
+        const A extra = u != nullptr ? w * dg[n * Cv + cc] : A(0);
+        dv[(n * Cv + cc) * Lk + j] = from_acc<T>(acc[r][c] + extra);
+      }
+    }
+  }
+}
+
+// dK: block = (n, key block kb, key-channel chunk cb); rows are keys, columns queries.
+// dS^T[j][i] = P_ij (dP_ij - D_i), dP_ij = dout_i . v_j; dk[c, j] = s sum_i dS_ij q~[c, i];
+// colsum[n, j] = sum_i dS_ij (written by the first chunk when colsum is not null).
+template <typename T, int VPT>
+__global__ void __launch_bounds__(kThreads) attention_dk_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ go, const acc_t<T>* __restrict__ mq, const acc_t<T>* __restrict__ mk,
+    const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ D, T* __restrict__ dk,
+    acc_t<T>* __restrict__ colsum, int64_t Ck, int64_t Cv, int64_t Lq, int64_t Lk, acc_t<T> s,
+    int64_t nkb, int64_t ncb) {
+  using A = acc_t<T>;
+  using Tiles = tile_ops_t<T, VPT>;
+  constexpr int BC = 16 * VPT;
+  A* Ps = Tiles::p_tile(dnl_smem);
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int64_t bid = blockIdx.x;
+  const int64_t cb = bid % ncb, kb = (bid / ncb) % nkb, n = bid / (ncb * nkb);
+  const int64_t j0 = kb * kTile, c0 = cb * BC;
+  const T* qn = q + n * Ck * Lq;
+  const T* kn = k + n * Ck * Lk;
+  const T* vn = v + n * Cv * Lk;
+  const T* gon = go + n * Cv * Lq;
+  const A* mqn = mq != nullptr ? mq + n * Ck : nullptr;
+  const A* mkn = mk != nullptr ? mk + n * Ck : nullptr;
+  const A* lsen = lse + n * Lq;
+  const A* Dn = D + n * Lq;
+
+  A acc[4][VPT], cs[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    cs[r] = A(0);
+#pragma unroll
+    for (int c = 0; c < VPT; ++c) acc[r][c] = A(0);
+  }
+  for (int64_t i0 = 0; i0 < Lq; i0 += kTile) {
+    A st[4][4], dpt[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        st[r][c] = A(0);
+        dpt[r][c] = A(0);
+      }
+    Tiles::score(st, kn, mkn, Lk, j0, qn, mqn, Lq, i0, Ck, dnl_smem);
+    Tiles::score(dpt, vn, static_cast<const A*>(nullptr), Lk, j0, gon,
+               static_cast<const A*>(nullptr), Lq, i0, Cv, dnl_smem);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int64_t i = i0 + tx + 16 * c;
+      const bool valid = i < Lq;
+      const A li = valid ? lsen[i] : A(0);
+      const A di = valid ? Dn[i] : A(0);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const A ds = valid && j0 + ty + 16 * r < Lk
+                         ? acc_exp(st[r][c] * s - li) * (dpt[r][c] - di) : A(0);
+        cs[r] += ds;
+        Ps[(ty + 16 * r) * kPLd + tx + 16 * c] = ds;
+      }
+    }
+    Tiles::accumulate(acc, Ps, qn, mqn, Lq, i0, Ck, c0, dnl_smem);
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const A csr = row16_sum(cs[r]);  // all lanes take part
+    const int64_t j = j0 + ty + 16 * r;
+    if (j >= Lk) continue;
+#pragma unroll
+    for (int c = 0; c < VPT; ++c) {
+      const int64_t cc = c0 + tx + 16 * c;
+      if (cc < Ck) dk[(n * Ck + cc) * Lk + j] = from_acc<T>(acc[r][c] * s);
+    }
+    if (colsum != nullptr && cb == 0 && tx == 0) colsum[n * Lk + j] = csr;
+  }
+}
+
+// dQ: block = (n, query block qb, key-channel chunk cb); rows are queries, columns keys.
+// dS[i][j] = P_ij (dP_ij - D_i); dq[c, i] = s sum_j dS_ij k~[c, j] - corr[n, c].
+template <typename T, int VPT>
+__global__ void __launch_bounds__(kThreads) attention_dq_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ go, const acc_t<T>* __restrict__ mq, const acc_t<T>* __restrict__ mk,
+    const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ D,
+    const acc_t<T>* __restrict__ corr, T* __restrict__ dq, int64_t Ck, int64_t Cv, int64_t Lq,
+    int64_t Lk, acc_t<T> s, int64_t nqb, int64_t ncb) {
+  using A = acc_t<T>;
+  using Tiles = tile_ops_t<T, VPT>;
+  constexpr int BC = 16 * VPT;
+  A* Ps = Tiles::p_tile(dnl_smem);
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int64_t bid = blockIdx.x;
+  const int64_t cb = bid % ncb, qb = (bid / ncb) % nqb, n = bid / (ncb * nqb);
+  const int64_t i0 = qb * kTile, c0 = cb * BC;
+  const T* qn = q + n * Ck * Lq;
+  const T* kn = k + n * Ck * Lk;
+  const T* vn = v + n * Cv * Lk;
+  const T* gon = go + n * Cv * Lq;
+  const A* mqn = mq != nullptr ? mq + n * Ck : nullptr;
+  const A* mkn = mk != nullptr ? mk + n * Ck : nullptr;
+
+  A acc[4][VPT], li[4], di[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int64_t i = i0 + ty + 16 * r;
+    li[r] = i < Lq ? lse[n * Lq + i] : A(0);
+    di[r] = i < Lq ? D[n * Lq + i] : A(0);
+#pragma unroll
+    for (int c = 0; c < VPT; ++c) acc[r][c] = A(0);
+  }
+  for (int64_t j0 = 0; j0 < Lk; j0 += kTile) {
+    A sc[4][4], dp[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        sc[r][c] = A(0);
+        dp[r][c] = A(0);
+      }
+    Tiles::score(sc, qn, mqn, Lq, i0, kn, mkn, Lk, j0, Ck, dnl_smem);
+    Tiles::score(dp, gon, static_cast<const A*>(nullptr), Lq, i0, vn,
+               static_cast<const A*>(nullptr), Lk, j0, Cv, dnl_smem);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const bool valid = j0 + tx + 16 * c < Lk;
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        Ps[(ty + 16 * r) * kPLd + tx + 16 * c] =
+            valid ? acc_exp(sc[r][c] * s - li[r]) * (dp[r][c] - di[r]) : A(0);
+    }
+    Tiles::accumulate(acc, Ps, kn, mkn, Lk, j0, Ck, c0, dnl_smem);
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int64_t i = i0 + ty + 16 * r;
+    if (i >= Lq) continue;
+#pragma unroll
+    for (int c = 0; c < VPT; ++c) {
+      const int64_t cc = c0 + tx + 16 * c;
+      if (cc < Ck) {
+        const A cr = corr != nullptr ? corr[n * Ck + cc] : A(0);
+        dq[(n * Ck + cc) * Lq + i] = from_acc<T>(acc[r][c] * s - cr);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Launches `kernel` on `blocks` blocks of kThreads threads (nothing when blocks == 0).
+template <typename... KArgs, typename... Args>
+cudaError_t launch(void (*kernel)(KArgs...), int64_t blocks, size_t smem, cudaStream_t stream,
+                   Args... args) {
+  if (blocks <= 0) return cudaSuccess;
+  if (blocks > kMaxBlocks) return cudaErrorInvalidValue;
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<static_cast<unsigned int>(blocks), kThreads, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+
+// Scratch layout (accumulation-type elements, each region rounded up to 64 elements):
+// forward: mq (N Ck), mk (N Ck); backward: mq, mk, D (N Lq), dg (N Cv), colsum (N Lk), corr (N Ck).
+inline int64_t region(int64_t elems) { return cdiv(elems, 64) * 64; }
+
+inline size_t acc_size(DType t) { return t == DType::kFloat64 ? sizeof(double) : sizeof(float); }
+
+// Runs f(std::integral_constant<int, VPT>) with the channel chunk width 16 * VPT of a tile
+// kernel: VPT = 8 for more than 64 channels, else 4; fp64 always 4 (register budget: its
+// VPT = 8 variants are never instantiated).
+template <typename T, typename F>
+cudaError_t with_vpt(int64_t C, F f) {
+  if constexpr (!std::is_same<T, double>::value) {
+    if (C > 64) return f(std::integral_constant<int, 8>());
+  }
+  return f(std::integral_constant<int, 4>());
+}
+
+template <typename T, int VPT>
+size_t tile_smem() { return tile_ops_t<T, VPT>::kBytes; }
+
+template <typename T, int VPT>
+cudaError_t forward_attention(const DisentangledNonLocalForwardParams& p, const acc_t<T>* mq,
+                              const acc_t<T>* mk, const acc_t<T>* g, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const int64_t nqb = cdiv(p.Lq, kTile);
+  const int64_t ncb = p.Cv > 0 ? cdiv(p.Cv, 16 * VPT) : 1;  // lse needs one chunk
+  if (p.Lq > 0 && nqb > kMaxBlocks / (p.N * ncb)) return cudaErrorInvalidValue;
+  return launch(attention_forward_kernel<T, VPT>, p.N * nqb * ncb, tile_smem<T, VPT>(), stream,
+                static_cast<const T*>(p.query), static_cast<const T*>(p.key),
+                static_cast<const T*>(p.value), mq, mk, g, static_cast<T*>(p.out),
+                static_cast<A*>(p.lse), p.Ck, p.Cv, p.Lq, p.Lk, static_cast<A>(p.s), nqb, ncb);
+}
+
+template <typename T>
+cudaError_t forward_impl(const DisentangledNonLocalForwardParams& p, cudaStream_t stream) {
+  using A = acc_t<T>;
+  if (p.N <= 0) return cudaSuccess;
+  if (p.Lk <= 0) return p.Lq > 0 ? cudaErrorInvalidValue : cudaSuccess;
+  A* ws = static_cast<A*>(p.workspace);
+  A* mq = p.whiten ? ws : nullptr;
+  A* mk = p.whiten ? ws + region(p.N * p.Ck) : nullptr;
+  cudaError_t err = cudaSuccess;
+  if (p.whiten) {
+    err = launch(row_mean_kernel<T>, p.N * p.Ck, 0, stream, static_cast<const T*>(p.query), p.Lq, mq);
+    if (err != cudaSuccess) return err;
+    err = launch(row_mean_kernel<T>, p.N * p.Ck, 0, stream, static_cast<const T*>(p.key), p.Lk, mk);
+    if (err != cudaSuccess) return err;
+  }
+  const A* g = nullptr;
+  if (p.unary != nullptr) {
+    err = launch(unary_lse_kernel<T>, p.N, 0, stream, static_cast<const T*>(p.unary), p.Lk,
+                 static_cast<A*>(p.lse_u));
+    if (err != cudaSuccess) return err;
+    err = launch(unary_g_kernel<T>, p.N * p.Cv, 0, stream, static_cast<const T*>(p.unary),
+                 static_cast<const T*>(p.value), static_cast<const A*>(p.lse_u), p.Cv, p.Lk,
+                 static_cast<A*>(p.g));
+    if (err != cudaSuccess) return err;
+    g = static_cast<const A*>(p.g);
+  }
+  if (p.Lq <= 0) return cudaSuccess;
+  return with_vpt<T>(p.Cv, [&](auto vpt) {
+    return forward_attention<T, decltype(vpt)::value>(p, mq, mk, g, stream);
+  });
+}
+
+template <typename T, int VPT>
+cudaError_t backward_dv(const DisentangledNonLocalBackwardParams& p, const acc_t<T>* mq,
+                        const acc_t<T>* mk, const acc_t<T>* dg, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const int64_t nkb = cdiv(p.Lk, kTile), ncb = cdiv(p.Cv, 16 * VPT);
+  if (ncb > 0 && nkb > kMaxBlocks / (p.N * ncb)) return cudaErrorInvalidValue;
+  return launch(attention_dv_kernel<T, VPT>, p.N * nkb * ncb, tile_smem<T, VPT>(), stream,
+                static_cast<const T*>(p.query), static_cast<const T*>(p.key),
+                static_cast<const T*>(p.grad_out), static_cast<const T*>(p.unary), mq, mk,
+                static_cast<const A*>(p.lse), dg, static_cast<const A*>(p.lse_u),
+                static_cast<T*>(p.dv), p.Ck, p.Cv, p.Lq, p.Lk, static_cast<A>(p.s), nkb, ncb);
+}
+
+template <typename T, int VPT>
+cudaError_t backward_dk(const DisentangledNonLocalBackwardParams& p, const acc_t<T>* mq,
+                        const acc_t<T>* mk, const acc_t<T>* D, acc_t<T>* colsum,
+                        cudaStream_t stream) {
+  using A = acc_t<T>;
+  const int64_t nkb = cdiv(p.Lk, kTile), ncb = cdiv(p.Ck, 16 * VPT);
+  if (ncb > 0 && nkb > kMaxBlocks / (p.N * ncb)) return cudaErrorInvalidValue;
+  return launch(attention_dk_kernel<T, VPT>, p.N * nkb * ncb, tile_smem<T, VPT>(), stream,
+                static_cast<const T*>(p.query), static_cast<const T*>(p.key),
+                static_cast<const T*>(p.value), static_cast<const T*>(p.grad_out), mq, mk,
+                static_cast<const A*>(p.lse), D, static_cast<T*>(p.dk), colsum, p.Ck, p.Cv, p.Lq,
+                p.Lk, static_cast<A>(p.s), nkb, ncb);
+}
+
+template <typename T, int VPT>
+cudaError_t backward_dq(const DisentangledNonLocalBackwardParams& p, const acc_t<T>* mq,
+                        const acc_t<T>* mk, const acc_t<T>* D, const acc_t<T>* corr,
+                        cudaStream_t stream) {
+  using A = acc_t<T>;
+  const int64_t nqb = cdiv(p.Lq, kTile), ncb = cdiv(p.Ck, 16 * VPT);
+  if (ncb > 0 && nqb > kMaxBlocks / (p.N * ncb)) return cudaErrorInvalidValue;
+  return launch(attention_dq_kernel<T, VPT>, p.N * nqb * ncb, tile_smem<T, VPT>(), stream,
+                static_cast<const T*>(p.query), static_cast<const T*>(p.key),
+                static_cast<const T*>(p.value), static_cast<const T*>(p.grad_out), mq, mk,
+                static_cast<const A*>(p.lse), D, corr, static_cast<T*>(p.dq), p.Ck, p.Cv, p.Lq,
+                p.Lk, static_cast<A>(p.s), nqb, ncb);
+}
+
+template <typename T>
+cudaError_t backward_impl(const DisentangledNonLocalBackwardParams& p, cudaStream_t stream) {
+  using A = acc_t<T>;
+  if (p.N <= 0) return cudaSuccess;
+  if (p.Lk <= 0) return p.Lq > 0 ? cudaErrorInvalidValue : cudaSuccess;
+  const bool has_u = p.unary != nullptr;
+  A* ws = static_cast<A*>(p.workspace);
+  A* mq = ws;
+  A* mk = mq + region(p.N * p.Ck);
+  A* D = mk + region(p.N * p.Ck);
+  A* dg = D + region(p.N * p.Lq);
+  A* colsum = dg + region(p.N * p.Cv);
+  A* corr = colsum + region(p.N * p.Lk);
+  if (!p.whiten) mq = mk = colsum = corr = nullptr;
+  if (!has_u) dg = nullptr;
+  const T* go = static_cast<const T*>(p.grad_out);
+  const A* g = has_u ? static_cast<const A*>(p.g) : nullptr;
+
+  cudaError_t err = cudaSuccess;
+  if (p.whiten) {
+    err = launch(row_mean_kernel<T>, p.N * p.Ck, 0, stream, static_cast<const T*>(p.query), p.Lq, mq);
+    if (err != cudaSuccess) return err;
+    err = launch(row_mean_kernel<T>, p.N * p.Ck, 0, stream, static_cast<const T*>(p.key), p.Lk, mk);
+    if (err != cudaSuccess) return err;
+  }
+  err = launch(delta_kernel<T>, cdiv(p.N * p.Lq, kThreads), 0, stream, go,
+               static_cast<const T*>(p.out), g, p.N, p.Cv, p.Lq, D);
+  if (err != cudaSuccess) return err;
+  if (has_u) {
+    err = launch(row_sum_kernel<T>, p.N * p.Cv, 0, stream, go, p.Lq, dg);
+    if (err != cudaSuccess) return err;
+  }
+  // With Lq == 0 the attention loops are empty: dv = w dg = 0, dk = 0, du = 0 come out anyway.
+  err = with_vpt<T>(p.Cv, [&](auto vpt) {
+    return backward_dv<T, decltype(vpt)::value>(p, mq, mk, dg, stream);
+  });
+  if (err != cudaSuccess) return err;
+  err = with_vpt<T>(p.Ck, [&](auto vpt) {
+    return backward_dk<T, decltype(vpt)::value>(p, mq, mk, D, colsum, stream);
+  });
+  if (err != cudaSuccess) return err;
+  if (p.whiten && p.Lq > 0) {
+    err = launch(dq_correction_kernel<T>, p.N * p.Ck, 0, stream, static_cast<const T*>(p.key),
+                 static_cast<const A*>(mk), static_cast<const A*>(colsum), p.Ck, p.Lq, p.Lk,
+                 static_cast<A>(p.s), corr);
+    if (err != cudaSuccess) return err;
+  }
+  if (p.Lq > 0) {
+    err = with_vpt<T>(p.Ck, [&](auto vpt) {
+      return backward_dq<T, decltype(vpt)::value>(p, mq, mk, D, corr, stream);
+    });
+    if (err != cudaSuccess) return err;
+  }
+  if (has_u) {
+    err = launch(unary_grad_kernel<T>, cdiv(p.N * p.Lk, kThreads), 0, stream,
+                 static_cast<const T*>(p.unary), static_cast<const T*>(p.value), g,
+                 static_cast<const A*>(p.lse_u), static_cast<const A*>(dg), p.N, p.Cv, p.Lk,
+                 static_cast<T*>(p.du));
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+size_t disentangled_non_local_forward_workspace_bytes(const DisentangledNonLocalForwardParams& p) {
+  if (!p.whiten) return 0;
+  return static_cast<size_t>(2 * region(p.N * p.Ck)) * acc_size(p.dtype);
+}
+
+size_t disentangled_non_local_backward_workspace_bytes(const DisentangledNonLocalBackwardParams& p) {
+  const int64_t elems = 3 * region(p.N * p.Ck) + region(p.N * p.Lq) + region(p.N * p.Cv) +
+                        region(p.N * p.Lk);
+  return static_cast<size_t>(elems) * acc_size(p.dtype);
+}
+
+cudaError_t disentangled_non_local_forward(const DisentangledNonLocalForwardParams& p,
+                                           cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  SEGOPS_CUDA_DISPATCH(p.dtype, err = forward_impl<scalar_t>(p, stream));
+  return err;
+}
+
+cudaError_t disentangled_non_local_backward(const DisentangledNonLocalBackwardParams& p,
+                                            cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  SEGOPS_CUDA_DISPATCH(p.dtype, err = backward_impl<scalar_t>(p, stream));
+  return err;
+}
+
+}  // namespace cuda
+}  // namespace segops
