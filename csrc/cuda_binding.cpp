@@ -357,7 +357,7 @@ void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 void check_stat(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dt,
                 const at::Tensor& like) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "segops.", kOp, " (cuda): ", name,
+  TORCH_CHECK(on_kernel_device(t) && t.device() == like.device(), "segops.", kOp, " (cuda): ", name,
               " must be on ", like.device(), ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == dt, "segops.", kOp, " (cuda): ", name, " must have dtype ", dt,
               ", got ", t.scalar_type());
