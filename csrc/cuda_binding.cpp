@@ -17,6 +17,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <algorithm>
 #include <initializer_list>
 #include <tuple>
 #include <utility>
@@ -59,6 +60,15 @@ inline void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "segops.", op, " (cuda): kernel launch failed: ",
               cudaGetErrorString(err));
 }
+
+// Scratch memory a launcher asks for (its *_workspace_bytes): a byte tensor on `like`'s device
+// that lives until the end of the calling scope (at least one byte, so the pointer is never null).
+struct Workspace {
+  at::Tensor bytes;
+  Workspace(size_t n, const at::Tensor& like)
+      : bytes(at::empty({static_cast<int64_t>(std::max<size_t>(n, 1))}, like.options().dtype(at::kByte))) {}
+  void* ptr() { return bytes.data_ptr(); }
+};
 
 // Every tensor must be a contiguous CUDA tensor on `like`'s device with `like`'s dtype (the ops
 // layer makes inputs and incoming gradients contiguous; this guards direct segops_C calls).
@@ -129,12 +139,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& query, const at::Te
   p.H = H;
   p.W = W;
   p.dtype = dtype_of(query, kOp);
-  const size_t ws_bytes = cuda::criss_cross_attention_forward_workspace_bytes(p);
-  at::Tensor ws;
-  if (ws_bytes > 0) {
-    ws = at::empty({static_cast<int64_t>(ws_bytes)}, query.options().dtype(at::kByte));
-    p.workspace = ws.mutable_data_ptr();
-  }
+  Workspace ws(cuda::criss_cross_attention_forward_workspace_bytes(p), query);
+  p.workspace = ws.ptr();
   check_launch(cuda::criss_cross_attention_forward(p, current_stream()), kOp);
   return {out, stats};
 }
@@ -180,12 +186,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   p.H = H;
   p.W = W;
   p.dtype = dtype_of(query, kOp);
-  const size_t ws_bytes = cuda::criss_cross_attention_backward_workspace_bytes(p);
-  at::Tensor ws;
-  if (ws_bytes > 0) {
-    ws = at::empty({static_cast<int64_t>(ws_bytes)}, query.options().dtype(at::kByte));
-    p.workspace = ws.mutable_data_ptr();
-  }
+  Workspace ws(cuda::criss_cross_attention_backward_workspace_bytes(p), query);
+  p.workspace = ws.ptr();
   check_launch(cuda::criss_cross_attention_backward(p, current_stream()), kOp);
   return {dq, dk, dv};
 }
@@ -302,10 +304,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   p.grad_query = dq.mutable_data_ptr();
   p.grad_key = dk.mutable_data_ptr();
   p.grad_value = dv.mutable_data_ptr();
-  const auto ws_bytes =
-      static_cast<int64_t>(cuda::interlaced_sparse_attention_backward_workspace_bytes(p));
-  auto workspace = at::empty({ws_bytes}, query.options().dtype(at::kByte));
-  p.workspace = workspace.mutable_data_ptr();
+  Workspace ws(cuda::interlaced_sparse_attention_backward_workspace_bytes(p), query);
+  p.workspace = ws.ptr();
   check_launch(cuda::interlaced_sparse_attention_backward(p, current_stream()), kOp);
   return {dq, dk, dv};
 }
@@ -401,12 +401,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   p.whiten = whiten;
   p.s = s;
   p.dtype = dtype;
-  const size_t ws = cuda::disentangled_non_local_forward_workspace_bytes(p);
-  at::Tensor workspace;
-  if (ws > 0) {
-    workspace = at::empty({static_cast<int64_t>(ws)}, query.options().dtype(at::kByte));
-    p.workspace = workspace.data_ptr();
-  }
+  Workspace ws(cuda::disentangled_non_local_forward_workspace_bytes(p), query);
+  p.workspace = ws.ptr();
   check_launch(cuda::disentangled_non_local_forward(p, current_stream()), kOp);
   return {out, lse, g, lse_u};
 }
@@ -464,12 +460,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   p.whiten = whiten;
   p.s = s;
   p.dtype = dtype;
-  const size_t ws = cuda::disentangled_non_local_backward_workspace_bytes(p);
-  at::Tensor workspace;
-  if (ws > 0) {
-    workspace = at::empty({static_cast<int64_t>(ws)}, query.options().dtype(at::kByte));
-    p.workspace = workspace.data_ptr();
-  }
+  Workspace ws(cuda::disentangled_non_local_backward_workspace_bytes(p), query);
+  p.workspace = ws.ptr();
   check_launch(cuda::disentangled_non_local_backward(p, current_stream()), kOp);
   return {dq, dk, dv, du};
 }
@@ -561,12 +553,8 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& guidance, const at
   p.weight = weight.data_ptr();
   p.bias = has_bias ? bias->data_ptr() : nullptr;
   p.output = out.data_ptr();
-  const size_t ws_bytes = cuda::semantic_difference_conv2d_forward_workspace_bytes(p);
-  at::Tensor ws;
-  if (ws_bytes > 0) {
-    ws = at::empty({static_cast<int64_t>(ws_bytes)}, input.options().dtype(at::kByte));
-    p.workspace = ws.data_ptr();
-  }
+  Workspace ws(cuda::semantic_difference_conv2d_forward_workspace_bytes(p), input);
+  p.workspace = ws.ptr();
   check_launch(cuda::semantic_difference_conv2d_forward(p, current_stream()), kOp);
   return out;
 }
@@ -602,12 +590,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   p.grad_guidance = grad_guidance.data_ptr();
   p.grad_weight = grad_weight.data_ptr();
   p.grad_bias = grad_bias.data_ptr();
-  const size_t ws_bytes = cuda::semantic_difference_conv2d_backward_workspace_bytes(p);
-  at::Tensor ws;
-  if (ws_bytes > 0) {
-    ws = at::empty({static_cast<int64_t>(ws_bytes)}, input.options().dtype(at::kByte));
-    p.workspace = ws.data_ptr();
-  }
+  Workspace ws(cuda::semantic_difference_conv2d_backward_workspace_bytes(p), input);
+  p.workspace = ws.ptr();
   check_launch(cuda::semantic_difference_conv2d_backward(p, current_stream()), kOp);
   return {grad_input, grad_guidance, grad_weight, grad_bias};
 }
@@ -659,9 +643,6 @@ inline void check_shape(const char* op, const char* name, const at::Tensor& t,
               expected, ", got ", t.sizes());
 }
 
-inline at::Tensor workspace(size_t bytes, const at::Tensor& like) {
-  return at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 1)}, like.options().dtype(at::kByte));
-}
 
 QcoOutputs qco_forward(const at::Tensor& x, int64_t num_levels, int64_t grid, bool cooc) {
   const char* op = "qco_forward";
@@ -694,8 +675,8 @@ QcoOutputs qco_forward(const at::Tensor& x, int64_t num_levels, int64_t grid, bo
   p.grid = grid;
   p.cooc = cooc;
   p.dtype = dt;
-  at::Tensor ws = workspace(cuda::qco_forward_workspace_bytes(p), x);
-  p.workspace = ws.data_ptr();
+  Workspace ws(cuda::qco_forward_workspace_bytes(p), x);
+  p.workspace = ws.ptr();
   check_launch(cuda::qco_forward(p, current_stream()), op);
   return {hist, levels, sim, rnorm, mean, stats};
 }
@@ -754,8 +735,8 @@ at::Tensor qco_backward(const at::Tensor& grad_hist, const at::Tensor& grad_leve
   p.grid = grid;
   p.cooc = cooc;
   p.dtype = dt;
-  at::Tensor ws = workspace(cuda::qco_backward_workspace_bytes(p), x);
-  p.workspace = ws.data_ptr();
+  Workspace ws(cuda::qco_backward_workspace_bytes(p), x);
+  p.workspace = ws.ptr();
   check_launch(cuda::qco_backward(p, current_stream()), op);
   return gx;
 }
@@ -807,8 +788,8 @@ at::Tensor texture_reconstruct_forward(const at::Tensor& sim, const at::Tensor& 
   c10::cuda::CUDAGuard guard(sim.device());
   cuda::TextureReconstructParams p = recon_params(sim, levels, features, dt);
   p.out = out.data_ptr();
-  at::Tensor ws = workspace(cuda::texture_reconstruct_forward_workspace_bytes(p), sim);
-  p.workspace = ws.data_ptr();
+  Workspace ws(cuda::texture_reconstruct_forward_workspace_bytes(p), sim);
+  p.workspace = ws.ptr();
   check_launch(cuda::texture_reconstruct_forward(p, current_stream()), op);
   return out;
 }
@@ -832,8 +813,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> texture_reconstruct_backward(
   p.grad_sim = gsim.data_ptr();
   p.grad_levels = glev.data_ptr();
   p.grad_features = gfeat.data_ptr();
-  at::Tensor ws = workspace(cuda::texture_reconstruct_backward_workspace_bytes(p), sim);
-  p.workspace = ws.data_ptr();
+  Workspace ws(cuda::texture_reconstruct_backward_workspace_bytes(p), sim);
+  p.workspace = ws.ptr();
   check_launch(cuda::texture_reconstruct_backward(p, current_stream()), op);
   return {gsim, glev, gfeat};
 }
