@@ -435,16 +435,6 @@ __global__ void __launch_bounds__(256)
 constexpr size_t kAlign = 256;
 inline size_t align_up(size_t b) { return (b + kAlign - 1) / kAlign * kAlign; }
 
-inline size_t dtype_size(DType t) {
-  switch (t) {
-    case DType::kFloat32: return 4;
-    case DType::kFloat64: return 8;
-    case DType::kFloat16: return 2;
-    case DType::kBFloat16: return 2;
-  }
-  return 0;
-}
-inline size_t acc_size(DType t) { return t == DType::kFloat64 ? 8 : 4; }
 // The column parts go straight into the outputs when the storage type is the accumulation type.
 inline bool needs_part_buffers(DType t) { return t == DType::kFloat16 || t == DType::kBFloat16; }
 

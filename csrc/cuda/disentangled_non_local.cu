@@ -76,17 +76,6 @@ __device__ __forceinline__ double acc_log(double x) { return log(x); }
 __device__ __forceinline__ float madd(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double madd(double a, double b, double c) { return fma(a, b, c); }
 
-// Reductions over the 16 lanes of a half warp (one tile row); all 32 lanes take part.
-template <typename A> __device__ __forceinline__ A row16_max(A v) {
-#pragma unroll
-  for (int o = 8; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-template <typename A> __device__ __forceinline__ A row16_sum(A v) {
-#pragma unroll
-  for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // Sum over the block (kThreads threads); every thread gets the result. `red` holds 32 values.
 template <typename A> __device__ __forceinline__ A block_sum(A v, A* red) {
@@ -557,7 +546,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(
         sc[r][c] = j < Lk ? sc[r][c] * s : neg_inf<A>();
         mx = max(mx, sc[r][c]);
       }
-      mx = row16_max(mx);  // finite: key j0 < Lk is in this block
+      mx = warp_max<16>(mx);  // finite: key j0 < Lk is in this block
       const A mnew = max(m[r], mx);
       const A alpha = acc_exp(m[r] - mnew);  // exp(-inf) = 0 on the first block
       A sum = A(0);
@@ -567,7 +556,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(
         sum += p;
         Ps[(ty + 16 * r) * kPLd + tx + 16 * c] = p;
       }
-      sum = row16_sum(sum);
+      sum = warp_sum<16>(sum);
       l[r] = l[r] * alpha + sum;
       m[r] = mnew;
 #pragma unroll
@@ -720,7 +709,7 @@ __global__ void __launch_bounds__(kThreads) attention_dk_kernel(
   }
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    const A csr = row16_sum(cs[r]);  // all lanes take part
+    const A csr = warp_sum<16>(cs[r]);  // all lanes take part
     const int64_t j = j0 + ty + 16 * r;
     if (j >= Lk) continue;
 #pragma unroll
@@ -805,8 +794,6 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Launches `kernel` on `blocks` blocks of kThreads threads (nothing when blocks == 0).
 template <typename... KArgs, typename... Args>
 cudaError_t launch(void (*kernel)(KArgs...), int64_t blocks, size_t smem, cudaStream_t stream,
@@ -825,8 +812,6 @@ cudaError_t launch(void (*kernel)(KArgs...), int64_t blocks, size_t smem, cudaSt
 // Scratch layout (accumulation-type elements, each region rounded up to 64 elements):
 // forward: mq (N Ck), mk (N Ck); backward: mq, mk, D (N Lq), dg (N Cv), colsum (N Lk), corr (N Ck).
 inline int64_t region(int64_t elems) { return cdiv(elems, 64) * 64; }
-
-inline size_t acc_size(DType t) { return t == DType::kFloat64 ? sizeof(double) : sizeof(float); }
 
 // Runs f(std::integral_constant<int, VPT>) with the channel chunk width 16 * VPT of a tile
 // kernel: VPT = 8 for more than 64 channels, else 4; fp64 always 4 (register budget: its

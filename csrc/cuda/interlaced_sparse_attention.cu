@@ -271,17 +271,6 @@ __device__ __forceinline__ void tile_pv(A (&acc)[M / 16][M / 16], const A* ps, c
   }
 }
 
-// Reductions over the 16 lanes of a half-warp (the owners of one row).
-template <typename A> __device__ __forceinline__ A row_max(A v) {
-#pragma unroll
-  for (int o = 8; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-template <typename A> __device__ __forceinline__ A row_sum(A v) {
-#pragma unroll
-  for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 __device__ __forceinline__ float acc_exp(float x) { return expf(x); }
 __device__ __forceinline__ double acc_exp(double x) { return exp(x); }
@@ -381,7 +370,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         s[a][b] = (ngj >= 0 && ngj == ngi) ? s[a][b] * scale : neg_inf;
         mx = max(mx, s[a][b]);
       }
-      A m_new = max(m_i[a], row_max(mx));
+      A m_new = max(m_i[a], warp_max<16>(mx));
       if (m_new == neg_inf) m_new = A(0);  // no key yet (padding row): keep everything finite
       alpha[a] = acc_exp(m_i[a] - m_new);  // 0 on the first key tile (m_i = -inf)
       A sum = A(0);
@@ -394,7 +383,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         else
           ps[(ty + 16 * a) * PLD + tx + 16 * b] = p;
       }
-      l_i[a] = l_i[a] * alpha[a] + row_sum(sum);
+      l_i[a] = l_i[a] * alpha[a] + warp_sum<16>(sum);
       m_i[a] = m_new;
 #pragma unroll
       for (int b = 0; b < TM; ++b) acc[a][b] *= alpha[a];

@@ -734,10 +734,6 @@ constexpr int64_t kMaxBlocks = INT_MAX;  // gridDim.x limit
 
 size_t align_up(size_t b) { return (b + 255) & ~static_cast<size_t>(255); }
 
-size_t acc_size(DType t) { return t == DType::kFloat64 ? sizeof(double) : sizeof(float); }
-
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Carves consecutive 256-byte-aligned chunks out of the workspace.
 struct Carver {
   unsigned char* base;

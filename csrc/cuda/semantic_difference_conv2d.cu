@@ -814,15 +814,6 @@ constexpr int64_t kWsAlign = 256;
 
 inline int64_t align_up(int64_t v) { return (v + kWsAlign - 1) / kWsAlign * kWsAlign; }
 
-inline size_t acc_size(DType t) { return t == DType::kFloat64 ? sizeof(double) : sizeof(float); }
-
-inline size_t elem_size(DType t) {
-  switch (t) {
-    case DType::kFloat64: return 8;
-    case DType::kFloat32: return 4;
-    default: return 2;
-  }
-}
 
 inline unsigned int elementwise_blocks(int64_t total) {
   const int64_t b = (total + kThreads - 1) / kThreads;
@@ -876,7 +867,7 @@ BwdLayout backward_layout(const Geo& g, const SdcGeometry& s) {
 #ifdef SEGOPS_SDC_NO_WMMA
   const int dw_bp = kDwBP;
 #else
-  const int dw_bp = elem_size(s.dtype) == 2 ? kDwMmaBP : kDwBP;  // must match the kernel launched
+  const int dw_bp = dtype_size(s.dtype) == 2 ? kDwMmaBP : kDwBP;  // must match the kernel launched
 #endif
   const int64_t A = static_cast<int64_t>(acc_size(s.dtype));
   const int64_t nkh = g.N * g.KK * g.HW;
@@ -897,7 +888,7 @@ BwdLayout backward_layout(const Geo& g, const SdcGeometry& s) {
     l.s_off = off; l.s_bytes = nkh * A; off = align_up(off + l.s_bytes);
     l.gs_off = off; l.gs_bytes = l.ncb * nkh * A; off = align_up(off + l.gs_bytes);
   }
-  l.wt_off = off; l.wt_bytes = static_cast<int64_t>(g.Cout) * g.K * static_cast<int64_t>(elem_size(s.dtype));
+  l.wt_off = off; l.wt_bytes = static_cast<int64_t>(g.Cout) * g.K * static_cast<int64_t>(dtype_size(s.dtype));
   off = align_up(off + l.wt_bytes);
   l.dw_off = off; l.dw_bytes = l.splits * g.Cout * static_cast<int64_t>(g.K) * A;
   off = align_up(off + l.dw_bytes);
