@@ -12,7 +12,7 @@ import torch
 import segops
 from segops import reference as R
 from tests import test_qco
-from tests.utils import ABS_FLOOR, assert_close_to_reference, require_backend, run_with_grads
+from tests.utils import assert_close_to_reference, require_backend, run_with_grads, tolerance
 
 pytestmark = pytest.mark.cuda
 
@@ -98,8 +98,6 @@ def test_cuda_matches_triton_and_fp64_reference(op, make, grad_names, kwargs, dt
         cuda, triton = ((r[0][i] if k is None else r[1][k]) for r in (results["cuda"], results["triton"]))
         assert_close_to_reference(f"cuda {name}", cuda, want64, same, dtype)
         # Against Triton: each is within the rule of fp64, so their distance is within twice it.
-        ref_err = (same.double().cpu() - want64).abs().max().item() if want64.numel() else 0.0
-        scale = max(1.0, want64.abs().max().item() if want64.numel() else 1.0)
         diff = (cuda.double() - triton.double()).abs().max().item() if want64.numel() else 0.0
-        tol = 2 * (2 * ref_err + ABS_FLOOR[dtype] * scale)
+        tol = 2 * tolerance(want64, same, dtype)
         assert diff <= tol, f"{op} {name} ({dtype}): |cuda - triton| = {diff:.3e} > {tol:.3e}"

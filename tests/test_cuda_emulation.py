@@ -28,20 +28,6 @@ from tests.utils import _required, check_against_reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA_SOURCES = bool(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 
-# kernel pairs of each public op
-KERNELS = {
-    "criss_cross_attention": ("criss_cross_attention_forward", "criss_cross_attention_backward"),
-    "interlaced_sparse_attention": ("interlaced_sparse_attention_forward",
-                                    "interlaced_sparse_attention_backward"),
-    "disentangled_non_local": ("disentangled_non_local_forward", "disentangled_non_local_backward"),
-    "semantic_difference_conv2d": ("semantic_difference_conv2d_forward",
-                                   "semantic_difference_conv2d_backward"),
-    "qco_1d": ("qco_forward", "qco_backward"),
-    "qco_2d": ("qco_forward", "qco_backward"),
-    "texture_reconstruct": ("texture_reconstruct_forward", "texture_reconstruct_backward"),
-}
-
-
 @pytest.fixture(scope="module")
 def emulated():
     required = "cuda-emulation" in _required()
@@ -56,11 +42,11 @@ def emulated():
 
 @contextlib.contextmanager
 def emulated_backend(lib, op):
-    """Route `op`'s "cpu" backend to the emulated CUDA kernels for the duration."""
-    fwd_name, bwd_name = KERNELS[op]
-    fwd, bwd = getattr(lib, fwd_name), getattr(lib, bwd_name)
+    """Route `op`'s "cpu" backend to the emulated CUDA kernels (the same segops_C kernel pair)."""
     backends = REGISTRY[op].fused
     saved = backends["cpu"]
+    fwd_name, bwd_name = saved.kernels
+    fwd, bwd = getattr(lib, fwd_name), getattr(lib, bwd_name)
     backends["cpu"] = FusedBackend("cpu", lambda *a: fwd(*a), lambda *a: bwd(*a), dtypes=CUDA_DTYPES)
     try:
         yield

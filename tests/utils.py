@@ -76,7 +76,15 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
 def _error(got: torch.Tensor, ref64: torch.Tensor) -> float:
     if got.numel() == 0:
         return 0.0
-    return (got.double() - ref64.double()).abs().max().item()
+    # got may live on the GPU while the fp64 reference is on the CPU.
+    return (got.double().cpu() - ref64.double().cpu()).abs().max().item()
+
+
+def tolerance(ref64: torch.Tensor, ref_same: torch.Tensor, dtype: torch.dtype) -> float:
+    """The largest error from the fp64 result the rule allows: 2x the reference's own error in
+    `dtype` plus ABS_FLOOR[dtype] relative to the magnitude of the fp64 result."""
+    scale = max(1.0, ref64.abs().max().item() if ref64.numel() else 1.0)
+    return 2 * _error(ref_same, ref64) + ABS_FLOOR[dtype] * scale
 
 
 def assert_close_to_reference(name: str, got: torch.Tensor, ref64: torch.Tensor,
@@ -86,8 +94,7 @@ def assert_close_to_reference(name: str, got: torch.Tensor, ref64: torch.Tensor,
     assert torch.isfinite(got).all(), f"{name}: non-finite values in the result"
     err = _error(got, ref64)
     ref_err = _error(ref_same, ref64)
-    scale = max(1.0, ref64.abs().max().item() if ref64.numel() else 1.0)
-    tol = 2 * ref_err + ABS_FLOOR[dtype] * scale
+    tol = tolerance(ref64, ref_same, dtype)
     if err > tol:
         diff = (got.double().cpu() - ref64.double().cpu()).abs()
         idx = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
