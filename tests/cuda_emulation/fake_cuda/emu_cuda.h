@@ -17,8 +17,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <stdexcept>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
