@@ -32,6 +32,15 @@ class Case:
     params: dict = field(default_factory=dict)
 
 
+def sample_maker(sample) -> Callable[[str, torch.dtype], dict]:
+    """A Case's `make` from an OpSpec sample: its tensors on (device, dtype), then its options."""
+    def make(device: str, dtype: torch.dtype) -> dict:
+        kwargs = {k: v.to(device, dtype) for k, v in sample.tensors.items()}
+        kwargs.update(sample.kwargs)
+        return kwargs
+    return make
+
+
 def fused_providers(op: str, public_fn: Callable, device: str, dtype: torch.dtype) -> dict:
     """Every fused backend of `op` usable on (device, dtype), as providers named by backend."""
     status = REGISTRY[op].status(torch.device(device), dtype)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # compute-sanitizer over a smoke subset of the cuda tier: every op's forward and backward on the
-# `cuda` backend against the fp64 reference (the small cases of tests/test_<op>.py), all dtypes.
+# `cuda` backend against the fp64 reference, on every sample of every op description
+# (tests/test_contract.py iterates them), all dtypes.
 # PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own allocation, so an out-of-bounds
 # access is not hidden inside a cached block. Needs a GPU. Tools: SEGOPS_SANITIZER_TOOLS
 # (default "memcheck"; "memcheck racecheck synccheck" for the shared-memory checks too).
@@ -16,9 +17,7 @@ status=0
 for tool in ${SEGOPS_SANITIZER_TOOLS:-memcheck}; do
   echo "== compute-sanitizer --tool $tool"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool "$tool" --error-exitcode 97 --print-limit 20 \
-    python -m pytest -q -p no:cacheprovider \
-      tests/test_criss_cross_attention.py tests/test_interlaced_sparse_attention.py \
-      tests/test_disentangled_non_local.py tests/test_semantic_difference_conv2d.py tests/test_qco.py \
+    python -m pytest -q -p no:cacheprovider tests/test_contract.py \
       -k "matches_fp64 and cuda-cuda" "$@" || status=1
 done
 exit $status

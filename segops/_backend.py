@@ -14,7 +14,7 @@ import importlib.util
 import os
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -87,31 +87,25 @@ def _module_exists(name: str) -> bool:
 class FusedBackend:
     """One fused implementation of an operator.
 
-    `forward`/`backward` are callables or "module:attr" strings imported on first use (so no
-    Triton code is imported, and no device is queried, at `import segops`).
-    `kernels` are the segops_C kernel names a C++/CUDA backend needs.
+    `forward`/`backward` are callables (segops.ops._spec builds them so that no Triton code is
+    imported, and no device is queried, at `import segops`). `module` is the Python module the
+    implementation lives in, if any (its absence makes the backend unavailable); `kernels` are
+    the segops_C kernel names a C++/CUDA backend needs.
     """
 
     name: str
-    forward: Callable | str
-    backward: Callable | str
+    forward: Callable
+    backward: Callable
     dtypes: tuple = (torch.float32, torch.float64)
     kernels: tuple = ()
-    _resolved: dict = field(default_factory=dict, repr=False)
+    module: str | None = None
 
     def fn(self, which: str) -> Callable:
-        if which not in self._resolved:
-            target = getattr(self, which)
-            if isinstance(target, str):
-                module, attr = target.split(":")
-                target = getattr(importlib.import_module(module), attr)
-            self._resolved[which] = target
-        return self._resolved[which]
+        return getattr(self, which)
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype | None) -> str | None:
-        module = self.forward.split(":")[0] if isinstance(self.forward, str) else None
-        if module is not None and not _module_exists(module):
-            reason = f"{module} is not implemented"
+        if self.module is not None and not _module_exists(self.module):
+            reason = f"{self.module} is not implemented"
         elif self.name == "triton":
             reason = triton_status(device)
         elif self.name in ("cpu", "cuda"):

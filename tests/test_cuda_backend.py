@@ -1,83 +1,35 @@
 """The CUDA C++ backend against the Triton backend at GPU-sized shapes (cuda tier: needs a GPU).
 
-The per-op test files already run `backend="cuda"` against the fp64 reference on their small
-cases (tests/utils.backend_cases). Here both GPU backends run the same larger inputs, big enough
-to span several tiles, channel chunks and thread blocks, and must agree with each other within
-the tolerance rule of tests/utils.py (with the Triton result standing in for the reference side),
-after each was checked against the fp64 reference.
+tests/test_contract.py already runs `backend="cuda"` against the fp64 reference on every op's
+small samples. Here both GPU backends run each OpSpec's large samples, big enough to span several
+tiles, channel chunks and thread blocks; each must meet the tolerance rule against fp64, so the
+two may differ by at most twice the rule's allowance.
 """
 import pytest
 import torch
 
-import segops
-from segops import reference as R
-from tests import test_qco
-from tests.utils import assert_close_to_reference, require_backend, run_with_grads, tolerance
+from segops.ops._spec import SPECS
+from tests.utils import (assert_close_to_reference, require_backend, rounded_inputs,
+                         run_with_grads, tolerance)
 
 pytestmark = pytest.mark.cuda
 
 
-def _randn(*shape, scale=1.0, shift=0.0):
-    return scale * torch.randn(*shape, dtype=torch.float64) + shift
-
-
-def _cca():
-    return dict(query=_randn(2, 64, 33, 47, scale=0.3), key=_randn(2, 64, 33, 47, scale=0.3),
-                value=_randn(2, 96, 33, 47))
-
-
-def _isa():
-    return dict(query=_randn(2, 64, 40, 48), key=_randn(2, 64, 40, 48), value=_randn(2, 80, 40, 48))
-
-
-def _dnl(lk):
-    return dict(query=_randn(2, 64, 37, 29, scale=0.3, shift=0.3),
-                key=_randn(2, 64, *lk, scale=0.3, shift=-0.2),
-                value=_randn(2, 96, *lk), unary=_randn(2, 1, *lk))
-
-
-def _sdc(cg):
-    return dict(input=_randn(2, 24, 41, 37), guidance=_randn(2, cg, 41, 37),
-                weight=_randn(40, 24, 3, 3, scale=(24 * 9) ** -0.5), bias=_randn(40))
-
-
-def _recon():
-    return test_qco.recon_inputs(2, 16, 29, 31, 64, 128, seed=3)
-
-
-# (op, inputs factory, differentiable inputs, keyword arguments)
-CASES = [
-    ("criss_cross_attention", _cca, ["query", "key", "value"], {}),
-    ("interlaced_sparse_attention", _isa, ["query", "key", "value"],
-     dict(block_size=(8, 8), mode="long")),
-    ("interlaced_sparse_attention", _isa, ["query", "key", "value"],
-     dict(block_size=(4, 6), mode="short")),
-    ("disentangled_non_local", lambda: _dnl((37, 29)), ["query", "key", "value", "unary"],
-     dict(whiten=True, temperature=0.05)),
-    ("disentangled_non_local", lambda: _dnl((110,)), ["query", "key", "value", "unary"],
-     dict(whiten=False)),
-    ("semantic_difference_conv2d", lambda: _sdc(24), ["input", "guidance", "weight", "bias"],
-     dict(similarity="charbonnier", dilation=2)),
-    ("semantic_difference_conv2d", lambda: _sdc(8), ["input", "guidance", "weight", "bias"],
-     dict(similarity="gaussian", sigma=1.3)),
-    ("texture_reconstruct", _recon, ["sim", "levels", "features"], {}),
-    ("qco_1d", lambda: dict(x=test_qco.smooth_input((2, 16, 24, 20), 32, seed=4)), ["x"],
-     dict(num_levels=32)),
-    ("qco_2d", lambda: dict(x=test_qco.smooth_input((2, 8, 24, 18), 8, grid=3, seed=5)), ["x"],
-     dict(num_levels=8, grid=3)),
-]
-IDS = [f"{op}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for op, _, _, kw in CASES]
+def _large_params():
+    return [pytest.param(op, s.name, id=f"{op}-{s.name}") for op in sorted(SPECS)
+            for s in SPECS[op].large_samples()]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("op,make,grad_names,kwargs", CASES, ids=IDS)
-def test_cuda_matches_triton_and_fp64_reference(op, make, grad_names, kwargs, dtype):
+@pytest.mark.parametrize("op,sample", _large_params())
+def test_cuda_matches_triton_and_fp64_reference(op, sample, dtype):
     for backend in ("cuda", "triton"):
         require_backend(op, backend, "cuda", dtype)
     torch.manual_seed(0)
-    inputs64 = make()
-    reference = getattr(R, op)
-    fn = getattr(segops, op)
+    spec = SPECS[op]
+    s = next(s for s in spec.large_samples() if s.name == sample)
+    inputs64, grad_names, kwargs = rounded_inputs(s, dtype), list(s.grads), s.kwargs
+    reference, fn = spec.reference, spec.function
     out64, _ = run_with_grads(reference, inputs64, grad_names, None, kwargs)
     grads_out64 = tuple(torch.randn_like(o) if o.is_floating_point() else None for o in out64)
     out64, grads64 = run_with_grads(reference, inputs64, grad_names, grads_out64, kwargs)

@@ -61,6 +61,26 @@ def require_backend(op: str, backend: str, device: str, dtype: torch.dtype) -> N
     pytest.skip(f"{op}: {backend} unavailable: {reason}")
 
 
+def sample_params(ops=None, where=lambda sample: True) -> list:
+    """pytest params (op, sample name) for the samples of every OpSpec (or of `ops`)."""
+    from segops.ops._spec import SPECS
+    return [pytest.param(op, s.name, id=f"{op}-{s.name}") for op in sorted(ops or SPECS)
+            for s in SPECS[op].samples() if where(s)]
+
+
+def find_sample(op: str, name: str):
+    from segops.ops._spec import SPECS
+    return next(s for s in SPECS[op].samples() if s.name == name)
+
+
+def rounded_inputs(sample, dtype: torch.dtype) -> dict:
+    """The sample's fp64 tensors, rounded to `dtype` and back when the sample asks for a
+    comparison on the inputs the low-precision run actually sees (`exact_inputs`)."""
+    if not sample.exact_inputs or dtype == torch.float64:
+        return sample.tensors
+    return {k: v.to(dtype).double() for k, v in sample.tensors.items()}
+
+
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     """Same values, non-contiguous storage (every other element of the last dim)."""
     out = t.new_empty(*t.shape, 2)[..., 0]

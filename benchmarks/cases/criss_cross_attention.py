@@ -2,7 +2,8 @@
 import torch
 
 import segops
-from benchmarks.common import Case, standard_providers, tensor_bytes
+from benchmarks.common import Case, sample_maker, standard_providers, tensor_bytes
+from segops.ops.criss_cross_attention import SPEC
 from segops.reference.criss_cross_attention import criss_cross_attention as reference
 
 OP = "criss_cross_attention"
@@ -26,11 +27,8 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False):
     shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
     out = []
     for n, ck, cv, h, w in shapes:
-        def make(dev, dt, n=n, ck=ck, cv=cv, h=h, w=w):
-            g = torch.Generator(device="cpu").manual_seed(0)
-            mk = lambda c: (torch.randn(n, c, h, w, generator=g) * 0.5).to(dev, dt)  # noqa: E731
-            return dict(query=mk(ck), key=mk(ck), value=mk(cv))
-        out.append(Case(OP, f"N{n} Ck{ck} Cv{cv} {h}x{w}", make, ("query", "key", "value"),
+        sample = SPEC.make(torch.Generator().manual_seed(0), "bench", n, ck, cv, h, w)
+        out.append(Case(OP, f"N{n} Ck{ck} Cv{cv} {h}x{w}", sample_maker(sample), sample.grads,
                         standard_providers(OP, reference, segops.criss_cross_attention, device, dtype),
                         flops=_flops, bytes=_bytes,
                         params=dict(N=n, Ck=ck, Cv=cv, H=h, W=w)))

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import segops
-from benchmarks.common import Case, standard_providers, tensor_bytes
+from benchmarks.common import Case, sample_maker, standard_providers, tensor_bytes
+from segops.ops.disentangled_non_local import SPEC
 from segops.reference.disentangled_non_local import disentangled_non_local as reference
 
 OP = "disentangled_non_local"
@@ -56,15 +57,12 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False):
     shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
     out = []
     for n, ck, cv, h, w in shapes:
-        def make(dev, dt, n=n, ck=ck, cv=cv, h=h, w=w):
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            mk = lambda c: torch.randn(n, c, h, w, generator=gen).to(dev, dt)  # noqa: E731
-            return dict(query=mk(ck), key=mk(ck), value=mk(cv), unary=mk(1),
-                        whiten=True, temperature=TEMPERATURE)
+        sample = SPEC.make(torch.Generator().manual_seed(0), "bench", n, ck, cv, (h, w), (h, w),
+                           qk_scale=1.0, temperature=TEMPERATURE)
         providers = standard_providers(OP, reference, segops.disentangled_non_local, device, dtype,
                                        extra={"sdpa": sdpa})
-        out.append(Case(OP, f"N{n} Ck{ck} Cv{cv} {h}x{w} whiten+unary T{TEMPERATURE}", make,
-                        ("query", "key", "value", "unary"), providers, flops=_flops, bytes=_bytes,
+        out.append(Case(OP, f"N{n} Ck{ck} Cv{cv} {h}x{w} whiten+unary T{TEMPERATURE}",
+                        sample_maker(sample), sample.grads, providers, flops=_flops, bytes=_bytes,
                         params=dict(N=n, Ck=ck, Cv=cv, H=h, W=w, whiten=True, unary=True,
                                     temperature=TEMPERATURE)))
     return out

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import segops
-from benchmarks.common import Case, standard_providers, tensor_bytes
+from benchmarks.common import Case, sample_maker, standard_providers, tensor_bytes
+from segops.ops.interlaced_sparse_attention import SPEC
 from segops.reference.interlaced_sparse_attention import from_groups, to_groups
 from segops.reference.interlaced_sparse_attention import interlaced_sparse_attention as reference
 
@@ -50,11 +51,10 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False):
     out = []
     for n, ck, cv, h, w in shapes:
         for mode in ("long", "short"):
-            def make(dev, dt, n=n, ck=ck, cv=cv, h=h, w=w, mode=mode):
-                g = torch.Generator(device="cpu").manual_seed(0)
-                mk = lambda c: torch.randn(n, c, h, w, generator=g).to(dev, dt)  # noqa: E731
-                return dict(query=mk(ck), key=mk(ck), value=mk(cv), block_size=BLOCK, mode=mode)
-            out.append(Case(OP, f"N{n} Ck{ck} Cv{cv} {h}x{w} {mode}", make, ("query", "key", "value"),
+            sample = SPEC.make(torch.Generator().manual_seed(0), "bench", (n, ck, cv, h, w), BLOCK,
+                               mode)
+            out.append(Case(OP, f"N{n} Ck{ck} Cv{cv} {h}x{w} {mode}", sample_maker(sample),
+                            sample.grads,
                             standard_providers(OP, reference, segops.interlaced_sparse_attention,
                                                device, dtype, extra={"sdpa": sdpa}),
                             flops=_flops, bytes=_bytes,

@@ -8,7 +8,9 @@ import torch
 
 import segops
 import segops.nn as snn
-from benchmarks.common import Case, fused_providers, standard_providers, tensor_bytes
+from benchmarks.common import Case, fused_providers, sample_maker, standard_providers, tensor_bytes
+from segops.ops._spec import Sample, randn
+from segops.ops.qco import recon_inputs
 from segops.reference import qco as R
 
 # The CPU targets are the first two rows (texture_reconstruct K=128, qco_2d grid 1).
@@ -34,17 +36,8 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False):
     out = []
 
     # texture_reconstruct: sim and levels as qco_1d makes them, features (N, Cf, K)
-    def make_recon(dev, dt):
-        g = _gen()
-        x = torch.randn(n, c, h1, w1, generator=g)
-        if dev == "meta":
-            sim, levels = torch.empty(n, h1, w1), torch.empty(n, k1)
-        else:
-            _, levels, sim = R.qco_1d(x, k1)
-        feats = torch.randn(n, cf, k1, generator=g)
-        return dict(sim=sim.to(dev, dt), levels=levels.to(dev, dt), features=feats.to(dev, dt))
-
-    out.append(Case("texture_reconstruct", f"recon N{n} Cf{cf} {h1}x{w1} K{k1}", make_recon,
+    recon = Sample("bench", recon_inputs(n, c, h1, w1, cf, k1), grads=("sim", "levels", "features"))
+    out.append(Case("texture_reconstruct", f"recon N{n} Cf{cf} {h1}x{w1} K{k1}", sample_maker(recon),
                     ("sim", "levels", "features"),
                     standard_providers("texture_reconstruct", R.texture_reconstruct,
                                        segops.texture_reconstruct, device, dtype),
@@ -54,9 +47,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False):
                     params=dict(N=n, Cf=cf, H=h1, W=w1, K=k1)))
 
     def make_x(hw):
-        def make(dev, dt):
-            return dict(x=torch.randn(n, c, *hw, generator=_gen()).to(dev, dt))
-        return make
+        return sample_maker(Sample("bench", dict(x=randn(_gen(), n, c, *hw)), grads=("x",)))
 
     for grid in (1, 2, 3, 6):
         if quick and grid > 2:
@@ -88,8 +79,8 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False):
             return modules[backend](x)
         return run
 
-    def make_stl(dev, dt):
-        return dict(x=torch.randn(n, z["stl_in"], h1, w1, generator=_gen()).to(dev, dt))
+    make_stl = sample_maker(Sample("bench", dict(x=randn(_gen(), n, z["stl_in"], h1, w1)),
+                                   grads=("x",)))
 
     providers = {"reference": stl("reference")}
     ref_mod = stl("reference")

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import segops
-from benchmarks.common import Case, standard_providers, tensor_bytes
+from benchmarks.common import Case, sample_maker, standard_providers, tensor_bytes
+from segops.ops.semantic_difference_conv2d import SPEC
 from segops.reference.semantic_difference_conv2d import semantic_difference_conv2d as reference
 
 OP = "semantic_difference_conv2d"
@@ -21,7 +22,7 @@ DEFAULT_CPU_CASES = 2  # the default CPU run: the first shape with both similari
 K = 3
 
 
-def _conv2d(input, guidance, weight, similarity):
+def _conv2d(input, guidance, weight, similarity, dilation, sigma):
     return F.conv2d(input, weight, padding=(weight.shape[-1] - 1) // 2)
 
 
@@ -43,15 +44,12 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False):
     out = []
     for n, cin, cout, h, w in shapes:
         for sim in SIMILARITIES:
-            def make(dev, dt, n=n, cin=cin, cout=cout, h=h, w=w, sim=sim):
-                g = torch.Generator(device="cpu").manual_seed(0)
-                mk = lambda *s: torch.randn(*s, generator=g).to(dev, dt)  # noqa: E731
-                return dict(input=mk(n, cin, h, w), guidance=mk(n, cin, h, w),
-                            weight=mk(cout, cin, K, K) / (cin * K * K) ** 0.5, similarity=sim)
+            sample = SPEC.make(torch.Generator().manual_seed(0), "bench", sim, K, 1, n, cin, cin,
+                               cout, h, w, False, sigma=1.0)
             providers = standard_providers(OP, reference, segops.semantic_difference_conv2d,
                                            device, dtype, extra={"conv2d": _conv2d})
-            out.append(Case(OP, f"N{n} C{cin}->{cout} {K}x{K} {h}x{w} {sim}", make,
-                            ("input", "guidance", "weight"), providers,
+            out.append(Case(OP, f"N{n} C{cin}->{cout} {K}x{K} {h}x{w} {sim}", sample_maker(sample),
+                            sample.grads, providers,
                             flops=_flops, bytes=_bytes,
                             params=dict(N=n, Cin=cin, Cout=cout, k=K, H=h, W=w, similarity=sim)))
     return out

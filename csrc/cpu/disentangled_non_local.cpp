@@ -366,7 +366,7 @@ void backward_impl(const at::Tensor& go, const at::Tensor& query, const at::Tens
 
   const int64_t nkb = (Lk + BN - 1) / BN;
   const int64_t threads = at::get_num_threads();
-  const int64_t G = std::max<int64_t>(1, std::min(nkb, (threads + N - 1) / N));
+  const int64_t G = std::max<int64_t>(1, std::min(nkb, (threads + N - 1) / std::max<int64_t>(N, 1)));
   // dQ~ partial sums of group 0 accumulate straight into dq; groups 1.. into (G-1, N, Ck, Lq).
   dq.zero_();
   auto dqbuf = at::zeros({G - 1, N, Ck, Lq}, query.options());

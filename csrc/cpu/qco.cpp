@@ -585,7 +585,8 @@ void recon_check(const char* what, const at::Tensor& sim, const at::Tensor& leve
   TORCH_CHECK(sim.is_contiguous() && levels.is_contiguous() && features.is_contiguous(), what,
               ": inputs must be contiguous");
   TORCH_CHECK(levels.size(0) == sim.size(0) && features.size(0) == sim.size(0) &&
-                  features.size(2) == levels.size(1) && levels.size(1) >= 1 && sim.numel() > 0,
+                  features.size(2) == levels.size(1) && levels.size(1) >= 1 &&
+                  (sim.numel() > 0 || sim.size(0) == 0),
               what, ": mismatched or empty sizes");
   TORCH_CHECK(levels.scalar_type() == sim.scalar_type() &&
                   features.scalar_type() == sim.scalar_type(),

@@ -1,11 +1,16 @@
-"""Public operators: `torch.library` custom ops with fakes, autograd and backend dispatch."""
-from segops.ops.criss_cross_attention import criss_cross_attention
-from segops.ops.interlaced_sparse_attention import interlaced_sparse_attention
-from segops.ops.semantic_difference_conv2d import semantic_difference_conv2d
-from segops.ops.qco import qco_1d, qco_2d, texture_reconstruct
-from segops.ops.disentangled_non_local import disentangled_non_local
+"""Public operators: `torch.library` custom ops with fakes, autograd and backend dispatch.
 
-# Every public callable imported above (derived, so each operator only adds its import line).
-__all__ = sorted(name for name, obj in list(globals().items())
-                 if not name.startswith("_") and callable(obj)
-                 and getattr(obj, "__module__", "").startswith(__name__ + "."))
+Every module here describes its operators with an OpSpec (segops/ops/_spec.py); importing them
+all registers the custom ops, and each description's public function is exported.
+"""
+import importlib as _importlib
+import pkgutil as _pkgutil
+
+from segops.ops._spec import SPECS as _SPECS
+
+for _module in _pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        _importlib.import_module(f"{__name__}.{_module.name}")
+
+globals().update({name: spec.function for name, spec in _SPECS.items()})
+__all__ = sorted(_SPECS)

@@ -1,4 +1,4 @@
-"""Argument checks shared by the operators: clear errors naming the argument (SPEC §1)."""
+"""Argument checks shared by the operators: clear errors naming the argument (docs/operators.md §1)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -50,14 +50,7 @@ def check_dims(op: str, name: str, t: torch.Tensor, dims: Sequence[int], expecte
         raise ValueError(f"segops.{op}: `{name}` must have {what} = {tuple(expected)}, got {_desc(t)}")
 
 
-def is_empty(*tensors: torch.Tensor) -> bool:
-    return any(t is not None and t.numel() == 0 for t in tensors)
-
-
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels accumulate and save statistics in: fp64 for fp64 inputs, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
-
-# What the CUDA C++ kernels (csrc/cuda) accept; they accumulate in accumulation_dtype().
-CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -1,4 +1,5 @@
-"""`segops.disentangled_non_local` — schema, fakes, autograd, validation and dispatch (SPEC §2.3).
+"""`segops.disentangled_non_local` (docs/operators.md §2.3): description, validation, public
+function.
 
 The custom ops work on flattened, contiguous tensors: query (N, Ck, Lq), key (N, Ck, Lk),
 value (N, Cv, Lk), unary (N, Lk) or None, and one combined logit factor
@@ -12,87 +13,94 @@ all fp32 (fp64 for fp64 inputs): O(Lq + Lk) statistics, enough for a recomputing
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from segops._backend import FusedBackend, op_backends
+from segops.ops import _spec
 from segops.ops import _validate as V
+from segops.ops._spec import ErrorSample, OpSpec, Sample
 from segops.reference.disentangled_non_local import disentangled_non_local as _reference
 
 OP = "disentangled_non_local"
-BACKENDS = op_backends(OP)
 
 
-# The segops._C kernels; the dispatcher picks the CPU or CUDA implementation by device.
-def _compiled_forward(query, key, value, unary, whiten, s):
-    return torch.ops.segops_C.disentangled_non_local_forward(query, key, value, unary, whiten, s)
-
-
-def _compiled_backward(grad_out, query, key, value, unary, out, lse, g, lse_u, whiten, s):
-    return torch.ops.segops_C.disentangled_non_local_backward(
-        grad_out, query, key, value, unary, out, lse, g, lse_u, whiten, s)
-
-
-BACKENDS.register(FusedBackend(
-    "cpu", _compiled_forward, _compiled_backward,
-    kernels=("disentangled_non_local_forward", "disentangled_non_local_backward")))
-BACKENDS.register(FusedBackend(
-    "cuda", _compiled_forward, _compiled_backward, dtypes=V.CUDA_DTYPES,
-    kernels=("disentangled_non_local_forward", "disentangled_non_local_backward")))
-BACKENDS.register(FusedBackend(
-    "triton", "segops.triton.disentangled_non_local:forward",
-    "segops.triton.disentangled_non_local:backward",
-    dtypes=(torch.float16, torch.bfloat16, torch.float32)))
-
-
-@torch.library.custom_op("segops::disentangled_non_local", mutates_args=())
-def _forward_op(query: Tensor, key: Tensor, value: Tensor, unary: Optional[Tensor], whiten: bool,
-                s: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return BACKENDS.fused[backend].fn("forward")(query, key, value, unary, whiten, s)
-
-
-@_forward_op.register_fake
-def _(query, key, value, unary, whiten, s, backend):
+def _fake(query, key, value, unary, whiten, s):
     n, _, lq = query.shape
     cv = value.shape[1]
-    sd = V.accumulation_dtype(query.dtype)
-    return (value.new_empty((n, cv, lq)), query.new_empty((n, lq), dtype=sd),
-            query.new_empty((n, cv), dtype=sd), query.new_empty((n,), dtype=sd))
+    acc = V.accumulation_dtype(query.dtype)
+    return (value.new_empty((n, cv, lq)), query.new_empty((n, lq), dtype=acc),
+            query.new_empty((n, cv), dtype=acc), query.new_empty((n,), dtype=acc))
 
 
-@torch.library.custom_op("segops::disentangled_non_local_backward", mutates_args=())
-def _backward_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
-                 unary: Optional[Tensor], out: Tensor, lse: Tensor, g: Tensor, lse_u: Tensor,
-                 whiten: bool, s: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (grad_query, grad_key, grad_value, grad_unary); grad_unary is empty without unary."""
-    return BACKENDS.fused[backend].fn("backward")(grad_out, query, key, value, unary, out, lse, g,
-                                                  lse_u, whiten, s)
+def _case(g, name, n, ck, cv, sq, sk, whiten=True, unary=True, gradcheck=False, qk_scale=0.5,
+          **kwargs):
+    t = dict(query=_spec.randn(g, n, ck, *sq, scale=qk_scale, shift=0.3),
+             key=_spec.randn(g, n, ck, *sk, scale=qk_scale, shift=-0.2),
+             value=_spec.randn(g, n, cv, *sk))
+    if unary:
+        t["unary"] = _spec.randn(g, n, 1, *sk)
+    kwargs = dict(dict(temperature=0.05), whiten=whiten, **kwargs)
+    return Sample(name, t, kwargs, grads=tuple(t), gradcheck=gradcheck)
 
 
-@_backward_op.register_fake
-def _(grad_out, query, key, value, unary, out, lse, g, lse_u, whiten, s, backend):
-    du = torch.empty_like(unary) if unary is not None else query.new_empty((0,))
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), du
+def _large_samples():
+    g = torch.Generator().manual_seed(1)
+    return [_case(g, "large_same_map", 2, 64, 96, (37, 29), (37, 29), qk_scale=0.3),
+            _case(g, "large_pooled_keys", 2, 64, 96, (37, 29), (110,), whiten=False,
+                  qk_scale=0.3, temperature=1.0)]
 
 
-def _setup_context(ctx, inputs, output):
-    query, key, value, unary, whiten, s, backend = inputs
-    out, lse, g, lse_u = output
-    ctx.save_for_backward(query, key, value, unary, out, lse, g, lse_u)
-    ctx.whiten, ctx.s, ctx.backend = whiten, s, backend
+def _samples():
+    g = torch.Generator().manual_seed(0)
+
+    def case(*args, **kwargs):
+        return _case(g, *args, **kwargs)
+    out = []
+    for whiten, unary in ((True, True), (False, False), (True, False), (False, True)):
+        tag = ("whiten" if whiten else "plain") + ("_unary" if unary else "")
+        out += [case(f"same_map_{tag}", 2, 5, 3, (7, 5), (7, 5), whiten, unary),
+                case(f"pooled_keys_{tag}", 1, 16, 16, (9, 11), (110,), whiten, unary)]
+    out += [case("small", 2, 3, 2, (2, 3), (5,), gradcheck=True),
+            case("small_plain", 1, 2, 3, (4,), (2, 2), False, False, gradcheck=True),
+            case("region_keys", 2, 3, 4, (5, 7), (19,)),
+            case("1d_query_2d_keys", 1, 4, 6, (37,), (3, 3)),
+            case("channel_chunks", 1, 130, 140, (4, 5), (19,)),
+            case("scale_3d_keys", 2, 6, 5, (4, 3), (2, 3, 2), scale=1.0, temperature=2.0),
+            case("one_key", 1, 3, 2, (1, 1), (1,)),
+            case("empty_batch", 0, 4, 3, (5, 6), (7,)),
+            case("empty_queries", 2, 4, 3, (0,), (7,)),
+            case("no_key_channels", 1, 0, 3, (4, 5), (6,))]
+    return out
 
 
-def _backward(ctx, grad_out, _g_lse, _g_g, _g_lse_u):
-    query, key, value, unary, out, lse, g, lse_u = ctx.saved_tensors
-    dq, dk, dv, du = _backward_op(grad_out.contiguous(), query, key, value, unary, out, lse, g,
-                                  lse_u, ctx.whiten, ctx.s, ctx.backend)
-    return dq, dk, dv, (du if unary is not None else None), None, None, None
+def _error_samples():
+    # Valid call: query (2, 5, 7, 5), key (2, 5, 7, 5), value (2, 3, 7, 5), unary (2, 1, 7, 5).
+    return [
+        ErrorSample("query_rank", dict(query=torch.randn(2, 5)), "`query` must have at least 3 dims"),
+        ErrorSample("key_channels", dict(key=torch.randn(2, 4, 7, 5)), "`key` must have"),
+        ErrorSample("value_positions", dict(value=torch.randn(2, 3, 7, 6)), "`value` must have"),
+        ErrorSample("unary_channels", dict(unary=torch.randn(2, 2, 7, 5)), "`unary` must have"),
+        ErrorSample("mixed_dtype", dict(value=torch.randn(2, 3, 7, 5, dtype=torch.float64)), "dtype"),
+        ErrorSample("integer", dict(query=torch.ones(2, 5, 7, 5, dtype=torch.int64)), "floating"),
+        ErrorSample("whiten_not_bool", dict(whiten=1), "`whiten` must be a bool", TypeError),
+        ErrorSample("temperature_zero", dict(temperature=0.0), "`temperature`"),
+        ErrorSample("scale_nan", dict(scale=float("nan")), "`scale`"),
+    ]
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+SPEC = _spec.define(OpSpec(
+    name=OP, public=1,
+    inputs=("query", "key", "value", "unary?"), params=(("whiten", bool), ("s", float)),
+    results=("out", "lse", "g", "lse_u"),
+    saves=("query", "key", "value", "unary", "out", "lse", "g", "lse_u"),
+    differentiable=("query", "key", "value", "unary"), fake=_fake,
+    kernels=("disentangled_non_local_forward", "disentangled_non_local_backward"),
+    triton=("segops.triton.disentangled_non_local:forward",
+            "segops.triton.disentangled_non_local:backward"),
+    make=_case, samples=_samples, error_samples=_error_samples, large_samples=_large_samples,
+    reference=_reference))
 
 
 def _validate(query, key, value, unary, whiten, scale, temperature) -> None:
@@ -113,12 +121,9 @@ def _validate(query, key, value, unary, whiten, scale, temperature) -> None:
                          f"{(key.shape[0], 1) + tuple(key.shape[2:])}, got {V._desc(unary)}")
     if not isinstance(whiten, bool):
         raise TypeError(f"segops.{OP}: `whiten` must be a bool, got {type(whiten).__name__}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
-        raise ValueError(f"segops.{OP}: `scale` must be None or a finite number, got {scale!r}")
-    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature) or temperature <= 0):
-        raise ValueError(f"segops.{OP}: `temperature` must be a finite number > 0, got {temperature!r}")
+    if scale is not None:
+        _spec.check_finite_number(OP, "scale", scale)
+    _spec.check_finite_number(OP, "temperature", temperature, positive=True)
 
 
 def disentangled_non_local(query: Tensor, key: Tensor, value: Tensor, unary: Optional[Tensor] = None,
@@ -134,15 +139,17 @@ def disentangled_non_local(query: Tensor, key: Tensor, value: Tensor, unary: Opt
     embedded-Gaussian non-local (scale=1.0: DANet's position attention).
     """
     _validate(query, key, value, unary, whiten, scale, temperature)
-    name = BACKENDS.select(backend, query.device, query.dtype)
-    if name == "reference" or V.is_empty(query, key, value, unary):
+    name = SPEC.select(backend, query)
+    if name == "reference":
         return _reference(query, key, value, unary, whiten=whiten, scale=scale,
                           temperature=temperature)
     n, ck = query.shape[:2]
     cv = value.shape[1]
-    s = float((ck ** -0.5 if scale is None else scale) / temperature)
-    u = None if unary is None else unary.reshape(n, -1).contiguous()
-    out, _, _, _ = _forward_op(query.reshape(n, ck, -1).contiguous(),
-                               key.reshape(n, ck, -1).contiguous(),
-                               value.reshape(n, cv, -1).contiguous(), u, whiten, s, name)
+    s = float(((ck ** -0.5 if ck else 1.0) if scale is None else scale) / temperature)
+    query, key = _spec.logits_need_a_channel(query, key)
+    out = SPEC.fused(name, query.flatten(2), key.flatten(2), value.flatten(2),
+                     None if unary is None else unary.flatten(1), whiten, s)
     return out.reshape(n, cv, *query.shape[2:])
+
+
+SPEC.function = disentangled_non_local

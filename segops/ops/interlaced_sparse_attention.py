@@ -1,88 +1,96 @@
-"""`segops.interlaced_sparse_attention` — schema, fake, autograd, validation, dispatch (SPEC §2.2)."""
+"""`segops.interlaced_sparse_attention` (docs/operators.md §2.2): description, validation, public
+function.
+
+The fused forward returns (out, lse): lse is the per-position softmax log-sum-exp (N, H, W) of
+the scaled logits (natural log), fp32 (fp64 for fp64 inputs): all the backward needs besides
+the inputs and the output.
+"""
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from segops._backend import FusedBackend, op_backends
+from segops.ops import _spec
 from segops.ops import _validate as V
+from segops.ops._spec import ErrorSample, OpSpec, Sample
 from segops.reference.interlaced_sparse_attention import MODES
 from segops.reference.interlaced_sparse_attention import \
     interlaced_sparse_attention as _reference
 
 OP = "interlaced_sparse_attention"
-BACKENDS = op_backends(OP)
 
 
-# The segops._C kernels; the dispatcher picks the CPU or CUDA implementation by device.
-def _compiled_forward(query, key, value, ph, pw, long, scale):
-    return torch.ops.segops_C.interlaced_sparse_attention_forward(query, key, value, ph, pw, long, scale)
-
-
-def _compiled_backward(grad_out, query, key, value, out, lse, ph, pw, long, scale):
-    return torch.ops.segops_C.interlaced_sparse_attention_backward(
-        grad_out, query, key, value, out, lse, ph, pw, long, scale)
-
-
-BACKENDS.register(FusedBackend(
-    "cpu", _compiled_forward, _compiled_backward,
-    kernels=("interlaced_sparse_attention_forward", "interlaced_sparse_attention_backward")))
-BACKENDS.register(FusedBackend(
-    "cuda", _compiled_forward, _compiled_backward, dtypes=V.CUDA_DTYPES,
-    kernels=("interlaced_sparse_attention_forward", "interlaced_sparse_attention_backward")))
-BACKENDS.register(FusedBackend(
-    "triton", "segops.triton.interlaced_sparse_attention:forward",
-    "segops.triton.interlaced_sparse_attention:backward",
-    dtypes=(torch.float16, torch.bfloat16, torch.float32)))
-
-
-# The fused forward returns (out, lse): lse is the per-position softmax log-sum-exp (N, H, W) of
-# the scaled logits (natural log), fp32 (fp64 for fp64 inputs): all the backward needs besides
-# the inputs and the output.
-@torch.library.custom_op("segops::interlaced_sparse_attention", mutates_args=())
-def _forward_op(query: Tensor, key: Tensor, value: Tensor, ph: int, pw: int, long: bool,
-                scale: float, backend: str) -> tuple[Tensor, Tensor]:
-    return BACKENDS.fused[backend].fn("forward")(query, key, value, ph, pw, long, scale)
-
-
-@_forward_op.register_fake
-def _(query, key, value, ph, pw, long, scale, backend):
+def _fake(query, key, value, ph, pw, long, scale):
     n, _, h, w = query.shape
     return (value.new_empty((n, value.shape[1], h, w)),
             query.new_empty((n, h, w), dtype=V.accumulation_dtype(query.dtype)))
 
 
-@torch.library.custom_op("segops::interlaced_sparse_attention_backward", mutates_args=())
-def _backward_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
-                 lse: Tensor, ph: int, pw: int, long: bool, scale: float,
-                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return BACKENDS.fused[backend].fn("backward")(grad_out, query, key, value, out, lse,
-                                                  ph, pw, long, scale)
+def _qkv(g, name, shape, block, mode, scale=1.0, logit_scale=None, gradcheck=False):
+    n, ck, cv, h, w = shape
+    kwargs = dict(block_size=block, mode=mode)
+    if logit_scale is not None:
+        kwargs["scale"] = logit_scale
+    return Sample(f"{name}_{mode}", dict(query=_spec.randn(g, n, ck, h, w, scale=scale),
+                                         key=_spec.randn(g, n, ck, h, w, scale=scale),
+                                         value=_spec.randn(g, n, cv, h, w)),
+                  kwargs, grads=("query", "key", "value"), gradcheck=gradcheck)
 
 
-@_backward_op.register_fake
-def _(grad_out, query, key, value, out, lse, ph, pw, long, scale, backend):
-    # The kernels return contiguous gradients whatever the inputs' strides.
-    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+def _large_samples():
+    g = torch.Generator().manual_seed(1)
+    return [_qkv(g, "large", (2, 64, 80, 40, 48), (8, 8), "long"),
+            _qkv(g, "large", (2, 64, 80, 40, 48), (4, 6), "short")]
 
 
-def _setup_context(ctx, inputs, output):
-    query, key, value, ph, pw, long, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(query, key, value, out, lse)
-    ctx.args = (ph, pw, long, scale, backend)
+def _samples():
+    g = torch.Generator().manual_seed(0)
+
+    def qkv(*args, **kwargs):
+        return _qkv(g, *args, **kwargs)
+    out = []
+    for mode in MODES:
+        out += [qkv("batch2_uneven_block", (2, 4, 3, 8, 12), (4, 2), mode),
+                qkv("small", (2, 2, 2, 2, 6), (2, 3), mode, scale=0.5, gradcheck=True),
+                qkv("default_block", (1, 3, 5, 16, 8), (8, 8), mode),
+                qkv("unit_block", (1, 5, 4, 6, 10), (1, 1), mode),
+                qkv("whole_map_block", (1, 4, 3, 6, 10), (6, 10), mode),
+                qkv("one_pixel", (1, 3, 2, 1, 1), (1, 1), mode),
+                qkv("empty_batch", (0, 4, 3, 4, 4), (2, 2), mode),
+                qkv("empty_map", (1, 4, 3, 0, 4), (2, 2), mode),
+                qkv("no_key_channels", (1, 0, 3, 4, 4), (2, 2), mode)]
+    out += [qkv("two_key_tiles", (1, 20, 24, 10, 10), (10, 10), "short"),
+            qkv("group_of_256", (1, 40, 72, 16, 16), (16, 16), "short"),
+            qkv("channel_chunks", (1, 512, 512, 4, 8), (4, 4), "short"),
+            qkv("large_logits", (1, 4, 3, 4, 6), (2, 2), "long", scale=3.0, logit_scale=2.5)]
+    return out
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    query, key, value, out, lse = ctx.saved_tensors
-    dq, dk, dv = _backward_op(grad_out.contiguous(), query, key, value, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+def _error_samples():
+    # Valid call: query/key (2, 4, 8, 12), value (2, 3, 8, 12), block (4, 2).
+    return _spec.qkv_error_samples(2, 4, 3, 8, 12) + [
+        ErrorSample("block_not_dividing", dict(block_size=(3, 2)), r"divisible by `block_size`"),
+        ErrorSample("block_zero", dict(block_size=(2, 0)), "`block_size` must be"),
+        ErrorSample("block_rank", dict(block_size=(2, 2, 2)), "`block_size` must be"),
+        ErrorSample("block_float", dict(block_size=2.0), "`block_size` must be"),
+        ErrorSample("mode", dict(mode="medium"), "`mode` must be"),
+        ErrorSample("scale_nan", dict(scale=float("nan")), "`scale` must be"),
+    ]
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+SPEC = _spec.define(OpSpec(
+    name=OP, public=1,
+    inputs=("query", "key", "value"),
+    params=(("ph", int), ("pw", int), ("long", bool), ("scale", float)),
+    results=("out", "lse"), saves=("query", "key", "value", "out", "lse"),
+    differentiable=("query", "key", "value"), fake=_fake,
+    kernels=("interlaced_sparse_attention_forward", "interlaced_sparse_attention_backward"),
+    triton=("segops.triton.interlaced_sparse_attention:forward",
+            "segops.triton.interlaced_sparse_attention:backward"),
+    make=_qkv, samples=_samples, error_samples=_error_samples, large_samples=_large_samples,
+    reference=_reference))
 
 
 def _block_size(block_size) -> tuple[int, int]:
@@ -97,12 +105,7 @@ def _block_size(block_size) -> tuple[int, int]:
 
 
 def _validate(query: Tensor, key: Tensor, value: Tensor, block_size, mode, scale):
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        V.check_tensor(OP, name, t, ndim=4)
-    V.check_same_device_dtype(OP, query=query, key=key, value=value)
-    V.check_dims(OP, "key", key, (0, 1, 2, 3), query.shape, "the shape of `query` (N, Ck, H, W)")
-    V.check_dims(OP, "value", value, (0, 2, 3), (query.shape[0],) + tuple(query.shape[2:]),
-                 "(N, H, W) of `query`")
+    _spec.check_qkv(OP, query, key, value)
     ph, pw = _block_size(block_size)
     if mode not in MODES:
         raise ValueError(f"segops.{OP}: `mode` must be 'long' or 'short', got {mode!r}")
@@ -112,8 +115,7 @@ def _validate(query: Tensor, key: Tensor, value: Tensor, block_size, mode, scale
                          f"`block_size` (Ph, Pw) = ({ph}, {pw}); pad the input (the "
                          "InterlacedSparseAttention module does)")
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"segops.{OP}: `scale` must be None or a finite float, got {scale!r}")
+        _spec.check_finite_number(OP, "scale", scale)
     return ph, pw
 
 
@@ -132,9 +134,11 @@ def interlaced_sparse_attention(query: Tensor, key: Tensor, value: Tensor,
     if scale is None:
         scale = ck ** -0.5 if ck > 0 else 1.0
     scale = float(scale)
-    name = BACKENDS.select(backend, query.device, query.dtype)
-    if name == "reference" or V.is_empty(query, key, value):
+    name = SPEC.select(backend, query)
+    if name == "reference":
         return _reference(query, key, value, (ph, pw), mode, scale=scale)
-    out, _ = _forward_op(query.contiguous(), key.contiguous(), value.contiguous(), ph, pw,
-                         mode == "long", scale, name)
-    return out
+    query, key = _spec.logits_need_a_channel(query, key)
+    return SPEC.fused(name, query, key, value, ph, pw, mode == "long", scale)
+
+
+SPEC.function = interlaced_sparse_attention

@@ -1,92 +1,103 @@
-"""`segops.semantic_difference_conv2d` — schema, fake, autograd, validation and dispatch (SPEC §2.4).
+"""`segops.semantic_difference_conv2d` (docs/operators.md §2.4): description, validation, public
+function.
 
 The fused forward returns only the output: the backward recomputes the similarity-weighted
-differences from (input, guidance) instead of saving anything k^2 times the input.
+differences from (input, guidance) instead of saving anything k^2 times the input. It returns
+(grad_input, grad_guidance, grad_weight, grad_bias), grad_bias = grad_out summed.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from segops._backend import FusedBackend, op_backends
+from segops.ops import _spec
 from segops.ops import _validate as V
+from segops.ops._spec import ErrorSample, OpSpec, Sample
 from segops.reference.semantic_difference_conv2d import SIMILARITIES
 from segops.reference.semantic_difference_conv2d import semantic_difference_conv2d as _reference
 
 OP = "semantic_difference_conv2d"
-BACKENDS = op_backends(OP)
 
 
-# The segops._C kernels; the dispatcher picks the CPU or CUDA implementation by device.
-def _compiled_forward(input, guidance, weight, bias, dilation, similarity, sigma):
-    return torch.ops.segops_C.semantic_difference_conv2d_forward(
-        input, guidance, weight, bias, dilation, similarity, sigma)
-
-
-def _compiled_backward(grad_out, input, guidance, weight, dilation, similarity, sigma):
-    return torch.ops.segops_C.semantic_difference_conv2d_backward(
-        grad_out, input, guidance, weight, dilation, similarity, sigma)
-
-
-BACKENDS.register(FusedBackend(
-    "cpu", _compiled_forward, _compiled_backward,
-    kernels=("semantic_difference_conv2d_forward", "semantic_difference_conv2d_backward")))
-BACKENDS.register(FusedBackend(
-    "cuda", _compiled_forward, _compiled_backward, dtypes=V.CUDA_DTYPES,
-    kernels=("semantic_difference_conv2d_forward", "semantic_difference_conv2d_backward")))
-BACKENDS.register(FusedBackend(
-    "triton", "segops.triton.semantic_difference_conv2d:forward",
-    "segops.triton.semantic_difference_conv2d:backward",
-    dtypes=(torch.float16, torch.bfloat16, torch.float32)))
-
-
-@torch.library.custom_op("segops::semantic_difference_conv2d", mutates_args=())
-def _forward_op(input: Tensor, guidance: Tensor, weight: Tensor, bias: Optional[Tensor],
-                dilation: int, similarity: str, sigma: float, backend: str) -> Tensor:
-    return BACKENDS.fused[backend].fn("forward")(input, guidance, weight, bias, dilation,
-                                                 similarity, sigma)
-
-
-@_forward_op.register_fake
-def _(input, guidance, weight, bias, dilation, similarity, sigma, backend):
+def _fake(input, guidance, weight, bias, dilation, similarity, sigma):
     n, _, h, w = input.shape
     return input.new_empty((n, weight.shape[0], h, w))
 
 
-@torch.library.custom_op("segops::semantic_difference_conv2d_backward", mutates_args=())
-def _backward_op(grad_out: Tensor, input: Tensor, guidance: Tensor, weight: Tensor,
-                 dilation: int, similarity: str, sigma: float,
-                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_input, grad_guidance, grad_weight, grad_bias); grad_bias = grad_out summed."""
-    return BACKENDS.fused[backend].fn("backward")(grad_out, input, guidance, weight, dilation,
-                                                  similarity, sigma)
+def _case(g, name, similarity, k, dilation, n, cin, cg, cout, h, w, bias, sigma=0.9,
+          gradcheck=False):
+    t = dict(input=_spec.randn(g, n, cin, h, w), guidance=_spec.randn(g, n, cg, h, w),
+             weight=_spec.randn(g, cout, cin, k, k, scale=max(cin * k * k, 1) ** -0.5))
+    if bias:
+        t["bias"] = _spec.randn(g, cout)
+    return Sample(name, t, dict(dilation=dilation, similarity=similarity, sigma=sigma),
+                  grads=tuple(t), gradcheck=gradcheck)
 
 
-@_backward_op.register_fake
-def _(grad_out, input, guidance, weight, dilation, similarity, sigma, backend):
-    return (torch.empty_like(input), torch.empty_like(guidance), torch.empty_like(weight),
-            weight.new_empty((weight.shape[0],)))
+def _large_samples():
+    g = torch.Generator().manual_seed(1)
+    return [_case(g, "large_charbonnier", "charbonnier", 3, 2, 2, 24, 24, 40, 41, 37, True),
+            _case(g, "large_gaussian", "gaussian", 3, 1, 2, 24, 8, 40, 41, 37, True, sigma=1.3)]
 
 
-def _setup_context(ctx, inputs, output):
-    input, guidance, weight, bias, dilation, similarity, sigma, backend = inputs
-    ctx.save_for_backward(input, guidance, weight)
-    ctx.args = (dilation, similarity, sigma, backend)
-    ctx.has_bias = bias is not None
+def _samples():
+    g = torch.Generator().manual_seed(0)
+
+    def case(*args, **kwargs):
+        return _case(g, *args, **kwargs)
+    return [
+        case("charbonnier_batch2_prime", "charbonnier", 3, 1, 2, 3, 3, 5, 5, 7, True),
+        case("gaussian_cg_ne_cin_dilated", "gaussian", 3, 2, 2, 4, 6, 3, 6, 5, False),
+        case("none_k5", "none", 5, 1, 1, 3, 3, 4, 7, 6, True),
+        case("small_charbonnier", "charbonnier", 3, 1, 2, 2, 2, 3, 4, 5, True, gradcheck=True),
+        case("small_gaussian_dilated", "gaussian", 3, 2, 2, 2, 3, 3, 4, 5, True, gradcheck=True),
+        case("small_none_k1", "none", 1, 1, 2, 2, 2, 3, 4, 5, True, gradcheck=True),
+        case("charbonnier_k1", "charbonnier", 1, 1, 1, 3, 3, 2, 4, 5, False),
+        case("gaussian_k5_taps_leave_image", "gaussian", 5, 2, 1, 2, 3, 3, 7, 9, True),
+        case("charbonnier_full_tile", "charbonnier", 3, 2, 1, 16, 16, 17, 9, 9, True),
+        case("gaussian_one_row", "gaussian", 3, 1, 1, 3, 2, 4, 1, 6, False),
+        case("charbonnier_one_column", "charbonnier", 3, 1, 1, 3, 3, 4, 6, 1, True),
+        case("gaussian_one_pixel", "gaussian", 3, 1, 1, 2, 2, 3, 1, 1, True),
+        case("empty_batch", "charbonnier", 3, 1, 0, 3, 3, 4, 5, 6, True),
+        case("empty_map", "gaussian", 3, 1, 2, 3, 2, 4, 0, 6, True),
+        case("no_input_channels", "charbonnier", 3, 1, 2, 0, 0, 4, 4, 5, True),
+    ]
 
 
-def _backward(ctx, grad_out):
-    input, guidance, weight = ctx.saved_tensors
-    dilation, similarity, sigma, backend = ctx.args
-    du, dv, dw, db = _backward_op(grad_out.contiguous(), input, guidance, weight, dilation,
-                                  similarity, sigma, backend)
-    return du, dv, dw, (db if ctx.has_bias else None), None, None, None, None
+def _error_samples():
+    # Valid call: input/guidance (2, 3, 5, 7), weight (5, 3, 3, 3), bias (5,), charbonnier.
+    return [
+        ErrorSample("input_rank", dict(input=torch.randn(2, 3, 5)), "`input` must be 4-D"),
+        ErrorSample("guidance_map", dict(guidance=torch.randn(2, 3, 5, 6)), "`guidance` must have"),
+        ErrorSample("guidance_batch", dict(guidance=torch.randn(1, 3, 5, 7)), "`guidance` must have"),
+        ErrorSample("weight_channels", dict(weight=torch.randn(5, 4, 3, 3)),
+                    "`weight` must have in channels"),
+        ErrorSample("weight_even", dict(weight=torch.randn(5, 3, 2, 2)), "k odd"),
+        ErrorSample("weight_not_square", dict(weight=torch.randn(5, 3, 3, 1)), "k odd"),
+        ErrorSample("bias_size", dict(bias=torch.randn(3)), "`bias` must have"),
+        ErrorSample("charbonnier_channels", dict(guidance=torch.randn(2, 2, 5, 7)), "Cg == Cin"),
+        ErrorSample("mixed_dtype", dict(guidance=torch.randn(2, 3, 5, 7, dtype=torch.float64)), "dtype"),
+        ErrorSample("integer", dict(input=torch.ones(2, 3, 5, 7, dtype=torch.int64)), "floating"),
+        ErrorSample("similarity", dict(similarity="cosine"), "`similarity` must be one of"),
+        ErrorSample("dilation", dict(dilation=0), "`dilation`"),
+        ErrorSample("sigma", dict(sigma=0.0), "`sigma`"),
+    ]
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+SPEC = _spec.define(OpSpec(
+    name=OP, public=1,
+    inputs=("input", "guidance", "weight", "bias?"),
+    params=(("dilation", int), ("similarity", str), ("sigma", float)),
+    results=("out",), saves=("input", "guidance", "weight"),
+    differentiable=("input", "guidance", "weight", "bias"), fake=_fake,
+    grad_fake={"bias": lambda saved, params: saved["weight"].new_empty((saved["weight"].shape[0],))},
+    kernels=("semantic_difference_conv2d_forward", "semantic_difference_conv2d_backward"),
+    triton=("segops.triton.semantic_difference_conv2d:forward",
+            "segops.triton.semantic_difference_conv2d:backward"),
+    make=_case, samples=_samples, error_samples=_error_samples, large_samples=_large_samples,
+    reference=_reference))
 
 
 def _validate(input, guidance, weight, bias, dilation, similarity, sigma) -> None:
@@ -113,17 +124,7 @@ def _validate(input, guidance, weight, bias, dilation, similarity, sigma) -> Non
     if similarity == "charbonnier" and guidance.shape[1] != cin:
         raise ValueError(f"segops.{OP}: similarity='charbonnier' is per channel and needs "
                          f"`guidance` with Cg == Cin = {cin} channels, got shape {tuple(guidance.shape)}")
-    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not (
-            math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"segops.{OP}: `sigma` must be a finite number > 0, got {sigma!r}")
-
-
-def _empty(input, guidance, weight, bias):
-    """Zero-size inputs: the (possibly empty) result, still connected to every input's graph."""
-    n, _, h, w = input.shape
-    out = input.new_zeros((n, weight.shape[0], h, w))
-    out = out + 0 * (input.sum() + guidance.sum() + weight.sum())
-    return out if bias is None else out + bias.view(1, -1, 1, 1)
+    _spec.check_finite_number(OP, "sigma", sigma, positive=True)
 
 
 def semantic_difference_conv2d(input: Tensor, guidance: Tensor, weight: Tensor,
@@ -140,12 +141,11 @@ def semantic_difference_conv2d(input: Tensor, guidance: Tensor, weight: Tensor,
     """
     _validate(input, guidance, weight, bias, dilation, similarity, sigma)
     sigma = float(sigma)
-    name = BACKENDS.select(backend, input.device, input.dtype)
-    if V.is_empty(input, guidance, weight):
-        return _empty(input, guidance, weight, bias)
+    name = SPEC.select(backend, input)
     if name == "reference":
         return _reference(input, guidance, weight, bias, dilation=dilation,
                           similarity=similarity, sigma=sigma)
-    return _forward_op(input.contiguous(), guidance.contiguous(), weight.contiguous(),
-                       None if bias is None else bias.contiguous(), dilation, similarity, sigma,
-                       name)
+    return SPEC.fused(name, input, guidance, weight, bias, dilation, similarity, sigma)
+
+
+SPEC.function = semantic_difference_conv2d

@@ -29,7 +29,7 @@ def disentangled_non_local(query: Tensor, key: Tensor, value: Tensor, unary: Opt
         phi_x = phi_x - phi_x.mean(dim=-1, keepdim=True)
     pairwise = torch.matmul(theta_x, phi_x)                # (N, Lq, Lk)
     if scale is None:
-        pairwise = pairwise / ck ** 0.5
+        pairwise = pairwise / (ck ** 0.5 if ck else 1.0)  # no channels: every logit is 0
     else:
         pairwise = pairwise * scale
     pairwise = pairwise / temperature

@@ -39,7 +39,7 @@ def qco_1d(x: Tensor, num_levels: int) -> tuple[Tensor, Tensor, Tensor]:
     n = x.shape[0]
     x_ave = F.adaptive_avg_pool2d(x, (1, 1))                                   # (N, C, 1, 1)
     sim = (F.normalize(x_ave, dim=1) * F.normalize(x, dim=1)).sum(1)           # (N, H, W)
-    flat = sim.reshape(n, -1)                                                  # (N, P)
+    flat = sim.flatten(1)                                                      # (N, P)
     lo = flat.amin(-1, keepdim=True)
     hi = flat.amax(-1, keepdim=True)
     levels = quantisation_levels(lo, hi, num_levels)                           # (N, K)
@@ -53,7 +53,7 @@ def qco_1d(x: Tensor, num_levels: int) -> tuple[Tensor, Tensor, Tensor]:
 def texture_reconstruct(sim: Tensor, levels: Tensor, features: Tensor) -> Tensor:
     """out[:, :, i] = Σ_n E[i, n] · features[:, :, n] (TEM's per-pixel reconstruction)."""
     n, cf, k = features.shape
-    flat = sim.reshape(n, -1)                                                  # (N, P)
+    flat = sim.flatten(1)                                                      # (N, P)
     delta = ((flat.amax(-1) - flat.amin(-1)) / k).detach().view(n, 1, 1)
     quant = encode(flat.unsqueeze(-1), levels.unsqueeze(1), delta)             # (N, P, K)
     out = torch.bmm(features, quant.permute(0, 2, 1))                          # (N, Cf, P)

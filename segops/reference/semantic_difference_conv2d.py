@@ -29,6 +29,8 @@ SIMILARITIES = ("charbonnier", "gaussian", "none")
 def _neighbour_difference(x: Tensor, k: int, dilation: int) -> Tensor:
     """(N, C, k*k, H, W): x[c, p + d_t] - x[c, p], x zero outside the image."""
     n, c, h, w = x.shape
+    if c * h * w == 0:  # F.unfold rejects empty maps; every difference of nothing is nothing
+        return (x.unsqueeze(2) - x.unsqueeze(2)).expand(n, c, k * k, h, w)
     pad = dilation * (k - 1) // 2
     cols = F.unfold(x, k, dilation=dilation, padding=pad).view(n, c, k * k, h, w)
     return cols - x.unsqueeze(2)
