@@ -46,6 +46,13 @@ def load_tile(base, offs_pos, offs_ch, mask_pos, mask_ch, ch_stride, TRANSPOSED:
 
 
 @triton.jit
+def store_tile(base, offs_pos, offs_ch, mask_pos, mask_ch, ch_stride, val):
+    """Store a (positions x channels) tile into channel-major storage, in base's dtype."""
+    ptr = base + offs_ch.to(tl.int64)[None, :] * ch_stride + offs_pos[:, None]
+    tl.store(ptr, val.to(base.dtype.element_ty), mask=mask_pos[:, None] & mask_ch[None, :])
+
+
+@triton.jit
 def channel_dot_kernel(A, B, SUB, OUT, C, L, HAS_SUB: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """OUT[n, l] = sum_c A[n, c, l] * (B[n, c, l] - SUB[n, c] if HAS_SUB) in fp32, for
