@@ -38,11 +38,15 @@ def log2_scale(scale: float) -> float:
 def load_tile(base, offs_pos, offs_ch, mask_pos, mask_ch, ch_stride, TRANSPOSED: tl.constexpr):
     """A (positions x channels) tile of channel-major storage base[ch * ch_stride + pos], or
     (channels x positions) when TRANSPOSED; zero where masked."""
+    # One return: the compiler checks every return of a function against the first, also those
+    # a constexpr branch skips.
     if TRANSPOSED:
         ptr = base + offs_ch.to(tl.int64)[:, None] * ch_stride + offs_pos[None, :]
-        return tl.load(ptr, mask=mask_ch[:, None] & mask_pos[None, :], other=0.0)
-    ptr = base + offs_ch.to(tl.int64)[None, :] * ch_stride + offs_pos[:, None]
-    return tl.load(ptr, mask=mask_pos[:, None] & mask_ch[None, :], other=0.0)
+        tile = tl.load(ptr, mask=mask_ch[:, None] & mask_pos[None, :], other=0.0)
+    else:
+        ptr = base + offs_ch.to(tl.int64)[None, :] * ch_stride + offs_pos[:, None]
+        tile = tl.load(ptr, mask=mask_pos[:, None] & mask_ch[None, :], other=0.0)
+    return tile
 
 
 @triton.jit

@@ -12,9 +12,10 @@ Forward: column pass (centre masked) -> out_col (normalised by its own softmax) 
 statistics; row pass with an online softmax over the row, merged in its epilogue with the column
 part: one joint softmax over the H + W - 1 positions, no attention matrix in global memory.
 Saves only the statistics (N, 2, H, W) fp32: the maximum energy m and log l, l = sum exp(e - m).
-Backward: D = <dout, out>; P = exp((e - m) - log l), dS = P * (dP - D), dP = <dout, v>; three kernels
-per pass (dq over keys, dk over pixels, dv over pixels per value-channel block), column pass into
-fp32 buffers, row pass adding them: no atomics.
+Backward: D = <dout, out>; P = exp((e - m) - log l), dS = P * (dP - D), dP = <dout, v>; three
+launches per pass (dq over keys; dk, and dv per value-channel block, over pixels, one kernel),
+column pass into fp32 buffers, row pass adding them: no atomics. Every kernel recomputes the
+energies with the forward's own _energies, so they agree bit for bit.
 """
 from __future__ import annotations
 
@@ -29,6 +30,18 @@ from segops.triton._common import NEG_INF, channel_dot, dot_precision, load_tile
 def _line(pid_nr, R, L):
     """Sample n and line r of program axis pid_nr = n * R + r, and the channel stride R * L."""
     return (pid_nr // R).to(tl.int64), (pid_nr % R).to(tl.int64), R.to(tl.int64) * L
+
+
+@triton.jit
+def _line_tile(X, n, r, RL, start, C, L, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+               TRANSPOSED: tl.constexpr):
+    """Positions start .. start + BLOCK - 1 of line r of sample n, their mask, and all C channels
+    of X there as a (positions x channels) tile, or (channels x positions) when TRANSPOSED."""
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < L
+    offs_c = tl.arange(0, BLOCK_C)
+    tile = load_tile(X + n * C * RL + r * L, offs, offs_c, mask, offs_c < C, RL, TRANSPOSED)
+    return offs, mask, tile
 
 
 @triton.jit
@@ -101,22 +114,16 @@ def _fwd_kernel(Q, K, V, O, LSE, PO, PLSE,
                 BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CK: tl.constexpr,
                 BLOCK_CV: tl.constexpr):
     n, r, RL = _line(tl.program_id(1), R, L)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_ck = tl.arange(0, BLOCK_CK)
+    offs_p, mask_p, q = _line_tile(Q, n, r, RL, tl.program_id(0) * BLOCK_P, Ck, L, BLOCK_P,
+                                   BLOCK_CK, False)                                   # [P, Ck]
     offs_cv = tl.program_id(2) * BLOCK_CV + tl.arange(0, BLOCK_CV)
-    mask_p = offs_p < L
-    mask_ck = offs_ck < Ck
     mask_cv = offs_cv < Cv
-    k_base = K + n * Ck * RL + r * L
     v_base = V + n * Cv * RL + r * L
-    q = load_tile(Q + n * Ck * RL + r * L, offs_p, offs_ck, mask_p, mask_ck, RL, False)  # [P, Ck]
     m_i = tl.full([BLOCK_P], NEG_INF, tl.float32)
     l_i = tl.zeros([BLOCK_P], tl.float32)
     acc = tl.zeros([BLOCK_P, BLOCK_CV], tl.float32)
     for k0 in range(0, L, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < L
-        kt = load_tile(k_base, offs_k, offs_ck, mask_k, mask_ck, RL, True)           # [Ck, K]
+        offs_k, mask_k, kt = _line_tile(K, n, r, RL, k0, Ck, L, BLOCK_K, BLOCK_CK, True)  # [Ck, K]
         e, valid = _energies(q, kt, offs_p, mask_p, offs_k, mask_k, MASK_CENTRE, PREC)
         e = tl.where(valid, e, NEG_INF)
         m_new, m_safe = _merge(m_i, tl.max(e, 1))
@@ -158,24 +165,19 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, D, DQ, PDQ,
                    BLOCK_CV: tl.constexpr):
     """dq of a block of pixels: sum over the keys of the line of dS[p, k] k[:, k]."""
     n, r, RL = _line(tl.program_id(1), R, L)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_ck = tl.arange(0, BLOCK_CK)
-    mask_p = offs_p < L
-    mask_ck = offs_ck < Ck
-    k_base = K + n * Ck * RL + r * L
-    v_line = n * Cv * RL + r * L
+    offs_p, mask_p, q = _line_tile(Q, n, r, RL, tl.program_id(0) * BLOCK_P, Ck, L, BLOCK_P,
+                                   BLOCK_CK, False)                                   # [P, Ck]
     mx, ll, dd = _stats(LSE, D, n, r, offs_p, mask_p, sl_n, sl_r, sl_l, sl_s)
-    q = load_tile(Q + n * Ck * RL + r * L, offs_p, offs_ck, mask_p, mask_ck, RL, False)  # [P, Ck]
+    v_line = n * Cv * RL + r * L
     acc = tl.zeros([BLOCK_P, BLOCK_CK], tl.float32)
     for k0 in range(0, L, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < L
-        kt = load_tile(k_base, offs_k, offs_ck, mask_k, mask_ck, RL, True)           # [Ck, K]
+        offs_k, mask_k, kt = _line_tile(K, n, r, RL, k0, Ck, L, BLOCK_K, BLOCK_CK, True)  # [Ck, K]
         p = _probabilities(q, kt, offs_p, mask_p, offs_k, mask_k, mx, ll, MASK_CENTRE, PREC)
         ds = _score_grads(p, DO + v_line, V + v_line, offs_p, mask_p, offs_k, mask_k, dd, Cv, RL,
                           PREC, BLOCK_P, BLOCK_K, BLOCK_CV)
         acc += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-    _store_grad(DQ, PDQ, acc, n, r, offs_p, mask_p, offs_ck, mask_ck, so_n, so_c, so_r, so_l,
+    offs_ck = tl.arange(0, BLOCK_CK)
+    _store_grad(DQ, PDQ, acc, n, r, offs_p, mask_p, offs_ck, offs_ck < Ck, so_n, so_c, so_r, so_l,
                 HAS_PREV)
 
 
@@ -190,21 +192,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, D, DKV, PDKV,
     BLOCK_C = BLOCK_CK, one channel block), or one BLOCK_C-channel block of
     dv = sum P[p, k] dout[:, p] (DV=True)."""
     n, r, RL = _line(tl.program_id(1), R, L)
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_ck = tl.arange(0, BLOCK_CK)
+    offs_k, mask_k, kt = _line_tile(K, n, r, RL, tl.program_id(0) * BLOCK_K, Ck, L, BLOCK_K,
+                                    BLOCK_CK, True)                                   # [Ck, K]
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_k = offs_k < L
-    mask_ck = offs_ck < Ck
     mask_c = offs_c < (Cv if DV else Ck)
-    q_base = Q + n * Ck * RL + r * L
     v_line = n * Cv * RL + r * L
-    kt = load_tile(K + n * Ck * RL + r * L, offs_k, offs_ck, mask_k, mask_ck, RL, True)  # [Ck, K]
     acc = tl.zeros([BLOCK_K, BLOCK_C], tl.float32)
     for p0 in range(0, L, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < L
+        offs_p, mask_p, q = _line_tile(Q, n, r, RL, p0, Ck, L, BLOCK_P, BLOCK_CK, False)  # [P, Ck]
         mx, ll, dd = _stats(LSE, D, n, r, offs_p, mask_p, sl_n, sl_r, sl_l, sl_s)
-        q = load_tile(q_base, offs_p, offs_ck, mask_p, mask_ck, RL, False)           # [P, Ck]
         p = _probabilities(q, kt, offs_p, mask_p, offs_k, mask_k, mx, ll, MASK_CENTRE, PREC)
         if DV:
             do = load_tile(DO + v_line, offs_p, offs_c, mask_p, mask_c, RL, False)   # [P, Cv]
