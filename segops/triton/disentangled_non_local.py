@@ -156,15 +156,16 @@ def _fwd_kernel(Q, K, V, U, MQ, MK, OUT, LSE, G, LSEU,
             g_acc = g_acc * a_u + tl.sum(p_u[:, None] * vt.to(tl.float32), 0)
             mu_u = mu_new
     out = acc / l_i[:, None]
+    first_v = tl.program_id(1) == 0
     if HAS_UNARY:
         g = g_acc / l_u
         out += g[None, :]
         first_m = tl.program_id(0) == 0
         tl.store(G + n * CV + offs_v, g, mask=v_mask & first_m)
-        tl.store(LSEU + n, (mu_u + tl.log2(l_u)) * LN2, mask=first_m & (tl.program_id(1) == 0))
+        tl.store(LSEU + n, (mu_u + tl.log2(l_u)) * LN2, mask=first_m & first_v)
     store_tile(OUT + n * CV * LQ, offs_m, offs_v, m_mask, v_mask, LQ, out)
     # log-sum-exp in natural-log units
-    tl.store(LSE + n * LQ + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=m_mask & (tl.program_id(1) == 0))
+    tl.store(LSE + n * LQ + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=m_mask & first_v)
 
 
 @triton.jit
