@@ -20,35 +20,106 @@ g = sum_j softmax(u)_j v_j next to the pairwise term; the dV kernel adds w_j dg 
 du's per-channel-block partial sums (dg = sum_i dout_i is accumulated from the dout tiles it
 already loads).
 
-Kernels: _fwd (grid: query blocks x Cv blocks x N), _bwd_preprocess (D_i = dout_i.(out_i - g)),
-_bwd_dv (key blocks x Cv blocks x N), _bwd_dk (key blocks x Ck blocks x N, also the column sums),
-_bwd_dq (query blocks x Ck blocks x N).
+Kernels: _fwd (grid: query blocks x Cv blocks x N), the shared channel_dot (D_i =
+dout_i.(out_i - g)), _bwd_dv (key blocks x Cv blocks x N), _bwd_dk (key blocks x Ck blocks x N,
+also the column sums), _bwd_dq (query blocks x Ck blocks x N).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from segops.triton import _interpreter_compat  # noqa: F401  (numpy>=2.3 under TRITON_INTERPRET)
-
-LOG2E = 1.4426950408889634
+from segops.triton._common import (LN2, LOG2E, NEG_INF, channel_dot, dot_precision, load_tile,
+                                   log2_scale, pow2_clamp, store_tile)
 
 
 @triton.jit
-def _load_whitened(ptrs, mask, mean_ptrs, mean_mask, WHITEN: tl.constexpr, MEAN_AXIS: tl.constexpr):
-    """Load a tile; when WHITEN, subtract the per-channel means (channels on MEAN_AXIS)."""
-    x = tl.load(ptrs, mask=mask, other=0.0)
+def _program_block(LPOS, C, BP: tl.constexpr, BCH: tl.constexpr):
+    """This program's sample n (program_id(2)), block of positions (program_id(0), BP of LPOS)
+    and block of channels (program_id(1), BCH of C), with their masks."""
+    offs_pos = tl.program_id(0) * BP + tl.arange(0, BP)
+    offs_ch = tl.program_id(1) * BCH + tl.arange(0, BCH)
+    return tl.program_id(2).to(tl.int64), offs_pos, offs_pos < LPOS, offs_ch, offs_ch < C
+
+
+@triton.jit
+def _load_whitened(base, offs_pos, offs_ch, mask_pos, mask_ch, stride, mean_base,
+                   WHITEN: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """load_tile of (C, L) storage; when WHITEN, minus the per-channel means at mean_base."""
+    x = load_tile(base, offs_pos, offs_ch, mask_pos, mask_ch, stride, TRANSPOSED)
     if WHITEN:
-        mu = tl.load(mean_ptrs, mask=mean_mask, other=0.0)
-        if MEAN_AXIS == 0:
+        mu = tl.load(mean_base + offs_ch, mask=mask_ch, other=0.0)
+        if TRANSPOSED:
             xf = x.to(tl.float32) - mu[:, None]
+            x = tl.where(mask_ch[:, None] & mask_pos[None, :], xf, 0.0).to(base.dtype.element_ty)
         else:
             xf = x.to(tl.float32) - mu[None, :]
-        x = tl.where(mask, xf, 0.0).to(ptrs.dtype.element_ty)
+            x = tl.where(mask_pos[:, None] & mask_ch[None, :], xf, 0.0).to(base.dtype.element_ty)
     return x
+
+
+@triton.jit
+def _scores(Q, K, MQ, MK, n, offs_m, m_mask, offs_n, n_mask, CK, LQ, LK,
+            WHITEN: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+            BD: tl.constexpr):
+    """Raw scores q~_i . k~_j of a (queries x keys) tile of sample n. The forward and every
+    backward kernel compute them with this one function."""
+    s = tl.zeros([BM, BN], tl.float32)
+    for d0 in range(0, CK, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        d_mask = offs_d < CK
+        qt = _load_whitened(Q + n * CK * LQ, offs_m, offs_d, m_mask, d_mask, LQ, MQ + n * CK,
+                            WHITEN, False)
+        kt = _load_whitened(K + n * CK * LK, offs_n, offs_d, n_mask, d_mask, LK, MK + n * CK,
+                            WHITEN, True)
+        s += tl.dot(qt, kt, input_precision=PREC)
+    return s
+
+
+@triton.jit
+def _query_stats(LSE, D, n, offs_m, m_mask, LQ):
+    """Saved log-sum-exp (in log2 units; +inf off the tile, so P = 0 there) and D of queries."""
+    lse2 = tl.load(LSE + n * LQ + offs_m, mask=m_mask, other=float("inf")) * LOG2E
+    di = tl.load(D + n * LQ + offs_m, mask=m_mask, other=0.0)
+    return lse2, di
+
+
+@triton.jit
+def _probabilities(Q, K, MQ, MK, n, offs_m, m_mask, offs_n, n_mask, lse2, CK, LQ, LK, qk_scale,
+                   WHITEN: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BD: tl.constexpr):
+    """P of a (queries x keys) tile from the saved log-sum-exp, 0 for keys off the tile."""
+    s = _scores(Q, K, MQ, MK, n, offs_m, m_mask, offs_n, n_mask, CK, LQ, LK, WHITEN, PREC, BM, BN,
+                BD)
+    return tl.where(n_mask[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+
+
+@triton.jit
+def _query_block(i0, Q, K, MQ, MK, LSE, D, n, offs_n, n_mask, CK, LQ, LK, qk_scale,
+                 WHITEN: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BD: tl.constexpr):
+    """Queries i0 .. i0 + BM - 1 against a key-block program's keys: offsets, mask, P and D."""
+    offs_m = i0 + tl.arange(0, BM)
+    m_mask = offs_m < LQ
+    lse2, di = _query_stats(LSE, D, n, offs_m, m_mask, LQ)
+    p = _probabilities(Q, K, MQ, MK, n, offs_m, m_mask, offs_n, n_mask, lse2, CK, LQ, LK, qk_scale,
+                       WHITEN, PREC, BM, BN, BD)
+    return offs_m, m_mask, p, di
+
+
+@triton.jit
+def _score_grads(p, GO, V, n, offs_m, m_mask, offs_n, n_mask, di, CV, LQ, LK,
+                 PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr):
+    """dS = P * (dP - D) of a (queries x keys) tile, dP = <dout_i, v_j>."""
+    dp = tl.zeros([BM, BN], tl.float32)
+    for c0 in range(0, CV, BV):
+        offs_c = c0 + tl.arange(0, BV)
+        c_mask = offs_c < CV
+        do = load_tile(GO + n * CV * LQ, offs_m, offs_c, m_mask, c_mask, LQ, False)
+        vt = load_tile(V + n * CV * LK, offs_n, offs_c, n_mask, c_mask, LK, True)
+        dp += tl.dot(do, vt, input_precision=PREC)
+    return p * (dp - di[:, None])
 
 
 @triton.jit
@@ -56,48 +127,28 @@ def _fwd_kernel(Q, K, V, U, MQ, MK, OUT, LSE, G, LSEU,
                 CK, CV, LQ, LK, qk_scale,
                 WHITEN: tl.constexpr, HAS_UNARY: tl.constexpr, PREC: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    m_mask = offs_m < LQ
-    v_mask = offs_v < CV
-    q_base = Q + n * CK * LQ
-    k_base = K + n * CK * LK
-    v_base = V + n * CV * LK
-
-    m_i = tl.full([BM], float("-inf"), tl.float32)
+    n, offs_m, m_mask, offs_v, v_mask = _program_block(LQ, CV, BM, BV)
+    m_i = tl.full([BM], NEG_INF, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BV], tl.float32)
-    mu_u = tl.max(tl.full([BN], float("-inf"), tl.float32), 0)
+    mu_u = tl.max(tl.full([BN], NEG_INF, tl.float32), 0)
     l_u = tl.sum(tl.zeros([BN], tl.float32), 0)
     g_acc = tl.zeros([BV], tl.float32)
     for j0 in range(0, LK, BN):
         offs_n = j0 + tl.arange(0, BN)
         n_mask = offs_n < LK
-        s = tl.zeros([BM, BN], tl.float32)
-        for d0 in range(0, CK, BD):
-            offs_d = d0 + tl.arange(0, BD)
-            d_mask = offs_d < CK
-            qt = _load_whitened(q_base + offs_d[None, :] * LQ + offs_m[:, None],
-                                m_mask[:, None] & d_mask[None, :], MQ + n * CK + offs_d, d_mask,
-                                WHITEN, 1)
-            kt = _load_whitened(k_base + offs_d[:, None] * LK + offs_n[None, :],
-                                d_mask[:, None] & n_mask[None, :], MK + n * CK + offs_d, d_mask,
-                                WHITEN, 0)
-            s += tl.dot(qt, kt, input_precision=PREC)
-        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
+        s = _scores(Q, K, MQ, MK, n, offs_m, m_mask, offs_n, n_mask, CK, LQ, LK, WHITEN, PREC, BM,
+                    BN, BD)
+        s = tl.where(n_mask[None, :], s * qk_scale, NEG_INF)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + offs_v[None, :] * LK + offs_n[:, None],
-                     mask=n_mask[:, None] & v_mask[None, :], other=0.0)
+        vt = load_tile(V + n * CV * LK, offs_n, offs_v, n_mask, v_mask, LK, False)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m_i = m_new
         if HAS_UNARY:
-            ut = tl.load(U + n * LK + offs_n, mask=n_mask, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+            ut = tl.load(U + n * LK + offs_n, mask=n_mask, other=NEG_INF).to(tl.float32) * LOG2E
             mu_new = tl.maximum(mu_u, tl.max(ut, 0))
             a_u = tl.exp2(mu_u - mu_new)
             p_u = tl.exp2(ut - mu_new)
@@ -105,97 +156,42 @@ def _fwd_kernel(Q, K, V, U, MQ, MK, OUT, LSE, G, LSEU,
             g_acc = g_acc * a_u + tl.sum(p_u[:, None] * vt.to(tl.float32), 0)
             mu_u = mu_new
     out = acc / l_i[:, None]
+    first_v = tl.program_id(1) == 0
     if HAS_UNARY:
         g = g_acc / l_u
         out += g[None, :]
-        tl.store(G + n * CV + offs_v, g, mask=v_mask & (pid_m == 0))
-        tl.store(LSEU + n, (mu_u + tl.log2(l_u)) * 0.6931471805599453, mask=(pid_m == 0) & (pid_v == 0))
-    tl.store(OUT + n * CV * LQ + offs_v[None, :] * LQ + offs_m[:, None], out.to(OUT.dtype.element_ty),
-             mask=m_mask[:, None] & v_mask[None, :])
+        first_m = tl.program_id(0) == 0
+        tl.store(G + n * CV + offs_v, g, mask=v_mask & first_m)
+        tl.store(LSEU + n, (mu_u + tl.log2(l_u)) * LN2, mask=first_m & first_v)
+    store_tile(OUT + n * CV * LQ, offs_m, offs_v, m_mask, v_mask, LQ, out)
     # log-sum-exp in natural-log units
-    tl.store(LSE + n * LQ + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453,
-             mask=m_mask & (pid_v == 0))
+    tl.store(LSE + n * LQ + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=m_mask & first_v)
 
 
 @triton.jit
-def _bwd_preprocess(GO, OUT, G, D, CV, LQ, HAS_UNARY: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr):
-    pid_m = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    m_mask = offs_m < LQ
-    acc = tl.zeros([BM], tl.float32)
-    for c0 in range(0, CV, BV):
-        offs_c = c0 + tl.arange(0, BV)
-        c_mask = offs_c < CV
-        ptrs = n * CV * LQ + offs_c[None, :] * LQ + offs_m[:, None]
-        mask = m_mask[:, None] & c_mask[None, :]
-        do = tl.load(GO + ptrs, mask=mask, other=0.0).to(tl.float32)
-        o = tl.load(OUT + ptrs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_UNARY:
-            o -= tl.load(G + n * CV + offs_c, mask=c_mask, other=0.0)[None, :]
-        acc += tl.sum(do * o, 1)
-    tl.store(D + n * LQ + offs_m, acc, mask=m_mask)
-
-
-@triton.jit
-def _scores_t(q_base, k_base, MQ, MK, n, offs_m, m_mask, offs_n, n_mask, CK, LQ, LK,
-              WHITEN: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              BD: tl.constexpr):
-    """Transposed raw scores k~_j . q~_i as a (BN, BM) tile."""
-    st = tl.zeros([BN, BM], tl.float32)
-    for d0 in range(0, CK, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        d_mask = offs_d < CK
-        kt = _load_whitened(k_base + offs_d[None, :] * LK + offs_n[:, None],
-                            n_mask[:, None] & d_mask[None, :], MK + n * CK + offs_d, d_mask,
-                            WHITEN, 1)
-        qt = _load_whitened(q_base + offs_d[:, None] * LQ + offs_m[None, :],
-                            d_mask[:, None] & m_mask[None, :], MQ + n * CK + offs_d, d_mask,
-                            WHITEN, 0)
-        st += tl.dot(kt, qt, input_precision=PREC)
-    return st
-
-
-@triton.jit
-def _bwd_dv_kernel(Q, K, V, U, GO, MQ, MK, LSE, G, LSEU, DV, DUP,
+def _bwd_dv_kernel(Q, K, V, U, GO, MQ, MK, LSE, D, G, LSEU, DV, DUP,
                    CK, CV, LQ, LK, qk_scale, NVB,
                    WHITEN: tl.constexpr, HAS_UNARY: tl.constexpr, PREC: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    n_mask = offs_n < LK
-    v_mask = offs_v < CV
-    q_base = Q + n * CK * LQ
-    k_base = K + n * CK * LK
-    go_base = GO + n * CV * LQ
+    n, offs_n, n_mask, offs_v, v_mask = _program_block(LK, CV, BN, BV)
     dv = tl.zeros([BN, BV], tl.float32)
     dg = tl.zeros([BV], tl.float32)
     for i0 in range(0, LQ, BM):
-        offs_m = i0 + tl.arange(0, BM)
-        m_mask = offs_m < LQ
-        st = _scores_t(q_base, k_base, MQ, MK, n, offs_m, m_mask, offs_n, n_mask, CK, LQ, LK,
-                       WHITEN, PREC, BM, BN, BD)
-        lse2 = tl.load(LSE + n * LQ + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
-        pt = tl.exp2(st * qk_scale - lse2[None, :])
-        do = tl.load(go_base + offs_v[None, :] * LQ + offs_m[:, None],
-                     mask=m_mask[:, None] & v_mask[None, :], other=0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        offs_m, m_mask, p, di = _query_block(i0, Q, K, MQ, MK, LSE, D, n, offs_n, n_mask, CK, LQ,
+                                             LK, qk_scale, WHITEN, PREC, BM, BN, BD)
+        do = load_tile(GO + n * CV * LQ, offs_m, offs_v, m_mask, v_mask, LQ, False)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
         if HAS_UNARY:
             dg += tl.sum(do.to(tl.float32), 0)
     if HAS_UNARY:
         lse_u = tl.load(LSEU + n)
-        w = tl.exp(tl.load(U + n * LK + offs_n, mask=n_mask, other=float("-inf")).to(tl.float32) - lse_u)
+        w = tl.exp(tl.load(U + n * LK + offs_n, mask=n_mask, other=NEG_INF).to(tl.float32) - lse_u)
         dv += w[:, None] * dg[None, :]
-        vt = tl.load(V + n * CV * LK + offs_v[None, :] * LK + offs_n[:, None],
-                     mask=n_mask[:, None] & v_mask[None, :], other=0.0).to(tl.float32)
+        vt = load_tile(V + n * CV * LK, offs_n, offs_v, n_mask, v_mask, LK, False).to(tl.float32)
         gv = tl.load(G + n * CV + offs_v, mask=v_mask, other=0.0)
         part = tl.sum((vt - gv[None, :]) * dg[None, :], 1)
-        tl.store(DUP + (n * NVB + pid_v) * LK + offs_n, part, mask=n_mask)
-    tl.store(DV + n * CV * LK + offs_v[None, :] * LK + offs_n[:, None], dv.to(DV.dtype.element_ty),
-             mask=n_mask[:, None] & v_mask[None, :])
+        tl.store(DUP + (n * NVB + tl.program_id(1)) * LK + offs_n, part, mask=n_mask)
+    store_tile(DV + n * CV * LK, offs_n, offs_v, n_mask, v_mask, LK, dv)
 
 
 @triton.jit
@@ -204,45 +200,20 @@ def _bwd_dk_kernel(Q, K, V, GO, MQ, MK, LSE, D, DK, COLSUM,
                    WHITEN: tl.constexpr, PREC: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                    BC: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_k = pid_c * BC + tl.arange(0, BC)
-    n_mask = offs_n < LK
-    k_mask = offs_k < CK
-    q_base = Q + n * CK * LQ
-    k_base = K + n * CK * LK
-    v_base = V + n * CV * LK
-    go_base = GO + n * CV * LQ
+    n, offs_n, n_mask, offs_k, k_mask = _program_block(LK, CK, BN, BC)
     dk = tl.zeros([BN, BC], tl.float32)
     colsum = tl.zeros([BN], tl.float32)
     for i0 in range(0, LQ, BM):
-        offs_m = i0 + tl.arange(0, BM)
-        m_mask = offs_m < LQ
-        st = _scores_t(q_base, k_base, MQ, MK, n, offs_m, m_mask, offs_n, n_mask, CK, LQ, LK,
-                       WHITEN, PREC, BM, BN, BD)
-        lse2 = tl.load(LSE + n * LQ + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
-        pt = tl.exp2(st * qk_scale - lse2[None, :])
-        dpt = tl.zeros([BN, BM], tl.float32)
-        for c0 in range(0, CV, BV):
-            offs_c = c0 + tl.arange(0, BV)
-            c_mask = offs_c < CV
-            vt = tl.load(v_base + offs_c[None, :] * LK + offs_n[:, None],
-                         mask=n_mask[:, None] & c_mask[None, :], other=0.0)
-            dot_ = tl.load(go_base + offs_c[:, None] * LQ + offs_m[None, :],
-                           mask=c_mask[:, None] & m_mask[None, :], other=0.0)
-            dpt += tl.dot(vt, dot_, input_precision=PREC)
-        di = tl.load(D + n * LQ + offs_m, mask=m_mask, other=0.0)
-        dst = pt * (dpt - di[None, :])
-        qt = _load_whitened(q_base + offs_k[None, :] * LQ + offs_m[:, None],
-                            m_mask[:, None] & k_mask[None, :], MQ + n * CK + offs_k, k_mask,
-                            WHITEN, 1)
-        dk += tl.dot(dst.to(qt.dtype), qt, input_precision=PREC)
-        colsum += tl.sum(dst, 1)
-    tl.store(DK + n * CK * LK + offs_k[None, :] * LK + offs_n[:, None],
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
-    tl.store(COLSUM + n * LK + offs_n, colsum, mask=n_mask & (pid_c == 0))
+        offs_m, m_mask, p, di = _query_block(i0, Q, K, MQ, MK, LSE, D, n, offs_n, n_mask, CK, LQ,
+                                             LK, qk_scale, WHITEN, PREC, BM, BN, BD)
+        ds = _score_grads(p, GO, V, n, offs_m, m_mask, offs_n, n_mask, di, CV, LQ, LK, PREC, BM,
+                          BN, BV)
+        qt = _load_whitened(Q + n * CK * LQ, offs_m, offs_k, m_mask, k_mask, LQ, MQ + n * CK,
+                            WHITEN, False)
+        dk += tl.dot(tl.trans(ds).to(qt.dtype), qt, input_precision=PREC)
+        colsum += tl.sum(ds, 0)
+    store_tile(DK + n * CK * LK, offs_n, offs_k, n_mask, k_mask, LK, dk * sm_scale)
+    tl.store(COLSUM + n * LK + offs_n, colsum, mask=n_mask & (tl.program_id(1) == 0))
 
 
 @triton.jit
@@ -251,70 +222,30 @@ def _bwd_dq_kernel(Q, K, V, GO, MQ, MK, LSE, D, CORR, DQ,
                    WHITEN: tl.constexpr, PREC: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                    BC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_k = pid_c * BC + tl.arange(0, BC)
-    m_mask = offs_m < LQ
-    k_mask = offs_k < CK
-    q_base = Q + n * CK * LQ
-    k_base = K + n * CK * LK
-    v_base = V + n * CV * LK
-    go_base = GO + n * CV * LQ
-    lse2 = tl.load(LSE + n * LQ + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
-    di = tl.load(D + n * LQ + offs_m, mask=m_mask, other=0.0)
+    n, offs_m, m_mask, offs_k, k_mask = _program_block(LQ, CK, BM, BC)
+    lse2, di = _query_stats(LSE, D, n, offs_m, m_mask, LQ)
     dq = tl.zeros([BM, BC], tl.float32)
     for j0 in range(0, LK, BN):
         offs_n = j0 + tl.arange(0, BN)
         n_mask = offs_n < LK
-        s = tl.zeros([BM, BN], tl.float32)
-        for d0 in range(0, CK, BD):
-            offs_d = d0 + tl.arange(0, BD)
-            d_mask = offs_d < CK
-            qt = _load_whitened(q_base + offs_d[None, :] * LQ + offs_m[:, None],
-                                m_mask[:, None] & d_mask[None, :], MQ + n * CK + offs_d, d_mask,
-                                WHITEN, 1)
-            kt = _load_whitened(k_base + offs_d[:, None] * LK + offs_n[None, :],
-                                d_mask[:, None] & n_mask[None, :], MK + n * CK + offs_d, d_mask,
-                                WHITEN, 0)
-            s += tl.dot(qt, kt, input_precision=PREC)
-        p = tl.exp2(s * qk_scale - lse2[:, None])
-        p = tl.where(n_mask[None, :], p, 0.0)
-        dp = tl.zeros([BM, BN], tl.float32)
-        for c0 in range(0, CV, BV):
-            offs_c = c0 + tl.arange(0, BV)
-            c_mask = offs_c < CV
-            do = tl.load(go_base + offs_c[None, :] * LQ + offs_m[:, None],
-                         mask=m_mask[:, None] & c_mask[None, :], other=0.0)
-            vt = tl.load(v_base + offs_c[:, None] * LK + offs_n[None, :],
-                         mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-            dp += tl.dot(do, vt, input_precision=PREC)
-        ds = p * (dp - di[:, None])
-        kt2 = _load_whitened(k_base + offs_k[None, :] * LK + offs_n[:, None],
-                             n_mask[:, None] & k_mask[None, :], MK + n * CK + offs_k, k_mask,
-                             WHITEN, 1)
-        dq += tl.dot(ds.to(kt2.dtype), kt2, input_precision=PREC)
+        p = _probabilities(Q, K, MQ, MK, n, offs_m, m_mask, offs_n, n_mask, lse2, CK, LQ, LK,
+                           qk_scale, WHITEN, PREC, BM, BN, BD)
+        ds = _score_grads(p, GO, V, n, offs_m, m_mask, offs_n, n_mask, di, CV, LQ, LK, PREC, BM,
+                          BN, BV)
+        kt = _load_whitened(K + n * CK * LK, offs_n, offs_k, n_mask, k_mask, LK, MK + n * CK,
+                            WHITEN, False)
+        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
     dq = dq * sm_scale
     if WHITEN:
         dq -= tl.load(CORR + n * CK + offs_k, mask=k_mask, other=0.0)[None, :]
-    tl.store(DQ + n * CK * LQ + offs_k[None, :] * LQ + offs_m[:, None], dq.to(DQ.dtype.element_ty),
-             mask=m_mask[:, None] & k_mask[None, :])
-
-
-def _p2(x: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
+    store_tile(DQ + n * CK * LQ, offs_m, offs_k, m_mask, k_mask, LQ, dq)
 
 
 def _config(ck: int, cv: int, lq: int, lk: int) -> dict:
     # Tiles: 64 positions, 64-channel reduction chunks, accumulators up to 128 channels wide.
     # tl.dot needs every dim >= 16.
-    return dict(BM=_p2(lq, 16, 64), BN=_p2(lk, 16, 64), BD=_p2(ck, 16, 64), BV=_p2(cv, 16, 64),
-                BVA=_p2(cv, 16, 128), BC=_p2(ck, 16, 128))
-
-
-def _prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return dict(BM=pow2_clamp(lq, 16, 64), BN=pow2_clamp(lk, 16, 64), BD=pow2_clamp(ck, 16, 64),
+                BV=pow2_clamp(cv, 16, 64), BVA=pow2_clamp(cv, 16, 128), BC=pow2_clamp(ck, 16, 128))
 
 
 def _check(query, key, value):
@@ -346,8 +277,8 @@ def forward(query, key, value, unary, whiten: bool, s: float):
     has_u = unary is not None
     grid = (triton.cdiv(lq, cfg["BM"]), triton.cdiv(cv, cfg["BVA"]), n)
     _fwd_kernel[grid](query, key, value, unary if has_u else g, mq, mk, out, lse, g, lse_u,
-                      ck, cv, lq, lk, s * LOG2E,
-                      WHITEN=whiten, HAS_UNARY=has_u, PREC=_prec(query.dtype),
+                      ck, cv, lq, lk, log2_scale(s),
+                      WHITEN=whiten, HAS_UNARY=has_u, PREC=dot_precision(query.dtype),
                       BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], BV=cfg["BVA"],
                       num_warps=8 if cfg["BVA"] >= 128 else 4)
     return out, lse, g, lse_u
@@ -361,18 +292,16 @@ def backward(grad_out, query, key, value, unary, out, lse, g, lse_u, whiten: boo
     dev = query.device
     mq, mk = _means(query, key, whiten)
     has_u = unary is not None
-    prec = _prec(query.dtype)
-    D = torch.empty((n, lq), device=dev, dtype=torch.float32)
-    _bwd_preprocess[(triton.cdiv(lq, cfg["BM"]), n)](grad_out, out, g, D, cv, lq, HAS_UNARY=has_u,
-                                                     BM=cfg["BM"], BV=cfg["BV"])
+    prec = dot_precision(query.dtype)
+    D = channel_dot(grad_out, out, g if has_u else None)  # D_i = dout_i . (out_i - g)
     dq = torch.empty_like(query)
     dk = torch.empty_like(key)
     dv = torch.empty_like(value)
     nvb = triton.cdiv(cv, cfg["BVA"])
     dup = torch.empty((n, nvb, lk) if has_u else (1,), device=dev, dtype=torch.float32)
     _bwd_dv_kernel[(triton.cdiv(lk, cfg["BN"]), nvb, n)](
-        query, key, value, unary if has_u else g, grad_out, mq, mk, lse, g, lse_u, dv, dup,
-        ck, cv, lq, lk, s * LOG2E, nvb,
+        query, key, value, unary if has_u else g, grad_out, mq, mk, lse, D, g, lse_u, dv, dup,
+        ck, cv, lq, lk, log2_scale(s), nvb,
         WHITEN=whiten, HAS_UNARY=has_u, PREC=prec,
         BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], BV=cfg["BVA"],
         num_warps=8 if cfg["BVA"] >= 128 else 4)
@@ -380,7 +309,7 @@ def backward(grad_out, query, key, value, unary, out, lse, g, lse_u, whiten: boo
     nkb = triton.cdiv(ck, cfg["BC"])
     _bwd_dk_kernel[(triton.cdiv(lk, cfg["BN"]), nkb, n)](
         query, key, value, grad_out, mq, mk, lse, D, dk, colsum,
-        ck, cv, lq, lk, s * LOG2E, s,
+        ck, cv, lq, lk, log2_scale(s), s,
         WHITEN=whiten, PREC=prec, BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], BV=cfg["BV"],
         BC=cfg["BC"], num_warps=8 if cfg["BC"] >= 128 else 4)
     if whiten:
@@ -391,7 +320,7 @@ def backward(grad_out, query, key, value, unary, out, lse, g, lse_u, whiten: boo
         corr = mq
     _bwd_dq_kernel[(triton.cdiv(lq, cfg["BM"]), nkb, n)](
         query, key, value, grad_out, mq, mk, lse, D, corr, dq,
-        ck, cv, lq, lk, s * LOG2E, s,
+        ck, cv, lq, lk, log2_scale(s), s,
         WHITEN=whiten, PREC=prec, BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], BV=cfg["BV"],
         BC=cfg["BC"], num_warps=8 if cfg["BC"] >= 128 else 4)
     if has_u:

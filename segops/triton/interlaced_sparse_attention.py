@@ -16,9 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from segops.triton import _interpreter_compat  # noqa: F401  (numpy>=2.3 under TRITON_INTERPRET)
-
-LOG2E = 1.4426950408889634
+from segops.triton._common import (LN2, LOG2E, NEG_INF, channel_dot, dot_precision, load_tile,
+                                   log2_scale, pow2_clamp, store_tile)
 
 
 # ------------------------------------------------------------------------------ group mapping
@@ -57,7 +56,7 @@ def _rows(pid, start, NG, G, L, CK, CV, HW, W, GW, PH, PW,
     """The BLOCK (sample, group, member) rows of a tile and their element offsets.
 
     Not PACKED: one group (flat index n * G + g = pid), members start .. start + BLOCK.
-    PACKED (small groups, LP = next_pow2(L) <= BLOCK / 2): BLOCK // LP whole groups per tile,
+    PACKED (small groups, LP = nextpow2_clamp(L) <= BLOCK / 2): BLOCK // LP whole groups per tile,
     row r -> group pid * (BLOCK // LP) + r // LP, member r % LP.
     Returns (flat group index per row, validity, offsets into a Ck-channel tensor at channel 0,
     offsets into a Cv-channel tensor at channel 0).
@@ -76,19 +75,18 @@ def _rows(pid, start, NG, G, L, CK, CV, HW, W, GW, PH, PW,
 
 
 @triton.jit
-def _load_tile(base, rows, offs_c, mask_r, mask_c, HW, CHANNEL_MAJOR: tl.constexpr):
-    """A (rows x channels) tile, or (channels x rows) when CHANNEL_MAJOR."""
-    if CHANNEL_MAJOR:
-        ptr = base + offs_c.to(tl.int64)[:, None] * HW + rows[None, :]
-        return tl.load(ptr, mask=mask_c[:, None] & mask_r[None, :], other=0.0)
-    ptr = base + offs_c.to(tl.int64)[None, :] * HW + rows[:, None]
-    return tl.load(ptr, mask=mask_r[:, None] & mask_c[None, :], other=0.0)
+def _own_rows(NG, G, L, CK, CV, HW, W, GW, PH, PW,
+              BLOCK: tl.constexpr, LP: tl.constexpr, PACKED: tl.constexpr, LONG: tl.constexpr):
+    """_rows of this program's tile: group tile program_id(0), member tile program_id(1)."""
+    return _rows(tl.program_id(0), tl.program_id(1) * BLOCK, NG, G, L, CK, CV, HW, W, GW, PH, PW,
+                 BLOCK, LP, PACKED, LONG)
 
 
 @triton.jit
-def _store_tile(base, rows, offs_c, mask_r, mask_c, HW, val):
-    ptr = base + offs_c.to(tl.int64)[None, :] * HW + rows[:, None]
-    tl.store(ptr, val.to(base.dtype.element_ty), mask=mask_r[:, None] & mask_c[None, :])
+def _channel_block(C, BLOCK_C: tl.constexpr):
+    """This program's block of output channels (program_id(2)) and its mask."""
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return offs_c, offs_c < C
 
 
 @triton.jit
@@ -100,19 +98,24 @@ def _logits(A, B, rows_a, rows_b, mask_a, mask_b, C, HW,
     for d0 in range(0, C, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < C
-        a = _load_tile(A, rows_a, offs_d, mask_a, mask_d, HW, False)
-        b = _load_tile(B, rows_b, offs_d, mask_b, mask_d, HW, True)
+        a = load_tile(A, rows_a, offs_d, mask_a, mask_d, HW, False)
+        b = load_tile(B, rows_b, offs_d, mask_b, mask_d, HW, True)
         acc += tl.dot(a, b, input_precision=PREC)
     return acc
 
 
 @triton.jit
-def _pair_mask(ng_a, valid_a, ng_b, valid_b, PACKED: tl.constexpr):
-    """Which (row a, row b) pairs attend: both valid, and in PACKED tiles in the same group."""
-    valid = valid_a[:, None] & valid_b[None, :]
+def _scaled_logits(Q, K, ng_m, mask_m, qrow, ng_n, mask_n, krow, CK, HW, qk_scale,
+                   PACKED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PREC: tl.constexpr):
+    """log2-domain logits of a (queries x keys) tile, -inf where a pair does not attend (both
+    valid and, in PACKED tiles, in the same group). The forward and every backward kernel
+    compute them with this one function."""
+    s = _logits(Q, K, qrow, krow, mask_m, mask_n, CK, HW, BLOCK, BLOCK, BLOCK_D, PREC) * qk_scale
+    attend = mask_m[:, None] & mask_n[None, :]
     if PACKED:
-        return valid & (ng_a[:, None] == ng_b[None, :])
-    return valid
+        attend = attend & (ng_m[:, None] == ng_n[None, :])
+    return tl.where(attend, s, NEG_INF)
 
 
 # ------------------------------------------------------------------------------ forward
@@ -121,138 +124,111 @@ def _fwd_kernel(Q, K, V, O, LSE, NG, G, L, CK, CV, HW, W, GW, PH, PW, NT, qk_sca
                 LONG: tl.constexpr, PACKED: tl.constexpr, LP: tl.constexpr,
                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
                 PREC: tl.constexpr):
-    pid_g = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_c = tl.program_id(2)
-    ng_m, mask_m, qrow, vrow = _rows(pid_g, pid_m * BLOCK, NG, G, L, CK, CV, HW, W, GW, PH, PW,
-                                     BLOCK, LP, PACKED, LONG)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CV
-
-    m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    ng_m, mask_m, qrow, vrow = _own_rows(NG, G, L, CK, CV, HW, W, GW, PH, PW, BLOCK, LP, PACKED,
+                                         LONG)
+    offs_c, mask_c = _channel_block(CV, BLOCK_C)
+    m_i = tl.full((BLOCK,), NEG_INF, dtype=tl.float32)
     l_i = tl.zeros((BLOCK,), dtype=tl.float32)
     acc = tl.zeros((BLOCK, BLOCK_C), dtype=tl.float32)
     for t in range(0, NT):  # key tiles (1 when PACKED: the tile's own groups)
-        ng_n, mask_n, krow, vrow_n = _rows(pid_g, t * BLOCK, NG, G, L, CK, CV, HW, W, GW, PH, PW,
-                                           BLOCK, LP, PACKED, LONG)
-        s = _logits(Q, K, qrow, krow, mask_m, mask_n, CK, HW, BLOCK, BLOCK, BLOCK_D, PREC) * qk_scale
-        s = tl.where(_pair_mask(ng_m, mask_m, ng_n, mask_n, PACKED), s, float("-inf"))
+        ng_n, mask_n, krow, vrow_n = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV, HW, W,
+                                           GW, PH, PW, BLOCK, LP, PACKED, LONG)
+        s = _scaled_logits(Q, K, ng_m, mask_m, qrow, ng_n, mask_n, krow, CK, HW, qk_scale, PACKED,
+                           BLOCK, BLOCK_D, PREC)
         m_new = tl.maximum(tl.maximum(m_i, tl.max(s, 1)), -1e30)  # rows with no key stay finite
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V, vrow_n, offs_c, mask_n, mask_c, HW, False)
+        v = load_tile(V, vrow_n, offs_c, mask_n, mask_c, HW, False)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     l_safe = tl.where(mask_m, l_i, 1.0)
-    _store_tile(O, vrow, offs_c, mask_m, mask_c, HW, acc / l_safe[:, None])
-    if pid_c == 0:
+    store_tile(O, vrow, offs_c, mask_m, mask_c, HW, acc / l_safe[:, None])
+    if tl.program_id(2) == 0:
         # Natural-log lse of the scaled logits, stored at (n, y, x) = vrow's pixel: the LSE
         # tensor is (N, H, W), so its row offset is the Ck = 1 offset.
         lse_row = (qrow // HW // CK) * HW + qrow % HW
-        tl.store(LSE + lse_row, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=mask_m)
+        tl.store(LSE + lse_row, (m_i + tl.log2(l_safe)) * LN2, mask=mask_m)
 
 
 # ------------------------------------------------------------------------------ backward
 @triton.jit
-def _delta_kernel(O, DO, DELTA, CV, HW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """delta[n, p] = sum_c dO[n, c, p] * O[n, c, p] (fp32)."""
-    n = tl.program_id(0).to(tl.int64)
-    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < HW
-    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for c0 in range(0, CV, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        ptr = n * CV * HW + offs_c.to(tl.int64)[:, None] * HW + offs_p[None, :]
-        mask = (offs_c < CV)[:, None] & mask_p[None, :]
-        o = tl.load(O + ptr, mask=mask, other=0.0).to(tl.float32)
-        do = tl.load(DO + ptr, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.sum(o * do, 0)
-    tl.store(DELTA + n * HW + offs_p, acc, mask=mask_p)
-
-
-@triton.jit
 def _stats(LSE, DELTA, qrow, mask, CK, HW):
     """(lse in log2 units, delta) of query rows."""
     row = (qrow // HW // CK) * HW + qrow % HW
-    lse2 = tl.load(LSE + row, mask=mask, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + row, mask=mask, other=0.0) * LOG2E
     delta = tl.load(DELTA + row, mask=mask, other=0.0)
     return lse2, delta
 
 
 @triton.jit
+def _probs_and_grads(Q, K, V, DO, LSE, DELTA, ng_m, mask_m, qrow, vrow, ng_n, mask_n, krow, vrow_n,
+                     CK, CV, HW, qk_scale, PACKED: tl.constexpr, BLOCK: tl.constexpr,
+                     BLOCK_D: tl.constexpr, PREC: tl.constexpr, GRADS: tl.constexpr):
+    """P of a (queries x keys) tile from the saved lse and, when GRADS, dS = P (dP - delta)
+    (the logit gradient, before the factor `scale`); else dS is P."""
+    lse2, delta = _stats(LSE, DELTA, qrow, mask_m, CK, HW)
+    s = _scaled_logits(Q, K, ng_m, mask_m, qrow, ng_n, mask_n, krow, CK, HW, qk_scale, PACKED,
+                       BLOCK, BLOCK_D, PREC)
+    p = tl.exp2(s - lse2[:, None])
+    ds = p
+    if GRADS:
+        dp = _logits(DO, V, vrow, vrow_n, mask_m, mask_n, CV, HW, BLOCK, BLOCK, BLOCK_D, PREC)
+        ds = p * (dp - delta[:, None])
+    return p, ds
+
+
+@triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, NG, G, L, CK, CV, HW, W, GW, PH, PW, NT, scale,
-                   LONG: tl.constexpr, PACKED: tl.constexpr, LP: tl.constexpr,
+                   qk_scale, LONG: tl.constexpr, PACKED: tl.constexpr, LP: tl.constexpr,
                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
                    PREC: tl.constexpr):
     """dQ[:, i] = scale * sum_j P_ij (dP_ij - delta_i) K[:, j], for one chunk of Ck."""
-    pid_g = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_c = tl.program_id(2)
-    ng_m, mask_m, qrow, vrow = _rows(pid_g, pid_m * BLOCK, NG, G, L, CK, CV, HW, W, GW, PH, PW,
-                                     BLOCK, LP, PACKED, LONG)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CK
-    lse2, delta = _stats(LSE, DELTA, qrow, mask_m, CK, HW)
-    qk_scale = scale * 1.4426950408889634
-
+    ng_m, mask_m, qrow, vrow = _own_rows(NG, G, L, CK, CV, HW, W, GW, PH, PW, BLOCK, LP, PACKED,
+                                         LONG)
+    offs_c, mask_c = _channel_block(CK, BLOCK_C)
     acc = tl.zeros((BLOCK, BLOCK_C), dtype=tl.float32)
     for t in range(0, NT):
-        ng_n, mask_n, krow, vrow_n = _rows(pid_g, t * BLOCK, NG, G, L, CK, CV, HW, W, GW, PH, PW,
-                                           BLOCK, LP, PACKED, LONG)
-        s = _logits(Q, K, qrow, krow, mask_m, mask_n, CK, HW, BLOCK, BLOCK, BLOCK_D, PREC)
-        p = tl.exp2(tl.where(_pair_mask(ng_m, mask_m, ng_n, mask_n, PACKED), s * qk_scale - lse2[:, None],
-                             float("-inf")))
-        dp = _logits(DO, V, vrow, vrow_n, mask_m, mask_n, CV, HW, BLOCK, BLOCK, BLOCK_D, PREC)
-        ds = p * (dp - delta[:, None])
-        k = _load_tile(K, krow, offs_c, mask_n, mask_c, HW, False)
+        ng_n, mask_n, krow, vrow_n = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV, HW, W,
+                                           GW, PH, PW, BLOCK, LP, PACKED, LONG)
+        p, ds = _probs_and_grads(Q, K, V, DO, LSE, DELTA, ng_m, mask_m, qrow, vrow, ng_n, mask_n,
+                                 krow, vrow_n, CK, CV, HW, qk_scale, PACKED, BLOCK, BLOCK_D, PREC,
+                                 True)
+        k = load_tile(K, krow, offs_c, mask_n, mask_c, HW, False)
         acc += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    _store_tile(DQ, qrow, offs_c, mask_m, mask_c, HW, acc * scale)
+    store_tile(DQ, qrow, offs_c, mask_m, mask_c, HW, acc * scale)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKV, NG, G, L, CK, CV, HW, W, GW, PH, PW, NT, scale,
-                     LONG: tl.constexpr, PACKED: tl.constexpr, LP: tl.constexpr,
+                     qk_scale, LONG: tl.constexpr, PACKED: tl.constexpr, LP: tl.constexpr,
                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
                      PREC: tl.constexpr, DV: tl.constexpr):
-    """One chunk of dK (DV=False) or dV (DV=True) for a tile of keys (transposed tiles):
+    """One chunk of dK (DV=False) or dV (DV=True) for a tile of keys:
     dK[:, j] = scale * sum_i P_ij (dP_ij - delta_i) Q[:, i];  dV[:, j] = sum_i P_ij dO[:, i]."""
-    pid_g = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_c = tl.program_id(2)
-    ng_n, mask_n, krow, vrow_n = _rows(pid_g, pid_n * BLOCK, NG, G, L, CK, CV, HW, W, GW, PH, PW,
-                                       BLOCK, LP, PACKED, LONG)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < (CV if DV else CK)
-    qk_scale = scale * 1.4426950408889634
-
+    ng_n, mask_n, krow, vrow_n = _own_rows(NG, G, L, CK, CV, HW, W, GW, PH, PW, BLOCK, LP, PACKED,
+                                           LONG)
+    offs_c, mask_c = _channel_block(CV if DV else CK, BLOCK_C)
     acc = tl.zeros((BLOCK, BLOCK_C), dtype=tl.float32)
     for t in range(0, NT):  # query tiles
-        ng_m, mask_m, qrow, vrow = _rows(pid_g, t * BLOCK, NG, G, L, CK, CV, HW, W, GW, PH, PW,
-                                         BLOCK, LP, PACKED, LONG)
-        lse2, delta = _stats(LSE, DELTA, qrow, mask_m, CK, HW)
-        st = _logits(K, Q, krow, qrow, mask_n, mask_m, CK, HW, BLOCK, BLOCK, BLOCK_D, PREC)
-        pt = tl.exp2(tl.where(_pair_mask(ng_n, mask_n, ng_m, mask_m, PACKED), st * qk_scale - lse2[None, :],
-                              float("-inf")))
+        ng_m, mask_m, qrow, vrow = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV, HW, W, GW,
+                                         PH, PW, BLOCK, LP, PACKED, LONG)
+        p, ds = _probs_and_grads(Q, K, V, DO, LSE, DELTA, ng_m, mask_m, qrow, vrow, ng_n, mask_n,
+                                 krow, vrow_n, CK, CV, HW, qk_scale, PACKED, BLOCK, BLOCK_D, PREC,
+                                 not DV)
         if DV:
-            do = _load_tile(DO, vrow, offs_c, mask_m, mask_c, HW, False)
-            acc += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+            do = load_tile(DO, vrow, offs_c, mask_m, mask_c, HW, False)
+            acc += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
         else:
-            dpt = _logits(V, DO, vrow_n, vrow, mask_n, mask_m, CV, HW, BLOCK, BLOCK, BLOCK_D, PREC)
-            dst = pt * (dpt - delta[None, :])
-            q = _load_tile(Q, qrow, offs_c, mask_m, mask_c, HW, False)
-            acc += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+            q = load_tile(Q, qrow, offs_c, mask_m, mask_c, HW, False)
+            acc += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
     if DV:
-        _store_tile(DKV, vrow_n, offs_c, mask_n, mask_c, HW, acc)
+        store_tile(DKV, vrow_n, offs_c, mask_n, mask_c, HW, acc)
     else:
-        _store_tile(DKV, krow, offs_c, mask_n, mask_c, HW, acc * scale)
+        store_tile(DKV, krow, offs_c, mask_n, mask_c, HW, acc * scale)
 
 
 # ------------------------------------------------------------------------------ launchers
-def _pow2(x: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
-
-
 class _Plan:
     """Tiling of one call: tile rows, packing of small groups, grid over (group tiles, member tiles)."""
 
@@ -268,9 +244,8 @@ class _Plan:
             self.group_tiles, self.member_tiles = triton.cdiv(self.ng, self.block // self.lp), 1
         else:
             self.group_tiles, self.member_tiles = self.ng, triton.cdiv(self.L, self.block)
-        self.block_d = _pow2(min(ck, self.cv), 16, 64)
-        # fp32 inputs: exact fp32 products (no TF32), to meet the fp32 tolerance.
-        self.prec = "ieee" if query.dtype == torch.float32 else "tf32"
+        self.block_d = pow2_clamp(min(ck, self.cv), 16, 64)
+        self.prec = dot_precision(query.dtype)
         self.args = (self.ng, self.groups, self.L, ck, self.cv, self.hw, w, w // pw, ph, pw,
                      self.member_tiles)
         self.meta = dict(LONG=bool(long), PACKED=self.packed, LP=self.lp, BLOCK=self.block,
@@ -289,8 +264,8 @@ def forward(query, key, value, ph: int, pw: int, long: bool, scale: float):
     if out.numel() == 0 or lse.numel() == 0:
         return out, lse
     plan = _Plan(q, v, ph, pw, long)
-    block_c = _pow2(plan.cv, 16, 128)
-    _fwd_kernel[plan.grid(plan.cv, block_c)](q, k, v, out, lse, *plan.args, float(scale) * LOG2E,
+    block_c = pow2_clamp(plan.cv, 16, 128)
+    _fwd_kernel[plan.grid(plan.cv, block_c)](q, k, v, out, lse, *plan.args, log2_scale(scale),
                                              BLOCK_C=block_c, **plan.meta)
     return out, lse
 
@@ -304,16 +279,14 @@ def backward(grad_out, query, key, value, out, lse, ph: int, pw: int, long: bool
     if q.numel() == 0 or v.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     plan = _Plan(q, v, ph, pw, long)
-    delta = torch.empty((n, h, w), device=q.device, dtype=torch.float32)
-    block_p = 128
-    _delta_kernel[(n, triton.cdiv(plan.hw, block_p))](o, do, delta, plan.cv, plan.hw,
-                                                      BLOCK_P=block_p, BLOCK_C=_pow2(plan.cv, 1, 32))
-    bck, bcv = _pow2(ck, 16, 64), _pow2(plan.cv, 16, 128)
+    delta = channel_dot(o, do)
+    bck, bcv = pow2_clamp(ck, 16, 64), pow2_clamp(plan.cv, 16, 128)
     common = (q, k, v, do, lse, delta)
-    _bwd_dq_kernel[plan.grid(ck, bck)](*common, dq, *plan.args, float(scale), BLOCK_C=bck, **plan.meta)
-    _bwd_dkdv_kernel[plan.grid(ck, bck)](*common, dk, *plan.args, float(scale), BLOCK_C=bck,
+    scales = (float(scale), log2_scale(scale))
+    _bwd_dq_kernel[plan.grid(ck, bck)](*common, dq, *plan.args, *scales, BLOCK_C=bck, **plan.meta)
+    _bwd_dkdv_kernel[plan.grid(ck, bck)](*common, dk, *plan.args, *scales, BLOCK_C=bck,
                                          DV=False, **plan.meta)
-    _bwd_dkdv_kernel[plan.grid(plan.cv, bcv)](*common, dv, *plan.args, float(scale), BLOCK_C=bcv,
+    _bwd_dkdv_kernel[plan.grid(plan.cv, bcv)](*common, dv, *plan.args, *scales, BLOCK_C=bcv,
                                               DV=True, **plan.meta)
     return dq, dk, dv
 

@@ -41,17 +41,36 @@ BLOCK_C = 32
 # helpers
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _region_pixels(nr, pb, R, S, BH, BW, W, BLOCK: tl.constexpr):
-    """Flat pixel offsets of the block `pb` of region-local pixels of region nr % R."""
+def _region_pixels(R, S, BH, BW, W, BLOCK: tl.constexpr):
+    """This program's pixels: block program_id(1) of the region-local pixels of region
+    nr = program_id(0) (sample n = nr // R, region nr % R). Returns nr, n, the region-local row
+    and column, the flat pixel offsets and their mask."""
+    nr = tl.program_id(0)
     r = nr % R
     ry = r // S
     rx = r % S
-    t = pb * BLOCK + tl.arange(0, BLOCK)
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = t < BH * BW
     ty = t // BW
     tx = t % BW
     pix = (ry * BH + ty) * W + rx * BW + tx
-    return t, ty, tx, pix, mask
+    return nr, (nr // R).to(tl.int64), ty, tx, pix, mask
+
+
+@triton.jit
+def _channel_tile(x_ptr, n, c, cm, pix, mask, C, P):
+    """x[n, c, pix] as a (channels x pixels) fp32 tile (0 where masked), its offsets and mask."""
+    off = (n * C + c[:, None]) * P + pix[None, :]
+    m2 = cm[:, None] & mask[None, :]
+    return tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32), off, m2
+
+
+@triton.jit
+def _band(lohi_ptr, row, K):
+    """(lo, hi) of row `row` of lohi and the level spacing delta = (hi - lo) / K."""
+    lo = tl.load(lohi_ptr + row * 2)
+    hi = tl.load(lohi_ptr + row * 2 + 1)
+    return lo, hi, (hi - lo) / (K * 1.0)
 
 
 @triton.jit
@@ -80,39 +99,38 @@ def _level(lev, lo, hi, K):
     return c * (hi - lo) + lo
 
 
+@triton.jit
+def _similarity_at(sim_ptr, n, P, pix, mask, lo, hi, delta, K):
+    """The similarity of sample n at pixels pix (0 where masked) and its first candidate level."""
+    simv = tl.load(sim_ptr + n * P + pix, mask=mask, other=0.0)
+    return simv, _first_candidate(simv, _level(0, lo, hi, K), delta, K)
+
+
 # ---------------------------------------------------------------------------------------------
 # qco forward kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _region_sum_kernel(x_ptr, sum_ptr, C, P, R, S, BH, BW, W,
                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    nr = tl.program_id(0)
-    pb = tl.program_id(1)
-    n = (nr // R).to(tl.int64)
-    t, ty, tx, pix, mask = _region_pixels(nr, pb, R, S, BH, BW, W, BLOCK_P)
+    nr, n, ty, tx, pix, mask = _region_pixels(R, S, BH, BW, W, BLOCK_P)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
-        ptr = x_ptr + (n * C + c[:, None]) * P + pix[None, :]
-        v = tl.load(ptr, mask=cm[:, None] & mask[None, :], other=0.0).to(tl.float32)
+        v, _, _ = _channel_tile(x_ptr, n, c, cm, pix, mask, C, P)
         tl.atomic_add(sum_ptr + nr.to(tl.int64) * C + c, tl.sum(v, axis=1), mask=cm)
 
 
 @triton.jit
 def _similarity_kernel(x_ptr, gn_ptr, sim_ptr, rn_ptr, pmin_ptr, pmax_ptr, C, P, R, S, BH, BW, W,
                        NB, EPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    nr = tl.program_id(0)
-    pb = tl.program_id(1)
-    n = (nr // R).to(tl.int64)
-    t, ty, tx, pix, mask = _region_pixels(nr, pb, R, S, BH, BW, W, BLOCK_P)
+    nr, n, ty, tx, pix, mask = _region_pixels(R, S, BH, BW, W, BLOCK_P)
     dot = tl.zeros([BLOCK_P], dtype=tl.float32)
     sq = tl.zeros([BLOCK_P], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
         g = tl.load(gn_ptr + nr.to(tl.int64) * C + c, mask=cm, other=0.0)
-        v = tl.load(x_ptr + (n * C + c[:, None]) * P + pix[None, :],
-                    mask=cm[:, None] & mask[None, :], other=0.0).to(tl.float32)
+        v, _, _ = _channel_tile(x_ptr, n, c, cm, pix, mask, C, P)
         dot += tl.sum(v * g[:, None], axis=0)
         sq += tl.sum(v * v, axis=0)
     nrm = tl.sqrt(sq)
@@ -122,6 +140,7 @@ def _similarity_kernel(x_ptr, gn_ptr, sim_ptr, rn_ptr, pmin_ptr, pmax_ptr, C, P,
     rn = tl.where(clamped, -1.0 / den, 1.0 / den)
     tl.store(sim_ptr + n * P + pix, simv, mask=mask)
     tl.store(rn_ptr + n * P + pix, rn, mask=mask)
+    pb = tl.program_id(1)
     tl.store(pmin_ptr + nr * NB + pb, tl.min(tl.where(mask, simv, float("inf")), axis=0))
     tl.store(pmax_ptr + nr * NB + pb, tl.max(tl.where(mask, simv, float("-inf")), axis=0))
 
@@ -129,20 +148,12 @@ def _similarity_kernel(x_ptr, gn_ptr, sim_ptr, rn_ptr, pmin_ptr, pmax_ptr, C, P,
 @triton.jit
 def _histogram_kernel(sim_ptr, lohi_ptr, hist_ptr, K, P, R, S, BH, BW, W,
                       COOC: tl.constexpr, BLOCK_P: tl.constexpr):
-    nr = tl.program_id(0)
-    pb = tl.program_id(1)
-    n = (nr // R).to(tl.int64)
-    t, ty, tx, pix, mask = _region_pixels(nr, pb, R, S, BH, BW, W, BLOCK_P)
-    lo = tl.load(lohi_ptr + nr * 2)
-    hi = tl.load(lohi_ptr + nr * 2 + 1)
-    delta = (hi - lo) / (K * 1.0)
-    l0 = _level(0, lo, hi, K)
-    simv = tl.load(sim_ptr + n * P + pix, mask=mask, other=0.0)
-    m = _first_candidate(simv, l0, delta, K)
+    nr, n, ty, tx, pix, mask = _region_pixels(R, S, BH, BW, W, BLOCK_P)
+    lo, hi, delta = _band(lohi_ptr, nr, K)
+    simv, m = _similarity_at(sim_ptr, n, P, pix, mask, lo, hi, delta, K)
     if COOC:
         has_q = mask & (ty + 1 < BH) & (tx + 1 < BW)
-        simq = tl.load(sim_ptr + n * P + pix + W + 1, mask=has_q, other=0.0)
-        mq = _first_candidate(simq, l0, delta, K)
+        simq, mq = _similarity_at(sim_ptr, n, P, pix + W + 1, has_q, lo, hi, delta, K)
         base = hist_ptr + nr.to(tl.int64) * K * K
         for j in tl.static_range(3):
             a = m - 1 + j
@@ -183,16 +194,9 @@ def _pair_grad(dh_ptr, a, wa, ba, simo, mo, has_o, lo, hi, delta, K, A_IS_ROW: t
 def _band_backward_kernel(sim_ptr, gsim_ptr, dh_ptr, lohi_ptr, gpart_ptr, glev_ptr, ties_ptr,
                           K, P, R, S, BH, BW, W, HAS_GSIM: tl.constexpr, COOC: tl.constexpr,
                           BLOCK_P: tl.constexpr):
-    nr = tl.program_id(0)
-    pb = tl.program_id(1)
-    n = (nr // R).to(tl.int64)
-    t, ty, tx, pix, mask = _region_pixels(nr, pb, R, S, BH, BW, W, BLOCK_P)
-    lo = tl.load(lohi_ptr + nr * 2)
-    hi = tl.load(lohi_ptr + nr * 2 + 1)
-    delta = (hi - lo) / (K * 1.0)
-    l0 = _level(0, lo, hi, K)
-    simv = tl.load(sim_ptr + n * P + pix, mask=mask, other=0.0)
-    m = _first_candidate(simv, l0, delta, K)
+    nr, n, ty, tx, pix, mask = _region_pixels(R, S, BH, BW, W, BLOCK_P)
+    lo, hi, delta = _band(lohi_ptr, nr, K)
+    simv, m = _similarity_at(sim_ptr, n, P, pix, mask, lo, hi, delta, K)
     if HAS_GSIM:
         gs = tl.load(gsim_ptr + n * P + pix, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -201,10 +205,8 @@ def _band_backward_kernel(sim_ptr, gsim_ptr, dh_ptr, lohi_ptr, gpart_ptr, glev_p
         dh = dh_ptr + nr.to(tl.int64) * K * K
         has_q = mask & (ty + 1 < BH) & (tx + 1 < BW)
         has_o = mask & (ty > 0) & (tx > 0)
-        simq = tl.load(sim_ptr + n * P + pix + W + 1, mask=has_q, other=0.0)
-        simo = tl.load(sim_ptr + n * P + pix - W - 1, mask=has_o, other=0.0)
-        mq = _first_candidate(simq, l0, delta, K)
-        mo = _first_candidate(simo, l0, delta, K)
+        simq, mq = _similarity_at(sim_ptr, n, P, pix + W + 1, has_q, lo, hi, delta, K)
+        simo, mo = _similarity_at(sim_ptr, n, P, pix - W - 1, has_o, lo, hi, delta, K)
     else:
         dh = dh_ptr + nr.to(tl.int64) * K
     for j in tl.static_range(3):
@@ -230,10 +232,7 @@ def _band_backward_kernel(sim_ptr, gsim_ptr, dh_ptr, lohi_ptr, gpart_ptr, glev_p
 def _rowsum_backward_kernel(x_ptr, sim_ptr, rn_ptr, gpart_ptr, lohi_ptr, wties_ptr, coef_ptr,
                             dgn_ptr, C, P, R, S, BH, BW, W,
                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    nr = tl.program_id(0)
-    pb = tl.program_id(1)
-    n = (nr // R).to(tl.int64)
-    t, ty, tx, pix, mask = _region_pixels(nr, pb, R, S, BH, BW, W, BLOCK_P)
+    nr, n, ty, tx, pix, mask = _region_pixels(R, S, BH, BW, W, BLOCK_P)
     lo = tl.load(lohi_ptr + nr * 2)
     hi = tl.load(lohi_ptr + nr * 2 + 1)
     wlo = tl.load(wties_ptr + nr * 2)
@@ -250,18 +249,14 @@ def _rowsum_backward_kernel(x_ptr, sim_ptr, rn_ptr, gpart_ptr, lohi_ptr, wties_p
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
-        v = tl.load(x_ptr + (n * C + c[:, None]) * P + pix[None, :],
-                    mask=cm[:, None] & mask[None, :], other=0.0).to(tl.float32)
+        v, _, _ = _channel_tile(x_ptr, n, c, cm, pix, mask, C, P)
         tl.atomic_add(dgn_ptr + nr.to(tl.int64) * C + c, tl.sum(v * a[None, :], axis=1), mask=cm)
 
 
 @triton.jit
 def _input_backward_kernel(x_ptr, coef_ptr, gn_ptr, dg_ptr, gx_ptr, C, P, R, S, BH, BW, W,
                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    nr = tl.program_id(0)
-    pb = tl.program_id(1)
-    n = (nr // R).to(tl.int64)
-    t, ty, tx, pix, mask = _region_pixels(nr, pb, R, S, BH, BW, W, BLOCK_P)
+    nr, n, ty, tx, pix, mask = _region_pixels(R, S, BH, BW, W, BLOCK_P)
     a = tl.load(coef_ptr + n * 2 * P + pix, mask=mask, other=0.0)
     b = tl.load(coef_ptr + n * 2 * P + P + pix, mask=mask, other=0.0)
     for c0 in range(0, C, BLOCK_C):
@@ -269,9 +264,7 @@ def _input_backward_kernel(x_ptr, coef_ptr, gn_ptr, dg_ptr, gx_ptr, C, P, R, S, 
         cm = c < C
         g = tl.load(gn_ptr + nr.to(tl.int64) * C + c, mask=cm, other=0.0)
         d = tl.load(dg_ptr + nr.to(tl.int64) * C + c, mask=cm, other=0.0)
-        off = (n * C + c[:, None]) * P + pix[None, :]
-        m2 = cm[:, None] & mask[None, :]
-        v = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        v, off, m2 = _channel_tile(x_ptr, n, c, cm, pix, mask, C, P)
         gx = a[None, :] * g[:, None] - b[None, :] * v + d[:, None]
         tl.store(gx_ptr + off, gx.to(gx_ptr.dtype.element_ty), mask=m2)
 
@@ -369,9 +362,7 @@ def qco_backward(grad_hist, grad_levels, grad_sim, x, hist, sim, rnorm, mean, st
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _recon_candidates(sim_ptr, lev_ptr, lohi_ptr, n, pix, mask, K, P):
-    lo = tl.load(lohi_ptr + n * 2)
-    hi = tl.load(lohi_ptr + n * 2 + 1)
-    delta = (hi - lo) / (K * 1.0)
+    lo, hi, delta = _band(lohi_ptr, n, K)
     simv = tl.load(sim_ptr + n * P + pix, mask=mask, other=0.0).to(tl.float32)
     l0 = tl.load(lev_ptr + n * K).to(tl.float32)
     m = _first_candidate(simv, l0, delta, K)

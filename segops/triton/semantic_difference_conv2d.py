@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from segops.triton import _interpreter_compat  # noqa: F401  (numpy>=2.3 under TRITON_INTERPRET)
+from segops.triton._common import dot_precision, pow2_clamp
 
 SIM_NONE, SIM_CHARBONNIER, SIM_GAUSSIAN = 0, 1, 2
 _SIM = {"none": SIM_NONE, "charbonnier": SIM_CHARBONNIER, "gaussian": SIM_GAUSSIAN}
@@ -34,30 +34,49 @@ _DW_SPLITS = None  # override of the grad_weight split count (tests only)
 
 
 @triton.jit
+def _pixel_block(block, HW, W, BLOCK_P: tl.constexpr):
+    """Flat pixels of pixel block `block`, their mask and their (y, x)."""
+    p = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    return p, p < HW, p // W, p % W
+
+
+@triton.jit
+def _tap_offset(t, KS: tl.constexpr, DIL):
+    """(dy, dx) of tap t of a KS x KS kernel with dilation DIL."""
+    HALF: tl.constexpr = (KS - 1) // 2
+    return (t // KS - HALF) * DIL, (t % KS - HALF) * DIL
+
+
+@triton.jit
+def _shifted(y, x, mask, dy, dx, H, W):
+    """Pixels (y + dy, x + dx): where they are masked in and inside the image, and flat offsets."""
+    yy = y + dy
+    xx = x + dx
+    return mask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W), yy * W + xx
+
+
+@triton.jit
+def _gather(X, off, pix, mask_pix, mask_c):
+    """(pixels x channels) fp32 tile X[off + c * HW + pix] (off carries the channel offsets)."""
+    return tl.load(X + off + pix[:, None], mask=mask_pix[:, None] & mask_c[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _gaussian_similarity_kernel(V, S, Cg, H, W, HW, KS: tl.constexpr, DIL, scale,
                                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """S[n, t, p] = exp(scale * sum_c (V[c, p+d_t] - V[c, p])^2), fp32."""
-    pid_p = tl.program_id(0)
     t = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
-    HALF: tl.constexpr = (KS - 1) // 2
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < HW
-    y = p // W
-    x = p % W
-    yy = y + (t // KS - HALF) * DIL
-    xx = x + (t % KS - HALF) * DIL
-    inb = pmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-    q = yy * W + xx
-    base = V + n * Cg * HW
+    p, pmask, y, x = _pixel_block(tl.program_id(0), HW, W, BLOCK_P)
+    dy, dx = _tap_offset(t, KS, DIL)
+    inb, q = _shifted(y, x, pmask, dy, dx, H, W)
     acc = tl.zeros([BLOCK_P], dtype=tl.float32)
     for c0 in range(0, Cg, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < Cg
-        off = c.to(tl.int64)[None, :] * HW
-        v = tl.load(base + off + p[:, None], mask=pmask[:, None] & cm[None, :], other=0.0).to(tl.float32)
-        vn = tl.load(base + off + q[:, None], mask=inb[:, None] & cm[None, :], other=0.0).to(tl.float32)
-        e = vn - v
+        off = n * Cg * HW + c.to(tl.int64)[None, :] * HW
+        e = _gather(V, off, q, inb, cm) - _gather(V, off, p, pmask, cm)
         acc += tl.sum(e * e, axis=1)
     tl.store(S + (n * KS * KS + t) * HW + p, tl.exp(acc * scale), mask=pmask)
 
@@ -66,19 +85,12 @@ def _gaussian_similarity_kernel(V, S, Cg, H, W, HW, KS: tl.constexpr, DIL, scale
 def _weighted_difference(U, V, S, n, t, c, cm, p, pmask, y, x, Cin, H, W, HW,
                          KS: tl.constexpr, DIL, inv_s2, SIM: tl.constexpr):
     """[BLOCK_P, BLOCK_C] tile of S(c,p,t) * (U[c,p+d_t] - U[c,p]), fp32, zero off the tile."""
-    HALF: tl.constexpr = (KS - 1) // 2
-    yy = y + (t // KS - HALF) * DIL
-    xx = x + (t % KS - HALF) * DIL
-    inb = pmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-    q = yy * W + xx
+    dy, dx = _tap_offset(t, KS, DIL)
+    inb, q = _shifted(y, x, pmask, dy, dx, H, W)
     off = n * Cin * HW + c.to(tl.int64)[None, :] * HW
-    m = pmask[:, None] & cm[None, :]
-    mn = inb[:, None] & cm[None, :]
-    d = (tl.load(U + off + q[:, None], mask=mn, other=0.0).to(tl.float32)
-         - tl.load(U + off + p[:, None], mask=m, other=0.0).to(tl.float32))
+    d = _gather(U, off, q, inb, cm) - _gather(U, off, p, pmask, cm)
     if SIM == 1:  # charbonnier, Cg == Cin
-        e = (tl.load(V + off + q[:, None], mask=mn, other=0.0).to(tl.float32)
-             - tl.load(V + off + p[:, None], mask=m, other=0.0).to(tl.float32))
+        e = _gather(V, off, q, inb, cm) - _gather(V, off, p, pmask, cm)
         d = d / tl.sqrt(1.0 + e * e * inv_s2)
     elif SIM == 2:  # gaussian: one scalar per (pixel, tap)
         s = tl.load(S + (n * KS * KS + t) * HW + p, mask=pmask, other=0.0)
@@ -90,14 +102,9 @@ def _weighted_difference(U, V, S, n, t, c, cm, p, pmask, y, x, Cin, H, W, HW,
 def _forward_kernel(U, V, S, Wt, B, Y, Cin, Cout, H, W, HW, KS: tl.constexpr, DIL, inv_s2,
                     SIM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr):
-    pid_p = tl.program_id(0)
-    pid_o = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < HW
-    y = p // W
-    x = p % W
-    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    p, pmask, y, x = _pixel_block(tl.program_id(0), HW, W, BLOCK_P)
+    o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     om = o < Cout
     acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=tl.float32)
     for t in range(KS * KS):
@@ -133,10 +140,7 @@ def _grad_weight_kernel(U, V, S, G, DWp, N, Cin, Cout, H, W, HW, blocks_per_imag
     b1 = tl.minimum(b0 + blocks_per_split, N * blocks_per_image)
     for b in range(b0, b1):  # pixel block b: image b // blocks_per_image, never spanning two
         n = (b // blocks_per_image).to(tl.int64)
-        p = (b % blocks_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = p < HW
-        y = p // W
-        x = p % W
+        p, pmask, y, x = _pixel_block(b % blocks_per_image, HW, W, BLOCK_P)
         d = _weighted_difference(U, V, S, n, t, c, cm, p, pmask, y, x, Cin, H, W, HW, KS, DIL,
                                  inv_s2, SIM)
         g = tl.load(G + (n * Cout + o.to(tl.int64))[None, :] * HW + p[:, None],
@@ -152,37 +156,25 @@ def _grad_input_kernel(U, V, S, Wt, G, DU, DV, GS, N, Cin, Cout, H, W, HW,
                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr):
     """dU (and the charbonnier dV) for a [BLOCK_P, BLOCK_C] tile by gathering from neighbours;
     for gaussian, GS[cblk, n, t, p] = sum_{c in block} dD(c,t,p) (U[c,p+d_t] - U[c,p])."""
-    HALF: tl.constexpr = (KS - 1) // 2
     KK: tl.constexpr = KS * KS
-    pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
-    q = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    qm = q < HW
-    y = q // W
-    x = q % W
+    q, qm, y, x = _pixel_block(tl.program_id(0), HW, W, BLOCK_P)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < Cin
     off = n * Cin * HW + c.to(tl.int64)[None, :] * HW
     m = qm[:, None] & cm[None, :]
-    u_q = tl.load(U + off + q[:, None], mask=m, other=0.0).to(tl.float32)
+    u_q = _gather(U, off, q, qm, cm)
     if SIM == 1:
-        v_q = tl.load(V + off + q[:, None], mask=m, other=0.0).to(tl.float32)
+        v_q = _gather(V, off, q, qm, cm)
     du = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     dv = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     g_base = G + n * Cout * HW
     for t in range(KK):
-        dy = (t // KS - HALF) * DIL
-        dx = (t % KS - HALF) * DIL
+        dy, dx = _tap_offset(t, KS, DIL)
         # p = q + d: the neighbour that tap t of pixel q reads; r = q - d: the pixel whose tap t reads q.
-        yp = y + dy
-        xp = x + dx
-        inp = qm & (yp >= 0) & (yp < H) & (xp >= 0) & (xp < W)
-        qp = yp * W + xp
-        yr = y - dy
-        xr = x - dx
-        inr = qm & (yr >= 0) & (yr < H) & (xr >= 0) & (xr < W)
-        qr = yr * W + xr
+        inp, qp = _shifted(y, x, qm, dy, dx, H, W)
+        inr, qr = _shifted(y, x, qm, -dy, -dx, H, W)
         acc_q = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # dD(c, t, q)
         acc_r = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # dD(c, t, q - d)
         for o0 in range(0, Cout, BLOCK_O):
@@ -195,18 +187,16 @@ def _grad_input_kernel(U, V, S, Wt, G, DU, DV, GS, N, Cin, Cout, H, W, HW,
                         mask=om[:, None] & cm[None, :], other=0.0)
             acc_q = tl.dot(g_q, w, acc_q, input_precision=DOT_PREC)
             acc_r = tl.dot(g_r, w, acc_r, input_precision=DOT_PREC)
-        mp = inp[:, None] & cm[None, :]
-        mr = inr[:, None] & cm[None, :]
-        u_p = tl.load(U + off + qp[:, None], mask=mp, other=0.0).to(tl.float32)
-        u_r = tl.load(U + off + qr[:, None], mask=mr, other=0.0).to(tl.float32)
+        u_p = _gather(U, off, qp, inp, cm)
+        u_r = _gather(U, off, qr, inr, cm)
         if SIM == 1:
             # centre term (p = q): S = (1 + e^2/s^2)^-1/2, e = V[q+d] - V[q]; dS/de = -S^3 e / s^2.
-            e = tl.load(V + off + qp[:, None], mask=mp, other=0.0).to(tl.float32) - v_q
+            e = _gather(V, off, qp, inp, cm) - v_q
             s = 1.0 / tl.sqrt(1.0 + e * e * inv_s2)
             du -= acc_q * s
             dv += acc_q * (u_p - u_q) * s * s * s * e * inv_s2
             # shifted term (p = q - d, its neighbour is q): e = V[q] - V[q-d].
-            e = v_q - tl.load(V + off + qr[:, None], mask=mr, other=0.0).to(tl.float32)
+            e = v_q - _gather(V, off, qr, inr, cm)
             s = 1.0 / tl.sqrt(1.0 + e * e * inv_s2)
             du += acc_r * s
             dv -= acc_r * (u_q - u_r) * s * s * s * e * inv_s2
@@ -227,49 +217,29 @@ def _grad_input_kernel(U, V, S, Wt, G, DU, DV, GS, N, Cin, Cout, H, W, HW,
 def _grad_guidance_gaussian_kernel(V, S, GS, DV, Cg, H, W, HW, KS: tl.constexpr, DIL, coef,
                                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """dV for gaussian: dd(c,p,t) = -G(p,t) S(p,t) (V[c,p+d]-V[c,p]) coef; dV[p] -= dd, dV[p+d] += dd."""
-    HALF: tl.constexpr = (KS - 1) // 2
     KK: tl.constexpr = KS * KS
-    pid_p = tl.program_id(0)
     n = tl.program_id(2).to(tl.int64)
-    q = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    qm = q < HW
-    y = q // W
-    x = q % W
+    q, qm, y, x = _pixel_block(tl.program_id(0), HW, W, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < Cg
     off = n * Cg * HW + c.to(tl.int64)[None, :] * HW
-    m = qm[:, None] & cm[None, :]
-    v_q = tl.load(V + off + q[:, None], mask=m, other=0.0).to(tl.float32)
+    v_q = _gather(V, off, q, qm, cm)
     dv = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for t in range(KK):
-        dy = (t // KS - HALF) * DIL
-        dx = (t % KS - HALF) * DIL
-        yp = y + dy
-        xp = x + dx
-        inp = qm & (yp >= 0) & (yp < H) & (xp >= 0) & (xp < W)
-        yr = y - dy
-        xr = x - dx
-        inr = qm & (yr >= 0) & (yr < H) & (xr >= 0) & (xr < W)
-        qr = yr * W + xr
+        dy, dx = _tap_offset(t, KS, DIL)
+        inp, qp = _shifted(y, x, qm, dy, dx, H, W)
+        inr, qr = _shifted(y, x, qm, -dy, -dx, H, W)
         sg_q = (tl.load(S + (n * KK + t) * HW + q, mask=qm, other=0.0)
                 * tl.load(GS + (n * KK + t) * HW + q, mask=qm, other=0.0))
         sg_r = (tl.load(S + (n * KK + t) * HW + qr, mask=inr, other=0.0)
                 * tl.load(GS + (n * KK + t) * HW + qr, mask=inr, other=0.0))
-        v_p = tl.load(V + off + (yp * W + xp)[:, None], mask=inp[:, None] & cm[None, :], other=0.0).to(tl.float32)
-        v_r = tl.load(V + off + qr[:, None], mask=inr[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        v_p = _gather(V, off, qp, inp, cm)
+        v_r = _gather(V, off, qr, inr, cm)
         dv += sg_q[:, None] * (v_p - v_q) * coef - sg_r[:, None] * (v_q - v_r) * coef
-    tl.store(DV + off + q[:, None], dv.to(DV.dtype.element_ty), mask=m)
+    tl.store(DV + off + q[:, None], dv.to(DV.dtype.element_ty), mask=qm[:, None] & cm[None, :])
 
 
 # ---- launchers --------------------------------------------------------------------------------
-
-def _pow2(v: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(1, v))))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32: exact products (SPEC §3)
-
 
 def _on_gpu(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
@@ -290,8 +260,8 @@ def _gaussian_similarity(guidance, k, dilation, sigma):
     n, cg, h, w = guidance.shape
     hw = h * w
     S = torch.empty((n, k * k, hw), device=guidance.device, dtype=torch.float32)
-    bp = _pow2(hw, 16, 128)
-    bc = _pow2(cg, 16, 32)
+    bp = pow2_clamp(hw, 16, 128)
+    bc = pow2_clamp(cg, 16, 32)
     _gaussian_similarity_kernel[(triton.cdiv(hw, bp), k * k, n)](
         guidance, S, cg, h, w, hw, k, dilation, -1.0 / (2.0 * sigma * sigma * cg),
         BLOCK_P=bp, BLOCK_C=bc)
@@ -313,13 +283,13 @@ def forward(input: torch.Tensor, guidance: torch.Tensor, weight: torch.Tensor,
         return out
     S = _gaussian_similarity(guidance, k, dilation, sigma) if sim == SIM_GAUSSIAN else input
     gpu = _on_gpu(input)
-    bp = _pow2(hw, 16, 128 if gpu else 64)
-    bo = _pow2(cout, 16, 128 if gpu else 32)
-    bc = _pow2(cin, 16, 32 if gpu else 16)
+    bp = pow2_clamp(hw, 16, 128 if gpu else 64)
+    bo = pow2_clamp(cout, 16, 128 if gpu else 32)
+    bc = pow2_clamp(cin, 16, 32 if gpu else 16)
     grid = (triton.cdiv(hw, bp), triton.cdiv(cout, bo), n)
     _forward_kernel[grid](input, guidance, S, _tap_major(weight), bias if bias is not None else input,
                           out, cin, cout, h, w, hw, k, dilation, 1.0 / (sigma * sigma), SIM=sim,
-                          HAS_BIAS=bias is not None, DOT_PREC=_dot_precision(input.dtype),
+                          HAS_BIAS=bias is not None, DOT_PREC=dot_precision(input.dtype),
                           BLOCK_P=bp, BLOCK_C=bc, BLOCK_O=bo,
                           **({"num_warps": 8, "num_stages": 3} if gpu else {}))
     return out
@@ -336,16 +306,16 @@ def backward(grad_out: torch.Tensor, input: torch.Tensor, guidance: torch.Tensor
         return (torch.zeros_like(input), torch.zeros_like(guidance), torch.zeros_like(weight),
                 grad_bias)
     gpu = _on_gpu(input)
-    prec = _dot_precision(input.dtype)
+    prec = dot_precision(input.dtype)
     inv_s2 = 1.0 / (sigma * sigma)
     S = _gaussian_similarity(guidance, k, dilation, sigma) if sim == SIM_GAUSSIAN else input
     wt = _tap_major(weight)
 
     # grad_weight: the N * ceil(HW / BLOCK_P) pixel blocks are split into chunks reduced by
     # separate programs into fp32 partials (deterministic), enough to fill the GPU.
-    bp = _pow2(hw, 16, 64 if gpu else 64)
-    bc = _pow2(cin, 16, 64 if gpu else 16)
-    bo = _pow2(cout, 16, 128 if gpu else 32)
+    bp = pow2_clamp(hw, 16, 64 if gpu else 64)
+    bc = pow2_clamp(cin, 16, 64 if gpu else 16)
+    bo = pow2_clamp(cout, 16, 128 if gpu else 32)
     blocks_per_image = triton.cdiv(hw, bp)
     nblocks = n * blocks_per_image
     tiles = kk * triton.cdiv(cin, bc) * triton.cdiv(cout, bo)
@@ -363,9 +333,9 @@ def backward(grad_out: torch.Tensor, input: torch.Tensor, guidance: torch.Tensor
 
     # grad_input (+ charbonnier grad_guidance, + gaussian dL/dS partials); four [BLOCK_P, BLOCK_C]
     # fp32 tiles live across the loop (du, dv, and the two dD accumulators): keep them small.
-    bp = _pow2(hw, 16, 64 if gpu else 64)
-    bc = _pow2(cin, 16, 32 if gpu else 16)
-    bo = _pow2(cout, 16, 64 if gpu else 32)
+    bp = pow2_clamp(hw, 16, 64 if gpu else 64)
+    bc = pow2_clamp(cin, 16, 32 if gpu else 16)
+    bo = pow2_clamp(cout, 16, 64 if gpu else 32)
     ncb = triton.cdiv(cin, bc)
     grad_input = torch.empty_like(input)
     grad_guidance = torch.empty_like(guidance) if sim == SIM_CHARBONNIER else torch.zeros_like(guidance)
@@ -378,8 +348,8 @@ def backward(grad_out: torch.Tensor, input: torch.Tensor, guidance: torch.Tensor
     if sim == SIM_GAUSSIAN:
         gsum = gs.sum(0)
         cg = guidance.shape[1]
-        bpg = _pow2(hw, 16, 64 if gpu else 64)
-        bcg = _pow2(cg, 16, 32 if gpu else 16)
+        bpg = pow2_clamp(hw, 16, 64 if gpu else 64)
+        bcg = pow2_clamp(cg, 16, 32 if gpu else 16)
         _grad_guidance_gaussian_kernel[(triton.cdiv(hw, bpg), triton.cdiv(cg, bcg), n)](
             guidance, S, gsum, grad_guidance, cg, h, w, hw, k, dilation,
             1.0 / (sigma * sigma * cg), BLOCK_P=bpg, BLOCK_C=bcg)
