@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
-from segops.models.common import make_norm
+from segops.nn.common import make_norm
 
 
 def _norm_name(norm: Optional[str], postfix) -> str:
