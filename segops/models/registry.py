@@ -85,9 +85,9 @@ class _BackendScope:
 
 
 def run_on_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Make every `model(...)` call run its segops ops on `backend` (an explicit `backend=` of a
-    segops layer inside still wins). Returns the model. Calls to submodules on their own are
-    not covered."""
+    """Make every `model(...)` call run its segops operators on `backend` (an explicit
+    `backend=` of a segops layer inside still wins). Returns the model. Calls to submodules on
+    their own are not covered."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     scope = _BackendScope(backend)

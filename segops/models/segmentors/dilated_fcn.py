@@ -122,15 +122,15 @@ def isanet(depth: int, **kw):
 
 
 def danet(depth: int, **kw):
-    """DANet: mmseg `configs/_base_/models/danet_r50-d8.py` (DAHead: pam_channels 64); PAM through
-    `segops.disentangled_non_local(whiten=False, scale=1.0)`."""
+    """DANet: mmseg `configs/_base_/models/danet_r50-d8.py` (DAHead: pam_channels 64); PAM is
+    `segops.nn.SelfAttentionBlock` without scaling."""
     return d8_segmentor(depth, DAHead, pam_channels=64, segmentor=MultiOutputEncoderDecoder, **kw)
 
 
 def ann(depth: int, **kw):
     """ANN: mmseg `configs/_base_/models/ann_r50-d8.py` (ANNHead on stages 3 and 4: project
     channels 256, query scales (1,), key pool scales 1, 3, 6, 8); pooled-key attention through
-    `segops.disentangled_non_local`."""
+    `segops.nn.SelfAttentionBlock`."""
     kw.setdefault("in_index", (2, 3))
     return d8_segmentor(depth, lambda i, c, n, **k: ANNHead((1024, 2048) if depth != 18 else
                                                             (256, 512), c, n, **k),
