@@ -1,4 +1,4 @@
-"""Building blocks shared by backbones and heads, named as in mmcv/mmseg so checkpoints load."""
+"""Building blocks shared by the heads, named as in mmcv/mmseg so checkpoints load."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segops.nn.common import ConvModule, make_act, make_norm  # noqa: F401  (re-exported)
+from segops.nn import ConvModule
 
 
 class DepthwiseSeparableConvModule(nn.Module):
@@ -41,8 +41,7 @@ class BaseDecodeHead(nn.Module):
 
     def __init__(self, in_channels, channels: int, num_classes: int, *, dropout_ratio: float = 0.1,
                  norm: Optional[str] = "bn", act: Optional[str] = "relu", in_index=-1,
-                 input_transform: Optional[str] = None, align_corners: bool = False,
-                 backend: str = "auto") -> None:
+                 input_transform: Optional[str] = None, align_corners: bool = False) -> None:
         super().__init__()
         if input_transform not in (None, "resize_concat", "multiple_select"):
             raise ValueError(f"input_transform must be None, 'resize_concat' or 'multiple_select', "
@@ -58,7 +57,6 @@ class BaseDecodeHead(nn.Module):
         self.in_index = in_index
         self.input_transform = input_transform
         self.align_corners = align_corners
-        self.backend = backend
         self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
         self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else None
 

@@ -1,5 +1,6 @@
 """Drop-in layers built on `segops.ops` (so they run on every backend)."""
-from segops.nn.common import Scale
+from segops.nn.common import ConvModule, Scale
+from segops.nn.self_attention_block import SelfAttentionBlock
 from segops.nn.criss_cross_attention import CrissCrossAttention
 from segops.nn.interlaced_sparse_attention import InterlacedSparseAttention
 from segops.nn.semantic_difference_conv2d import SemanticDifferenceConv2d, SemanticDiffusion

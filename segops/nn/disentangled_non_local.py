@@ -13,44 +13,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from segops.nn.common import ConvModule, Norm
 from segops.ops.disentangled_non_local import disentangled_non_local
 
 _MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
-
-
-def _norm_layer(norm_cfg: Optional[dict], channels: int):
-    if norm_cfg is None:
-        return None, None
-    kind = norm_cfg.get("type")
-    if kind in ("BN", "BN2d", "SyncBN"):
-        return "bn", nn.BatchNorm2d(channels, eps=norm_cfg.get("eps", 1e-5),
-                                    momentum=norm_cfg.get("momentum", 0.1))
-    if kind == "GN":
-        return "gn", nn.GroupNorm(norm_cfg["num_groups"], channels, eps=norm_cfg.get("eps", 1e-5))
-    raise ValueError(f"norm_cfg type must be 'BN', 'SyncBN' or 'GN', got {norm_cfg!r}")
-
-
-class _ConvModule(nn.Module):
-    """1x1 conv (+ norm) (+ ReLU) with mmcv ConvModule's names: `conv`, `bn`/`gn`, `activate`."""
-
-    def __init__(self, in_channels, out_channels, conv_cfg=None, norm_cfg=None, bias="auto",
-                 relu=False):
-        super().__init__()
-        if conv_cfg is not None and conv_cfg.get("type") not in ("Conv2d", "Conv"):
-            raise ValueError(f"conv_cfg must be None or dict(type='Conv2d'), got {conv_cfg!r}")
-        self.norm_name, norm = _norm_layer(norm_cfg, out_channels)
-        if bias == "auto":
-            bias = norm is None
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=bias)
-        if norm is not None:
-            self.add_module(self.norm_name, norm)
-        self.activate = nn.ReLU(inplace=True) if relu else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x)
-        if self.norm_name is not None:
-            x = getattr(self, self.norm_name)(x)
-        return self.activate(x) if self.activate is not None else x
 
 
 class NonLocal2d(nn.Module):
@@ -60,13 +26,14 @@ class NonLocal2d(nn.Module):
     `use_scale`), 'gaussian' (softmax of <x_i, x_j>), 'dot_product' (<theta, phi> / Lk, no
     softmax), 'concatenation' (ReLU(w . [theta; phi]) / Lk). The softmax modes run on the fused
     segops op; the linear modes are computed without materialising the Lq x Lk matrix where
-    possible. `backend` is keyword-only and not part of the state.
+    possible. `norm_cfg` (of `conv_out`) is an mmcv norm_cfg dict or one of this package's norm
+    names ("bn", "syncbn", "gn"). `backend` is keyword-only and not part of the state.
     """
 
     _whiten = False
 
     def __init__(self, in_channels: int, reduction: int = 2, use_scale: bool = True,
-                 conv_cfg: Optional[dict] = None, norm_cfg: Optional[dict] = None,
+                 conv_cfg: Optional[dict] = None, norm_cfg: Norm = None,
                  mode: str = "embedded_gaussian", sub_sample: bool = False, *,
                  std: float = 0.01, zeros_init: bool = True, backend: str = "auto") -> None:
         super().__init__()
@@ -82,13 +49,18 @@ class NonLocal2d(nn.Module):
         self.mode = mode
         self.sub_sample = sub_sample
         self.backend = backend
-        self.g = _ConvModule(self.in_channels, self.inter_channels, conv_cfg)
-        self.conv_out = _ConvModule(self.inter_channels, self.in_channels, conv_cfg, norm_cfg)
+        if conv_cfg is not None and conv_cfg.get("type") not in ("Conv2d", "Conv"):
+            raise ValueError(f"conv_cfg must be None or dict(type='Conv2d'), got {conv_cfg!r}")
+
+        def conv1x1(cin, cout, norm=None):
+            return ConvModule(cin, cout, 1, norm=norm, act=None)
+        self.g = conv1x1(self.in_channels, self.inter_channels)
+        self.conv_out = conv1x1(self.inter_channels, self.in_channels, norm_cfg)
         if mode != "gaussian":
-            self.theta = _ConvModule(self.in_channels, self.inter_channels, conv_cfg)
-            self.phi = _ConvModule(self.in_channels, self.inter_channels, conv_cfg)
+            self.theta = conv1x1(self.in_channels, self.inter_channels)
+            self.phi = conv1x1(self.in_channels, self.inter_channels)
         if mode == "concatenation":
-            self.concat_project = _ConvModule(self.inter_channels * 2, 1, bias=False, relu=True)
+            self.concat_project = ConvModule(self.inter_channels * 2, 1, 1, bias=False, norm=None)
         if sub_sample:
             pool = nn.MaxPool2d(kernel_size=(2, 2))
             self.g = nn.Sequential(self.g, pool)
@@ -102,8 +74,8 @@ class NonLocal2d(nn.Module):
             nn.init.normal_(conv.weight, 0, std)
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
-        target = (self.conv_out.conv if self.conv_out.norm_name is None
-                  else getattr(self.conv_out, self.conv_out.norm_name))
+        norm = self.conv_out.norm_layer
+        target = norm if norm is not None else self.conv_out.conv
         if zeros_init:
             nn.init.zeros_(target.weight)
         else:
@@ -177,7 +149,7 @@ class DisentangledNonLocal2d(NonLocal2d):
     _whiten = True
 
     def __init__(self, in_channels: int, reduction: int = 2, use_scale: bool = True,
-                 conv_cfg: Optional[dict] = None, norm_cfg: Optional[dict] = None,
+                 conv_cfg: Optional[dict] = None, norm_cfg: Norm = None,
                  mode: str = "embedded_gaussian", sub_sample: bool = False, *,
                  temperature: float = 0.05, std: float = 0.01, zeros_init: bool = True,
                  backend: str = "auto") -> None:

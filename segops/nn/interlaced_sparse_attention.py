@@ -6,40 +6,50 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segops.nn.common import ConvModule
+from segops.nn.common import ConvModule, Norm
+from segops.nn.self_attention_block import SelfAttentionBlock
 from segops.ops.interlaced_sparse_attention import _block_size, interlaced_sparse_attention
 
 
-class ISASelfAttentionBlock(nn.Module):
-    """mmseg ISAHead's `SelfAttentionBlock`, with its submodule names.
-
-    query/key projections: two 1x1 (conv, norm, act) to `channels` (`query_project.0/1`,
-    `key_project.0/1`); value: one plain 1x1 conv with bias to `in_channels`; output projection:
-    one 1x1 (conv, norm, act) (`output_project`), not zero-initialised. Attention is scaled by
-    channels**-0.5 (mmseg's matmul_norm=True).
+class ISASelfAttentionBlock(SelfAttentionBlock):
+    """mmseg ISAHead's `SelfAttentionBlock`: the shared block with two-conv query/key
+    projections to `channels` (`query_project.0/1`, `key_project.0/1`, ConvModules), a plain 1x1
+    value conv to `in_channels`, no `out_project` but an `output_project` ConvModule (not
+    zero-initialised), scale channels**-0.5, and interlaced attention inside the groups of
+    `mode` ("long" or "short") instead of dense attention.
     """
 
-    def __init__(self, in_channels: int, channels: int, *, norm: Optional[str] = "bn",
-                 act: Optional[str] = "relu") -> None:
-        super().__init__()
-        self.in_channels = in_channels
-        self.channels = channels
-
-        def qk():
-            return nn.Sequential(ConvModule(in_channels, channels, 1, norm=norm, act=act),
-                                 ConvModule(channels, channels, 1, norm=norm, act=act))
-        self.key_project = qk()
-        self.query_project = qk()
-        self.value_project = nn.Conv2d(in_channels, in_channels, 1)
+    def __init__(self, in_channels: int, channels: int, block_size, mode: str, *,
+                 norm: Norm = "bn", act: Optional[str] = "relu", backend: str = "auto") -> None:
+        super().__init__(in_channels, in_channels, channels, in_channels, key_query_num_convs=2,
+                         with_out=False, norm=norm, act=act, backend=backend)
         self.output_project = ConvModule(in_channels, in_channels, 1, norm=norm, act=act)
+        self.block_size = _block_size(block_size)
+        self.mode = mode
 
-    def forward(self, x: Tensor, block_size, mode: str, backend: str = "auto") -> Tensor:
+    def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         # The projections are pointwise, so applying them to the whole (padded) map equals
         # mmseg's application to the permuted per-group maps.
-        context = interlaced_sparse_attention(self.query_project(x), self.key_project(x),
-                                              self.value_project(x), block_size, mode,
-                                              scale=self.channels ** -0.5, backend=backend)
-        return self.output_project(context)
+        return interlaced_sparse_attention(query, key, value, self.block_size, self.mode,
+                                           scale=self.channels ** -0.5, backend=self.backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output_project(super().forward(x, x))
+
+
+def interlaced_relations(x: Tensor, global_relation: ISASelfAttentionBlock,
+                         local_relation: ISASelfAttentionBlock) -> Tensor:
+    """Zero-pad `x` to a multiple of the block size (floor(pad/2) before, the rest after; padded
+    positions are not masked), apply `global_relation` then `local_relation`, crop back."""
+    h, w = x.shape[2:]
+    ph, pw = global_relation.block_size
+    pad_h, pad_w = -h % ph, -w % pw
+    if pad_h or pad_w:
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    x = local_relation(global_relation(x))
+    if pad_h or pad_w:
+        x = x[:, :, pad_h // 2:pad_h // 2 + h, pad_w // 2:pad_w // 2 + w]
+    return x
 
 
 class InterlacedSparseAttention(nn.Module):
@@ -54,27 +64,26 @@ class InterlacedSparseAttention(nn.Module):
     """
 
     def __init__(self, in_channels: int, channels: int, block_size=(8, 8), *,
-                 norm: Optional[str] = "bn", act: Optional[str] = "relu",
-                 backend: str = "auto") -> None:
+                 norm: Norm = "bn", act: Optional[str] = "relu", backend: str = "auto") -> None:
         super().__init__()
         self.in_channels = in_channels
         self.channels = channels
         self.block_size = _block_size(block_size)
-        self.backend = backend
-        self.global_relation = ISASelfAttentionBlock(in_channels, channels, norm=norm, act=act)
-        self.local_relation = ISASelfAttentionBlock(in_channels, channels, norm=norm, act=act)
+        self.global_relation = ISASelfAttentionBlock(in_channels, channels, self.block_size,
+                                                     "long", norm=norm, act=act, backend=backend)
+        self.local_relation = ISASelfAttentionBlock(in_channels, channels, self.block_size,
+                                                    "short", norm=norm, act=act, backend=backend)
+
+    @property
+    def backend(self) -> str:
+        return self.global_relation.backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.global_relation.backend = self.local_relation.backend = name
 
     def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[2:]
-        ph, pw = self.block_size
-        pad_h, pad_w = -h % ph, -w % pw
-        if pad_h or pad_w:
-            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-        x = self.global_relation(x, self.block_size, "long", self.backend)
-        x = self.local_relation(x, self.block_size, "short", self.backend)
-        if pad_h or pad_w:
-            x = x[:, :, pad_h // 2:pad_h // 2 + h, pad_w // 2:pad_w // 2 + w]
-        return x
+        return interlaced_relations(x, self.global_relation, self.local_relation)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, channels={self.channels}, block_size={self.block_size}"

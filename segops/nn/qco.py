@@ -23,34 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segops.nn.common import ConvModule
 from segops.ops.qco import qco_1d, qco_2d, texture_reconstruct
 
 
-class ConvBNReLU(nn.Module):
-    """Conv (no bias) + optional BN + optional ReLU, keys `conv`, `bn` (STLNet's ConvBNReLU)."""
-
-    def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int,
-                 dilation: int = 1, group: int = 1, has_bn: bool = True, has_relu: bool = True,
-                 mode: str = "2d"):
-        super().__init__()
-        if mode not in ("1d", "2d"):
-            raise ValueError(f"ConvBNReLU: mode must be '1d' or '2d', got {mode!r}")
-        conv, norm = (nn.Conv2d, nn.BatchNorm2d) if mode == "2d" else (nn.Conv1d, nn.BatchNorm1d)
-        self.has_bn, self.has_relu = has_bn, has_relu
-        self.conv = conv(c_in, c_out, kernel_size=kernel_size, stride=stride, padding=padding,
-                         dilation=dilation, bias=False, groups=group)
-        if has_bn:
-            self.bn = norm(c_out)
-        if has_relu:
-            self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x)
-        if self.has_bn:
-            x = self.bn(x)
-        if self.has_relu:
-            x = self.relu(x)
-        return x
+def _conv(c_in: int, c_out: int, kernel_size: int = 1, padding: int = 0, has_bn: bool = True,
+          has_relu: bool = True, dim: int = 2) -> ConvModule:
+    """STLNet's ConvBNReLU (conv without bias, optional BN, optional ReLU; keys `conv`, `bn`)."""
+    return ConvModule(c_in, c_out, kernel_size, padding=padding, bias=False,
+                      norm="bn" if has_bn else None, act="relu" if has_relu else None, dim=dim)
 
 
 def valid_size(size: int, multiple: int, official: int) -> int:
@@ -70,13 +51,13 @@ class QCO1d(nn.Module):
 
     def __init__(self, level_num: int, *, backend: str = "auto"):
         super().__init__()
-        self.conv1 = nn.Sequential(ConvBNReLU(256, 256, 3, 1, 1, has_relu=False),
+        self.conv1 = nn.Sequential(_conv(256, 256, 3, 1, has_relu=False),
                                    nn.LeakyReLU(inplace=True))
-        self.conv2 = ConvBNReLU(256, 128, 1, 1, 0, has_bn=False, has_relu=False)
-        self.f1 = nn.Sequential(ConvBNReLU(2, 64, 1, 1, 0, has_bn=False, has_relu=False, mode="1d"),
+        self.conv2 = _conv(256, 128, has_bn=False, has_relu=False)
+        self.f1 = nn.Sequential(_conv(2, 64, has_bn=False, has_relu=False, dim=1),
                                 nn.LeakyReLU(inplace=True))
-        self.f2 = ConvBNReLU(64, 128, 1, 1, 0, has_bn=False, mode="1d")
-        self.out = ConvBNReLU(256, 128, 1, 1, 0, has_bn=True, mode="1d")
+        self.f2 = _conv(64, 128, has_bn=False, dim=1)
+        self.out = _conv(256, 128, has_bn=True, dim=1)
         self.level_num = level_num
         self.backend = backend
 
@@ -99,11 +80,11 @@ class QCO2d(nn.Module):
 
     def __init__(self, scale: int, level_num: int, *, backend: str = "auto"):
         super().__init__()
-        self.f1 = nn.Sequential(ConvBNReLU(3, 64, 1, 1, 0, has_bn=False, has_relu=False),
+        self.f1 = nn.Sequential(_conv(3, 64, has_bn=False, has_relu=False),
                                 nn.LeakyReLU(inplace=True))
-        self.f2 = ConvBNReLU(64, 128, 1, 1, 0, has_bn=False)
-        self.out = nn.Sequential(ConvBNReLU(256 + 128, 128, 1, 1, 0, has_bn=True, has_relu=True),
-                                 ConvBNReLU(128, 128, 1, 1, 0, has_bn=True, has_relu=False))
+        self.f2 = _conv(64, 128, has_bn=False)
+        self.out = nn.Sequential(_conv(256 + 128, 128, has_bn=True, has_relu=True),
+                                 _conv(128, 128, has_bn=True, has_relu=False))
         self.scale = scale
         self.level_num = level_num
         self.backend = backend
@@ -141,10 +122,10 @@ class TextureEnhance(nn.Module):
         super().__init__()
         self.level_num = level_num
         self.qco = QCO1d(level_num, backend=backend)
-        self.k = ConvBNReLU(128, 128, 1, 1, 0, has_bn=False, has_relu=False, mode="1d")
-        self.q = ConvBNReLU(128, 128, 1, 1, 0, has_bn=False, has_relu=False, mode="1d")
-        self.v = ConvBNReLU(128, 128, 1, 1, 0, has_bn=False, has_relu=False, mode="1d")
-        self.out = ConvBNReLU(128, 256, 1, 1, 0, mode="1d")
+        self.k = _conv(128, 128, has_bn=False, has_relu=False, dim=1)
+        self.q = _conv(128, 128, has_bn=False, has_relu=False, dim=1)
+        self.v = _conv(128, 128, has_bn=False, has_relu=False, dim=1)
+        self.out = _conv(128, 256, dim=1)
         self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
@@ -163,12 +144,12 @@ class PyramidTextureExtraction(nn.Module):
 
     def __init__(self, level_num: int = 8, *, backend: str = "auto"):
         super().__init__()
-        self.conv = ConvBNReLU(512, 256, 1, 1, 0, has_bn=False, has_relu=False)
+        self.conv = _conv(512, 256, has_bn=False, has_relu=False)
         self.qco_1 = QCO2d(1, level_num, backend=backend)
         self.qco_2 = QCO2d(2, level_num, backend=backend)
         self.qco_3 = QCO2d(3, level_num, backend=backend)
         self.qco_6 = QCO2d(6, level_num, backend=backend)
-        self.out = ConvBNReLU(512, 256, 1, 1, 0)
+        self.out = _conv(512, 256)
         self.level_num = level_num
 
     def pooled_size(self, h: int, w: int) -> tuple[int, int]:
@@ -190,9 +171,11 @@ class PyramidTextureExtraction(nn.Module):
 class STL(nn.Module):
     """The STL block: (N, in_channel, H, W) -> (N, 768, H, W) = [PTFEM, TEM, x] after conv_start."""
 
+    out_channels = 768
+
     def __init__(self, in_channel: int, *, backend: str = "auto"):
         super().__init__()
-        self.conv_start = ConvBNReLU(in_channel, 256, 1, 1, 0)
+        self.conv_start = _conv(in_channel, 256)
         self.tem = TextureEnhance(128, backend=backend)
         self.ptfem = PyramidTextureExtraction(8, backend=backend)
         self.in_channel = in_channel

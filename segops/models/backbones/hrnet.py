@@ -18,7 +18,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segops.models.common import make_norm
+from segops.nn.common import make_norm
 
 
 def _bn(norm: str, c: int) -> nn.Module:

@@ -14,69 +14,69 @@ from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
-from segops.models.common import make_norm
+from segops.nn.common import make_norm
 
 
 def _norm_name(norm: Optional[str], postfix) -> str:
     return f"{'gn' if norm == 'gn' else 'bn'}{postfix}"
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """`convs` each followed by its norm (mmseg's names `conv<i>`, `bn<i>`/`gn<i>`), ReLU between
+    them, the shortcut (`downsample` when the shape changes) added, then ReLU."""
+
+    def __init__(self, convs, norm: str, stride: int, dilation: int,
+                 downsample: Optional[nn.Module]) -> None:
+        super().__init__()
+        self.norm_names = []
+        for i, conv in enumerate(convs, 1):
+            self.add_module(f"conv{i}", conv)
+            self.norm_names.append(_norm_name(norm, i))
+            self.add_module(self.norm_names[-1], make_norm(norm, conv.out_channels))
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self.dilation = dilation
+
+    @property
+    def last_norm(self) -> nn.Module:
+        return getattr(self, self.norm_names[-1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = x
+        for i, name in enumerate(self.norm_names, 1):
+            out = getattr(self, name)(getattr(self, f"conv{i}")(out))
+            if i < len(self.norm_names):
+                out = self.relu(out)
+        return self.relu(out + identity)
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3x3 convs (mmseg: the second conv is not dilated)."""
 
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
                  downsample: Optional[nn.Module] = None, norm: str = "bn") -> None:
-        super().__init__()
-        self.norm1_name = _norm_name(norm, 1)
-        self.norm2_name = _norm_name(norm, 2)
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=dilation,
-                               dilation=dilation, bias=False)
-        self.add_module(self.norm1_name, make_norm(norm, planes))
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.add_module(self.norm2_name, make_norm(norm, planes))
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
-        self.dilation = dilation
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(getattr(self, self.norm1_name)(self.conv1(x)))
-        out = getattr(self, self.norm2_name)(self.conv2(out))
-        return self.relu(out + identity)
+        super().__init__([nn.Conv2d(inplanes, planes, 3, stride=stride, padding=dilation,
+                                    dilation=dilation, bias=False),
+                          nn.Conv2d(planes, planes, 3, padding=1, bias=False)],
+                         norm, stride, dilation, downsample)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4 channels), residual, ReLU."""
 
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
                  downsample: Optional[nn.Module] = None, norm: str = "bn") -> None:
-        super().__init__()
-        self.norm1_name = _norm_name(norm, 1)
-        self.norm2_name = _norm_name(norm, 2)
-        self.norm3_name = _norm_name(norm, 3)
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.add_module(self.norm1_name, make_norm(norm, planes))
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=dilation,
-                               dilation=dilation, bias=False)
-        self.add_module(self.norm2_name, make_norm(norm, planes))
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.add_module(self.norm3_name, make_norm(norm, planes * self.expansion))
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
-        self.dilation = dilation
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(getattr(self, self.norm1_name)(self.conv1(x)))
-        out = self.relu(getattr(self, self.norm2_name)(self.conv2(out)))
-        out = getattr(self, self.norm3_name)(self.conv3(out))
-        return self.relu(out + identity)
+        super().__init__([nn.Conv2d(inplanes, planes, 1, bias=False),
+                          nn.Conv2d(planes, planes, 3, stride=stride, padding=dilation,
+                                    dilation=dilation, bias=False),
+                          nn.Conv2d(planes, planes * self.expansion, 1, bias=False)],
+                         norm, stride, dilation, downsample)
 
 
 class ResLayer(nn.Sequential):
@@ -185,10 +185,8 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
             for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    nn.init.zeros_(getattr(m, m.norm3_name).weight)
-                elif isinstance(m, BasicBlock):
-                    nn.init.zeros_(getattr(m, m.norm2_name).weight)
+                if isinstance(m, _ResidualBlock):
+                    nn.init.zeros_(m.last_norm.weight)
 
     def forward(self, x: Tensor):
         if x.dim() != 4:

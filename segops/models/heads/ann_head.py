@@ -3,7 +3,7 @@
 AFNB fuses stage 3 (keys/values) into stage 4 (queries); APNB is the self-attention on the fused
 feature; in both, keys and values are pyramid-pooled (scales 1, 3, 6, 8 -> 110 positions) and the
 attention `softmax_j(<q_i, k_j> / sqrt(C)) v_j` over those pooled keys runs through
-`segops.disentangled_non_local(..., whiten=False)` (a 1-D key set against a 2-D query grid).
+`segops.nn.SelfAttentionBlock` (a 1-D key set against a 2-D query grid).
 Submodule names follow mmseg (`fusion.stages.0.key_project.conv`, ..., `context.bottleneck`).
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from segops.models.common import BaseDecodeHead, ConvModule
-from segops.models.heads._layers import op
+from segops.models.common import BaseDecodeHead
+from segops.nn import ConvModule, SelfAttentionBlock
 
 
 class PPMConcat(nn.ModuleList):
@@ -25,39 +25,18 @@ class PPMConcat(nn.ModuleList):
         return torch.cat([pool(x).flatten(2) for pool in self], dim=2)
 
 
-class ANNAttention(nn.Module):
+class ANNAttention(SelfAttentionBlock):
     """mmseg ann_head's SelfAttentionBlock: query/key = 1x1 ConvModule (norm, act), value = 1x1
     conv to `channels`, out = 1x1 conv to `out_channels` (zero-initialised); keys and values
     pooled by PPMConcat; optional max-pool of the query by `query_scale`."""
 
     def __init__(self, low_in_channels: int, high_in_channels: int, channels: int,
                  out_channels: int, share_key_query: bool, query_scale: int, key_pool_scales,
-                 norm="bn", act="relu", backend: str = "auto") -> None:
-        super().__init__()
-        if share_key_query and low_in_channels != high_in_channels:
-            raise ValueError("share_key_query needs low_in_channels == high_in_channels, got "
-                             f"{low_in_channels} and {high_in_channels}")
-        self.channels = channels
-        self.key_project = ConvModule(low_in_channels, channels, 1, norm=norm, act=act)
-        self.query_project = (self.key_project if share_key_query else
-                              ConvModule(high_in_channels, channels, 1, norm=norm, act=act))
-        self.value_project = nn.Conv2d(low_in_channels, channels, 1)
-        self.out_project = nn.Conv2d(channels, out_channels, 1)
-        nn.init.zeros_(self.out_project.weight)
-        nn.init.zeros_(self.out_project.bias)
-        self.query_downsample = nn.MaxPool2d(query_scale) if query_scale > 1 else None
-        self.key_downsample = PPMConcat(key_pool_scales)
-        self.backend = backend
-
-    def forward(self, query_feats: Tensor, key_feats: Tensor) -> Tensor:
-        query = self.query_project(query_feats)
-        if self.query_downsample is not None:
-            query = self.query_downsample(query)
-        key = self.key_downsample(self.key_project(key_feats))
-        value = self.key_downsample(self.value_project(key_feats))
-        attn = op("disentangled_non_local")
-        context = attn(query, key, value, whiten=False, backend=self.backend)
-        return self.out_project(context)
+                 norm="bn", act="relu") -> None:
+        super().__init__(low_in_channels, high_in_channels, channels, out_channels,
+                         share_key_query=share_key_query,
+                         query_downsample=nn.MaxPool2d(query_scale) if query_scale > 1 else None,
+                         key_downsample=PPMConcat(key_pool_scales), norm=norm, act=act)
 
 
 class AFNB(nn.Module):
@@ -65,12 +44,12 @@ class AFNB(nn.Module):
     ConvModule (no activation) over [context; high]."""
 
     def __init__(self, low_in_channels: int, high_in_channels: int, channels: int,
-                 out_channels: int, query_scales, key_pool_scales, norm="bn", act="relu",
-                 backend: str = "auto") -> None:
+                 out_channels: int, query_scales, key_pool_scales, norm="bn",
+                 act="relu") -> None:
         super().__init__()
         self.stages = nn.ModuleList(
             ANNAttention(low_in_channels, high_in_channels, channels, out_channels, False, s,
-                         key_pool_scales, norm, act, backend) for s in query_scales)
+                         key_pool_scales, norm, act) for s in query_scales)
         self.bottleneck = ConvModule(out_channels + high_in_channels, out_channels, 1, norm=norm,
                                      act=None)
 
@@ -84,11 +63,11 @@ class APNB(nn.Module):
     [context; feats]."""
 
     def __init__(self, in_channels: int, channels: int, out_channels: int, query_scales,
-                 key_pool_scales, norm="bn", act="relu", backend: str = "auto") -> None:
+                 key_pool_scales, norm="bn", act="relu") -> None:
         super().__init__()
         self.stages = nn.ModuleList(
             ANNAttention(in_channels, in_channels, channels, out_channels, True, s,
-                         key_pool_scales, norm, act, backend) for s in query_scales)
+                         key_pool_scales, norm, act) for s in query_scales)
         self.bottleneck = ConvModule(2 * in_channels, out_channels, 1, norm=norm, act=act)
 
     def forward(self, feats: Tensor) -> Tensor:
@@ -109,10 +88,10 @@ class ANNHead(BaseDecodeHead):
         low, high = self.in_channels
         self.project_channels = project_channels
         self.fusion = AFNB(low, high, project_channels, high, query_scales, key_pool_scales,
-                           self.norm, self.act, self.backend)
+                           self.norm, self.act)
         self.bottleneck = ConvModule(high, channels, 3, padding=1, norm=self.norm, act=self.act)
         self.context = APNB(channels, project_channels, channels, query_scales, key_pool_scales,
-                            self.norm, self.act, self.backend)
+                            self.norm, self.act)
 
     def forward(self, inputs):
         low, high = self._transform_inputs(inputs)

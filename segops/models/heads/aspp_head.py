@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segops.models.common import (BaseDecodeHead, ConvModule, DepthwiseSeparableConvModule,
-                                  resize)
+from segops.models.common import BaseDecodeHead, DepthwiseSeparableConvModule, resize
+from segops.nn import ConvModule
 
 
 class ASPPModule(nn.ModuleList):

@@ -15,7 +15,7 @@ class CCHead(FCNHead):
         kwargs.pop("num_convs", None)
         super().__init__(in_channels, channels, num_classes, num_convs=2, **kwargs)
         self.recurrence = recurrence
-        self.cca = CrissCrossAttention(channels, backend=self.backend)
+        self.cca = CrissCrossAttention(channels)
 
     def forward(self, inputs):
         x = self._transform_inputs(inputs)

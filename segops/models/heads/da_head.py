@@ -1,8 +1,7 @@
 """DANet head (Fu et al., CVPR 2019) as mmseg's `DAHead` (`mmseg/models/decode_heads/da_head.py`).
 
-The position attention module (PAM) is embedded-Gaussian non-local attention without scaling,
-computed by `segops.disentangled_non_local(q, k, v, whiten=False, scale=1.0)` so the fused
-kernels carry it; the channel attention module (CAM) is a C x C attention in plain PyTorch.
+The position attention module (PAM) is `segops.nn.SelfAttentionBlock` without scaling, norms
+or output projection (as mmseg's PAM is its `_SelfAttentionBlock`), so the fused kernels carry it; the channel attention module (CAM) is a C x C attention in plain PyTorch.
 Submodule names follow mmseg (`pam.query_project`, `pam.key_project`, `pam.value_project`,
 `pam.gamma.scale`, `cam.gamma.scale`, `pam_in_conv`, ... `cam_conv_seg`).
 """
@@ -11,28 +10,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from segops.models.common import BaseDecodeHead, ConvModule
-from segops.models.heads._layers import op
-from segops.nn.common import Scale
+from segops.models.common import BaseDecodeHead
+from segops.nn import ConvModule, Scale, SelfAttentionBlock
 
 
-class PAM(nn.Module):
+class PAM(SelfAttentionBlock):
     """Position attention: 1x1 query/key convs to `channels`, 1x1 value conv (all with bias),
     `x + gamma * softmax_j(<q_i, k_j>) v_j`, gamma initialised to 0."""
 
-    def __init__(self, in_channels: int, channels: int, backend: str = "auto") -> None:
-        super().__init__()
-        self.query_project = nn.Conv2d(in_channels, channels, 1)
-        self.key_project = nn.Conv2d(in_channels, channels, 1)
-        self.value_project = nn.Conv2d(in_channels, in_channels, 1)
+    def __init__(self, in_channels: int, channels: int) -> None:
+        super().__init__(in_channels, in_channels, channels, in_channels, key_query_norm=False,
+                         matmul_norm=False, with_out=False)
         self.gamma = Scale(0.0)
-        self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
-        attn = op("disentangled_non_local")
-        out = attn(self.query_project(x), self.key_project(x), self.value_project(x),
-                   whiten=False, scale=1.0, backend=self.backend)
-        return self.gamma(out) + x
+        return self.gamma(super().forward(x, x)) + x
 
 
 class CAM(nn.Module):
@@ -62,7 +54,7 @@ class DAHead(BaseDecodeHead):
         conv = dict(kernel_size=3, padding=1, norm=self.norm, act=self.act)
         self.pam_channels = pam_channels
         self.pam_in_conv = ConvModule(self.in_channels, channels, **conv)
-        self.pam = PAM(channels, pam_channels, backend=self.backend)
+        self.pam = PAM(channels, pam_channels)
         self.pam_out_conv = ConvModule(channels, channels, **conv)
         self.pam_conv_seg = nn.Conv2d(channels, num_classes, 1)
         self.cam_in_conv = ConvModule(self.in_channels, channels, **conv)

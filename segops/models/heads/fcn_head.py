@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segops.models.common import BaseDecodeHead, ConvModule
-
+from segops.models.common import BaseDecodeHead
+from segops.nn import ConvModule
 
 class FCNHead(BaseDecodeHead):
     """`num_convs` k x k ConvModules (`convs.<i>`), optionally `conv_cat` over [input; convs

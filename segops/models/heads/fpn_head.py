@@ -9,8 +9,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segops.models.common import BaseDecodeHead, ConvModule
-
+from segops.models.common import BaseDecodeHead
+from segops.nn import ConvModule
 
 class _Up2(nn.Module):
     def __init__(self, align_corners: bool) -> None:

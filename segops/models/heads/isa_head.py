@@ -4,14 +4,16 @@
 classifier.
 
 State-dict keys are mmseg's (`global_relation.*`, `local_relation.*` directly under the head):
-the segops layer is held as `isa`, and hooks drop/insert the `isa.` level when saving/loading.
+like mmseg, the head holds the two relation blocks itself (those of
+`segops.nn.InterlacedSparseAttention`) and runs them with the layer's padding and cropping.
 """
 from __future__ import annotations
 
 import torch
 
-from segops.models.common import BaseDecodeHead, ConvModule
-from segops.models.heads._layers import nn_layer, norm_kwargs
+from segops.models.common import BaseDecodeHead
+from segops.nn import ConvModule
+from segops.nn.interlaced_sparse_attention import ISASelfAttentionBlock, interlaced_relations
 
 
 class ISAHead(BaseDecodeHead):
@@ -21,27 +23,14 @@ class ISAHead(BaseDecodeHead):
         self.down_factor = tuple(down_factor)
         self.in_conv = ConvModule(self.in_channels, channels, 3, padding=1, norm=self.norm,
                                   act=self.act)
-        cls = nn_layer("InterlacedSparseAttention")
-        self.isa = cls(channels, isa_channels, block_size=self.down_factor, backend=self.backend,
-                       **norm_kwargs(cls, self.norm))
+        relation = dict(norm=self.norm, act=self.act)
+        self.global_relation = ISASelfAttentionBlock(channels, isa_channels, self.down_factor,
+                                                     "long", **relation)
+        self.local_relation = ISASelfAttentionBlock(channels, isa_channels, self.down_factor,
+                                                    "short", **relation)
         self.out_conv = ConvModule(2 * channels, channels, 1, norm=self.norm, act=self.act)
-        self._register_state_dict_hook(_drop_isa_level)
-        self._register_load_state_dict_pre_hook(self._insert_isa_level)
-
-    def _insert_isa_level(self, state_dict, prefix, *args) -> None:
-        # Keys saved without the `isa.` level (as mmseg's) go back under it.
-        top = {k.split(".")[0] for k in self.isa.state_dict()}
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            if key[len(prefix):].split(".")[0] in top:
-                state_dict[prefix + "isa." + key[len(prefix):]] = state_dict.pop(key)
 
     def forward(self, inputs):
         x = self.in_conv(self._transform_inputs(inputs))
-        out = self.out_conv(torch.cat([self.isa(x), x], dim=1))
-        return self.cls_seg(out)
-
-
-def _drop_isa_level(module, state_dict, prefix, local_metadata):
-    for key in [k for k in state_dict if k.startswith(prefix + "isa.")]:
-        state_dict[prefix + key[len(prefix) + 4:]] = state_dict.pop(key)
-    return state_dict
+        context = interlaced_relations(x, self.global_relation, self.local_relation)
+        return self.cls_seg(self.out_conv(torch.cat([context, x], dim=1)))

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from segops.models.heads._layers import nn_layer, norm_kwargs
 from segops.models.heads.fcn_head import FCNHead
+from segops.nn import DisentangledNonLocal2d, NonLocal2d
 
 
 class _BlockFCNHead(FCNHead):
@@ -29,9 +29,8 @@ class NLHead(_BlockFCNHead):
                  use_scale: bool = True, mode: str = "embedded_gaussian", **kwargs) -> None:
         kwargs.pop("num_convs", None)
         super().__init__(in_channels, channels, num_classes, num_convs=2, **kwargs)
-        cls = nn_layer("NonLocal2d")
-        self.nl_block = cls(channels, reduction=reduction, use_scale=use_scale, mode=mode,
-                            backend=self.backend, **norm_kwargs(cls, self.norm))
+        self.nl_block = NonLocal2d(channels, reduction=reduction, use_scale=use_scale, mode=mode,
+                                   norm_cfg=self.norm)
 
 
 class DNLHead(_BlockFCNHead):
@@ -42,7 +41,6 @@ class DNLHead(_BlockFCNHead):
                  temperature: float = 0.05, **kwargs) -> None:
         kwargs.pop("num_convs", None)
         super().__init__(in_channels, channels, num_classes, num_convs=2, **kwargs)
-        cls = nn_layer("DisentangledNonLocal2d")
-        self.dnl_block = cls(channels, reduction=reduction, use_scale=use_scale, mode=mode,
-                             temperature=temperature, backend=self.backend,
-                             **norm_kwargs(cls, self.norm))
+        self.dnl_block = DisentangledNonLocal2d(channels, reduction=reduction,
+                                                use_scale=use_scale, mode=mode,
+                                                temperature=temperature, norm_cfg=self.norm)

@@ -3,11 +3,10 @@ ocr_head.py`), a cascade stage fed the previous stage's logits.
 
 Object regions: `SpatialGatherModule` softmaxes the coarse logits over positions and pools one
 feature vector per class (the K region representations). Pixel-region relation: the
-`ObjectAttentionBlock` (mmseg SelfAttentionBlock with 2-conv key/query projections, BN+ReLU
-everywhere, scaled by ocr_channels**-0.5, out projection, then a 1x1 `bottleneck` over
-[context; feats]). The attention itself goes through `segops.disentangled_non_local(query, key,
-value, whiten=False, scale=ocr_channels**-0.5)` with the K regions as a (K, 1) key grid, so a
-fused backend carries it. State-dict keys as mmseg.
+`ObjectAttentionBlock` (`segops.nn.SelfAttentionBlock` with 2-conv key/query projections,
+BN+ReLU everywhere, scaled by ocr_channels**-0.5, out projection, then a 1x1 `bottleneck` over
+[context; feats]), with the K regions as a (K, 1) key grid, so a fused backend carries the
+attention. State-dict keys as mmseg.
 """
 from __future__ import annotations
 
@@ -15,14 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import segops
-from segops.models.common import BaseDecodeHead, ConvModule
-
-
-def _attention(query: Tensor, key: Tensor, value: Tensor, scale: float, backend: str) -> Tensor:
-    """softmax_j(scale <q_i, k_j>) v_j over the K region keys, through segops (SPEC §2.3)."""
-    return segops.disentangled_non_local(query, key, value, whiten=False, scale=scale,
-                                         backend=backend)
+from segops.models.common import BaseDecodeHead
+from segops.nn import ConvModule, SelfAttentionBlock
 
 
 class SpatialGatherModule(nn.Module):
@@ -39,36 +32,16 @@ class SpatialGatherModule(nn.Module):
         return ctx.transpose(1, 2).unsqueeze(3).contiguous()
 
 
-def _project(cin: int, cout: int, num_convs: int, norm, act) -> nn.Module:
-    convs = [ConvModule(cin if i == 0 else cout, cout, 1, norm=norm, act=act)
-             for i in range(num_convs)]
-    return convs[0] if num_convs == 1 else nn.Sequential(*convs)
-
-
-class ObjectAttentionBlock(nn.Module):
-    def __init__(self, in_channels: int, channels: int, scale: int = 1, norm="bn", act="relu",
-                 backend: str = "auto") -> None:
-        super().__init__()
-        self.channels = channels
-        self.backend = backend
-        self.key_project = _project(in_channels, channels, 2, norm, act)
-        self.query_project = _project(in_channels, channels, 2, norm, act)
-        self.value_project = _project(in_channels, channels, 1, norm, act)
-        self.out_project = _project(channels, in_channels, 1, norm, act)
-        self.query_downsample = nn.MaxPool2d(scale) if scale > 1 else None
+class ObjectAttentionBlock(SelfAttentionBlock):
+    def __init__(self, in_channels: int, channels: int, scale: int = 1, norm="bn",
+                 act="relu") -> None:
+        super().__init__(in_channels, in_channels, channels, in_channels,
+                         query_downsample=nn.MaxPool2d(scale) if scale > 1 else None,
+                         key_query_num_convs=2, value_out_norm=True, norm=norm, act=act)
         self.bottleneck = ConvModule(in_channels * 2, in_channels, 1, norm=norm, act=act)
 
     def forward(self, query_feats: Tensor, key_feats: Tensor) -> Tensor:
-        query = self.query_project(query_feats)
-        if self.query_downsample is not None:
-            query = self.query_downsample(query)
-        key = self.key_project(key_feats)
-        value = self.value_project(key_feats)
-        context = _attention(query, key, value, self.channels ** -0.5, self.backend)
-        if self.query_downsample is not None:  # back to the pixel grid
-            context = F.interpolate(context, size=query_feats.shape[2:], mode="bilinear",
-                                    align_corners=False)
-        context = self.out_project(context)
+        context = super().forward(query_feats, key_feats)
         return self.bottleneck(torch.cat([context, query_feats], dim=1))
 
 
@@ -80,7 +53,7 @@ class OCRHead(BaseDecodeHead):
         self.ocr_channels = ocr_channels
         self.scale = scale
         self.object_context_block = ObjectAttentionBlock(self.channels, ocr_channels, scale,
-                                                         self.norm, self.act, self.backend)
+                                                         self.norm, self.act)
         self.spatial_gather_module = SpatialGatherModule(scale)
         self.bottleneck = ConvModule(self.in_channels, self.channels, 3, padding=1,
                                      norm=self.norm, act=self.act)

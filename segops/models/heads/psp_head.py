@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segops.models.common import BaseDecodeHead, ConvModule, resize
-
+from segops.models.common import BaseDecodeHead, resize
+from segops.nn import ConvModule
 
 class PPM(nn.ModuleList):
     """Pyramid pooling module: per scale, adaptive average pool -> 1x1 ConvModule, upsampled back

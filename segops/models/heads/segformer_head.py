@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segops.models.common import BaseDecodeHead, ConvModule
-
+from segops.models.common import BaseDecodeHead
+from segops.nn import ConvModule
 
 class SegformerHead(BaseDecodeHead):
     def __init__(self, **kwargs) -> None:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from segops.models.common import ConvModule, resize
-from segops.models.heads._layers import nn_layer
+from segops.models.common import resize
 from segops.models.heads.aspp_head import ASPPHead
+from segops.nn import STL, ConvModule
 
 
 class STLHead(ASPPHead):
@@ -28,10 +28,9 @@ class STLHead(ASPPHead):
                  low_in_channels=(256, 512), dilations=(1, 12, 24, 36), **kwargs) -> None:
         super().__init__(in_channels, channels, num_classes, dilations=dilations, **kwargs)
         self.low_in_channels = tuple(low_in_channels)
-        self.stl = nn_layer("STL")(sum(self.low_in_channels), backend=self.backend)
-        stl_out = getattr(self.stl, "out_channels", 768)
-        self.fuse = ConvModule(channels + stl_out, channels, 3, padding=1, norm=self.norm,
-                               act=self.act)
+        self.stl = STL(sum(self.low_in_channels))
+        self.fuse = ConvModule(channels + self.stl.out_channels, channels, 3, padding=1,
+                               norm=self.norm, act=self.act)
 
     def forward(self, inputs):
         context = self._aspp(self._transform_inputs(inputs))

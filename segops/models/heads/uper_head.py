@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from segops.models.common import BaseDecodeHead, ConvModule, resize
+from segops.models.common import BaseDecodeHead, resize
 from segops.models.heads.psp_head import PPM
+from segops.nn import ConvModule
 
 
 class UPerHead(BaseDecodeHead):

@@ -4,16 +4,14 @@ Config names follow mmsegmentation (`configs/<method>/<method>_r{18,50,101}-d8_*
 backbone ResNetV1c with strides (1, 2, 1, 1), dilations (1, 1, 2, 4), contract_dilation; decode
 head on stage 4 (2048 channels, head width 512; R18: 512 and 128); auxiliary FCNHead on stage 3
 (1024 -> 256, one conv, no concat; R18: 256 -> 64), dropout 0.1, align_corners=False. Each
-factory's docstring names the reference it follows. A factory takes `num_classes`, `backend`
-(passed to every segops layer), `norm` ("bn"; "syncbn" is the same single-process module) and
-`align_corners`.
+factory's docstring names the reference it follows. A factory takes `depth`, `num_classes`,
+`norm` ("bn"; "syncbn" is the same single-process module) and `align_corners`.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from segops.models.backbones.resnet import resnet_v1c_d8
-from segops.models.backbones.resnet import ResNetV1c
+from segops.models.backbones.resnet import ResNetV1c, resnet_v1c_d8
 from segops.models.common import resize
 from segops.models.heads.ann_head import ANNHead
 from segops.models.heads.aspp_head import ASPPHead, DepthwiseSeparableASPPHead
@@ -24,8 +22,8 @@ from segops.models.heads.isa_head import ISAHead
 from segops.models.heads.nl_head import DNLHead, NLHead
 from segops.models.heads.ocnet_head import BaseOCHead
 from segops.models.heads.psp_head import PSPHead
-from segops.models.heads.sdn_neck import SDNNeck
 from segops.models.heads.stl_head import STLHead
+from segops.models.necks.sdn import SDNNeck
 from segops.models.registry import register_model
 from segops.models.segmentors.encoder_decoder import EncoderDecoder
 
@@ -51,38 +49,28 @@ class MultiOutputEncoderDecoder(EncoderDecoder):
         return {"out": outs[0], "aux": aux}
 
 
-def aux_fcn_head(depth: int, num_classes: int, norm: str = "bn", backend: str = "auto",
+def aux_fcn_head(depth: int, num_classes: int, norm: str = "bn",
                  align_corners: bool = False) -> FCNHead:
     """mmseg's auxiliary head of the D8 configs: FCNHead on stage 3, one 3x3 conv, no concat."""
     _, _, aux_in, aux_ch = WIDTHS[depth]
     return FCNHead(aux_in, aux_ch, num_classes, num_convs=1, concat_input=False, in_index=2,
-                   dropout_ratio=0.1, norm=norm, align_corners=align_corners, backend=backend)
+                   dropout_ratio=0.1, norm=norm, align_corners=align_corners)
 
 
-def d8_segmentor(depth: int, head_fn: Callable, *, num_classes: int = 19, backend: str = "auto",
-                 norm: str = "bn", align_corners: bool = False, aux: bool = True,
+def d8_segmentor(depth: int, head_fn: Callable, *, num_classes: int = 19, norm: str = "bn",
+                 align_corners: bool = False, aux: bool = True,
                  segmentor=EncoderDecoder, backbone=None, neck=None, **head_kw) -> EncoderDecoder:
     """ResNetV1c-D8 backbone + `head_fn(in_channels, channels, num_classes, **common)` + aux FCN."""
     if depth not in WIDTHS:
         raise ValueError(f"depth must be one of {sorted(WIDTHS)}, got {depth}")
     in_ch, ch, _, _ = WIDTHS[depth]
-    common = dict(in_index=3, dropout_ratio=0.1, norm=norm, align_corners=align_corners,
-                  backend=backend)
+    common = dict(in_index=3, dropout_ratio=0.1, norm=norm, align_corners=align_corners)
     common.update(head_kw)
     head = head_fn(in_ch, ch, num_classes, **common)
-    auxiliary = aux_fcn_head(depth, num_classes, norm, backend, align_corners) if aux else None
+    auxiliary = aux_fcn_head(depth, num_classes, norm, align_corners) if aux else None
     backbone = resnet_v1c_d8(depth, norm=norm) if backbone is None else backbone
     return segmentor(backbone, head, neck=neck, auxiliary_head=auxiliary,
                      align_corners=align_corners)
-
-
-def _register(method: str, depths, factory: Callable) -> None:
-    for depth in depths:
-        def fn(depth=depth, **kw):
-            return factory(depth, **kw)
-        fn.__name__ = f"{method}_r{depth}_d8"
-        fn.__doc__ = factory.__doc__
-        register_model(f"{method}_r{depth}-d8")(fn)
 
 
 def fcn(depth: int, **kw):
@@ -134,15 +122,15 @@ def isanet(depth: int, **kw):
 
 
 def danet(depth: int, **kw):
-    """DANet: mmseg `configs/_base_/models/danet_r50-d8.py` (DAHead: pam_channels 64); PAM through
-    `segops.disentangled_non_local(whiten=False, scale=1.0)`."""
+    """DANet: mmseg `configs/_base_/models/danet_r50-d8.py` (DAHead: pam_channels 64); PAM is
+    `segops.nn.SelfAttentionBlock` without scaling."""
     return d8_segmentor(depth, DAHead, pam_channels=64, segmentor=MultiOutputEncoderDecoder, **kw)
 
 
 def ann(depth: int, **kw):
     """ANN: mmseg `configs/_base_/models/ann_r50-d8.py` (ANNHead on stages 3 and 4: project
     channels 256, query scales (1,), key pool scales 1, 3, 6, 8); pooled-key attention through
-    `segops.disentangled_non_local`."""
+    `segops.nn.SelfAttentionBlock`."""
     kw.setdefault("in_index", (2, 3))
     return d8_segmentor(depth, lambda i, c, n, **k: ANNHead((1024, 2048) if depth != 18 else
                                                             (256, 512), c, n, **k),
@@ -150,7 +138,7 @@ def ann(depth: int, **kw):
                         **kw)
 
 
-def ocnet(depth: int = 101, *, num_classes: int = 19, backend: str = "auto", norm: str = "bn",
+def ocnet(depth: int = 101, *, num_classes: int = 19, norm: str = "bn",
           align_corners: bool = True, aux: bool = True):
     """OCNet (Base-OC): openseg.pytorch `lib/models/nets/ocnet.py` `BaseOCNet` with its
     `deepbase_resnet101_dilated8` backbone, i.e. ResNetV1c-D8 with a 128-channel deep stem
@@ -161,11 +149,10 @@ def ocnet(depth: int = 101, *, num_classes: int = 19, backend: str = "auto", nor
                          contract_dilation=True, norm=norm)
     in_ch, ch, aux_in, _ = WIDTHS[depth]
     head = BaseOCHead(in_ch, ch, num_classes, key_channels=256, value_channels=256, sizes=(1,),
-                      in_index=3, dropout_ratio=0.05, norm=norm, align_corners=align_corners,
-                      backend=backend)
+                      in_index=3, dropout_ratio=0.05, norm=norm, align_corners=align_corners)
     auxiliary = (FCNHead(aux_in, 512, num_classes, num_convs=1, concat_input=False, in_index=2,
                          dropout_ratio=0.0, conv_bias=True, norm=norm,
-                         align_corners=align_corners, backend=backend) if aux else None)
+                         align_corners=align_corners) if aux else None)
     return EncoderDecoder(backbone, head, auxiliary_head=auxiliary, align_corners=align_corners)
 
 
@@ -177,25 +164,19 @@ def stlnet(depth: int = 101, **kw):
     return d8_segmentor(depth, STLHead, low_in_channels=low, dilations=(1, 12, 24, 36), **kw)
 
 
-def sdn_fcn(depth: int = 50, *, norm: str = "bn", backend: str = "auto", **kw):
+def sdn_fcn(depth: int = 50, **kw):
     """SDN on FCN: mmseg's fcn_r50-d8 with the single-scale SDN neck (paper description only, no
-    official code; see `segops.models.heads.sdn_neck`) on the stage-4 feature."""
-    in_ch = WIDTHS[depth][0]
-    neck = SDNNeck(in_ch, in_index=3, backend=backend)
-    return d8_segmentor(depth, FCNHead, num_convs=2, concat_input=True, neck=neck, norm=norm,
-                        backend=backend, **kw)
+    official code; see `segops.models.necks.sdn`) on the stage-4 feature."""
+    neck = SDNNeck(WIDTHS[depth][0], in_index=3)
+    return d8_segmentor(depth, FCNHead, num_convs=2, concat_input=True, neck=neck, **kw)
 
 
-_register("fcn", (18, 50, 101), fcn)
-_register("pspnet", (18, 50, 101), pspnet)
-_register("deeplabv3", (18, 50, 101), deeplabv3)
-_register("deeplabv3plus", (18, 50, 101), deeplabv3plus)
-_register("ccnet", (50, 101), ccnet)
-_register("nonlocal", (50, 101), nonlocal_net)
-_register("dnl", (50, 101), dnl)
-_register("isanet", (50, 101), isanet)
-_register("danet", (50, 101), danet)
-_register("ann", (50, 101), ann)
-_register("ocnet", (101,), ocnet)
-_register("stlnet", (101,), stlnet)
-_register("sdn-fcn", (50,), sdn_fcn)
+for _method, _factory, _depths in (
+        ("fcn", fcn, (18, 50, 101)), ("pspnet", pspnet, (18, 50, 101)),
+        ("deeplabv3", deeplabv3, (18, 50, 101)), ("deeplabv3plus", deeplabv3plus, (18, 50, 101)),
+        ("ccnet", ccnet, (50, 101)), ("nonlocal", nonlocal_net, (50, 101)),
+        ("dnl", dnl, (50, 101)), ("isanet", isanet, (50, 101)), ("danet", danet, (50, 101)),
+        ("ann", ann, (50, 101)), ("ocnet", ocnet, (101,)), ("stlnet", stlnet, (101,)),
+        ("sdn-fcn", sdn_fcn, (50,))):
+    for _depth in _depths:
+        register_model(f"{_method}_r{_depth}-d8", _factory, depth=_depth)

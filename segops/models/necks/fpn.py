@@ -7,8 +7,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from segops.models.common import ConvModule
-
+from segops.nn import ConvModule
 
 class FPN(nn.Module):
     def __init__(self, in_channels, out_channels: int, num_outs: int, norm=None, act=None) -> None:
