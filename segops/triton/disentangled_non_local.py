@@ -315,7 +315,7 @@ def backward(grad_out, query, key, value, unary, out, lse, g, lse_u, whiten: boo
     if whiten:
         # mean_i dq~_i = (s / Lq) * sum_j colsum_j (k_j - mu_k)
         kc = torch.bmm(key.float(), colsum.unsqueeze(-1)).squeeze(-1) - mk * colsum.sum(-1, keepdim=True)
-        corr = (kc * (s / lq)).contiguous()
+        corr = (kc * (s / max(lq, 1))).contiguous()  # no queries: colsum, so kc, is 0
     else:
         corr = mq
     _bwd_dq_kernel[(triton.cdiv(lq, cfg["BM"]), nkb, n)](

@@ -328,8 +328,9 @@ def qco_backward(grad_hist, grad_levels, grad_sim, x, hist, sim, rnorm, mean, st
     st = stats.reshape(n * r, 3)
     lo, hi, total = st[:, 0], st[:, 1], st[:, 2]
     lohi = st[:, :2].contiguous()
-    gh = grad_hist.reshape(n * r, -1).float()
-    hh = hist.reshape(n * r, -1)
+    bins = k * k if cooc else k  # per region (explicit: -1 is ambiguous for an empty batch)
+    gh = grad_hist.reshape(n * r, bins).float()
+    hh = hist.reshape(n * r, bins)
     dh = ((gh - (gh * hh).sum(1, keepdim=True)) / (total + HIST_EPS)[:, None]).contiguous()
     gpart = torch.empty(n, h, w, device=dev, dtype=f32)
     glev = torch.zeros(n * r, k, device=dev, dtype=f32)
@@ -441,7 +442,7 @@ def _recon_backward_kernel(go_ptr, sim_ptr, lev_ptr, lohi_ptr, f_ptr, gsim_ptr, 
 
 
 def _recon_lohi(sim):
-    flat = sim.reshape(sim.shape[0], -1)
+    flat = sim.flatten(1)
     lo, hi = torch.aminmax(flat, dim=1)
     return torch.stack([lo, hi], 1).float().contiguous()
 
