@@ -1,4 +1,4 @@
-"""What a benchmark case is, and the standard providers (SPEC §4)."""
+"""What a benchmark case is, and the standard providers (docs/operators.md §4)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -69,6 +69,17 @@ def _compiled(fn: Callable) -> Callable:
             cache["fn"] = torch.compile(fn, dynamic=False)
         return cache["fn"](**kw)
     return run
+
+
+def case_shapes(module, device: str, quick: bool) -> list:
+    """A case module's QUICK_SHAPES, GPU_SHAPES or CPU_SHAPES for this run."""
+    return module.QUICK_SHAPES if quick else (module.GPU_SHAPES if device == "cuda"
+                                              else module.CPU_SHAPES)
+
+
+def attention_bytes(kw) -> float:
+    """Ideal bytes moved by a (query, key, value) attention: read the three, write the output."""
+    return tensor_bytes(kw["query"], kw["key"], kw["value"]) + tensor_bytes(kw["value"])
 
 
 def tensor_bytes(*tensors) -> float:

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.run`: speed and peak memory of every provider of every op (SPEC §4).
+"""`python -m benchmarks.run`: speed and peak memory of every provider of every op (docs/operators.md §4).
 
 Each (case, provider) runs in a fresh worker process (honest CPU peak memory, and an OOM or a
 crash becomes a row, not the end of the run). Writes a JSON (device, versions and git sha in
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", nargs="*", help="default: float32 on cpu, float16 on cuda")
     p.add_argument("--provider", nargs="*", help="only these providers")
     p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
-    p.add_argument("--full", action="store_true", help="every shape of SPEC §4 (default on CPU: the "
+    p.add_argument("--full", action="store_true", help="every shape of docs/operators.md §4 (default on CPU: the "
                    "first shape of each op, to stay within 10 minutes on 2 cores)")
     p.add_argument("--models", action="store_true", help="benchmark whole models instead of ops")
     p.add_argument("--out", help="JSON path (default: benchmarks/out/<device>_<date>.json)")

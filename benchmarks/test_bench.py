@@ -3,7 +3,7 @@
     pytest benchmarks --benchmark-only --benchmark-autosave         # record
     pytest benchmarks --benchmark-only --benchmark-compare          # compare with the last record
 
-Shapes: the quick ones by default; SEGOPS_BENCH_FULL=1 uses the SPEC §4 shapes of the device.
+Shapes: the quick ones by default; SEGOPS_BENCH_FULL=1 uses the docs/operators.md §4 shapes of the device.
 """
 import os
 

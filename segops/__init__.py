@@ -1,6 +1,6 @@
 """segops: fused kernels for semantic segmentation operators, and reference models.
 
-Operators (SPEC §2) are available as `segops.<name>`; layers in `segops.nn`; models in
+Operators (docs/operators.md §2) are available as `segops.<name>`; layers in `segops.nn`; models in
 `segops.models`. Importing segops loads no kernels and queries no device.
 """
 from segops._backend import BACKENDS, use_backend

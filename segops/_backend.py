@@ -1,4 +1,4 @@
-"""Backend selection shared by every operator (SPEC §1).
+"""Backend selection shared by every operator (docs/operators.md §1).
 
 Precedence: an explicit `backend=` argument, then the innermost `use_backend(...)` context,
 then the SEGOPS_BACKEND environment variable (read at each call), then the `auto` rule:

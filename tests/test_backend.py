@@ -1,4 +1,4 @@
-"""Backend dispatch (SPEC §1): precedence, errors, fallback warning, import hygiene, info."""
+"""Backend dispatch (docs/operators.md §1): precedence, errors, fallback warning, import hygiene, info."""
 import subprocess
 import sys
 import warnings

@@ -6,13 +6,13 @@ import torch
 import segops
 from segops.ops.criss_cross_attention import SPEC
 from segops.reference.criss_cross_attention import criss_cross_attention as reference
-from tests.utils import backend_cases, require_backend
+from tests.utils import backend_cases, qkv_inputs, require_backend
 
 OP = "criss_cross_attention"
 
 
 def naive(query, key, value):
-    """Loop form of SPEC §2.1: a softmax over row y and column x with the centre counted once."""
+    """Loop form of docs/operators.md §2.1: a softmax over row y and column x with the centre counted once."""
     n, _, h, w = query.shape
     out = torch.zeros(n, value.shape[1], h, w, dtype=torch.float64)
     for b in range(n):
@@ -25,22 +25,16 @@ def naive(query, key, value):
     return out
 
 
-def inputs(n, ck, cv, h, w, dtype=torch.float64, scale=1.0):
-    return dict(query=scale * torch.randn(n, ck, h, w, dtype=dtype),
-                key=scale * torch.randn(n, ck, h, w, dtype=dtype),
-                value=torch.randn(n, cv, h, w, dtype=dtype))
-
-
 @pytest.mark.parametrize("shape", [(1, 3, 2, 4, 5), (2, 4, 3, 1, 6), (1, 2, 2, 5, 1), (2, 3, 1, 3, 3)])
 def test_reference_matches_naive_loop(shape):
-    x = inputs(*shape)
+    x = qkv_inputs(*shape)
     torch.testing.assert_close(reference(**x), naive(**x), rtol=1e-10, atol=1e-10)
 
 
 def test_reference_centre_in_either_branch_is_identical():
     # mmcv masks the centre in the column branch; the original CCNet layout keeps it there and
     # masks it in the row branch instead. Both give one joint softmax over H+W-1 positions.
-    x = inputs(2, 4, 3, 5, 6)
+    x = qkv_inputs(2, 4, 3, 5, 6)
     q, k, v = x["query"], x["key"], x["value"]
     h, w = q.shape[2:]
     e_col = torch.einsum("ncyx,ncix->nyxi", q, k)
@@ -53,7 +47,7 @@ def test_reference_centre_in_either_branch_is_identical():
 @pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] != torch.float16])
 def test_stats_are_the_max_and_log_sum(backend, device, dtype):
     require_backend(OP, backend, device, dtype)
-    x = {k: v.to(device, dtype) for k, v in inputs(2, 3, 2, 4, 5).items()}
+    x = {k: v.to(device, dtype) for k, v in qkv_inputs(2, 3, 2, 4, 5).items()}
     q, k = x["query"], x["key"]
     _, stats = SPEC.forward_op(q, k, x["value"], backend)
     assert stats.shape == (2, 2, 4, 5) and stats.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)

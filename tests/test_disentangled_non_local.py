@@ -12,7 +12,7 @@ OP = "disentangled_non_local"
 
 
 def naive(query, key, value, unary=None, whiten=True, scale=None, temperature=1.0):
-    """Loop form of SPEC §2.3."""
+    """Loop form of docs/operators.md §2.3."""
     n, ck = query.shape[:2]
     cv = value.shape[1]
     q = query.double().reshape(n, ck, -1)

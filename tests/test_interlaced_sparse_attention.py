@@ -5,13 +5,13 @@ import torch
 
 import segops
 from segops.reference.interlaced_sparse_attention import interlaced_sparse_attention as reference
-from tests.utils import backend_cases, require_backend
+from tests.utils import backend_cases, qkv_inputs, require_backend
 
 OP = "interlaced_sparse_attention"
 
 
 def naive(query, key, value, block_size, mode, scale=None):
-    """Loop form of SPEC §2.2: a softmax over the positions sharing the query's group label."""
+    """Loop form of docs/operators.md §2.2: a softmax over the positions sharing the query's group label."""
     n, ck, h, w = query.shape
     ph, pw = block_size
     scale = ck ** -0.5 if scale is None else scale
@@ -28,17 +28,11 @@ def naive(query, key, value, block_size, mode, scale=None):
     return out
 
 
-def inputs(n, ck, cv, h, w, dtype=torch.float64, scale=1.0):
-    return dict(query=scale * torch.randn(n, ck, h, w, dtype=dtype),
-                key=scale * torch.randn(n, ck, h, w, dtype=dtype),
-                value=torch.randn(n, cv, h, w, dtype=dtype))
-
-
 @pytest.mark.parametrize("mode", ["long", "short"])
 @pytest.mark.parametrize("shape,block", [((1, 3, 2, 4, 6), (2, 3)), ((2, 2, 3, 6, 4), (3, 2)),
                                          ((1, 2, 2, 4, 4), (1, 1)), ((1, 2, 2, 3, 5), (3, 5))])
 def test_reference_matches_naive_loop(shape, block, mode):
-    x = inputs(*shape)
+    x = qkv_inputs(*shape)
     torch.testing.assert_close(reference(**x, block_size=block, mode=mode),
                                naive(**x, block_size=block, mode=mode), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(reference(**x, block_size=block, mode=mode, scale=0.3),
@@ -53,7 +47,7 @@ def _global_attention(query, key, value, scale):
 
 
 def test_reference_identities():
-    x = inputs(2, 3, 4, 6, 10)
+    x = qkv_inputs(2, 3, 4, 6, 10)
     h, w = 6, 10
     glob = _global_attention(**x, scale=3 ** -0.5)
     # One group of every position: long with (1, 1), short with (H, W).
@@ -82,6 +76,6 @@ def test_constant_input_is_finite(backend, device, dtype):
 
 
 def test_int_block_size_is_square():
-    x = inputs(1, 2, 3, 4, 6)
+    x = qkv_inputs(1, 2, 3, 4, 6)
     torch.testing.assert_close(segops.interlaced_sparse_attention(**x, block_size=2, backend="reference"),
                                reference(**x, block_size=(2, 2)))

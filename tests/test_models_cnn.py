@@ -18,7 +18,7 @@ Sources read:
   `lib/models/modules/base_oc_block.py`, with the deep-base ResNet-101 stem (64-64-128).
 - STLNet: the STL block from the official `STLNet.py`; the surrounding network (ASPP context,
   fusion conv) follows the paper only, so its count is of our documented structure.
-- SDN: no reference code exists; its count is of our documented structure (SPEC §2.4).
+- SDN: no reference code exists; its count is of our documented structure (docs/operators.md §2.4).
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ REFERENCE_PARAMS = {
     # mmseg ASPP layers 42,211,328, fuse 3x3 1280->512 5,899,264, conv_seg 9,747, aux 2,364,691.
     "stlnet_r101-d8": 94_508_806,
     # No reference code: fcn_r50-d8 (49,497,734) + our SDN neck on the 2048-channel stage 4
-    # (SPEC §2.4 SemanticDiffusion, guidance 512 ch): stride-2 3x3 downsample 9,437,696,
+    # (docs/operators.md §2.4 SemanticDiffusion, guidance 512 ch): stride-2 3x3 downsample 9,437,696,
     # guidance projection 1,050,624, 3x3 SDC 2048->2048 37,748,736, BN 4,096, 1x1 fuse 8,390,656.
     "sdn-fcn_r50-d8": 106_129_542,
 }

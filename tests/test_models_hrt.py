@@ -11,7 +11,7 @@ Where the expected parameter counts come from (never from the code under test):
     open-mmlab/mmsegmentation: mmseg/models/backbones/{hrnet,mit,vit,swin,resnet}.py,
     decode_heads/{fcn,ocr,segformer,segmenter_mask,fpn,uper}_head.py, necks/fpn.py,
     utils/self_attention_block.py and configs/_base_/models/*), layer by layer with closed-form
-    per-layer counts. The SDN parts (no reference code exists) are counted from SPEC §2.4's
+    per-layer counts. The SDN parts (no reference code exists) are counted from docs/operators.md §2.4's
     layer description.
   * Those are cross-checked against published totals: HRNetV2-W48 + FCN head 65.9M (HRNet
     TPAMI paper, Cityscapes table), HRNetV2-W48 + OCR 70.3M (OCRNet paper), MiT encoders
@@ -194,7 +194,7 @@ def _count_ocr_r101_heads(k):
 
 
 def _count_semantic_diffusion(c, cg, single_scale):
-    # SPEC §2.4 layout as segops.nn.SemanticDiffusion builds it: 1x1 guidance projection (bias),
+    # docs/operators.md §2.4 layout as segops.nn.SemanticDiffusion builds it: 1x1 guidance projection (bias),
     # 3x3 SDC without bias, BN, 1x1 fuse of [U; Y] (bias), and for single-scale use the
     # stride-2 3x3 guidance conv (bias). No reference implementation exists for SDN.
     n = conv(cg, c, bias=True) + conv(c, c, 3) + bn(c) + conv(2 * c, c, bias=True)

@@ -21,7 +21,7 @@ def _interpreter_trim(backend, dtype, heavy):
 
 
 # ------------------------------------------------------------------------------------------
-# Independent loop implementations (SPEC §2.5 read literally)
+# Independent loop implementations (docs/operators.md §2.5 read literally)
 # ------------------------------------------------------------------------------------------
 def _cos(a, b):
     na, nb = max(a.norm().item(), 1e-12), max(b.norm().item(), 1e-12)

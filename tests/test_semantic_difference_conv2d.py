@@ -13,7 +13,7 @@ OP = "semantic_difference_conv2d"
 
 
 def naive(input, guidance, weight, bias=None, *, dilation=1, similarity="charbonnier", sigma=1.0):
-    """Loop form of SPEC §2.4, U and V zero outside the image."""
+    """Loop form of docs/operators.md §2.4, U and V zero outside the image."""
     n, cin, h, w = input.shape
     cout, _, k, _ = weight.shape
     cg = guidance.shape[1]

@@ -81,6 +81,13 @@ def rounded_inputs(sample, dtype: torch.dtype) -> dict:
     return {k: v.to(dtype).double() for k, v in sample.tensors.items()}
 
 
+def qkv_inputs(n: int, ck: int, cv: int, h: int, w: int, scale: float = 1.0) -> dict:
+    """fp64 query, key (N, Ck, H, W) scaled by `scale` and value (N, Cv, H, W)."""
+    return dict(query=scale * torch.randn(n, ck, h, w, dtype=torch.float64),
+                key=scale * torch.randn(n, ck, h, w, dtype=torch.float64),
+                value=torch.randn(n, cv, h, w, dtype=torch.float64))
+
+
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     """Same values, non-contiguous storage (every other element of the last dim)."""
     out = t.new_empty(*t.shape, 2)[..., 0]

@@ -1,8 +1,10 @@
-"""criss_cross_attention benchmark cases (SPEC §4): N=2, Ck=64, Cv=512, 97x97; N=1, 128x256."""
+"""criss_cross_attention benchmark cases (docs/operators.md §4): N=2, Ck=64, Cv=512, 97x97; N=1, 128x256."""
+import sys
+
 import torch
 
 import segops
-from benchmarks.common import Case, sample_maker, standard_providers, tensor_bytes
+from benchmarks.common import Case, attention_bytes, case_shapes, sample_maker, standard_providers
 from segops.ops.criss_cross_attention import SPEC
 from segops.reference.criss_cross_attention import criss_cross_attention as reference
 
@@ -19,17 +21,12 @@ def _flops(kw):
     return 2.0 * n * h * w * (h + w - 1) * (ck + cv)
 
 
-def _bytes(kw):
-    return tensor_bytes(kw["query"], kw["key"], kw["value"]) + tensor_bytes(kw["value"])
-
-
 def cases(device: str, dtype: torch.dtype, quick: bool = False):
-    shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
     out = []
-    for n, ck, cv, h, w in shapes:
+    for n, ck, cv, h, w in case_shapes(sys.modules[__name__], device, quick):
         sample = SPEC.make(torch.Generator().manual_seed(0), "bench", n, ck, cv, h, w)
         out.append(Case(OP, f"N{n} Ck{ck} Cv{cv} {h}x{w}", sample_maker(sample), sample.grads,
                         standard_providers(OP, reference, segops.criss_cross_attention, device, dtype),
-                        flops=_flops, bytes=_bytes,
+                        flops=_flops, bytes=attention_bytes,
                         params=dict(N=n, Ck=ck, Cv=cv, H=h, W=w)))
     return out

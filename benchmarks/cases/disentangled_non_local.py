@@ -1,15 +1,17 @@
-"""disentangled_non_local benchmark cases (SPEC §4).
+"""disentangled_non_local benchmark cases (docs/operators.md §4).
 
 GPU: N=2, Ck=256, Cv=512, 97x97 (whiten, unary, temperature 0.05); N=1, 128x256.
 CPU: same channels, half of each spatial side (49x49, 64x128). Providers: reference,
 reference+compile, the SDPA composition (centre q and k, F.scaled_dot_product_attention, add the
 unary term) and every fused backend.
 """
+import sys
+
 import torch
 import torch.nn.functional as F
 
 import segops
-from benchmarks.common import Case, sample_maker, standard_providers, tensor_bytes
+from benchmarks.common import Case, case_shapes, sample_maker, standard_providers, tensor_bytes
 from segops.ops.disentangled_non_local import SPEC
 from segops.reference.disentangled_non_local import disentangled_non_local as reference
 
@@ -54,9 +56,8 @@ def _bytes(kw):
 
 
 def cases(device: str, dtype: torch.dtype, quick: bool = False):
-    shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
     out = []
-    for n, ck, cv, h, w in shapes:
+    for n, ck, cv, h, w in case_shapes(sys.modules[__name__], device, quick):
         sample = SPEC.make(torch.Generator().manual_seed(0), "bench", n, ck, cv, (h, w), (h, w),
                            qk_scale=1.0, temperature=TEMPERATURE)
         providers = standard_providers(OP, reference, segops.disentangled_non_local, device, dtype,

@@ -1,4 +1,4 @@
-"""interlaced_sparse_attention benchmark cases (SPEC §4).
+"""interlaced_sparse_attention benchmark cases (docs/operators.md §4).
 
 GPU: N=2, Ck=256, Cv=512, 104x104 and 128x256, block (8, 8), both modes.
 CPU: same channels, half of each side: 52x52 and 64x128. 52 is not a multiple of 8, and the op
@@ -7,11 +7,13 @@ pads a 52x52 map to before calling the op.
 Providers: reference, reference+compile, sdpa (permute into groups, F.scaled_dot_product_attention,
 permute back) and the fused backends.
 """
+import sys
+
 import torch
 import torch.nn.functional as F
 
 import segops
-from benchmarks.common import Case, sample_maker, standard_providers, tensor_bytes
+from benchmarks.common import Case, attention_bytes, case_shapes, sample_maker, standard_providers
 from segops.ops.interlaced_sparse_attention import SPEC
 from segops.reference.interlaced_sparse_attention import from_groups, to_groups
 from segops.reference.interlaced_sparse_attention import interlaced_sparse_attention as reference
@@ -42,14 +44,9 @@ def _flops(kw):
     return 2.0 * positions * members * (ck + cv)
 
 
-def _bytes(kw):
-    return tensor_bytes(kw["query"], kw["key"], kw["value"]) + tensor_bytes(kw["value"])
-
-
 def cases(device: str, dtype: torch.dtype, quick: bool = False):
-    shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
     out = []
-    for n, ck, cv, h, w in shapes:
+    for n, ck, cv, h, w in case_shapes(sys.modules[__name__], device, quick):
         for mode in ("long", "short"):
             sample = SPEC.make(torch.Generator().manual_seed(0), "bench", (n, ck, cv, h, w), BLOCK,
                                mode)
@@ -57,6 +54,6 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False):
                             sample.grads,
                             standard_providers(OP, reference, segops.interlaced_sparse_attention,
                                                device, dtype, extra={"sdpa": sdpa}),
-                            flops=_flops, bytes=_bytes,
+                            flops=_flops, bytes=attention_bytes,
                             params=dict(N=n, Ck=ck, Cv=cv, H=h, W=w, block=BLOCK, mode=mode)))
     return out

@@ -1,4 +1,4 @@
-"""QCO benchmark cases (SPEC §4): texture_reconstruct, qco_2d, qco_1d and the STL block.
+"""QCO benchmark cases (docs/operators.md §4): texture_reconstruct, qco_2d, qco_1d and the STL block.
 
 GPU: 1-D N=2, C=128, 97x97, K=128 with reconstruction to 256 channels; 2-D N=2, C=128, 96x96,
 K=8, grids 1, 2, 3, 6; STL N=2, 256 input channels, 97x97. CPU: same channels, half of each

@@ -1,14 +1,16 @@
-"""semantic_difference_conv2d benchmark cases (SPEC §4): N=2, Cin=Cout=512, 3x3, 97x97 and 128x256,
+"""semantic_difference_conv2d benchmark cases (docs/operators.md §4): N=2, Cin=Cout=512, 3x3, 97x97 and 128x256,
 both similarities (charbonnier with Cg = Cin; gaussian with Cg = Cin too, as in the SDN neck).
 
 Providers: the fused backends, the unfold reference (eager and compiled), and `conv2d`, a plain
 F.conv2d of the same shape: the speed-of-light anchor (same GEMM, no weighted differences).
 """
+import sys
+
 import torch
 import torch.nn.functional as F
 
 import segops
-from benchmarks.common import Case, sample_maker, standard_providers, tensor_bytes
+from benchmarks.common import Case, case_shapes, sample_maker, standard_providers, tensor_bytes
 from segops.ops.semantic_difference_conv2d import SPEC
 from segops.reference.semantic_difference_conv2d import semantic_difference_conv2d as reference
 
@@ -40,9 +42,8 @@ def _bytes(kw):
 
 
 def cases(device: str, dtype: torch.dtype, quick: bool = False):
-    shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
     out = []
-    for n, cin, cout, h, w in shapes:
+    for n, cin, cout, h, w in case_shapes(sys.modules[__name__], device, quick):
         for sim in SIMILARITIES:
             sample = SPEC.make(torch.Generator().manual_seed(0), "bench", sim, K, 1, n, cin, cin,
                                cout, h, w, False, sigma=1.0)

@@ -1,4 +1,4 @@
-"""`CrissCrossAttention`: drop-in for mmcv's module of the same name (SPEC §2.1)."""
+"""`CrissCrossAttention`: drop-in for mmcv's module of the same name (docs/operators.md §2.1)."""
 from __future__ import annotations
 
 from torch import Tensor, nn

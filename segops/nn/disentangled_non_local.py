@@ -1,4 +1,4 @@
-"""`NonLocal2d` and `DisentangledNonLocal2d`: drop-ins for mmcv's and mmseg's blocks (SPEC §2.3).
+"""`NonLocal2d` and `DisentangledNonLocal2d`: drop-ins for mmcv's and mmseg's blocks (docs/operators.md §2.3).
 
 Same constructor arguments, submodule names and state_dict keys as
 `mmcv.cnn.NonLocal2d` (`g`, `theta`, `phi`, `conv_out` ConvModules: `<name>.conv.weight/bias`,

@@ -1,4 +1,4 @@
-"""`InterlacedSparseAttention`: the inner part of mmseg's ISAHead (SPEC §2.2)."""
+"""`InterlacedSparseAttention`: the inner part of mmseg's ISAHead (docs/operators.md §2.2)."""
 from __future__ import annotations
 
 from typing import Optional

@@ -1,4 +1,4 @@
-"""STLNet's texture modules (Zhu et al., CVPR 2021), SPEC §2.5, built on segops's QCO ops.
+"""STLNet's texture modules (Zhu et al., CVPR 2021), docs/operators.md §2.5, built on segops's QCO ops.
 
 Same structure, channel widths and state_dict keys as the official `STLNet.py`
 (`QCO_1d`, `QCO_2d`, `TEM`, `PTFEM`, `STL`), so official checkpoints load unchanged:

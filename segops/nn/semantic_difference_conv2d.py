@@ -1,4 +1,4 @@
-"""`SemanticDifferenceConv2d` and the SDN neck `SemanticDiffusion` (SPEC §2.4).
+"""`SemanticDifferenceConv2d` and the SDN neck `SemanticDiffusion` (docs/operators.md §2.4).
 
 SDN (Tan et al., NeurIPS 2022) has no official code: these modules follow the paper's description
 (semantic difference convolution, then BN -> ReLU, then a 1x1 fusion of [U; Y]); parity with the

@@ -82,8 +82,10 @@ class OpSpec:
     fake: (*inputs, *params) -> results as empty tensors (shapes and dtypes only).
     grad_fake: optional {input: (saved tensors by name, params by name) -> empty gradient} for a
         gradient whose input is not saved.
-    kernels: the segops_C (forward, backward) kernels of the cpu and cuda backends.
-    triton: "module:function" of the Triton forward and backward launchers.
+    kernels: the segops_C (forward, backward) kernels of the cpu and cuda backends
+        (default: <name>_forward, <name>_backward).
+    triton: "module:function" of the Triton forward and backward launchers
+        (default: segops.triton.<name>:forward and :backward).
     kernel_args: constant trailing arguments of every fused implementation (one kernel pair can
         serve several ops).
     samples / error_samples: () -> list of Sample / ErrorSample.
@@ -101,9 +103,9 @@ class OpSpec:
     saves: tuple
     differentiable: tuple
     fake: Callable
-    kernels: tuple
-    triton: tuple
     samples: Callable[[], list]
+    kernels: Optional[tuple] = None
+    triton: Optional[tuple] = None
     error_samples: Callable[[], list] = list
     large_samples: Callable[[], list] = list
     make: Optional[Callable[..., Sample]] = None
@@ -213,6 +215,8 @@ def _imported(target: str, kernel_args: tuple, slots: Optional[tuple] = None) ->
 def define(spec: OpSpec) -> OpSpec:
     """Create the custom ops, fakes, autograd and backend registrations of `spec`."""
     name = spec.name
+    spec.kernels = spec.kernels or (f"{name}_forward", f"{name}_backward")
+    spec.triton = spec.triton or (f"segops.triton.{name}:forward", f"segops.triton.{name}:backward")
     spec.backends = backends = op_backends(name)
     slots = spec.incoming if None in spec.incoming else None
     fwd_kernel, bwd_kernel = spec.kernels

@@ -96,9 +96,6 @@ SPEC = _spec.define(OpSpec(
     results=("out", "lse", "g", "lse_u"),
     saves=("query", "key", "value", "unary", "out", "lse", "g", "lse_u"),
     differentiable=("query", "key", "value", "unary"), fake=_fake,
-    kernels=("disentangled_non_local_forward", "disentangled_non_local_backward"),
-    triton=("segops.triton.disentangled_non_local:forward",
-            "segops.triton.disentangled_non_local:backward"),
     make=_case, samples=_samples, error_samples=_error_samples, large_samples=_large_samples,
     reference=_reference))
 

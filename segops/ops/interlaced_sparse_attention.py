@@ -86,9 +86,6 @@ SPEC = _spec.define(OpSpec(
     params=(("ph", int), ("pw", int), ("long", bool), ("scale", float)),
     results=("out", "lse"), saves=("query", "key", "value", "out", "lse"),
     differentiable=("query", "key", "value"), fake=_fake,
-    kernels=("interlaced_sparse_attention_forward", "interlaced_sparse_attention_backward"),
-    triton=("segops.triton.interlaced_sparse_attention:forward",
-            "segops.triton.interlaced_sparse_attention:backward"),
     make=_qkv, samples=_samples, error_samples=_error_samples, large_samples=_large_samples,
     reference=_reference))
 

@@ -189,7 +189,6 @@ TEXTURE_RECONSTRUCT = _spec.define(OpSpec(
     differentiable=("sim", "levels", "features"),
     fake=lambda sim, levels, features: features.new_empty(
         (sim.shape[0], features.shape[1]) + tuple(sim.shape[1:])),
-    kernels=("texture_reconstruct_forward", "texture_reconstruct_backward"),
     triton=("segops.triton.qco:texture_reconstruct_forward",
             "segops.triton.qco:texture_reconstruct_backward"),
     samples=_recon_samples, error_samples=_recon_errors, reference=_ref.texture_reconstruct,

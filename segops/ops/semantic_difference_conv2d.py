@@ -93,9 +93,6 @@ SPEC = _spec.define(OpSpec(
     results=("out",), saves=("input", "guidance", "weight"),
     differentiable=("input", "guidance", "weight", "bias"), fake=_fake,
     grad_fake={"bias": lambda saved, params: saved["weight"].new_empty((saved["weight"].shape[0],))},
-    kernels=("semantic_difference_conv2d_forward", "semantic_difference_conv2d_backward"),
-    triton=("segops.triton.semantic_difference_conv2d:forward",
-            "segops.triton.semantic_difference_conv2d:backward"),
     make=_case, samples=_samples, error_samples=_error_samples, large_samples=_large_samples,
     reference=_reference))
 

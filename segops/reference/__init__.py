@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference implementations: the executable form of SPEC §2.
+"""Pure-PyTorch reference implementations: the executable form of docs/operators.md §2.
 
 Each function is differentiable by PyTorch autograd and is written the way the peer code
 computes it, since it is also the baseline of the benchmark.

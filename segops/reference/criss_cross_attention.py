@@ -1,4 +1,4 @@
-"""Criss-cross attention (CCNet, Huang et al. ICCV 2019) — reference semantics, SPEC §2.1.
+"""Criss-cross attention (CCNet, Huang et al. ICCV 2019) — reference semantics, docs/operators.md §2.1.
 
 Computed the way mmcv's `CrissCrossAttention` does (two einsums for the column and row
 energies, -inf on the column branch's diagonal so the centre is counted once, one joint

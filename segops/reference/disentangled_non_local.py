@@ -1,4 +1,4 @@
-"""Disentangled non-local attention (DNLNet, Yin et al. ECCV 2020) — reference semantics, SPEC §2.3.
+"""Disentangled non-local attention (DNLNet, Yin et al. ECCV 2020) — reference semantics, docs/operators.md §2.3.
 
 Computed the way mmseg's `DisentangledNonLocal2d` does: flatten the spatial dims, subtract the
 per-sample per-channel mean over positions from query (`theta_x`) and key (`phi_x`) when

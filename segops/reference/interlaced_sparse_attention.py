@@ -1,4 +1,4 @@
-"""Interlaced sparse self-attention (ISANet, Huang et al. 2019) — reference semantics, SPEC §2.2.
+"""Interlaced sparse self-attention (ISANet, Huang et al. 2019) — reference semantics, docs/operators.md §2.2.
 
 Computed the way mmseg's ISAHead + SelfAttentionBlock do: permute the (N, C, H, W) map into
 groups, a materialised (groups, L, L) similarity by batched matmul, scaled, softmax, a second

@@ -1,9 +1,9 @@
-"""QCO texture histograms (STLNet, Zhu et al. CVPR 2021) — reference semantics, SPEC §2.5.
+"""QCO texture histograms (STLNet, Zhu et al. CVPR 2021) — reference semantics, docs/operators.md §2.5.
 
 Computed the way the official STLNet code does (`QCO_1d`, `QCO_2d`, `TEM` in STLNet.py): the
 dense quantisation encoding E is materialised — (N, P, K) for the 1-D op and the
 reconstruction, (N, s·s, K, K, h, w) pair products for the 2-D op — since this is also the
-benchmark baseline. Deviations from the official code, all deliberate (SPEC §2.5):
+benchmark baseline. Deviations from the official code, all deliberate (docs/operators.md §2.5):
 
 - counts/co-occurrences are normalised by `sum + 1e-6`, so a constant input gives 0, not NaN;
 - the band test is `|L_n − sim_i| < Δ` with `Δ = (hi − lo)/K` (the official code tests
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-EPS = 1e-6  # added to the histogram total before normalising (SPEC §2.5)
+EPS = 1e-6  # added to the histogram total before normalising (docs/operators.md §2.5)
 
 
 def quantisation_levels(lo: Tensor, hi: Tensor, num_levels: int) -> Tensor:

@@ -1,4 +1,4 @@
-"""Semantic difference convolution (SDN, Tan et al. NeurIPS 2022) — reference semantics, SPEC §2.4.
+"""Semantic difference convolution (SDN, Tan et al. NeurIPS 2022) — reference semantics, docs/operators.md §2.4.
 
     Y[o,p] = b[o] + sum_{c,t} w[o,c,t] * S(c,p,t) * (U[c,p+d_t] - U[c,p])
 

@@ -24,7 +24,7 @@ def pow2_clamp(x: int, lo: int, hi: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: exact fp32 products for fp32 inputs (no TF32, SPEC §3); for
+    """tl.dot input precision: exact fp32 products for fp32 inputs (no TF32, docs/operators.md §3); for
     fp16/bf16 operands the setting has no effect."""
     return "ieee" if dtype == torch.float32 else "tf32"
 

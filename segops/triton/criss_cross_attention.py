@@ -1,4 +1,4 @@
-"""Criss-cross attention (SPEC §2.1): Triton forward and backward kernels and their launchers.
+"""Criss-cross attention (docs/operators.md §2.1): Triton forward and backward kernels and their launchers.
 
 Every kernel is a "row attention": the pixels of one line attend to the keys of the same line
 (a block of pixels per program, the keys of the line in blocks, tensor-core `tl.dot`s over the

@@ -1,4 +1,4 @@
-"""Disentangled non-local attention (SPEC §2.3) — Triton kernels and launchers.
+"""Disentangled non-local attention (docs/operators.md §2.3) — Triton kernels and launchers.
 
 Tensors in, tensors out (no registration; see segops/ops/disentangled_non_local.py). Inputs are
 contiguous and flattened: query (N, Ck, Lq), key (N, Ck, Lk), value (N, Cv, Lk), unary (N, Lk)

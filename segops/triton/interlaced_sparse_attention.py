@@ -1,4 +1,4 @@
-"""Interlaced sparse self-attention (SPEC §2.2): Triton forward and backward kernels + launchers.
+"""Interlaced sparse self-attention (docs/operators.md §2.2): Triton forward and backward kernels + launchers.
 
 Flash-attention style, straight on the (N, C, H, W) layout: a program owns a tile of one group's
 members (one sample, one group) and reads the group's pixels in place by index arithmetic

@@ -1,4 +1,4 @@
-"""Triton kernels for the QCO ops (SPEC §2.5): qco_1d / qco_2d and texture_reconstruct.
+"""Triton kernels for the QCO ops (docs/operators.md §2.5): qco_1d / qco_2d and texture_reconstruct.
 
 Tensors in, tensors out (the launchers below); registration lives in segops/ops/qco.py, which
 also documents the saved tensors. Nothing dense is built: no (N, P, K) encoding, no

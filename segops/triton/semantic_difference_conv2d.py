@@ -1,4 +1,4 @@
-"""Triton kernels for semantic difference convolution (SDN, SPEC §2.4): tensors in, tensors out.
+"""Triton kernels for semantic difference convolution (SDN, docs/operators.md §2.4): tensors in, tensors out.
 
 Forward: an implicit GEMM. Output tile [BLOCK_P pixels x BLOCK_O out-channels]; the reduction
 runs over the Cin*k^2 axis as (tap t) x (channel block): each K-step builds its [BLOCK_P, BLOCK_C]

@@ -1,5 +1,5 @@
 """SDN necks (Tan et al., "Semantic Diffusion Network for Semantic Segmentation", NeurIPS 2022)
-built on `segops.nn.SemanticDiffusion` (SPEC §2.4). No official code exists: these follow the
+built on `segops.nn.SemanticDiffusion` (docs/operators.md §2.4). No official code exists: these follow the
 paper description, and parity with the authors' model is unverified.
 
 * `SDNNeck`, single-scale (plugged between an FCN's or Segmenter's encoder and decoder): the top
