@@ -188,20 +188,19 @@ at::Tensor sdc_forward(const at::Tensor& input, const at::Tensor& guidance, cons
     T* Y = out.data_ptr<T>();
     const T inv_s2 = T(1.0 / (sigma * sigma));
     at::parallel_for(0, g.N * ntile, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> panel(K * kTileFwd);
+      std::vector<T> panel(K * kTileFwd), res(g.Cout * kTileFwd);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / ntile, p0 = (i % ntile) * kTileFwd, p1 = std::min(g.HW, p0 + kTileFwd);
         const int64_t T_ = p1 - p0;
         build_panel_any<T>(sim, g, U, V, Sp, n, 0, g.Cin, p0, p1, panel.data(), kTileFwd, inv_s2);
-        // Y[n, :, p0:p1] (Cout x T_) = W (Cout x K) @ panel (K x T_), then + bias
-        T* Yt = Y + n * g.Cout * g.HW + p0;
-        gemm_rm<T>(false, false, g.Cout, T_, K, T(1), Wp, K, panel.data(), kTileFwd, T(0), Yt,
-                   g.HW);
-        if (bp) {
-          for (int64_t o = 0; o < g.Cout; ++o) {
-            T* yo = Yt + o * g.HW;
-            for (int64_t j = 0; j < T_; ++j) yo[j] += bp[o];
-          }
+        // res (Cout x T_) = W (Cout x K) @ panel (K x T_); Y[n, :, p0:p1] = res + bias
+        gemm_rm<T>(false, false, g.Cout, T_, K, T(1), Wp, K, panel.data(), kTileFwd, T(0),
+                   res.data(), kTileFwd);
+        for (int64_t o = 0; o < g.Cout; ++o) {
+          T* yo = Y + (n * g.Cout + o) * g.HW + p0;
+          const T* ro = res.data() + o * kTileFwd;
+          const T bo = bp ? bp[o] : T(0);
+          for (int64_t j = 0; j < T_; ++j) yo[j] = ro[j] + bo;
         }
       }
     });
