@@ -8,8 +8,7 @@
 //   * a column is strided in both directions, so a column task gathers a block of kColBlock
 //     columns, chunk of channels by chunk of channels, into small channel-major scratch
 //     (reading kColBlock contiguous elements at a time), runs GEMMs there and scatters back.
-// The GEMMs go through the BLAS that libtorch_cpu carries (MKL or OpenBLAS, whose sgemm_/dgemm_
-// are bound weakly; a plain loop nest stands in if the symbols are absent). Scratch is
+// The GEMMs go through segops::cpu::gemm_rm (the BLAS that libtorch_cpu carries). Scratch is
 // per task and small (a few hundred KiB); the attention matrix is never materialised: the
 // forward saves only the softmax log-sum-exp per position, and the backward recomputes the
 // probabilities from it.
@@ -23,6 +22,10 @@
 //           (3) row tasks: out[:, u] += row part.
 // Backward: D[u] = <dout[:, u], out[:, u]>; dS = P * (dP - D) with dP = <dout[:, u], value[:, i]>;
 //           row tasks write dq, dk, dv (row parts); column tasks add the column parts.
+#include "segops/cpu/gemm.h"
+#include "segops/cpu/guards.h"
+#include "segops/cpu/softmax_rows.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -41,77 +44,10 @@
 namespace segops {
 namespace {
 
+using cpu::gemm_rm;
+
 constexpr int64_t kColBlock = 8;     // columns per column task (contiguous reads of this many)
 constexpr int64_t kChanChunk = 64;   // channels gathered at a time in a column task
-
-}  // namespace
-}  // namespace segops
-
-// Fortran BLAS of the BLAS library linked into libtorch_cpu (weak: null if not exported).
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*,
-            const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
-            const double*, const int*, const double*, const int*, const double*, double*,
-            const int*) __attribute__((weak));
-int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-}
-
-namespace segops {
-namespace {
-
-inline void blas_gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
-                      const float* b, int ldb, float beta, float* c, int ldc) {
-  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-inline void blas_gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a,
-                      int lda, const double* b, int ldb, double beta, double* c, int ldc) {
-  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-// Inside a parallel task the BLAS must run single-threaded (MKL would otherwise start nested
-// threads and oversubscribe the cores).
-struct SingleThreadedBlas {
-  int prev = 0;
-  SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
-  }
-};
-
-inline bool have_blas(float) { return sgemm_ != nullptr; }
-inline bool have_blas(double) { return dgemm_ != nullptr; }
-
-// Row-major GEMM: C (M x N, ldc) = alpha * op(A) op(B) + beta * C, op(A): M x K, op(B): K x N.
-template <typename T>
-void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
-             const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  if (have_blas(T(0)) && K > 0) {
-    // A row-major X is the column-major X^T: compute C^T = op(B)^T op(A)^T in column-major.
-    // Leading dimensions must be >= 1 and >= the stored rows even for degenerate sizes.
-    const int64_t la = std::max<int64_t>(lda, ta ? M : K), lb = std::max<int64_t>(ldb, tb ? K : N);
-    blas_gemm(tb ? 'T' : 'N', ta ? 'T' : 'N', static_cast<int>(N), static_cast<int>(M),
-              static_cast<int>(K), alpha, B, static_cast<int>(lb), A, static_cast<int>(la), beta,
-              C, static_cast<int>(std::max<int64_t>(ldc, N)));
-    return;
-  }
-  for (int64_t m = 0; m < M; ++m) {
-    T* c = C + m * ldc;
-    for (int64_t n = 0; n < N; ++n) c[n] = beta == T(0) ? T(0) : beta * c[n];
-    for (int64_t kk = 0; kk < K; ++kk) {
-      const T a = alpha * (ta ? A[kk * lda + m] : A[m * lda + kk]);
-      if (tb) {
-        for (int64_t n = 0; n < N; ++n) c[n] += a * B[n * ldb + kk];
-      } else {
-        const T* b = B + kk * ldb;
-        for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
-      }
-    }
-  }
-}
 
 template <typename T>
 inline T neg_inf() {
@@ -127,47 +63,15 @@ inline void merge_stats(T& m, T& ll, T m2, T ll2) {
   m = mx;
 }
 
-// exp for the softmax: std::exp for double; for float a branch-free Cody-Waite reduction and a
-// degree-6 polynomial (about 1 ulp) that the compiler vectorises, exp(-inf) = 0.
-inline double vexp(double x) { return std::exp(x); }
-inline float vexp(float x) {
-  const float xc = std::min(x, 88.0f);
-  const float t = xc * 1.44269504088896341f;
-  const float kf = (t + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (xc - kf * 0.693359375f) + kf * 2.12194440e-4f;
-  float p = 1.3888889e-3f;
-  p = p * r + 8.3333338e-3f;
-  p = p * r + 4.1666668e-2f;
-  p = p * r + 1.6666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t ki = static_cast<int32_t>(std::max(kf, -126.0f));
-  const int32_t bits = (ki + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return xc < -87.0f ? 0.0f : p * scale;
-}
-
 // Row-wise softmax statistics of a (R x L) matrix: m[r * stride] = max, ll[r * stride] = log of
 // the sum of exp(e - max) (both -inf for an all -inf row).
 template <typename T>
-inline void row_stats(const T* e, int64_t R, int64_t L, T* m_out, T* ll_out, int64_t stride) {
+inline void row_stats(T* e, int64_t R, int64_t L, T* m_out, T* ll_out, int64_t stride) {
   for (int64_t r = 0; r < R; ++r) {
-    const T* er = e + r * L;
-    T m = neg_inf<T>();
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < L; ++j) m = std::max(m, er[j]);
-    if (m == neg_inf<T>()) {
-      m_out[r * stride] = m;
-      ll_out[r * stride] = m;
-      continue;
-    }
-    T s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < L; ++j) s += vexp(er[j] - m);
+    T* er = e + r * L;
+    const T m = cpu::scale_and_max(er, L, T(1));
     m_out[r * stride] = m;
-    ll_out[r * stride] = std::log(s);
+    ll_out[r * stride] = m == neg_inf<T>() ? m : std::log(cpu::exp_sum(er, L, m));
   }
 }
 
@@ -176,10 +80,7 @@ template <typename T>
 inline void softmax_from_stats(T* e, int64_t R, int64_t L, const T* m, const T* ll,
                                int64_t stride) {
   for (int64_t r = 0; r < R; ++r) {
-    const T mr = m[r * stride], lr = ll[r * stride];
-    T* er = e + r * L;
-#pragma omp simd
-    for (int64_t j = 0; j < L; ++j) er[j] = vexp((er[j] - mr) - lr);
+    cpu::exp_affine(e + r * L, L, T(1), m[r * stride], ll[r * stride]);
   }
 }
 
@@ -234,24 +135,30 @@ inline void row_energies(const Dims<T>& d, const T* qy, const T* ky, T* e) {
   gemm_rm<T>(true, false, d.W, d.W, d.Ck, T(1), qy, d.HW, ky, d.HW, T(0), e, d.W);
 }
 
+// Runs f(n, y, e) for every row task (n, y), e the row's energies (W x W, per-thread scratch).
+template <typename T, typename F>
+void for_each_row(const Dims<T>& d, const T* q, const T* k, F&& f) {
+  at::parallel_for(0, d.N * d.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> e(d.W * d.W);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / d.H, y = t % d.H, off = n * d.Ck * d.HW + y * d.W;
+      row_energies(d, q + off, k + off, e.data());
+      f(n, y, e.data());
+    }
+  });
+}
+
 template <typename T>
 void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, T* st) {
   const int64_t H = d.H, W = d.W, HW = d.HW, Ck = d.Ck, Cv = d.Cv;
   // (1) row log-sum-exp.
-  at::parallel_for(0, d.N * H, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas blas_guard;
-    std::vector<T> e(W * W);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / H, y = t % H;
-      row_energies(d, q + n * Ck * HW + y * W, k + n * Ck * HW + y * W, e.data());
-      T* sm = st + 2 * n * HW + y * W;
-      row_stats(e.data(), W, W, sm, sm + HW, 1);
-    }
+  for_each_row(d, q, k, [&](int64_t n, int64_t y, T* e) {
+    T* sm = st + 2 * n * HW + y * W;
+    row_stats(e, W, W, sm, sm + HW, 1);
   });
   // (2) column tasks: finish the statistics, write the column part of out.
   const int64_t nxb = (W + kColBlock - 1) / kColBlock;
   at::parallel_for(0, d.N * nxb, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas blas_guard;
     const int64_t cc = std::min(Cv, kChanChunk);
     std::vector<T> qk(2 * kColBlock * Ck * H), p(kColBlock * H * H), mc(H), lc(H);
     std::vector<T> vg(kColBlock * cc * H), r(kColBlock * cc * H);
@@ -281,19 +188,12 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
       }
     }
   });
-  // (3) row tasks: out[:, y, :] += v_y p_row^T.
-  at::parallel_for(0, d.N * H, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas blas_guard;
-    std::vector<T> e(W * W);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / H, y = t % H;
-      row_energies(d, q + n * Ck * HW + y * W, k + n * Ck * HW + y * W, e.data());
-      const T* sm = st + 2 * n * HW + y * W;
-      softmax_from_stats(e.data(), W, W, sm, sm + HW, 1);
-      // out[c, x] += sum_j v[c, j] p[x, j]
-      gemm_rm<T>(false, true, Cv, W, W, T(1), v + n * Cv * HW + y * W, HW, e.data(), W, T(1),
-                 out + n * Cv * HW + y * W, HW);
-    }
+  // (3) row tasks: out[:, y, :] += v_y p_row^T, i.e. out[c, x] += sum_j v[c, j] p[x, j].
+  for_each_row(d, q, k, [&](int64_t n, int64_t y, T* e) {
+    const T* sm = st + 2 * n * HW + y * W;
+    softmax_from_stats(e, W, W, sm, sm + HW, 1);
+    gemm_rm<T>(false, true, Cv, W, W, T(1), v + n * Cv * HW + y * W, HW, e, W, T(1),
+               out + n * Cv * HW + y * W, HW);
   });
 }
 
@@ -305,7 +205,6 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
   T* D = Dbuf.data();
   // Row tasks: D, then the row parts of dq, dk, dv (written, not accumulated).
   at::parallel_for(0, d.N * H, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas blas_guard;
     std::vector<T> p(W * W), ds(W * W);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / H, y = t % H;
@@ -338,7 +237,6 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
   // Column tasks: add the column parts.
   const int64_t nxb = (W + kColBlock - 1) / kColBlock;
   at::parallel_for(0, d.N * nxb, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas blas_guard;
     const int64_t cc = std::min(Cv, kChanChunk);
     const int64_t blk = kColBlock * Ck * H;
     std::vector<T> qk(2 * blk), tq(Ck * H), tk(Ck * H), p(kColBlock * H * H), ds(kColBlock * H * H);
@@ -392,36 +290,23 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
   });
 }
 
-void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value) {
-  TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4,
-              "criss_cross_attention: query, key, value must be 4-D, got ", query.dim(), ", ",
-              key.dim(), ", ", value.dim());
-  TORCH_CHECK(key.sizes() == query.sizes(), "criss_cross_attention: key shape ", key.sizes(),
-              " must equal query shape ", query.sizes());
-  TORCH_CHECK(value.size(0) == query.size(0) && value.size(2) == query.size(2) &&
-                  value.size(3) == query.size(3),
-              "criss_cross_attention: value shape ", value.sizes(), " must be (N, Cv, H, W) with "
-              "(N, H, W) of query ", query.sizes());
-  TORCH_CHECK(query.scalar_type() == key.scalar_type() && query.scalar_type() == value.scalar_type(),
-              "criss_cross_attention: query, key, value must share a dtype");
-  TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble,
-              "criss_cross_attention (cpu): dtype must be float32 or float64, got ",
-              query.scalar_type());
-  TORCH_CHECK(query.is_contiguous() && key.is_contiguous() && value.is_contiguous(),
-              "criss_cross_attention (cpu): inputs must be contiguous");
+// query, key (N, Ck, H, W) and value (N, Cv, H, W).
+void check_inputs(const char* kernel, const at::Tensor& query, const at::Tensor& key,
+                  const at::Tensor& value) {
+  cpu::check_operands(kernel, 4, {{"query", &query}, {"key", &key}, {"value", &value}});
+  guards::check_sizes(kernel, "key", key, query.sizes());
+  guards::check_sizes(kernel, "value", value,
+                      {query.size(0), value.size(1), query.size(2), query.size(3)});
 }
 
 std::tuple<at::Tensor, at::Tensor> cca_forward_cpu(const at::Tensor& query, const at::Tensor& key,
                                                     const at::Tensor& value) {
-  check_inputs(query, key, value);
+  check_inputs("criss_cross_attention_forward (cpu)", query, key, value);
   const int64_t N = query.size(0), Ck = query.size(1), H = query.size(2), W = query.size(3);
   const int64_t Cv = value.size(1);
   at::Tensor out = at::empty({N, Cv, H, W}, value.options());
   at::Tensor lse = at::empty({N, 2, H, W}, query.options());
-  if (out.numel() == 0 || lse.numel() == 0) {
-    out.zero_();
-    return {out, lse};
-  }
+  if (lse.numel() == 0) return {out, lse};  // no positions (then out is empty too)
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "criss_cross_attention_forward", [&] {
     Dims<scalar_t> d{N, Ck, Cv, H, W, H * W};
     forward_impl<scalar_t>(d, query.const_data_ptr<scalar_t>(), key.const_data_ptr<scalar_t>(),
@@ -434,27 +319,18 @@ std::tuple<at::Tensor, at::Tensor> cca_forward_cpu(const at::Tensor& query, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& out, const at::Tensor& stats) {
-  check_inputs(query, key, value);
-  TORCH_CHECK(grad_out.sizes() == value.sizes() && out.sizes() == value.sizes(),
-              "criss_cross_attention_backward: grad_out ", grad_out.sizes(), " and out ",
-              out.sizes(), " must have the value's shape ", value.sizes());
+  const char* kernel = "criss_cross_attention_backward (cpu)";
+  check_inputs(kernel, query, key, value);
   const int64_t N = query.size(0), Ck = query.size(1), H = query.size(2), W = query.size(3);
   const int64_t Cv = value.size(1);
-  TORCH_CHECK(stats.dim() == 4 && stats.size(0) == N && stats.size(1) == 2 &&
-                  stats.size(2) == H && stats.size(3) == W,
-              "criss_cross_attention_backward: stats must be (N, 2, H, W), got ", stats.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() &&
-                  out.scalar_type() == query.scalar_type() &&
-                  stats.scalar_type() == query.scalar_type(),
-              "criss_cross_attention_backward: grad_out, out and stats must have the dtype of "
-              "query");
-  TORCH_CHECK(grad_out.is_contiguous() && out.is_contiguous() && stats.is_contiguous(),
-              "criss_cross_attention_backward: grad_out, out, stats must be contiguous");
+  guards::check_like(kernel, query, {{"grad_out", &grad_out}, {"out", &out}, {"stats", &stats}});
+  guards::check_sizes(kernel, "grad_out", grad_out, value.sizes());
+  guards::check_sizes(kernel, "out", out, value.sizes());
+  guards::check_sizes(kernel, "stats", stats, {N, 2, H, W});
   at::Tensor dq = at::empty_like(query), dk = at::empty_like(key), dv = at::empty_like(value);
-  if (query.numel() == 0 || value.numel() == 0) {
+  if (stats.numel() == 0 || Cv == 0) {  // dP = 0, so dS = 0 (and dv is empty)
     dq.zero_();
     dk.zero_();
-    dv.zero_();
     return {dq, dk, dv};
   }
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "criss_cross_attention_backward", [&] {

@@ -16,61 +16,48 @@
 // is the mean subtraction over positions of dQ~ and dK~; the unary term's gradient is
 // dv_j += w_j dg, du_j = w_j (dg . v_j - dg . g) with dg = sum_i dout_i.
 //
-// The GEMM-shaped parts run through ATen's mm/addmm on views of the blocks (BLAS, one thread per
-// task inside at::parallel_for); the softmax passes through the vectorised row helpers below.
+// The GEMM-shaped parts run through segops::cpu::gemm_rm on the blocks (one thread per task
+// inside at::parallel_for), the softmax passes through the vectorised row helpers.
+#include "segops/cpu/gemm.h"
+#include "segops/cpu/guards.h"
+#include "segops/cpu/softmax_rows.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/addmm.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
 
 namespace {
 
+using segops::cpu::exp_affine;
+using segops::cpu::gemm_rm;
+using segops::cpu::scale_and_max;
+
 constexpr int64_t BM = 256;  // queries per block
 constexpr int64_t BN = 256;  // keys per block
 
-// A (rows x cols) matrix view of raw memory with the given row stride.
-template <typename T>
-at::Tensor mat(T* ptr, int64_t rows, int64_t cols, int64_t row_stride) {
-  return at::from_blob(ptr, {rows, cols}, {row_stride, 1},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
-
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const std::optional<at::Tensor>& unary) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
-              "disentangled_non_local: query, key and value must be 3-D (N, C, L), got ",
-              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1),
-              "disentangled_non_local: key must be (N, Ck, Lk) with (N, Ck) of query ", q.sizes(),
-              ", got ", k.sizes());
-  TORCH_CHECK(v.size(0) == k.size(0) && v.size(2) == k.size(2),
-              "disentangled_non_local: value must be (N, Cv, Lk) with N, Lk of key ", k.sizes(),
-              ", got ", v.sizes());
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "disentangled_non_local: query, key and value must share one dtype");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
-              "disentangled_non_local: inputs must be contiguous");
+// query, key, value (and unary) as the kernels index them: (N, Ck, Lq), (N, Ck, Lk), (N, Cv, Lk),
+// (N, Lk).
+void check_inputs(const char* kernel, const at::Tensor& q, const at::Tensor& k,
+                  const at::Tensor& v, const std::optional<at::Tensor>& unary) {
+  segops::cpu::check_operands(kernel, 3, {{"query", &q}, {"key", &k}, {"value", &v}});
+  const int64_t N = q.size(0), Lk = k.size(2);
+  segops::guards::check_sizes(kernel, "key", k, {N, q.size(1), Lk});
+  segops::guards::check_sizes(kernel, "value", v, {N, v.size(1), Lk});
   if (unary.has_value()) {
-    const auto& u = *unary;
-    TORCH_CHECK(u.dim() == 2 && u.size(0) == k.size(0) && u.size(1) == k.size(2),
-                "disentangled_non_local: unary must be (N, Lk) = (", k.size(0), ", ", k.size(2),
-                "), got ", u.sizes());
-    TORCH_CHECK(u.scalar_type() == q.scalar_type() && u.is_contiguous(),
-                "disentangled_non_local: unary must be contiguous with the dtype of query");
+    segops::guards::check_rank(kernel, 2, {{"unary", &*unary}});
+    segops::guards::check_like(kernel, q, {{"unary", &*unary}});
+    segops::guards::check_sizes(kernel, "unary", *unary, {N, Lk});
   }
 }
 
@@ -91,8 +78,15 @@ std::vector<T> channel_means(const at::Tensor& x) {
   return mu;
 }
 
-// One (C, len) block of positions [p0, p0 + len) of sample n of a (N, C, L) operand: a view of
-// the input, or (whitening) the input minus its channel means, written to `scratch`. Whitening
+// A (C, len) matrix: its first element and its row stride.
+template <typename T>
+struct Block {
+  const T* p;
+  int64_t ld;
+};
+
+// One (C, len) block of positions [p0, p0 + len) of sample n of a (N, C, L) operand: the input
+// itself, or (whitening) the input minus its channel means, written to `scratch`. Whitening
 // block by block costs C * len per block against C * len * (block of the other side) for the
 // GEMM it feeds, and needs no whitened copy of the whole tensor.
 template <typename T>
@@ -101,109 +95,22 @@ struct Operand {
   const T* mean;  // (N, C) or nullptr
   int64_t C, L;
 
-  at::Tensor block(int64_t n, int64_t p0, int64_t len, T* scratch) const {
-    T* src = const_cast<T*>(base) + n * C * L + p0;
-    if (mean == nullptr) return mat(src, C, len, L);
+  Block<T> block(int64_t n, int64_t p0, int64_t len, T* scratch) const {
+    const T* src = base + n * C * L + p0;
+    if (mean == nullptr) return {src, L};
     for (int64_t c = 0; c < C; ++c) {
       const T mu = mean[n * C + c];
       const T* a = src + c * L;
       T* o = scratch + c * len;
       for (int64_t i = 0; i < len; ++i) o[i] = a[i] - mu;
     }
-    return mat(scratch, C, len, len);
+    return {scratch, len};
   }
 };
 
-// The per-element softmax work, one fused pass per step, vectorised. The float versions are
-// compiled for AVX-512, AVX2 and baseline x86-64 (picked at load time) and use a polynomial exp
-// that the compiler vectorises: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-7 polynomial
-// (Cephes' minimax coefficients, about 1 ulp), 2^n from the exponent bits. libm's expf is a
-// scalar call per element, which made these passes cost a third of the GEMMs at Lq = Lk = 8192.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SEGOPS_VEC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SEGOPS_VEC_CLONES
-#endif
-
-inline float exp_poly(float x) {
-  const bool underflow = x < -87.0f;  // e^-87 ~ 1.6e-38: flush to zero (also catches -inf)
-  x = std::max(x, -87.0f);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, two-part ln2
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return underflow ? 0.0f : p * scale;
-}
-
-// row[j] *= s; returns the new row maximum. (Reductions keep kLanes independent partial results:
-// without -ffast-math the compiler may not reorder one running float sum or max.)
-constexpr int64_t kLanes = 16;
-
-SEGOPS_VEC_CLONES float scale_and_max(float* row, int64_t len, float s) {
-  float m[kLanes];
-  for (int64_t k = 0; k < kLanes; ++k) m[k] = -std::numeric_limits<float>::infinity();
-  int64_t j = 0;
-  for (; j + kLanes <= len; j += kLanes) {
-    for (int64_t k = 0; k < kLanes; ++k) {
-      row[j + k] *= s;
-      m[k] = m[k] > row[j + k] ? m[k] : row[j + k];
-    }
-  }
-  for (; j < len; ++j) {
-    row[j] *= s;
-    m[0] = std::max(m[0], row[j]);
-  }
-  float r = m[0];
-  for (int64_t k = 1; k < kLanes; ++k) r = std::max(r, m[k]);
-  return r;
-}
-double scale_and_max(double* row, int64_t len, double s) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < len; ++j) {
-    row[j] *= s;
-    m = std::max(m, row[j]);
-  }
-  return m;
-}
-
-// row[j] = exp(row[j] * s - shift); returns the row sum.
-SEGOPS_VEC_CLONES float exp_affine_sum(float* row, int64_t len, float s, float shift) {
-  float acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= len; j += kLanes) {
-    for (int64_t k = 0; k < kLanes; ++k) {
-      row[j + k] = exp_poly(row[j + k] * s - shift);
-      acc[k] += row[j + k];
-    }
-  }
-  for (; j < len; ++j) {
-    row[j] = exp_poly(row[j] * s - shift);
-    acc[0] += row[j];
-  }
-  float sum = 0.0f;
-  for (int64_t k = 0; k < kLanes; ++k) sum += acc[k];
-  return sum;
-}
-double exp_affine_sum(double* row, int64_t len, double s, double shift) {
-  double sum = 0.0;
-  for (int64_t j = 0; j < len; ++j) {
-    row[j] = std::exp(row[j] * s - shift);
-    sum += row[j];
-  }
-  return sum;
-}
-
 // d[j] = p[j] * (d[j] - D): the softmax backward of one row.
 template <typename T>
-SEGOPS_VEC_CLONES void softmax_grad_row(const T* p, T* d, int64_t len, T D) {
+void softmax_grad_row(const T* p, T* d, int64_t len, T D) {
   for (int64_t j = 0; j < len; ++j) d[j] = p[j] * (d[j] - D);
 }
 
@@ -264,22 +171,21 @@ void forward_impl(const at::Tensor& query, const at::Tensor& key, const at::Tens
     std::vector<T> qs(mq ? Ck * BM : 0), ks(mk ? Ck * BN : 0);
     for (int64_t task = b; task < e; ++task) {
       const int64_t n = task / nqb, i0 = (task % nqb) * BM, bm = std::min(BM, Lq - i0);
-      T* vn = const_cast<T*>(vp) + n * Cv * Lk;
-      auto A = Q.block(n, i0, bm, qs.data()).t();  // (bm, Ck)
-      auto accm = mat(acc.data(), Cv, bm, bm);
+      const T* vn = vp + n * Cv * Lk;
+      const Block<T> Qi = Q.block(n, i0, bm, qs.data());  // (Ck, bm)
       std::fill(acc.begin(), acc.begin() + Cv * bm, T(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
       std::fill(l.begin(), l.end(), T(0));
       for (int64_t j0 = 0; j0 < Lk; j0 += BN) {
         const int64_t bn = std::min(BN, Lk - j0);
-        auto Sm = mat(S.data(), bm, bn, bn);
-        at::mm_out(Sm, A, K.block(n, j0, bn, ks.data()));
+        const Block<T> Kj = K.block(n, j0, bn, ks.data());  // (Ck, bn)
+        gemm_rm<T>(true, false, bm, bn, Ck, T(1), Qi.p, Qi.ld, Kj.p, Kj.ld, T(0), S.data(), bn);
         for (int64_t i = 0; i < bm; ++i) {
           T* row = S.data() + i * bn;
           const T mnew = std::max(m[i], scale_and_max(row, bn, s));
           alpha[i] = std::exp(m[i] - mnew);  // exp(-inf) = 0 on the first block
           m[i] = mnew;
-          l[i] = l[i] * alpha[i] + exp_affine_sum(row, bn, T(1), mnew);
+          l[i] = l[i] * alpha[i] + exp_affine(row, bn, T(1), mnew);
         }
         if (j0 > 0) {
           for (int64_t c = 0; c < Cv; ++c) {
@@ -287,7 +193,8 @@ void forward_impl(const at::Tensor& query, const at::Tensor& key, const at::Tens
             for (int64_t i = 0; i < bm; ++i) a[i] *= alpha[i];
           }
         }
-        accm.addmm_(mat(vn + j0, Cv, bn, Lk), Sm.t());  // (Cv, bn) @ (bn, bm)
+        // acc (Cv, bm) += v_j (Cv, bn) @ S^T (bn, bm)
+        gemm_rm<T>(false, true, Cv, bm, bn, T(1), vn + j0, Lk, S.data(), bn, T(1), acc.data(), bm);
       }
       for (int64_t i = 0; i < bm; ++i) {
         lp[n * Lq + i0 + i] = m[i] + std::log(l[i]);
@@ -306,13 +213,17 @@ void forward_impl(const at::Tensor& query, const at::Tensor& key, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dnl_forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& unary, bool whiten, double s) {
-  check_inputs(query, key, value, unary);
+  check_inputs("disentangled_non_local_forward (cpu)", query, key, value, unary);
   const int64_t N = query.size(0), Lq = query.size(2), Cv = value.size(1), Lk = key.size(2);
-  TORCH_CHECK(Lk > 0 || N * Lq == 0, "disentangled_non_local: key has no positions");
   auto out = at::empty({N, Cv, Lq}, value.options());
   auto lse = at::empty({N, Lq}, query.options());
   auto g = at::zeros({N, Cv}, query.options());
   auto lse_u = at::zeros({N}, query.options());
+  if (Lk == 0) {  // every softmax is over no keys: a zero output (lse = log 0)
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse, g, lse_u};
+  }
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "disentangled_non_local_forward", [&] {
     std::vector<scalar_t> mq, mk;
     if (whiten) {
@@ -366,7 +277,8 @@ void backward_impl(const at::Tensor& go, const at::Tensor& query, const at::Tens
 
   const int64_t nkb = (Lk + BN - 1) / BN;
   const int64_t threads = at::get_num_threads();
-  const int64_t G = std::max<int64_t>(1, std::min(nkb, (threads + N - 1) / std::max<int64_t>(N, 1)));
+  const int64_t groups_per_sample = (threads + N - 1) / std::max<int64_t>(N, 1);
+  const int64_t G = std::max<int64_t>(1, std::min(nkb, groups_per_sample));
   // dQ~ partial sums of group 0 accumulate straight into dq; groups 1.. into (G-1, N, Ck, Lq).
   dq.zero_();
   auto dqbuf = at::zeros({G - 1, N, Ck, Lq}, query.options());
@@ -381,34 +293,33 @@ void backward_impl(const at::Tensor& go, const at::Tensor& query, const at::Tens
     for (int64_t task = b; task < e; ++task) {
       const int64_t n = task / G, grp = task % G;
       const int64_t kb0 = grp * nkb / G, kb1 = (grp + 1) * nkb / G;
-      T* vn = const_cast<T*>(vp) + n * Cv * Lk;
-      T* gon = const_cast<T*>(gop) + n * Cv * Lq;
+      const T* vn = vp + n * Cv * Lk;
+      const T* gon = gop + n * Cv * Lq;
       T* dqn = grp == 0 ? dqp + n * Ck * Lq : dqb + ((grp - 1) * N + n) * Ck * Lq;
       const T* ln = lp + n * Lq;
       const T* Dn = D.data() + n * Lq;
       for (int64_t kb = kb0; kb < kb1; ++kb) {
         const int64_t j0 = kb * BN, bn = std::min(BN, Lk - j0);
-        auto Kj = K.block(n, j0, bn, ks.data());
-        auto Vj = mat(vn + j0, Cv, bn, Lk);
-        auto dkm = mat(dkacc.data(), Ck, bn, bn);
-        auto dvm = mat(dvacc.data(), Cv, bn, bn);
+        const Block<T> Kj = K.block(n, j0, bn, ks.data());  // (Ck, bn)
+        const T* Vj = vn + j0;                               // (Cv, bn), row stride Lk
         std::fill(dkacc.begin(), dkacc.begin() + Ck * bn, T(0));
         std::fill(dvacc.begin(), dvacc.begin() + Cv * bn, T(0));
         for (int64_t i0 = 0; i0 < Lq; i0 += BM) {
           const int64_t bm = std::min(BM, Lq - i0);
-          auto Qi = Q.block(n, i0, bm, qs.data());  // (Ck, bm)
-          auto Oi = mat(gon + i0, Cv, bm, Lq);  // (Cv, bm)
-          auto Pm = mat(P.data(), bm, bn, bn);
-          auto dPm = mat(dP.data(), bm, bn, bn);
-          at::mm_out(Pm, Qi.t(), Kj);
-          for (int64_t i = 0; i < bm; ++i) exp_affine_sum(P.data() + i * bn, bn, s, ln[i0 + i]);
-          at::mm_out(dPm, Oi.t(), Vj);
+          const Block<T> Qi = Q.block(n, i0, bm, qs.data());  // (Ck, bm)
+          const T* Oi = gon + i0;                              // (Cv, bm), row stride Lq
+          // P = exp(s Q_i^T K_j - lse), dP = dO_i^T V_j (both (bm, bn))
+          gemm_rm<T>(true, false, bm, bn, Ck, T(1), Qi.p, Qi.ld, Kj.p, Kj.ld, T(0), P.data(), bn);
+          for (int64_t i = 0; i < bm; ++i) exp_affine(P.data() + i * bn, bn, s, ln[i0 + i]);
+          gemm_rm<T>(true, false, bm, bn, Cv, T(1), Oi, Lq, Vj, Lk, T(0), dP.data(), bn);
           for (int64_t i = 0; i < bm; ++i) {
             softmax_grad_row<T>(P.data() + i * bn, dP.data() + i * bn, bn, Dn[i0 + i]);
           }
-          dvm.addmm_(Oi, Pm);                                 // (Cv, bm) @ (bm, bn)
-          dkm.addmm_(Qi, dPm);                                // (Ck, bm) @ (bm, bn)
-          mat(dqn + i0, Ck, bm, Lq).addmm_(Kj, dPm.t());  // (Ck, bn) @ (bn, bm)
+          // dV_j += dO_i P; dK_j += Q_i dS; dQ_i += K_j dS^T
+          gemm_rm<T>(false, false, Cv, bn, bm, T(1), Oi, Lq, P.data(), bn, T(1), dvacc.data(), bn);
+          gemm_rm<T>(false, false, Ck, bn, bm, T(1), Qi.p, Qi.ld, dP.data(), bn, T(1),
+                     dkacc.data(), bn);
+          gemm_rm<T>(false, true, Ck, bm, bn, T(1), Kj.p, Kj.ld, dP.data(), bn, T(1), dqn + i0, Lq);
         }
         if (u != nullptr) {
           // w_j = softmax(u)_j; dv_j += w_j dg; du_j = w_j (dg . v_j - dg . g).
@@ -465,15 +376,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dnl_backward(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const std::optional<at::Tensor>& unary, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& g, const at::Tensor& lse_u, bool whiten, double s) {
-  check_inputs(query, key, value, unary);
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.is_contiguous() &&
-                  grad_out.scalar_type() == query.scalar_type(),
-              "disentangled_non_local_backward: grad_out must be contiguous with the shape ",
-              out.sizes(), " and dtype of the output");
-  TORCH_CHECK(lse.scalar_type() == query.scalar_type() && g.scalar_type() == query.scalar_type() &&
-                  lse_u.scalar_type() == query.scalar_type() && lse.is_contiguous() &&
-                  g.is_contiguous() && out.is_contiguous(),
-              "disentangled_non_local_backward: saved statistics have an unexpected dtype/layout");
+  const char* kernel = "disentangled_non_local_backward (cpu)";
+  check_inputs(kernel, query, key, value, unary);
+  const int64_t N = query.size(0), Lq = query.size(2), Cv = value.size(1);
+  segops::guards::check_like(kernel, query, {{"grad_out", &grad_out}, {"out", &out},
+                                             {"lse", &lse}, {"g", &g}, {"lse_u", &lse_u}});
+  segops::guards::check_sizes(kernel, "grad_out", grad_out, {N, Cv, Lq});
+  segops::guards::check_sizes(kernel, "out", out, {N, Cv, Lq});
+  segops::guards::check_sizes(kernel, "lse", lse, {N, Lq});
+  segops::guards::check_sizes(kernel, "g", g, {N, Cv});
+  segops::guards::check_sizes(kernel, "lse_u", lse_u, {N});
   auto dq = at::empty_like(query);
   auto dk = at::empty_like(key);
   auto dv = at::empty_like(value);

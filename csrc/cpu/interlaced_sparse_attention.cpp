@@ -5,15 +5,17 @@
 // the gather reads, and the scatter writes, contiguous rows. A task gathers its band's
 // query/key/value into a channel-major scratch (C x band pixels, each group a C x L column
 // block), runs dense attention per group with a blocked online softmax (query blocks x key
-// blocks, BLAS GEMMs on the scratch), and scatters the result back in place. Nothing of size
+// blocks, GEMMs on the scratch), and scatters the result back in place. Nothing of size
 // (groups, L, L) is ever allocated; the forward saves only the per-position log-sum-exp, and the
 // backward recomputes the probabilities from it.
+#include "segops/cpu/gemm.h"
+#include "segops/cpu/guards.h"
+#include "segops/cpu/softmax_rows.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
@@ -25,6 +27,8 @@
 
 namespace segops {
 namespace {
+
+using cpu::gemm_rm;
 
 constexpr int64_t kBlockM = 64;   // query rows per block
 constexpr int64_t kBlockN = 128;  // keys per block (online softmax across key blocks)
@@ -84,88 +88,58 @@ inline void prefetch_row(const T* row, int64_t W) {
   __builtin_prefetch(row + W - 1, RW);
 }
 
-template <typename T>
-inline void gather_band(const T* src, int64_t C, int64_t HW, const GroupMap& map, int64_t b,
-                        T* dst) {
+// kGather: band scratch <- map (src is the map); else map <- band scratch (src is the scratch).
+template <bool kGather, typename T>
+inline void copy_band(const T* src, int64_t C, int64_t HW, const GroupMap& map, int64_t b,
+                      T* dst) {
   const int64_t W = map.W, P = map.band_rows * W, L = map.members, pw = map.pw, gw = map.gw;
+  const T* map_base = kGather ? src : dst;
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t r = 0; r < map.band_rows; ++r) {
-      const T* s = src + c * HW + map.band_row(b, r) * W;
-      if (c + kPrefetch < C) prefetch_row<0>(s + kPrefetch * HW, W);
+      const int64_t row = c * HW + map.band_row(b, r) * W;  // the map row's offset
+      if (c + kPrefetch < C) prefetch_row<kGather ? 0 : 1>(map_base + row + kPrefetch * HW, W);
       if (map.long_range) {
         for (int64_t lx = 0; lx < pw; ++lx) {
-          T* d = dst + c * P + lx * L + r * gw;
-          for (int64_t gx = 0; gx < gw; ++gx) d[gx] = s[gx * pw + lx];
+          const int64_t band = c * P + lx * L + r * gw;
+          for (int64_t gx = 0; gx < gw; ++gx) {
+            if constexpr (kGather) dst[band + gx] = src[row + gx * pw + lx];
+            else dst[row + gx * pw + lx] = src[band + gx];
+          }
         }
       } else {
         for (int64_t gx = 0; gx < gw; ++gx) {
-          T* d = dst + c * P + gx * L + r * pw;
-          const T* sg = s + gx * pw;
-          for (int64_t lx = 0; lx < pw; ++lx) d[lx] = sg[lx];
+          const int64_t band = c * P + gx * L + r * pw, pix = row + gx * pw;
+          for (int64_t lx = 0; lx < pw; ++lx) {
+            if constexpr (kGather) dst[band + lx] = src[pix + lx];
+            else dst[pix + lx] = src[band + lx];
+          }
         }
       }
     }
   }
+}
+
+template <typename T>
+inline void gather_band(const T* src, int64_t C, int64_t HW, const GroupMap& map, int64_t b,
+                        T* dst) {
+  copy_band<true>(src, C, HW, map, b, dst);
 }
 
 template <typename T>
 inline void scatter_band(const T* src, int64_t C, int64_t HW, const GroupMap& map, int64_t b,
                          T* dst) {
-  const int64_t W = map.W, P = map.band_rows * W, L = map.members, pw = map.pw, gw = map.gw;
-  for (int64_t c = 0; c < C; ++c) {
-    for (int64_t r = 0; r < map.band_rows; ++r) {
-      T* d = dst + c * HW + map.band_row(b, r) * W;
-      if (c + kPrefetch < C) prefetch_row<1>(d + kPrefetch * HW, W);
-      if (map.long_range) {
-        for (int64_t lx = 0; lx < pw; ++lx) {
-          const T* s = src + c * P + lx * L + r * gw;
-          for (int64_t gx = 0; gx < gw; ++gx) d[gx * pw + lx] = s[gx];
-        }
-      } else {
-        for (int64_t gx = 0; gx < gw; ++gx) {
-          const T* s = src + c * P + gx * L + r * pw;
-          T* dg = d + gx * pw;
-          for (int64_t lx = 0; lx < pw; ++lx) dg[lx] = s[lx];
-        }
-      }
-    }
-  }
+  copy_band<false>(src, C, HW, map, b, dst);
 }
 
-// A row-major (rows x cols, leading dimension ld) block of scratch as a tensor, optionally
-// transposed (a view: the GEMM below reads it through its strides, no copy).
-template <typename T>
-inline at::Tensor block(const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-  auto t = at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1},
-                         at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  return trans ? t.t() : t;
-}
-
-// Row-major GEMM on scratch: C(MxN) = alpha op(A) op(B) + beta C (beta = 0 ignores C), through
-// ATen's addmm (MKL/OpenBLAS; single-threaded inside the parallel region).
-template <typename T>
-inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-                    int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  auto a = ta ? block(A, K, M, lda, true) : block(A, M, K, lda, false);
-  auto b = tb ? block(B, N, K, ldb, true) : block(B, K, N, ldb, false);
-  auto c = block(C, M, N, ldc, false);
-  c.addmm_(a, b, beta, alpha);
-}
-
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ph,
-                  int64_t pw) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "interlaced_sparse_attention: query, key, value must be 4-D (N, C, H, W)");
-  TORCH_CHECK(k.sizes() == q.sizes(), "interlaced_sparse_attention: key shape ", k.sizes(),
-              " must equal query shape ", q.sizes());
-  TORCH_CHECK(v.size(0) == q.size(0) && v.size(2) == q.size(2) && v.size(3) == q.size(3),
-              "interlaced_sparse_attention: value (N, H, W) must match query's, got ", v.sizes(),
-              " vs ", q.sizes());
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "interlaced_sparse_attention: query, key, value must share one dtype");
-  TORCH_CHECK(ph > 0 && pw > 0 && q.size(2) % ph == 0 && q.size(3) % pw == 0,
-              "interlaced_sparse_attention: (H, W) = (", q.size(2), ", ", q.size(3),
-              ") must be divisible by block_size (", ph, ", ", pw, ")");
+// query, key (N, Ck, H, W), value (N, Cv, H, W), and a block size (ph, pw) that tiles (H, W).
+void check_inputs(const char* kernel, const at::Tensor& q, const at::Tensor& k,
+                  const at::Tensor& v, int64_t ph, int64_t pw) {
+  cpu::check_operands(kernel, 4, {{"query", &q}, {"key", &k}, {"value", &v}});
+  const int64_t H = q.size(2), W = q.size(3);
+  guards::check_sizes(kernel, "key", k, q.sizes());
+  guards::check_sizes(kernel, "value", v, {q.size(0), v.size(1), H, W});
+  guards::check_value(kernel, ph > 0 && pw > 0 && H % ph == 0 && W % pw == 0, "(H, W) = (", H,
+                      ", ", W, ") must be divisible by the block size (", ph, ", ", pw, ")");
 }
 
 template <typename T>
@@ -198,15 +172,9 @@ void forward_kernel(const T* Q, const T* K, const T* V, T* O, T* LSE, int64_t N,
             gemm_rm<T>(true, false, bm, bn, Ck, scale, qg + i0, P, kg + j0, P, T(0), s.data(), bn);
             for (int64_t i = 0; i < bm; ++i) {
               T* row = s.data() + i * bn;
-              T mx = mrow[i];
-              for (int64_t jj = 0; jj < bn; ++jj) mx = std::max(mx, row[jj]);
-              T sum = 0;
-              for (int64_t jj = 0; jj < bn; ++jj) {
-                row[jj] = std::exp(row[jj] - mx);
-                sum += row[jj];
-              }
+              const T mx = std::max(mrow[i], cpu::scale_and_max(row, bn, T(1)));
               alpha[i] = std::exp(mrow[i] - mx);  // 0 on the first block (m = -inf)
-              lrow[i] = lrow[i] * alpha[i] + sum;
+              lrow[i] = lrow[i] * alpha[i] + cpu::exp_affine(row, bn, T(1), mx);
               mrow[i] = mx;
             }
             if (j0 > 0) {
@@ -290,9 +258,7 @@ void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const T* O
             // p = exp(scale * Q_i^T K_j - lse_i)
             gemm_rm<T>(true, false, bm, bn, Ck, scale, qg + i0, P, kg + j0, P, T(0), p.data(), bn);
             for (int64_t i = 0; i < bm; ++i) {
-              T* row = p.data() + i * bn;
-              const T l = lse[off + i0 + i];
-              for (int64_t jj = 0; jj < bn; ++jj) row[jj] = std::exp(row[jj] - l);
+              cpu::exp_affine(p.data() + i * bn, bn, T(1), lse[off + i0 + i]);
             }
             // dV[:, j] += dO[:, i] p
             gemm_rm<T>(false, false, Cv, bn, bm, T(1), dog + i0, P, p.data(), bn, T(1), dvg + j0, L);
@@ -322,27 +288,24 @@ void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const T* O
   });
 }
 
-at::ScalarType lse_dtype(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-std::tuple<at::Tensor, at::Tensor> isa_forward(const at::Tensor& query, const at::Tensor& key,
-                                               const at::Tensor& value, int64_t ph, int64_t pw,
+// Unlike the other CPU kernels these take any layout (the op is registered so), and copy what
+// is not contiguous.
+std::tuple<at::Tensor, at::Tensor> isa_forward(const at::Tensor& query_any,
+                                               const at::Tensor& key_any,
+                                               const at::Tensor& value_any, int64_t ph, int64_t pw,
                                                bool long_range, double scale) {
-  check_inputs(query, key, value, ph, pw);
-  TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble,
-              "interlaced_sparse_attention (cpu): float32 or float64 expected, got ",
-              query.scalar_type());
-  const auto q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
-  const int64_t N = q.size(0), Ck = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
-  auto out = at::empty({N, Cv, H, W}, v.options());
-  auto lse = at::empty({N, H, W}, q.options().dtype(lse_dtype(q)));
-  if (out.numel() == 0 || lse.numel() == 0) return {out, lse};
-  TORCH_CHECK(Ck > 0, "interlaced_sparse_attention (cpu): Ck must be positive");
+  const auto query = query_any.contiguous(), key = key_any.contiguous(),
+             value = value_any.contiguous();
+  check_inputs("interlaced_sparse_attention_forward (cpu)", query, key, value, ph, pw);
+  const int64_t N = query.size(0), Ck = query.size(1), H = query.size(2), W = query.size(3);
+  const int64_t Cv = value.size(1);
+  auto out = at::empty({N, Cv, H, W}, value.options());
+  auto lse = at::empty({N, H, W}, query.options());
+  if (lse.numel() == 0) return {out, lse};  // no positions (then out is empty too)
   GroupMap map(H, W, ph, pw, long_range);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "interlaced_sparse_attention_forward", [&] {
-    forward_kernel<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                             v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "interlaced_sparse_attention_forward", [&] {
+    forward_kernel<scalar_t>(query.const_data_ptr<scalar_t>(), key.const_data_ptr<scalar_t>(),
+                             value.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                              lse.mutable_data_ptr<scalar_t>(), N, Ck, Cv, map,
                              static_cast<scalar_t>(scale));
   });
@@ -350,37 +313,31 @@ std::tuple<at::Tensor, at::Tensor> isa_forward(const at::Tensor& query, const at
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_backward(
-    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse, int64_t ph, int64_t pw,
-    bool long_range, double scale) {
-  check_inputs(query, key, value, ph, pw);
-  TORCH_CHECK(grad_out.sizes() == value.sizes() && out.sizes() == value.sizes(),
-              "interlaced_sparse_attention_backward: grad_out and out must have value's shape ",
-              value.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == query.size(0) && lse.size(1) == query.size(2) &&
-                  lse.size(2) == query.size(3) && lse.scalar_type() == lse_dtype(query),
-              "interlaced_sparse_attention_backward: lse must be (N, H, W) of dtype ",
-              lse_dtype(query), ", got ", lse.sizes(), " ", lse.scalar_type());
-  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() &&
-                  out.scalar_type() == query.scalar_type(),
-              "interlaced_sparse_attention_backward: grad_out/out dtype must match query's");
-  const auto q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
-  const auto go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
-  const int64_t N = q.size(0), Ck = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  if (q.numel() == 0 || v.numel() == 0) {
-    dq.zero_(); dk.zero_(); dv.zero_();
-    return {dq, dk, dv};
-  }
+    const at::Tensor& grad_out_any, const at::Tensor& query_any, const at::Tensor& key_any,
+    const at::Tensor& value_any, const at::Tensor& out_any, const at::Tensor& lse_any, int64_t ph,
+    int64_t pw, bool long_range, double scale) {
+  const auto query = query_any.contiguous(), key = key_any.contiguous(),
+             value = value_any.contiguous();
+  const auto grad_out = grad_out_any.contiguous(), out = out_any.contiguous(),
+             lse = lse_any.contiguous();
+  const char* kernel = "interlaced_sparse_attention_backward (cpu)";
+  check_inputs(kernel, query, key, value, ph, pw);
+  const int64_t N = query.size(0), Ck = query.size(1), H = query.size(2), W = query.size(3);
+  const int64_t Cv = value.size(1);
+  guards::check_like(kernel, query, {{"grad_out", &grad_out}, {"out", &out}, {"lse", &lse}});
+  guards::check_sizes(kernel, "grad_out", grad_out, value.sizes());
+  guards::check_sizes(kernel, "out", out, value.sizes());
+  guards::check_sizes(kernel, "lse", lse, {N, H, W});
+  auto dq = at::empty_like(query), dk = at::empty_like(key), dv = at::empty_like(value);
+  if (lse.numel() == 0) return {dq, dk, dv};  // no positions: all three are empty
   GroupMap map(H, W, ph, pw, long_range);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "interlaced_sparse_attention_backward", [&] {
-    TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble);
-    backward_kernel<scalar_t>(go.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
-                              k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                              o.const_data_ptr<scalar_t>(), l.const_data_ptr<scalar_t>(),
-                              dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
-                              dv.mutable_data_ptr<scalar_t>(), N, Ck, Cv, map,
-                              static_cast<scalar_t>(scale));
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "interlaced_sparse_attention_backward", [&] {
+    backward_kernel<scalar_t>(
+        grad_out.const_data_ptr<scalar_t>(), query.const_data_ptr<scalar_t>(),
+        key.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
+        out.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(),
+        dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
+        dv.mutable_data_ptr<scalar_t>(), N, Ck, Cv, map, static_cast<scalar_t>(scale));
   });
   return {dq, dk, dv};
 }

@@ -17,12 +17,15 @@
 // gradient of each pixel's similarity (through E, the levels and the ties at min/max, split
 // evenly as torch.amin/amax do), then Σ_i gsim_i · x_i / |x_i| per (n, c) row and the input
 // gradient per (n, c) row.
+#include "segops/cpu/guards.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -84,7 +87,34 @@ struct Geometry {
     const int64_t ry = rr / s, rx = rr % s;
     return (ry * bh + t / bw) * w + rx * bw + t % bw;
   }
+  // sums[rr] = Σ f(i) over the flat pixel indices i of region rr, for every region of one image.
+  template <typename acc_t, typename F>
+  inline void region_sums(acc_t* sums, F&& f) const {
+    std::fill(sums, sums + r, acc_t(0));
+    for (int64_t y = 0; y < h; ++y) {
+      const int64_t ry = y / bh;
+      for (int64_t rx = 0; rx < s; ++rx) {
+        const int64_t off = y * w + rx * bw;
+        acc_t acc = 0;
+        for (int64_t i = 0; i < bw; ++i) acc += f(off + i);
+        sums[ry * s + rx] += acc;
+      }
+    }
+  }
 };
+
+// x (N, C, H, W) with H, W multiples of grid; num_levels >= 1; the 1-D histogram has grid 1.
+void check_qco(const char* kernel, const at::Tensor& x, int64_t num_levels, int64_t grid,
+               bool cooc) {
+  segops::cpu::check_operands(kernel, 4, {{"x", &x}});
+  segops::guards::check_value(kernel, num_levels >= 1, "num_levels must be >= 1, got ",
+                              num_levels);
+  segops::guards::check_value(kernel, grid >= 1 && x.size(2) % grid == 0 && x.size(3) % grid == 0,
+                              "(H, W) = (", x.size(2), ", ", x.size(3),
+                              ") must be divisible by grid = ", grid);
+  segops::guards::check_value(kernel, cooc || grid == 1,
+                              "the 1-D histogram (cooc false) has grid 1, got ", grid);
+}
 
 // ---------------------------------------------------------------------------------------------
 // qco forward
@@ -103,6 +133,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor levels = cooc ? at::empty({g.n, g.s, g.s, k}, opts) : at::empty({g.n, k}, opts);
   at::Tensor hist = cooc ? at::empty({g.n, g.s, g.s, k, k}, opts) : at::empty({g.n, k}, opts);
 
+  if (g.p == 0) {  // no pixels: an empty histogram
+    levels.zero_();
+    hist.zero_();
+    stats.zero_();
+    return {hist, levels, sim, rnorm, mean, stats};
+  }
   const scalar_t* X = x.const_data_ptr<scalar_t>();
   acc_t* M = mean.data_ptr<acc_t>();
   acc_t* GN = gnv.data_ptr<acc_t>();
@@ -118,16 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     for (int64_t nc = b; nc < e; ++nc) {
       const int64_t ni = nc / g.c, ci = nc % g.c;
       const scalar_t* row = X + nc * g.p;
-      std::fill(sums.begin(), sums.end(), acc_t(0));
-      for (int64_t y = 0; y < g.h; ++y) {
-        const int64_t ry = y / g.bh;
-        for (int64_t rx = 0; rx < g.s; ++rx) {
-          const scalar_t* seg = row + y * g.w + rx * g.bw;
-          acc_t acc = 0;
-          for (int64_t i = 0; i < g.bw; ++i) acc += seg[i];
-          sums[ry * g.s + rx] += acc;
-        }
-      }
+      g.region_sums(sums.data(), [&](int64_t i) { return acc_t(row[i]); });
       for (int64_t rr = 0; rr < g.r; ++rr) M[(ni * g.r + rr) * g.c + ci] = sums[rr] / acc_t(g.hw);
     }
   });
@@ -228,11 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> qco_forward_cpu(
     const at::Tensor& x, int64_t num_levels, int64_t grid, bool cooc) {
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "qco_forward: x must be a contiguous 4-D tensor");
-  TORCH_CHECK(num_levels >= 1 && grid >= 1, "qco_forward: num_levels and grid must be >= 1");
-  TORCH_CHECK(x.size(2) % grid == 0 && x.size(3) % grid == 0 && x.size(2) > 0 && x.size(3) > 0,
-              "qco_forward: H and W must be positive multiples of grid");
-  TORCH_CHECK(cooc || grid == 1, "qco_forward: the 1-D histogram has grid 1");
+  check_qco("qco_forward (cpu)", x, num_levels, grid, cooc);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "qco_forward_cpu", [&] {
     out = qco_forward_impl<scalar_t>(x, num_levels, grid, cooc);
@@ -366,16 +389,7 @@ at::Tensor qco_backward_impl(const at::Tensor& grad_hist, const at::Tensor& grad
       const int64_t ni = nc / g.c, ci = nc % g.c;
       const scalar_t* row = X + nc * g.p;
       const acc_t* a = CO + ni * 2 * g.p;
-      std::fill(sums.begin(), sums.end(), acc_t(0));
-      for (int64_t y = 0; y < g.h; ++y) {
-        const int64_t ry = y / g.bh;
-        for (int64_t rx = 0; rx < g.s; ++rx) {
-          const int64_t off = y * g.w + rx * g.bw;
-          acc_t acc = 0;
-          for (int64_t i = 0; i < g.bw; ++i) acc += acc_t(row[off + i]) * a[off + i];
-          sums[ry * g.s + rx] += acc;
-        }
-      }
+      g.region_sums(sums.data(), [&](int64_t i) { return acc_t(row[i]) * a[i]; });
       for (int64_t rr = 0; rr < g.r; ++rr) DGN[(ni * g.r + rr) * g.c + ci] = sums[rr];
     }
   });
@@ -427,13 +441,28 @@ at::Tensor qco_backward_cpu(const at::Tensor& grad_hist, const at::Tensor& grad_
                             const at::Tensor& hist, const at::Tensor& sim, const at::Tensor& rnorm,
                             const at::Tensor& mean, const at::Tensor& stats, int64_t num_levels,
                             int64_t grid, bool cooc) {
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "qco_backward: x must be a contiguous 4-D tensor");
-  for (const at::Tensor* t : {&grad_hist, &grad_levels, &hist, &sim, &rnorm, &mean, &stats})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == x.scalar_type(),
-                "qco_backward: saved tensors and gradients must be contiguous with x's dtype");
-  if (grad_sim.has_value() && grad_sim->defined())
-    TORCH_CHECK(grad_sim->is_contiguous() && grad_sim->scalar_type() == x.scalar_type(),
-                "qco_backward: grad_sim must be contiguous with x's dtype");
+  const char* kernel = "qco_backward (cpu)";
+  check_qco(kernel, x, num_levels, grid, cooc);
+  namespace guards = segops::guards;
+  guards::check_like(kernel, x, {{"grad_hist", &grad_hist}, {"grad_levels", &grad_levels},
+                                 {"hist", &hist}, {"sim", &sim}, {"rnorm", &rnorm},
+                                 {"mean", &mean}, {"stats", &stats}});
+  const int64_t n = x.size(0), h = x.size(2), w = x.size(3), k = num_levels, r = grid * grid;
+  using Shape = std::vector<int64_t>;
+  const Shape hist_shape = cooc ? Shape{n, grid, grid, k, k} : Shape{n, k};
+  const Shape levels_shape = cooc ? Shape{n, grid, grid, k} : Shape{n, k};
+  guards::check_sizes(kernel, "grad_hist", grad_hist, hist_shape);
+  guards::check_sizes(kernel, "hist", hist, hist_shape);
+  guards::check_sizes(kernel, "grad_levels", grad_levels, levels_shape);
+  guards::check_sizes(kernel, "sim", sim, {n, h, w});
+  guards::check_sizes(kernel, "rnorm", rnorm, {n, h, w});
+  guards::check_sizes(kernel, "mean", mean, {n, r, x.size(1)});
+  guards::check_sizes(kernel, "stats", stats, {n, r, 3});
+  if (grad_sim.has_value() && grad_sim->defined()) {
+    guards::check_like(kernel, x, {{"grad_sim", &*grad_sim}});
+    guards::check_sizes(kernel, "grad_sim", *grad_sim, {n, h, w});
+  }
+  if (x.numel() == 0) return at::empty_like(x);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "qco_backward_cpu", [&] {
     out = qco_backward_impl<scalar_t>(grad_hist, grad_levels, grad_sim, x, hist, sim, rnorm, mean,
@@ -452,6 +481,7 @@ void recon_encode(const at::Tensor& sim, const at::Tensor& levels, std::vector<E
   const acc_t* S = sim.const_data_ptr<acc_t>();
   const acc_t* L = levels.const_data_ptr<acc_t>();
   enc.resize(n * p);
+  if (p == 0) return;
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
     for (int64_t ni = b; ni < e; ++ni) {
       const acc_t* sn = S + ni * p;
@@ -578,24 +608,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recon_backward_impl(const at::Ten
   return {gsim, glev, gfeat};
 }
 
-void recon_check(const char* what, const at::Tensor& sim, const at::Tensor& levels,
+// sim (N, H, W), levels (N, K), features (N, Cf, K).
+void recon_check(const char* kernel, const at::Tensor& sim, const at::Tensor& levels,
                  const at::Tensor& features) {
-  TORCH_CHECK(sim.dim() == 3 && levels.dim() == 2 && features.dim() == 3, what,
-              ": expected sim (N, H, W), levels (N, K), features (N, Cf, K)");
-  TORCH_CHECK(sim.is_contiguous() && levels.is_contiguous() && features.is_contiguous(), what,
-              ": inputs must be contiguous");
-  TORCH_CHECK(levels.size(0) == sim.size(0) && features.size(0) == sim.size(0) &&
-                  features.size(2) == levels.size(1) && levels.size(1) >= 1 &&
-                  (sim.numel() > 0 || sim.size(0) == 0),
-              what, ": mismatched or empty sizes");
-  TORCH_CHECK(levels.scalar_type() == sim.scalar_type() &&
-                  features.scalar_type() == sim.scalar_type(),
-              what, ": inputs must share one dtype");
+  namespace guards = segops::guards;
+  segops::cpu::check_operands(kernel, 3, {{"sim", &sim}, {"features", &features}});
+  guards::check_rank(kernel, 2, {{"levels", &levels}});
+  guards::check_like(kernel, sim, {{"levels", &levels}});
+  guards::check_sizes(kernel, "levels", levels, {sim.size(0), levels.size(1)});
+  guards::check_sizes(kernel, "features", features,
+                      {sim.size(0), features.size(1), levels.size(1)});
 }
 
 at::Tensor recon_forward_cpu(const at::Tensor& sim, const at::Tensor& levels,
                              const at::Tensor& features) {
-  recon_check("texture_reconstruct_forward", sim, levels, features);
+  recon_check("texture_reconstruct_forward (cpu)", sim, levels, features);
+  if (levels.size(1) == 0) {  // no levels: every pixel's encoding is empty
+    return at::zeros({sim.size(0), features.size(1), sim.size(1), sim.size(2)}, sim.options());
+  }
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "texture_reconstruct_forward_cpu", [&] {
     out = recon_forward_impl<scalar_t>(sim, levels, features);
@@ -607,12 +637,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recon_backward_cpu(const at::Tens
                                                                   const at::Tensor& sim,
                                                                   const at::Tensor& levels,
                                                                   const at::Tensor& features) {
-  recon_check("texture_reconstruct_backward", sim, levels, features);
-  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == sim.scalar_type() &&
-                  grad_out.dim() == 4 && grad_out.size(0) == sim.size(0) &&
-                  grad_out.size(1) == features.size(1) && grad_out.size(2) == sim.size(1) &&
-                  grad_out.size(3) == sim.size(2),
-              "texture_reconstruct_backward: grad_out must be contiguous (N, Cf, H, W)");
+  const char* kernel = "texture_reconstruct_backward (cpu)";
+  recon_check(kernel, sim, levels, features);
+  segops::guards::check_like(kernel, sim, {{"grad_out", &grad_out}});
+  segops::guards::check_sizes(kernel, "grad_out", grad_out,
+                              {sim.size(0), features.size(1), sim.size(1), sim.size(2)});
+  if (levels.size(1) == 0) {  // no levels: the output did not depend on sim
+    return {at::zeros_like(sim), at::empty_like(levels), at::empty_like(features)};
+  }
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "texture_reconstruct_backward_cpu", [&] {
     out = recon_backward_impl<scalar_t>(grad_out, sim, levels, features);

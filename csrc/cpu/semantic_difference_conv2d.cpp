@@ -4,18 +4,20 @@
 //
 // with U, V zero outside the image. Never materialises the k^2-unfolded U or V: the forward
 // builds the (Cin*k^2) x T panel of D for a tile of T pixels in per-thread scratch and multiplies
-// it by the (Cout, Cin*k^2) weight matrix (at::mm_out -> BLAS); the backward parallelises over
+// it by the (Cout, Cin*k^2) weight matrix (segops::cpu::gemm_rm); the backward parallelises over
 // channel blocks, so each thread rebuilds D for its channels, accumulates its own columns of
 // dW (dY_tile @ D^T), computes dD = W^T dY_tile and scatters it into dU/dV of its own channels
 // (deterministic, no atomics). "gaussian" uses one small (N, k^2, H*W) similarity tensor (k^2/Cin
 // of the unfold size) and, in the backward, per-thread partial sums of dL/dS of that size.
+#include "segops/cpu/gemm.h"
+#include "segops/cpu/guards.h"
+#include "segops/cpu/softmax_rows.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -27,6 +29,8 @@
 #include <vector>
 
 namespace {
+
+using segops::cpu::gemm_rm;
 
 enum Sim { kNone = 0, kCharbonnier = 1, kGaussian = 2 };
 
@@ -41,32 +45,27 @@ struct Geo {
   int64_t dx(int64_t t) const { return (t % k - half) * dil; }
 };
 
-int parse_similarity(const std::string& s) {
+int parse_similarity(const char* kernel, const std::string& s) {
   if (s == "none") return kNone;
   if (s == "charbonnier") return kCharbonnier;
-  if (s == "gaussian") return kGaussian;
-  TORCH_CHECK(false, "semantic_difference_conv2d: similarity must be charbonnier, gaussian or none, got ", s);
+  segops::guards::check_value(kernel, s == "gaussian",
+                              "similarity must be charbonnier, gaussian or none, got ", s);
+  return kGaussian;
 }
 
-Geo make_geo(const at::Tensor& input, const at::Tensor& guidance, const at::Tensor& weight,
-             int64_t dilation, int sim) {
-  TORCH_CHECK(input.dim() == 4 && guidance.dim() == 4 && weight.dim() == 4,
-              "semantic_difference_conv2d: input, guidance and weight must be 4-D");
-  TORCH_CHECK(input.is_contiguous() && guidance.is_contiguous() && weight.is_contiguous(),
-              "semantic_difference_conv2d: the CPU kernels take contiguous tensors");
-  TORCH_CHECK(input.scalar_type() == guidance.scalar_type() && input.scalar_type() == weight.scalar_type(),
-              "semantic_difference_conv2d: input, guidance and weight must share one dtype");
+// input (N, Cin, H, W), guidance (N, Cg, H, W) with Cg == Cin for charbonnier, weight
+// (Cout, Cin, k, k).
+Geo make_geo(const char* kernel, const at::Tensor& input, const at::Tensor& guidance,
+             const at::Tensor& weight, int64_t dilation, int sim) {
+  segops::cpu::check_operands(kernel, 4, {{"input", &input}, {"guidance", &guidance},
+                                          {"weight", &weight}});
   Geo g;
   g.N = input.size(0); g.Cin = input.size(1); g.H = input.size(2); g.W = input.size(3);
   g.HW = g.H * g.W; g.Cg = guidance.size(1); g.Cout = weight.size(0); g.k = weight.size(2);
   g.KK = g.k * g.k; g.dil = dilation; g.half = (g.k - 1) / 2;
-  TORCH_CHECK(weight.size(1) == g.Cin && weight.size(3) == g.k && g.k % 2 == 1,
-              "semantic_difference_conv2d: weight must be (Cout, Cin, k, k) with k odd, got ", weight.sizes());
-  TORCH_CHECK(guidance.size(0) == g.N && guidance.size(2) == g.H && guidance.size(3) == g.W,
-              "semantic_difference_conv2d: guidance must match (N, H, W) of input");
-  TORCH_CHECK(sim != kCharbonnier || g.Cg == g.Cin,
-              "semantic_difference_conv2d: charbonnier needs Cg == Cin");
-  TORCH_CHECK(dilation >= 1, "semantic_difference_conv2d: dilation must be >= 1");
+  segops::guards::check_sizes(kernel, "guidance", guidance,
+                              {g.N, sim == kCharbonnier ? g.Cin : g.Cg, g.H, g.W});
+  segops::guards::check_sizes(kernel, "weight", weight, {g.Cout, g.Cin, g.k, g.k});
   return g;
 }
 
@@ -109,7 +108,7 @@ at::Tensor gaussian_similarity(const at::Tensor& guidance, const Geo& g, double 
           for (int64_t x = hi; x < xb; ++x) srow[x] += vrow[x] * vrow[x];
         });
       }
-      for (int64_t p = 0; p < g.HW; ++p) s[p] = std::exp(s[p] * scale);
+      segops::cpu::exp_affine(s, g.HW, scale, T(0));
     }
   });
   return S;
@@ -167,38 +166,39 @@ void build_panel_any(int sim, const Geo& g, const T* U, const T* V, const T* S, 
 at::Tensor sdc_forward(const at::Tensor& input, const at::Tensor& guidance, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, int64_t dilation,
                        std::string similarity, double sigma) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // BLAS calls on plain tensors
-  const int sim = parse_similarity(similarity);
-  const Geo g = make_geo(input, guidance, weight, dilation, sim);
+  const char* kernel = "semantic_difference_conv2d_forward (cpu)";
+  const int sim = parse_similarity(kernel, similarity);
+  const Geo g = make_geo(kernel, input, guidance, weight, dilation, sim);
+  if (bias.has_value()) {
+    segops::guards::check_like(kernel, input, {{"bias", &*bias}});
+    segops::guards::check_sizes(kernel, "bias", *bias, {g.Cout});
+  }
   at::Tensor out = at::empty({g.N, g.Cout, g.H, g.W}, input.options());
   if (out.numel() == 0) return out;
   const int64_t K = g.Cin * g.KK;
   const int64_t ntile = (g.HW + kTileFwd - 1) / kTileFwd;
-  at::Tensor w2 = weight.view({g.Cout, K});
-  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "semantic_difference_conv2d_forward", [&] {
     using T = scalar_t;
     at::Tensor S = sim == kGaussian ? gaussian_similarity<T>(guidance, g, sigma) : at::Tensor();
     const T* U = input.data_ptr<T>();
     const T* V = guidance.data_ptr<T>();
     const T* Sp = S.defined() ? S.data_ptr<T>() : nullptr;
-    const T* bp = b.defined() ? b.data_ptr<T>() : nullptr;
+    const T* Wp = weight.data_ptr<T>();
+    const T* bp = bias.has_value() ? bias->data_ptr<T>() : nullptr;
     T* Y = out.data_ptr<T>();
     const T inv_s2 = T(1.0 / (sigma * sigma));
     at::parallel_for(0, g.N * ntile, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor panel = at::empty({K, kTileFwd}, input.options());
-      at::Tensor res = at::empty({g.Cout, kTileFwd}, input.options());
+      std::vector<T> panel(K * kTileFwd), res(g.Cout * kTileFwd);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / ntile, p0 = (i % ntile) * kTileFwd, p1 = std::min(g.HW, p0 + kTileFwd);
         const int64_t T_ = p1 - p0;
-        build_panel_any<T>(sim, g, U, V, Sp, n, 0, g.Cin, p0, p1, panel.data_ptr<T>(), kTileFwd, inv_s2);
-        at::Tensor r = res.narrow(1, 0, T_);
-        if (T_ == kTileFwd) at::mm_out(res, w2, panel);
-        else r.copy_(at::mm(w2, panel.narrow(1, 0, T_)));
-        const T* rp = res.data_ptr<T>();
+        build_panel_any<T>(sim, g, U, V, Sp, n, 0, g.Cin, p0, p1, panel.data(), kTileFwd, inv_s2);
+        // res (Cout x T_) = W (Cout x K) @ panel (K x T_); Y[n, :, p0:p1] = res + bias
+        gemm_rm<T>(false, false, g.Cout, T_, K, T(1), Wp, K, panel.data(), kTileFwd, T(0),
+                   res.data(), kTileFwd);
         for (int64_t o = 0; o < g.Cout; ++o) {
           T* yo = Y + (n * g.Cout + o) * g.HW + p0;
-          const T* ro = rp + o * kTileFwd;
+          const T* ro = res.data() + o * kTileFwd;
           const T bo = bp ? bp[o] : T(0);
           for (int64_t j = 0; j < T_; ++j) yo[j] = ro[j] + bo;
         }
@@ -211,12 +211,12 @@ at::Tensor sdc_forward(const at::Tensor& input, const at::Tensor& guidance, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& guidance,
     const at::Tensor& weight, int64_t dilation, std::string similarity, double sigma) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // BLAS calls on plain tensors
-  const int sim = parse_similarity(similarity);
-  const Geo g = make_geo(input, guidance, weight, dilation, sim);
-  TORCH_CHECK(grad_out.is_contiguous() && grad_out.dim() == 4 && grad_out.size(0) == g.N &&
-              grad_out.size(1) == g.Cout && grad_out.size(2) == g.H && grad_out.size(3) == g.W,
-              "semantic_difference_conv2d_backward: grad_out must be a contiguous (N, Cout, H, W) tensor");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // ATen's sum on plain tensors
+  const char* kernel = "semantic_difference_conv2d_backward (cpu)";
+  const int sim = parse_similarity(kernel, similarity);
+  const Geo g = make_geo(kernel, input, guidance, weight, dilation, sim);
+  segops::guards::check_like(kernel, input, {{"grad_out", &grad_out}});
+  segops::guards::check_sizes(kernel, "grad_out", grad_out, {g.N, g.Cout, g.H, g.W});
   at::Tensor dU = at::zeros_like(input);
   at::Tensor dV = at::zeros_like(guidance);
   at::Tensor dW = at::zeros_like(weight);
@@ -236,18 +236,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
     const T* U = input.data_ptr<T>();
     const T* V = guidance.data_ptr<T>();
     const T* Sp = S.defined() ? S.data_ptr<T>() : nullptr;
+    const T* GO = grad_out.data_ptr<T>();
+    const T* Wp = weight.data_ptr<T>();
     T* dUp = dU.data_ptr<T>();
     T* dVp = dV.data_ptr<T>();
+    T* dWp = dW.data_ptr<T>();
     const T inv_s2 = T(1.0 / (sigma * sigma));
-    at::Tensor w2 = weight.view({g.Cout, g.Cin * g.KK});
-    at::Tensor dw2 = dW.view({g.Cout, g.Cin * g.KK});
+    const int64_t K = g.Cin * g.KK;  // weight and dW as (Cout, K) matrices
     at::parallel_for(0, nblk_eff, 1, [&](int64_t bb, int64_t be) {
       for (int64_t blk = bb; blk < be; ++blk) {
         const int64_t c0 = blk * cb, c1 = std::min(g.Cin, c0 + cb), Kc = (c1 - c0) * g.KK;
-        at::Tensor wblk_t = w2.narrow(1, c0 * g.KK, Kc).t().contiguous();  // (Kc, Cout)
-        at::Tensor dwblk = at::zeros({g.Cout, Kc}, input.options());
-        at::Tensor panel = at::empty({Kc, kTileBwd}, input.options());
-        at::Tensor dpanel = at::empty({Kc, kTileBwd}, input.options());
+        std::vector<T> panel(Kc * kTileBwd), dpanel(Kc * kTileBwd);
         std::vector<T> scratch_a(g.W), scratch_b(g.W);  // per-row temporaries of the scatter
         T* a = scratch_a.data();
         T* b = scratch_b.data();
@@ -255,13 +254,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
         for (int64_t i = 0; i < g.N * ntile; ++i) {
           const int64_t n = i / ntile, p0 = (i % ntile) * kTileBwd, p1 = std::min(g.HW, p0 + kTileBwd);
           const int64_t T_ = p1 - p0;
-          at::Tensor dy = grad_out[n].view({g.Cout, g.HW}).narrow(1, p0, T_);
-          build_panel_any<T>(sim, g, U, V, Sp, n, c0, c1, p0, p1, panel.data_ptr<T>(), kTileBwd, inv_s2);
-          at::Tensor pn = panel.narrow(1, 0, T_);
-          dwblk.addmm_(dy, pn.t());
-          at::Tensor dp = dpanel.narrow(1, 0, T_);
-          at::mm_out(dp, wblk_t, dy);
-          const T* dD = dpanel.data_ptr<T>();
+          const T* dy = GO + n * g.Cout * g.HW + p0;  // (Cout, T_), row stride HW
+          build_panel_any<T>(sim, g, U, V, Sp, n, c0, c1, p0, p1, panel.data(), kTileBwd, inv_s2);
+          // dW[:, c0 * KK : c1 * KK] (Cout x Kc) += dy @ panel^T; dD (Kc x T_) = W_blk^T @ dy
+          gemm_rm<T>(false, true, g.Cout, Kc, T_, T(1), dy, g.HW, panel.data(), kTileBwd, T(1),
+                     dWp + c0 * g.KK, K);
+          gemm_rm<T>(true, false, Kc, T_, g.Cout, T(1), Wp + c0 * g.KK, K, dy, g.HW, T(0),
+                     dpanel.data(), kTileBwd);
+          const T* dD = dpanel.data();
           // Scatter dD into dU (and dV / dS) of channels [c0, c1).
           for (int64_t c = c0; c < c1; ++c) {
             const T* Uc = U + (n * g.Cin + c) * g.HW;
@@ -323,7 +323,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
             }
           }
         }
-        dw2.narrow(1, c0 * g.KK, Kc).copy_(dwblk);
       }
     });
     if (sim == kGaussian) {

@@ -53,5 +53,12 @@ inline void check_dtype(const char* kernel, const char* name, const at::Tensor& 
               ", which this backend does not implement");
 }
 
+// A condition on scalar arguments (or sizes) that the kernel's indexing relies on holds;
+// `what...` states the requirement, e.g. "H must be divisible by grid = ", grid.
+template <typename... Args>
+inline void check_value(const char* kernel, bool ok, const Args&... what) {
+  TORCH_CHECK(ok, "segops_C.", kernel, ": ", what...);
+}
+
 }  // namespace guards
 }  // namespace segops

@@ -1,0 +1,29 @@
+// The per-element passes of the CPU kernels' softmaxes (and the one other exp that runs over a
+// whole map, SDN's gaussian similarity), one row at a time. Every exp of the CPU kernels that
+// runs over more than a handful of elements goes through these (csrc/cpu/softmax_rows.cpp).
+//
+// The float versions are compiled for AVX-512, AVX2 and baseline x86-64 (picked at load time)
+// and use a polynomial exp the compiler vectorises (about 1 ulp); libm's expf is a scalar call
+// per element. The double versions call std::exp.
+#pragma once
+
+#include <cstdint>
+
+namespace segops {
+namespace cpu {
+
+// row[j] *= s; returns the new max_j row[j] (-inf for an empty row).
+float scale_and_max(float* row, int64_t len, float s);
+double scale_and_max(double* row, int64_t len, double s);
+
+// row[j] = exp((row[j] * s - m) - l); returns the sum of the new row. Subtracting the row max m
+// and the log-sum l one after the other keeps row - m exact where m + l would round.
+float exp_affine(float* row, int64_t len, float s, float m, float l = 0.0f);
+double exp_affine(double* row, int64_t len, double s, double m, double l = 0.0);
+
+// sum_j exp(row[j] - m), row unchanged.
+float exp_sum(const float* row, int64_t len, float m);
+double exp_sum(const double* row, int64_t len, double m);
+
+}  // namespace cpu
+}  // namespace segops
