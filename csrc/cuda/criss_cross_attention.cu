@@ -35,24 +35,18 @@
 
 #include "segops/cuda/criss_cross_attention.h"
 #include "segops/cuda/device_utils.cuh"
+#include "segops/cuda/tile_dot.cuh"
 
 namespace segops {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;  // every kernel but the transpose
+constexpr int kThreads = kTileThreads;  // every kernel but the transpose
 constexpr int kChan = 16;      // channels staged per shared-memory chunk in tile_dot
 
 template <typename T> struct Tile { static constexpr int B = 64; };
 template <> struct Tile<double> { static constexpr int B = 32; };
 
-__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
-__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
-__device__ __forceinline__ float acc_log(float x) { return logf(x); }
-__device__ __forceinline__ double acc_log(double x) { return log(x); }
-__device__ __forceinline__ float acc_fma(float a, float b, float c) { return fmaf(a, b, c); }
-__device__ __forceinline__ double acc_fma(double a, double b, double c) { return fma(a, b, c); }
-template <typename A> __device__ __forceinline__ A neg_inf() { return -static_cast<A>(INFINITY); }
 template <typename A> __device__ __forceinline__ A amax(A a, A b) { return a > b ? a : b; }
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -76,50 +70,31 @@ struct Geom {
   int64_t out_ls, out_es;  // output line / element strides
 };
 
-// s[i][j] = sum_c a[c, t/16 + 16 i] * b[c, t%16 + 16 j] over C channels. a and b point at channel
-// 0 of the first line element of their tile; element e of channel c lies at c * HW + e * es.
-// Elements past na (nb) read as zero. Summation: channels ascending, one fma each (the same in
-// every kernel, so energies are recomputed bit-identically: fma(x, y, s) == fma(y, x, s)).
+// Element e of channel c of a line tile starting at `base` (channel 0, first element) lies at
+// c * HW + e * es; elements from `n` on read as zero.
+template <typename T, typename A>
+struct LineLoader {
+  const T* __restrict__ base;
+  int n;
+  int64_t HW, es;
+  __device__ __forceinline__ A operator()(int64_t c, int e) const {
+    return e < n ? to_acc<A>(base[c * HW + static_cast<int64_t>(e) * es]) : A(0);
+  }
+};
+
+// s[i][j] = sum_c a[c, t/16 + 16 i] * b[c, t%16 + 16 j] over C channels of two line tiles of
+// na and nb elements (staged_tile_dot, the summation every kernel shares).
 template <int B, typename T, typename A>
 __device__ __forceinline__ void tile_dot(A (&s)[B / 16][B / 16], const T* __restrict__ a, int na,
                                          const T* __restrict__ b, int nb, int64_t C, int64_t HW,
                                          int64_t es, A* __restrict__ As, A* __restrict__ Bs) {
-  constexpr int TN = B / 16;
-  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
 #pragma unroll
-  for (int i = 0; i < TN; ++i) {
+  for (int i = 0; i < B / 16; ++i) {
 #pragma unroll
-    for (int j = 0; j < TN; ++j) s[i][j] = A(0);
+    for (int j = 0; j < B / 16; ++j) s[i][j] = A(0);
   }
-  for (int64_t c0 = 0; c0 < C; c0 += kChan) {
-    const int nc = static_cast<int>(imin(kChan, C - c0));
-    for (int idx = tid; idx < kChan * B; idx += kThreads) {
-      const int c = idx / B, e = idx % B;
-      A va = A(0), vb = A(0);
-      if (c < nc) {
-        const int64_t off = (c0 + c) * HW + static_cast<int64_t>(e) * es;
-        if (e < na) va = to_acc<A>(a[off]);
-        if (e < nb) vb = to_acc<A>(b[off]);
-      }
-      As[idx] = va;
-      Bs[idx] = vb;
-    }
-    __syncthreads();
-#pragma unroll 4
-    for (int c = 0; c < kChan; ++c) {
-      A ra[TN], rb[TN];
-#pragma unroll
-      for (int i = 0; i < TN; ++i) ra[i] = As[c * B + ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < TN; ++j) rb[j] = Bs[c * B + tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < TN; ++i) {
-#pragma unroll
-        for (int j = 0; j < TN; ++j) s[i][j] = acc_fma(ra[i], rb[j], s[i][j]);
-      }
-    }
-    __syncthreads();
-  }
+  staged_tile_dot<B / 16, kChan>(s, C, LineLoader<T, A>{a, na, HW, es},
+                                 LineLoader<T, A>{b, nb, HW, es}, As, Bs);
 }
 
 // Softmax statistics of one line direction. Block: B positions of one line (grid x = N * nrt * R,
@@ -432,24 +407,10 @@ __global__ void __launch_bounds__(256)
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-constexpr size_t kAlign = 256;
-inline size_t align_up(size_t b) { return (b + kAlign - 1) / kAlign * kAlign; }
-
 // The column parts go straight into the outputs when the storage type is the accumulation type.
 inline bool needs_part_buffers(DType t) { return t == DType::kFloat16 || t == DType::kBFloat16; }
 
-// Workspace layout: consecutive 256-byte aligned slices.
-struct Carve {
-  char* base;
-  size_t used = 0;
-  void* take(size_t bytes) {
-    void* p = base == nullptr ? nullptr : base + used;
-    used += align_up(bytes);
-    return p;
-  }
-};
-
-inline bool grid_ok(int64_t blocks) { return blocks >= 0 && blocks <= INT_MAX; }
+inline bool grid_ok(int64_t blocks) { return blocks >= 0 && blocks <= kMaxGridX; }
 
 inline cudaError_t transpose(const void* src, void* dst, int64_t planes, int64_t H, int64_t W,
                              size_t elem, cudaStream_t stream) {
@@ -516,15 +477,15 @@ struct FwdBuffers {
   void *qt, *kt, *vt, *part;
 };
 
-inline FwdBuffers carve_forward(const CcaForwardParams& p, Carve& c) {
-  const size_t es = dtype_size(p.dtype), as = acc_size(p.dtype);
-  const size_t sk = static_cast<size_t>(p.N * p.Ck * p.H * p.W);
-  const size_t sv = static_cast<size_t>(p.N * p.Cv * p.H * p.W);
+inline FwdBuffers carve_forward(const CcaForwardParams& p, WorkspaceCarver& c) {
+  const size_t es = dtype_size(p.shape.dtype), as = acc_size(p.shape.dtype);
+  const size_t sk = static_cast<size_t>(p.shape.N * p.shape.Ck * p.shape.H * p.shape.W);
+  const size_t sv = static_cast<size_t>(p.shape.N * p.shape.Cv * p.shape.H * p.shape.W);
   FwdBuffers b{};
-  b.qt = c.take(sk * es);
-  b.kt = c.take(sk * es);
-  b.vt = c.take(sv * es);
-  b.part = needs_part_buffers(p.dtype) ? c.take(sv * as) : nullptr;
+  b.qt = c.take_bytes(sk * es);
+  b.kt = c.take_bytes(sk * es);
+  b.vt = c.take_bytes(sv * es);
+  b.part = needs_part_buffers(p.shape.dtype) ? c.take_bytes(sv * as) : nullptr;
   return b;
 }
 
@@ -532,20 +493,20 @@ struct BwdBuffers {
   void *D, *qt, *kt, *vt, *gt, *pq, *pk, *pv;
 };
 
-inline BwdBuffers carve_backward(const CcaBackwardParams& p, Carve& c) {
-  const size_t es = dtype_size(p.dtype), as = acc_size(p.dtype);
-  const size_t sk = static_cast<size_t>(p.N * p.Ck * p.H * p.W);
-  const size_t sv = static_cast<size_t>(p.N * p.Cv * p.H * p.W);
+inline BwdBuffers carve_backward(const CcaBackwardParams& p, WorkspaceCarver& c) {
+  const size_t es = dtype_size(p.shape.dtype), as = acc_size(p.shape.dtype);
+  const size_t sk = static_cast<size_t>(p.shape.N * p.shape.Ck * p.shape.H * p.shape.W);
+  const size_t sv = static_cast<size_t>(p.shape.N * p.shape.Cv * p.shape.H * p.shape.W);
   BwdBuffers b{};
-  b.D = c.take(static_cast<size_t>(p.N * p.H * p.W) * as);
-  b.qt = c.take(sk * es);
-  b.kt = c.take(sk * es);
-  b.vt = c.take(sv * es);
-  b.gt = c.take(sv * es);
-  if (needs_part_buffers(p.dtype)) {
-    b.pq = c.take(sk * as);
-    b.pk = c.take(sk * as);
-    b.pv = c.take(sv * as);
+  b.D = c.take_bytes(static_cast<size_t>(p.shape.N * p.shape.H * p.shape.W) * as);
+  b.qt = c.take_bytes(sk * es);
+  b.kt = c.take_bytes(sk * es);
+  b.vt = c.take_bytes(sv * es);
+  b.gt = c.take_bytes(sv * es);
+  if (needs_part_buffers(p.shape.dtype)) {
+    b.pq = c.take_bytes(sk * as);
+    b.pk = c.take_bytes(sk * as);
+    b.pv = c.take_bytes(sv * as);
   } else {
     b.pq = b.pk = b.pv = nullptr;
   }
@@ -559,7 +520,7 @@ inline bool dims_ok(int64_t N, int64_t Ck, int64_t Cv, int64_t H, int64_t W) {
 template <typename T>
 cudaError_t forward_typed(const CcaForwardParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
-  Carve carve{static_cast<char*>(p.workspace)};
+  WorkspaceCarver carve{p.workspace};
   const FwdBuffers wb = carve_forward(p, carve);
   const T* q = static_cast<const T*>(p.query);
   const T* k = static_cast<const T*>(p.key);
@@ -567,16 +528,16 @@ cudaError_t forward_typed(const CcaForwardParams& p, cudaStream_t stream) {
   T* out = static_cast<T*>(p.out);
   A* st = static_cast<A*>(p.stats);
   const size_t es = sizeof(T);
-  SEGOPS_CCA_TRY(transpose(q, wb.qt, p.N * p.Ck, p.H, p.W, es, stream));
-  SEGOPS_CCA_TRY(transpose(k, wb.kt, p.N * p.Ck, p.H, p.W, es, stream));
-  SEGOPS_CCA_TRY(transpose(v, wb.vt, p.N * p.Cv, p.H, p.W, es, stream));
+  SEGOPS_CCA_TRY(transpose(q, wb.qt, p.shape.N * p.shape.Ck, p.shape.H, p.shape.W, es, stream));
+  SEGOPS_CCA_TRY(transpose(k, wb.kt, p.shape.N * p.shape.Ck, p.shape.H, p.shape.W, es, stream));
+  SEGOPS_CCA_TRY(transpose(v, wb.vt, p.shape.N * p.shape.Cv, p.shape.H, p.shape.W, es, stream));
   const T* qt = static_cast<const T*>(wb.qt);
   const T* kt = static_cast<const T*>(wb.kt);
   const T* vt = static_cast<const T*>(wb.vt);
-  const Geom gc = col_geom(p.Ck, p.Cv, p.H, p.W), gr = row_geom(p.Ck, p.Cv, p.H, p.W);
+  const Geom gc = col_geom(p.shape.Ck, p.shape.Cv, p.shape.H, p.shape.W), gr = row_geom(p.shape.Ck, p.shape.Cv, p.shape.H, p.shape.W);
   // Statistics: column, then the row merged in.
-  SEGOPS_CCA_TRY((launch_stats<T, true, false>(qt, kt, st, gc, p.N, stream)));
-  SEGOPS_CCA_TRY((launch_stats<T, false, true>(q, k, st, gr, p.N, stream)));
+  SEGOPS_CCA_TRY((launch_stats<T, true, false>(qt, kt, st, gc, p.shape.N, stream)));
+  SEGOPS_CCA_TRY((launch_stats<T, false, true>(q, k, st, gr, p.shape.N, stream)));
   // Output: column part (into the fp32 buffer, or out itself when T == A), then row part + it.
   A* part = wb.part != nullptr ? static_cast<A*>(wb.part) : reinterpret_cast<A*>(out);
   LineArgs<T> a{};
@@ -587,19 +548,19 @@ cudaError_t forward_typed(const CcaForwardParams& p, cudaStream_t stream) {
   a.k = kt;
   a.v = vt;
   a.geo = gc;
-  SEGOPS_CCA_TRY((launch_line<T, Mode::kOut, true, false>(a, p.N, p.Cv, stream)));
+  SEGOPS_CCA_TRY((launch_line<T, Mode::kOut, true, false>(a, p.shape.N, p.shape.Cv, stream)));
   a.q = q;
   a.k = k;
   a.v = v;
   a.geo = gr;
-  SEGOPS_CCA_TRY((launch_line<T, Mode::kOut, false, true>(a, p.N, p.Cv, stream)));
+  SEGOPS_CCA_TRY((launch_line<T, Mode::kOut, false, true>(a, p.shape.N, p.shape.Cv, stream)));
   return cudaSuccess;
 }
 
 template <typename T>
 cudaError_t backward_typed(const CcaBackwardParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
-  Carve carve{static_cast<char*>(p.workspace)};
+  WorkspaceCarver carve{p.workspace};
   const BwdBuffers wb = carve_backward(p, carve);
   const T* go = static_cast<const T*>(p.grad_out);
   const T* q = static_cast<const T*>(p.query);
@@ -611,26 +572,26 @@ cudaError_t backward_typed(const CcaBackwardParams& p, cudaStream_t stream) {
   T* dk = static_cast<T*>(p.grad_key);
   T* dv = static_cast<T*>(p.grad_value);
   A* D = static_cast<A*>(wb.D);
-  const int64_t HW = p.H * p.W;
+  const int64_t HW = p.shape.H * p.shape.W;
   {
-    const int64_t blocks = (p.N * HW + kThreads - 1) / kThreads;
+    const int64_t blocks = (p.shape.N * HW + kThreads - 1) / kThreads;
     if (!grid_ok(blocks)) return cudaErrorInvalidValue;
     if (blocks > 0) {
-      cca_dot_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(go, out, D, p.N,
-                                                                                  p.Cv, HW);
+      cca_dot_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(go, out, D, p.shape.N,
+                                                                                  p.shape.Cv, HW);
       SEGOPS_CCA_TRY(cudaGetLastError());
     }
   }
   const size_t es = sizeof(T);
-  SEGOPS_CCA_TRY(transpose(q, wb.qt, p.N * p.Ck, p.H, p.W, es, stream));
-  SEGOPS_CCA_TRY(transpose(k, wb.kt, p.N * p.Ck, p.H, p.W, es, stream));
-  SEGOPS_CCA_TRY(transpose(v, wb.vt, p.N * p.Cv, p.H, p.W, es, stream));
-  SEGOPS_CCA_TRY(transpose(go, wb.gt, p.N * p.Cv, p.H, p.W, es, stream));
+  SEGOPS_CCA_TRY(transpose(q, wb.qt, p.shape.N * p.shape.Ck, p.shape.H, p.shape.W, es, stream));
+  SEGOPS_CCA_TRY(transpose(k, wb.kt, p.shape.N * p.shape.Ck, p.shape.H, p.shape.W, es, stream));
+  SEGOPS_CCA_TRY(transpose(v, wb.vt, p.shape.N * p.shape.Cv, p.shape.H, p.shape.W, es, stream));
+  SEGOPS_CCA_TRY(transpose(go, wb.gt, p.shape.N * p.shape.Cv, p.shape.H, p.shape.W, es, stream));
   const bool own = wb.pq != nullptr;
   A* pq = own ? static_cast<A*>(wb.pq) : reinterpret_cast<A*>(dq);
   A* pk = own ? static_cast<A*>(wb.pk) : reinterpret_cast<A*>(dk);
   A* pv = own ? static_cast<A*>(wb.pv) : reinterpret_cast<A*>(dv);
-  const Geom gc = col_geom(p.Ck, p.Cv, p.H, p.W), gr = row_geom(p.Ck, p.Cv, p.H, p.W);
+  const Geom gc = col_geom(p.shape.Ck, p.shape.Cv, p.shape.H, p.shape.W), gr = row_geom(p.shape.Ck, p.shape.Cv, p.shape.H, p.shape.W);
   LineArgs<T> a{};
   a.st = st;
   a.D = D;
@@ -641,11 +602,11 @@ cudaError_t backward_typed(const CcaBackwardParams& p, cudaStream_t stream) {
   a.g = static_cast<const T*>(wb.gt);
   a.geo = gc;
   a.part = pq;
-  SEGOPS_CCA_TRY((launch_line<T, Mode::kDq, true, false>(a, p.N, p.Ck, stream)));
+  SEGOPS_CCA_TRY((launch_line<T, Mode::kDq, true, false>(a, p.shape.N, p.shape.Ck, stream)));
   a.part = pk;
-  SEGOPS_CCA_TRY((launch_line<T, Mode::kDk, true, false>(a, p.N, p.Ck, stream)));
+  SEGOPS_CCA_TRY((launch_line<T, Mode::kDk, true, false>(a, p.shape.N, p.shape.Ck, stream)));
   a.part = pv;
-  SEGOPS_CCA_TRY((launch_line<T, Mode::kDv, true, false>(a, p.N, p.Cv, stream)));
+  SEGOPS_CCA_TRY((launch_line<T, Mode::kDv, true, false>(a, p.shape.N, p.shape.Cv, stream)));
   // Row pass on the NCHW tensors: row part + column part -> the gradients.
   a.q = q;
   a.k = k;
@@ -654,49 +615,49 @@ cudaError_t backward_typed(const CcaBackwardParams& p, cudaStream_t stream) {
   a.geo = gr;
   a.part = pq;
   a.dst = dq;
-  SEGOPS_CCA_TRY((launch_line<T, Mode::kDq, false, true>(a, p.N, p.Ck, stream)));
+  SEGOPS_CCA_TRY((launch_line<T, Mode::kDq, false, true>(a, p.shape.N, p.shape.Ck, stream)));
   a.part = pk;
   a.dst = dk;
-  SEGOPS_CCA_TRY((launch_line<T, Mode::kDk, false, true>(a, p.N, p.Ck, stream)));
+  SEGOPS_CCA_TRY((launch_line<T, Mode::kDk, false, true>(a, p.shape.N, p.shape.Ck, stream)));
   a.part = pv;
   a.dst = dv;
-  SEGOPS_CCA_TRY((launch_line<T, Mode::kDv, false, true>(a, p.N, p.Cv, stream)));
+  SEGOPS_CCA_TRY((launch_line<T, Mode::kDv, false, true>(a, p.shape.N, p.shape.Cv, stream)));
   return cudaSuccess;
 }
 
 }  // namespace
 
 size_t criss_cross_attention_forward_workspace_bytes(const CcaForwardParams& p) {
-  if (!dims_ok(p.N, p.Ck, p.Cv, p.H, p.W)) return 0;
-  Carve c{nullptr};
+  if (!dims_ok(p.shape.N, p.shape.Ck, p.shape.Cv, p.shape.H, p.shape.W)) return 0;
+  WorkspaceCarver c;
   carve_forward(p, c);
   return c.used;
 }
 
 size_t criss_cross_attention_backward_workspace_bytes(const CcaBackwardParams& p) {
-  if (!dims_ok(p.N, p.Ck, p.Cv, p.H, p.W)) return 0;
-  Carve c{nullptr};
+  if (!dims_ok(p.shape.N, p.shape.Ck, p.shape.Cv, p.shape.H, p.shape.W)) return 0;
+  WorkspaceCarver c;
   carve_backward(p, c);
   return c.used;
 }
 
 cudaError_t criss_cross_attention_forward(const CcaForwardParams& p, cudaStream_t stream) {
-  if (!dims_ok(p.N, p.Ck, p.Cv, p.H, p.W)) return cudaErrorInvalidValue;
-  if (p.N * p.H * p.W == 0) return cudaSuccess;
+  if (!dims_ok(p.shape.N, p.shape.Ck, p.shape.Cv, p.shape.H, p.shape.W)) return cudaErrorInvalidValue;
+  if (p.shape.N * p.shape.H * p.shape.W == 0) return cudaSuccess;
   if (p.workspace == nullptr && criss_cross_attention_forward_workspace_bytes(p) > 0) {
     return cudaErrorInvalidValue;
   }
-  SEGOPS_CUDA_DISPATCH(p.dtype, return forward_typed<scalar_t>(p, stream));
+  SEGOPS_CUDA_DISPATCH(p.shape.dtype, return forward_typed<scalar_t>(p, stream));
   return cudaSuccess;
 }
 
 cudaError_t criss_cross_attention_backward(const CcaBackwardParams& p, cudaStream_t stream) {
-  if (!dims_ok(p.N, p.Ck, p.Cv, p.H, p.W)) return cudaErrorInvalidValue;
-  if (p.N * p.H * p.W == 0) return cudaSuccess;
+  if (!dims_ok(p.shape.N, p.shape.Ck, p.shape.Cv, p.shape.H, p.shape.W)) return cudaErrorInvalidValue;
+  if (p.shape.N * p.shape.H * p.shape.W == 0) return cudaSuccess;
   if (p.workspace == nullptr && criss_cross_attention_backward_workspace_bytes(p) > 0) {
     return cudaErrorInvalidValue;
   }
-  SEGOPS_CUDA_DISPATCH(p.dtype, return backward_typed<scalar_t>(p, stream));
+  SEGOPS_CUDA_DISPATCH(p.shape.dtype, return backward_typed<scalar_t>(p, stream));
   return cudaSuccess;
 }
 

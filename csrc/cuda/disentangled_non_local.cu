@@ -25,8 +25,9 @@
 // The attention-tile kernels share two building blocks (256 threads; thread t owns rows
 // ty + 16 r (r < 4) and columns tx + 16 k of each tile, ty = t / 16, tx = t % 16, so the 16
 // threads of a half warp hold whole rows and row reductions are 16-lane shuffles):
-//   score_tile:      S (64 x 64) += X~^T Y~ over C channels (X~, Y~: (C, L) operands, optionally
-//                    minus per-channel means), 16 channels per shared-memory stage;
+//   score tile:      S (64 x 64) += X~^T Y~ over C channels (X~, Y~: (C, L) operands, optionally
+//                    minus per-channel means), 16 channels per shared-memory stage (the
+//                    staged_tile_dot of tile_dot.cuh with WhitenedLoader);
 //   accumulate_tile: acc (64 x 16*VPT) += T Z~^T, T the 64 x 64 tile in shared memory (P or dS),
 //                    Z~ a (C, L) operand (optionally whitened), 16 positions per stage.
 // The products go through a tile-ops policy (SimtTiles / WmmaTiles below): fp32 and fp64 use
@@ -44,37 +45,22 @@
 
 #include "segops/cuda/device_utils.cuh"
 #include "segops/cuda/disentangled_non_local.h"
+#include "segops/cuda/tile_dot.cuh"
 
 namespace segops {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;         // threads of every block
+constexpr int kThreads = kTileThreads;  // threads of every block
 constexpr int kTile = 64;             // positions per attention tile (rows and columns)
-constexpr int kKC = 16;               // channels per stage of score_tile
+constexpr int kKC = 16;               // channels per stage of the score tile
 constexpr int kPLd = kTile + 1;       // leading dimension of the P / dS tile in shared memory
 constexpr int kZC = 16;               // positions per stage of accumulate_tile
 constexpr int kZLd = kZC + 1;         // leading dimension of the Z stage
-constexpr int64_t kMaxBlocks = 2147483647;  // gridDim.x limit
 
 static_assert(kThreads == 16 * 16, "thread layout is 16 x 16");
 static_assert(kTile == 4 * 16, "each thread owns 4 rows and 4 columns of a tile");
-static_assert(kKC * kTile % kThreads == 0, "score_tile stage loads divide evenly");
 
-template <typename A> __device__ __forceinline__ A neg_inf();
-template <> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000); }
-template <> __device__ __forceinline__ double neg_inf<double>() {
-  return __longlong_as_double(static_cast<long long>(0xfff0000000000000ULL));
-}
-
-// Accurate exp / log (not __expf): the forward's statistics and the backward's recomputed
-// probabilities use the same function on the same operands.
-__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
-__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
-__device__ __forceinline__ float acc_log(float x) { return logf(x); }
-__device__ __forceinline__ double acc_log(double x) { return log(x); }
-__device__ __forceinline__ float madd(float a, float b, float c) { return fmaf(a, b, c); }
-__device__ __forceinline__ double madd(double a, double b, double c) { return fma(a, b, c); }
 
 
 // Sum over the block (kThreads threads); every thread gets the result. `red` holds 32 values.
@@ -97,46 +83,18 @@ template <typename A> __device__ __forceinline__ A block_max(A v, A* red) {
   return warp_max(r);
 }
 
-// s[r][k] += sum_{d < C} X~[d][a0 + ty + 16 r] * Y~[d][b0 + tx + 16 k], where X~ = X - muX
-// (per channel, muX may be null) is zero outside [0, LX), likewise Y~. X, Y point at the
-// sample's (C, LX) / (C, LY) storage. Xs, Ys: [kKC][kTile] shared stages. Starts and ends with
-// all threads past a barrier-free region (ends with __syncthreads).
+// X~[d][start + e] for the score tiles: X~ = X - mu (per channel d, mu may be null) on the
+// sample's (C, L) storage X, zero for positions >= L.
 template <typename T, typename A>
-__device__ __forceinline__ void score_tile(A (&s)[4][4], const T* __restrict__ X,
-                                           const A* __restrict__ muX, int64_t LX, int64_t a0,
-                                           const T* __restrict__ Y, const A* __restrict__ muY,
-                                           int64_t LY, int64_t b0, int64_t C, A* Xs, A* Ys) {
-  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-  for (int64_t d0 = 0; d0 < C; d0 += kKC) {
-#pragma unroll
-    for (int q = 0; q < kKC * kTile / kThreads; ++q) {
-      const int e = tid + q * kThreads;
-      const int d = e / kTile, p = e % kTile;
-      const int64_t dd = d0 + d, a = a0 + p, b = b0 + p;
-      A xv = A(0), yv = A(0);
-      if (dd < C) {
-        if (a < LX) xv = to_acc<A>(X[dd * LX + a]) - (muX != nullptr ? muX[dd] : A(0));
-        if (b < LY) yv = to_acc<A>(Y[dd * LY + b]) - (muY != nullptr ? muY[dd] : A(0));
-      }
-      Xs[d * kTile + p] = xv;
-      Ys[d * kTile + p] = yv;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int d = 0; d < kKC; ++d) {
-      A xa[4], yb[4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) xa[r] = Xs[d * kTile + ty + 16 * r];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) yb[k] = Ys[d * kTile + tx + 16 * k];
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) s[r][k] = madd(xa[r], yb[k], s[r][k]);
-    }
-    __syncthreads();
+struct WhitenedLoader {
+  const T* __restrict__ X;
+  const A* __restrict__ mu;
+  int64_t L, start;
+  __device__ __forceinline__ A operator()(int64_t d, int e) const {
+    const int64_t a = start + e;
+    return a < L ? to_acc<A>(X[d * L + a]) - (mu != nullptr ? mu[d] : A(0)) : A(0);
   }
-}
+};
 
 // acc[r][k] += sum_{b < 64} Ps[(ty + 16 r) * kPLd + b] * Z~[c0 + tx + 16 k][b0 + b], where
 // Z~ = Z - muZ (per channel, muZ may be null) is zero for channels >= C and positions >= LZ.
@@ -172,7 +130,7 @@ __device__ __forceinline__ void accumulate_tile(A (&acc)[4][VPT], const A* Ps,
 #pragma unroll
       for (int r = 0; r < 4; ++r)
 #pragma unroll
-        for (int k = 0; k < VPT; ++k) acc[r][k] = madd(t[r], z[k], acc[r][k]);
+        for (int k = 0; k < VPT; ++k) acc[r][k] = acc_fma(t[r], z[k], acc[r][k]);
     }
     __syncthreads();
   }
@@ -185,7 +143,7 @@ constexpr size_t round_up128(size_t b) { return (b + 127) / 128 * 128; }
 // The attention-tile kernels reach their two products through a tile-ops policy, which also owns
 // the shared-memory layout (bytes from the dynamic shared-memory base):
 //   p_tile(smem):   the 64 x kPLd accumulation-type tile the kernel writes P / dS into;
-//   score(...):     s[r][k] += S[ty + 16 r][tx + 16 k] (see score_tile);
+//   score(...):     s[r][k] += S[ty + 16 r][tx + 16 k] (staged_tile_dot[_wmma], tile_dot.cuh);
 //   accumulate(...): acc[r][k] += (T Z~^T)[ty + 16 r][tx + 16 k] (see accumulate_tile).
 // Both end with __syncthreads. SimtTiles: fp32/fp64 FMA (every dtype when SEGOPS_DNL_NO_WMMA).
 template <typename T, int VPT>
@@ -205,8 +163,9 @@ struct SimtTiles {
                                                const T* __restrict__ Y, const A* __restrict__ muY,
                                                int64_t LY, int64_t b0, int64_t C,
                                                unsigned char* sm) {
-    score_tile(s, X, muX, LX, a0, Y, muY, LY, b0, C, reinterpret_cast<A*>(sm + kX),
-               reinterpret_cast<A*>(sm + kY));
+    staged_tile_dot<4, kKC>(s, C, WhitenedLoader<T, A>{X, muX, LX, a0},
+                            WhitenedLoader<T, A>{Y, muY, LY, b0}, reinterpret_cast<A*>(sm + kX),
+                            reinterpret_cast<A*>(sm + kY));
   }
   static __device__ __forceinline__ void accumulate(A (&acc)[4][VPT], const A* Ps,
                                                     const T* __restrict__ Z,
@@ -250,52 +209,10 @@ struct WmmaTiles {
                                                int64_t a0, const T* __restrict__ Y,
                                                const float* __restrict__ muY, int64_t LY,
                                                int64_t b0, int64_t C, unsigned char* sm) {
-    namespace wmma = nvcuda::wmma;
-    T* Xh = reinterpret_cast<T*>(sm + kXh);
-    T* Yh = reinterpret_cast<T*>(sm + kYh);
-    float* Sf = reinterpret_cast<float*>(sm + kF);
-    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5;
-    const int rt = warp >> 1, ct0 = (warp & 1) * 2;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2];
-    wmma::fill_fragment(c[0], 0.0f);
-    wmma::fill_fragment(c[1], 0.0f);
-    for (int64_t d0 = 0; d0 < C; d0 += kKC) {
-#pragma unroll
-      for (int q = 0; q < kKC * kTile / kThreads; ++q) {
-        const int e = tid + q * kThreads;
-        const int d = e / kTile, p = e % kTile;
-        const int64_t dd = d0 + d, a = a0 + p, b = b0 + p;
-        float xv = 0.0f, yv = 0.0f;
-        if (dd < C) {
-          if (a < LX) xv = to_acc<float>(X[dd * LX + a]) - (muX != nullptr ? muX[dd] : 0.0f);
-          if (b < LY) yv = to_acc<float>(Y[dd * LY + b]) - (muY != nullptr ? muY[dd] : 0.0f);
-        }
-        Xh[d * kTile + p] = from_acc<T>(xv);
-        Yh[d * kTile + p] = from_acc<T>(yv);
-      }
-      __syncthreads();
-      // A = X~^T (64 x 16): element (a, d) at Xh[d * kTile + a], i.e. column-major.
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
-      wmma::load_matrix_sync(fa, Xh + rt * 16, kTile);
-#pragma unroll
-      for (int t = 0; t < 2; ++t) {
-        // B = Y~ (16 x 64): element (d, b) at Yh[d * kTile + b], row-major.
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-        wmma::load_matrix_sync(fb, Yh + (ct0 + t) * 16, kTile);
-        wmma::mma_sync(c[t], fa, fb, c[t]);
-      }
-      __syncthreads();
-    }
-#pragma unroll
-    for (int t = 0; t < 2; ++t)
-      wmma::store_matrix_sync(Sf + rt * 16 * kSLd + (ct0 + t) * 16, c[t], kSLd,
-                              wmma::mem_row_major);
-    __syncthreads();
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) s[r][k] += Sf[(ty + 16 * r) * kSLd + tx + 16 * k];
-    __syncthreads();
+    staged_tile_dot_wmma<kKC, kSLd>(s, C, WhitenedLoader<T, float>{X, muX, LX, a0},
+                                    WhitenedLoader<T, float>{Y, muY, LY, b0},
+                                    reinterpret_cast<T*>(sm + kXh), reinterpret_cast<T*>(sm + kYh),
+                                    reinterpret_cast<float*>(sm + kF));
   }
 
   static __device__ __forceinline__ void accumulate(float (&acc)[4][VPT], const float* Ps,
@@ -799,7 +716,7 @@ template <typename... KArgs, typename... Args>
 cudaError_t launch(void (*kernel)(KArgs...), int64_t blocks, size_t smem, cudaStream_t stream,
                    Args... args) {
   if (blocks <= 0) return cudaSuccess;
-  if (blocks > kMaxBlocks) return cudaErrorInvalidValue;
+  if (blocks > kMaxGridX) return cudaErrorInvalidValue;
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -809,9 +726,27 @@ cudaError_t launch(void (*kernel)(KArgs...), int64_t blocks, size_t smem, cudaSt
   return cudaGetLastError();
 }
 
-// Scratch layout (accumulation-type elements, each region rounded up to 64 elements):
-// forward: mq (N Ck), mk (N Ck); backward: mq, mk, D (N Lq), dg (N Cv), colsum (N Lk), corr (N Ck).
-inline int64_t region(int64_t elems) { return cdiv(elems, 64) * 64; }
+// Workspace (accumulation type A): the channel means mq (N Ck), mk (N Ck) when whitening; the
+// backward adds D (N Lq), dg (N Cv), colsum (N Lk), corr (N Ck). The *_workspace_bytes functions
+// run the same carving with a null base.
+template <typename A> struct Scratch { A *mq, *mk, *D, *dg, *colsum, *corr; };
+template <typename A>
+Scratch<A> carve_scratch(const DnlShape& s, bool backward, WorkspaceCarver& ws) {
+  Scratch<A> r{};
+  if (s.whiten) {
+    r.mq = ws.take<A>(s.N * s.Ck);
+    r.mk = ws.take<A>(s.N * s.Ck);
+  }
+  if (backward) {
+    r.D = ws.take<A>(s.N * s.Lq);
+    r.dg = ws.take<A>(s.N * s.Cv);
+    if (s.whiten) {
+      r.colsum = ws.take<A>(s.N * s.Lk);
+      r.corr = ws.take<A>(s.N * s.Ck);
+    }
+  }
+  return r;
+}
 
 // Runs f(std::integral_constant<int, VPT>) with the channel chunk width 16 * VPT of a tile
 // kernel: VPT = 8 for more than 64 channels, else 4; fp64 always 4 (register budget: its
@@ -828,149 +763,146 @@ template <typename T, int VPT>
 size_t tile_smem() { return tile_ops_t<T, VPT>::kBytes; }
 
 template <typename T, int VPT>
-cudaError_t forward_attention(const DisentangledNonLocalForwardParams& p, const acc_t<T>* mq,
+cudaError_t forward_attention(const DnlForwardParams& p, const acc_t<T>* mq,
                               const acc_t<T>* mk, const acc_t<T>* g, cudaStream_t stream) {
   using A = acc_t<T>;
-  const int64_t nqb = cdiv(p.Lq, kTile);
-  const int64_t ncb = p.Cv > 0 ? cdiv(p.Cv, 16 * VPT) : 1;  // lse needs one chunk
-  if (p.Lq > 0 && nqb > kMaxBlocks / (p.N * ncb)) return cudaErrorInvalidValue;
-  return launch(attention_forward_kernel<T, VPT>, p.N * nqb * ncb, tile_smem<T, VPT>(), stream,
+  const int64_t nqb = cdiv(p.shape.Lq, kTile);
+  const int64_t ncb = p.shape.Cv > 0 ? cdiv(p.shape.Cv, 16 * VPT) : 1;  // lse needs one chunk
+  if (p.shape.Lq > 0 && nqb > kMaxGridX / (p.shape.N * ncb)) return cudaErrorInvalidValue;
+  return launch(attention_forward_kernel<T, VPT>, p.shape.N * nqb * ncb, tile_smem<T, VPT>(), stream,
                 static_cast<const T*>(p.query), static_cast<const T*>(p.key),
                 static_cast<const T*>(p.value), mq, mk, g, static_cast<T*>(p.out),
-                static_cast<A*>(p.lse), p.Ck, p.Cv, p.Lq, p.Lk, static_cast<A>(p.s), nqb, ncb);
+                static_cast<A*>(p.lse), p.shape.Ck, p.shape.Cv, p.shape.Lq, p.shape.Lk, static_cast<A>(p.shape.s), nqb, ncb);
 }
 
 template <typename T>
-cudaError_t forward_impl(const DisentangledNonLocalForwardParams& p, cudaStream_t stream) {
+cudaError_t forward_impl(const DnlForwardParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
-  if (p.N <= 0) return cudaSuccess;
-  if (p.Lk <= 0) return p.Lq > 0 ? cudaErrorInvalidValue : cudaSuccess;
-  A* ws = static_cast<A*>(p.workspace);
-  A* mq = p.whiten ? ws : nullptr;
-  A* mk = p.whiten ? ws + region(p.N * p.Ck) : nullptr;
+  if (p.shape.N <= 0) return cudaSuccess;
+  if (p.shape.Lk <= 0) return p.shape.Lq > 0 ? cudaErrorInvalidValue : cudaSuccess;
+  WorkspaceCarver ws{p.workspace};
+  const Scratch<A> scratch = carve_scratch<A>(p.shape, false, ws);
+  A* mq = scratch.mq;
+  A* mk = scratch.mk;
   cudaError_t err = cudaSuccess;
-  if (p.whiten) {
-    err = launch(row_mean_kernel<T>, p.N * p.Ck, 0, stream, static_cast<const T*>(p.query), p.Lq, mq);
+  if (p.shape.whiten) {
+    err = launch(row_mean_kernel<T>, p.shape.N * p.shape.Ck, 0, stream, static_cast<const T*>(p.query), p.shape.Lq, mq);
     if (err != cudaSuccess) return err;
-    err = launch(row_mean_kernel<T>, p.N * p.Ck, 0, stream, static_cast<const T*>(p.key), p.Lk, mk);
+    err = launch(row_mean_kernel<T>, p.shape.N * p.shape.Ck, 0, stream, static_cast<const T*>(p.key), p.shape.Lk, mk);
     if (err != cudaSuccess) return err;
   }
   const A* g = nullptr;
   if (p.unary != nullptr) {
-    err = launch(unary_lse_kernel<T>, p.N, 0, stream, static_cast<const T*>(p.unary), p.Lk,
+    err = launch(unary_lse_kernel<T>, p.shape.N, 0, stream, static_cast<const T*>(p.unary), p.shape.Lk,
                  static_cast<A*>(p.lse_u));
     if (err != cudaSuccess) return err;
-    err = launch(unary_g_kernel<T>, p.N * p.Cv, 0, stream, static_cast<const T*>(p.unary),
-                 static_cast<const T*>(p.value), static_cast<const A*>(p.lse_u), p.Cv, p.Lk,
+    err = launch(unary_g_kernel<T>, p.shape.N * p.shape.Cv, 0, stream, static_cast<const T*>(p.unary),
+                 static_cast<const T*>(p.value), static_cast<const A*>(p.lse_u), p.shape.Cv, p.shape.Lk,
                  static_cast<A*>(p.g));
     if (err != cudaSuccess) return err;
     g = static_cast<const A*>(p.g);
   }
-  if (p.Lq <= 0) return cudaSuccess;
-  return with_vpt<T>(p.Cv, [&](auto vpt) {
+  if (p.shape.Lq <= 0) return cudaSuccess;
+  return with_vpt<T>(p.shape.Cv, [&](auto vpt) {
     return forward_attention<T, decltype(vpt)::value>(p, mq, mk, g, stream);
   });
 }
 
 template <typename T, int VPT>
-cudaError_t backward_dv(const DisentangledNonLocalBackwardParams& p, const acc_t<T>* mq,
+cudaError_t backward_dv(const DnlBackwardParams& p, const acc_t<T>* mq,
                         const acc_t<T>* mk, const acc_t<T>* dg, cudaStream_t stream) {
   using A = acc_t<T>;
-  const int64_t nkb = cdiv(p.Lk, kTile), ncb = cdiv(p.Cv, 16 * VPT);
-  if (ncb > 0 && nkb > kMaxBlocks / (p.N * ncb)) return cudaErrorInvalidValue;
-  return launch(attention_dv_kernel<T, VPT>, p.N * nkb * ncb, tile_smem<T, VPT>(), stream,
+  const int64_t nkb = cdiv(p.shape.Lk, kTile), ncb = cdiv(p.shape.Cv, 16 * VPT);
+  if (ncb > 0 && nkb > kMaxGridX / (p.shape.N * ncb)) return cudaErrorInvalidValue;
+  return launch(attention_dv_kernel<T, VPT>, p.shape.N * nkb * ncb, tile_smem<T, VPT>(), stream,
                 static_cast<const T*>(p.query), static_cast<const T*>(p.key),
                 static_cast<const T*>(p.grad_out), static_cast<const T*>(p.unary), mq, mk,
                 static_cast<const A*>(p.lse), dg, static_cast<const A*>(p.lse_u),
-                static_cast<T*>(p.dv), p.Ck, p.Cv, p.Lq, p.Lk, static_cast<A>(p.s), nkb, ncb);
+                static_cast<T*>(p.grad_value), p.shape.Ck, p.shape.Cv, p.shape.Lq, p.shape.Lk, static_cast<A>(p.shape.s), nkb, ncb);
 }
 
 template <typename T, int VPT>
-cudaError_t backward_dk(const DisentangledNonLocalBackwardParams& p, const acc_t<T>* mq,
+cudaError_t backward_dk(const DnlBackwardParams& p, const acc_t<T>* mq,
                         const acc_t<T>* mk, const acc_t<T>* D, acc_t<T>* colsum,
                         cudaStream_t stream) {
   using A = acc_t<T>;
-  const int64_t nkb = cdiv(p.Lk, kTile), ncb = cdiv(p.Ck, 16 * VPT);
-  if (ncb > 0 && nkb > kMaxBlocks / (p.N * ncb)) return cudaErrorInvalidValue;
-  return launch(attention_dk_kernel<T, VPT>, p.N * nkb * ncb, tile_smem<T, VPT>(), stream,
+  const int64_t nkb = cdiv(p.shape.Lk, kTile), ncb = cdiv(p.shape.Ck, 16 * VPT);
+  if (ncb > 0 && nkb > kMaxGridX / (p.shape.N * ncb)) return cudaErrorInvalidValue;
+  return launch(attention_dk_kernel<T, VPT>, p.shape.N * nkb * ncb, tile_smem<T, VPT>(), stream,
                 static_cast<const T*>(p.query), static_cast<const T*>(p.key),
                 static_cast<const T*>(p.value), static_cast<const T*>(p.grad_out), mq, mk,
-                static_cast<const A*>(p.lse), D, static_cast<T*>(p.dk), colsum, p.Ck, p.Cv, p.Lq,
-                p.Lk, static_cast<A>(p.s), nkb, ncb);
+                static_cast<const A*>(p.lse), D, static_cast<T*>(p.grad_key), colsum, p.shape.Ck, p.shape.Cv, p.shape.Lq,
+                p.shape.Lk, static_cast<A>(p.shape.s), nkb, ncb);
 }
 
 template <typename T, int VPT>
-cudaError_t backward_dq(const DisentangledNonLocalBackwardParams& p, const acc_t<T>* mq,
+cudaError_t backward_dq(const DnlBackwardParams& p, const acc_t<T>* mq,
                         const acc_t<T>* mk, const acc_t<T>* D, const acc_t<T>* corr,
                         cudaStream_t stream) {
   using A = acc_t<T>;
-  const int64_t nqb = cdiv(p.Lq, kTile), ncb = cdiv(p.Ck, 16 * VPT);
-  if (ncb > 0 && nqb > kMaxBlocks / (p.N * ncb)) return cudaErrorInvalidValue;
-  return launch(attention_dq_kernel<T, VPT>, p.N * nqb * ncb, tile_smem<T, VPT>(), stream,
+  const int64_t nqb = cdiv(p.shape.Lq, kTile), ncb = cdiv(p.shape.Ck, 16 * VPT);
+  if (ncb > 0 && nqb > kMaxGridX / (p.shape.N * ncb)) return cudaErrorInvalidValue;
+  return launch(attention_dq_kernel<T, VPT>, p.shape.N * nqb * ncb, tile_smem<T, VPT>(), stream,
                 static_cast<const T*>(p.query), static_cast<const T*>(p.key),
                 static_cast<const T*>(p.value), static_cast<const T*>(p.grad_out), mq, mk,
-                static_cast<const A*>(p.lse), D, corr, static_cast<T*>(p.dq), p.Ck, p.Cv, p.Lq,
-                p.Lk, static_cast<A>(p.s), nqb, ncb);
+                static_cast<const A*>(p.lse), D, corr, static_cast<T*>(p.grad_query), p.shape.Ck, p.shape.Cv, p.shape.Lq,
+                p.shape.Lk, static_cast<A>(p.shape.s), nqb, ncb);
 }
 
 template <typename T>
-cudaError_t backward_impl(const DisentangledNonLocalBackwardParams& p, cudaStream_t stream) {
+cudaError_t backward_impl(const DnlBackwardParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
-  if (p.N <= 0) return cudaSuccess;
-  if (p.Lk <= 0) return p.Lq > 0 ? cudaErrorInvalidValue : cudaSuccess;
+  if (p.shape.N <= 0) return cudaSuccess;
+  if (p.shape.Lk <= 0) return p.shape.Lq > 0 ? cudaErrorInvalidValue : cudaSuccess;
   const bool has_u = p.unary != nullptr;
-  A* ws = static_cast<A*>(p.workspace);
-  A* mq = ws;
-  A* mk = mq + region(p.N * p.Ck);
-  A* D = mk + region(p.N * p.Ck);
-  A* dg = D + region(p.N * p.Lq);
-  A* colsum = dg + region(p.N * p.Cv);
-  A* corr = colsum + region(p.N * p.Lk);
-  if (!p.whiten) mq = mk = colsum = corr = nullptr;
-  if (!has_u) dg = nullptr;
+  WorkspaceCarver ws{p.workspace};
+  const Scratch<A> scratch = carve_scratch<A>(p.shape, true, ws);
+  A *mq = scratch.mq, *mk = scratch.mk, *D = scratch.D, *colsum = scratch.colsum;
+  A* corr = scratch.corr;
+  A* dg = has_u ? scratch.dg : nullptr;
   const T* go = static_cast<const T*>(p.grad_out);
   const A* g = has_u ? static_cast<const A*>(p.g) : nullptr;
 
   cudaError_t err = cudaSuccess;
-  if (p.whiten) {
-    err = launch(row_mean_kernel<T>, p.N * p.Ck, 0, stream, static_cast<const T*>(p.query), p.Lq, mq);
+  if (p.shape.whiten) {
+    err = launch(row_mean_kernel<T>, p.shape.N * p.shape.Ck, 0, stream, static_cast<const T*>(p.query), p.shape.Lq, mq);
     if (err != cudaSuccess) return err;
-    err = launch(row_mean_kernel<T>, p.N * p.Ck, 0, stream, static_cast<const T*>(p.key), p.Lk, mk);
+    err = launch(row_mean_kernel<T>, p.shape.N * p.shape.Ck, 0, stream, static_cast<const T*>(p.key), p.shape.Lk, mk);
     if (err != cudaSuccess) return err;
   }
-  err = launch(delta_kernel<T>, cdiv(p.N * p.Lq, kThreads), 0, stream, go,
-               static_cast<const T*>(p.out), g, p.N, p.Cv, p.Lq, D);
+  err = launch(delta_kernel<T>, cdiv(p.shape.N * p.shape.Lq, kThreads), 0, stream, go,
+               static_cast<const T*>(p.out), g, p.shape.N, p.shape.Cv, p.shape.Lq, D);
   if (err != cudaSuccess) return err;
   if (has_u) {
-    err = launch(row_sum_kernel<T>, p.N * p.Cv, 0, stream, go, p.Lq, dg);
+    err = launch(row_sum_kernel<T>, p.shape.N * p.shape.Cv, 0, stream, go, p.shape.Lq, dg);
     if (err != cudaSuccess) return err;
   }
   // With Lq == 0 the attention loops are empty: dv = w dg = 0, dk = 0, du = 0 come out anyway.
-  err = with_vpt<T>(p.Cv, [&](auto vpt) {
+  err = with_vpt<T>(p.shape.Cv, [&](auto vpt) {
     return backward_dv<T, decltype(vpt)::value>(p, mq, mk, dg, stream);
   });
   if (err != cudaSuccess) return err;
-  err = with_vpt<T>(p.Ck, [&](auto vpt) {
+  err = with_vpt<T>(p.shape.Ck, [&](auto vpt) {
     return backward_dk<T, decltype(vpt)::value>(p, mq, mk, D, colsum, stream);
   });
   if (err != cudaSuccess) return err;
-  if (p.whiten && p.Lq > 0) {
-    err = launch(dq_correction_kernel<T>, p.N * p.Ck, 0, stream, static_cast<const T*>(p.key),
-                 static_cast<const A*>(mk), static_cast<const A*>(colsum), p.Ck, p.Lq, p.Lk,
-                 static_cast<A>(p.s), corr);
+  if (p.shape.whiten && p.shape.Lq > 0) {
+    err = launch(dq_correction_kernel<T>, p.shape.N * p.shape.Ck, 0, stream, static_cast<const T*>(p.key),
+                 static_cast<const A*>(mk), static_cast<const A*>(colsum), p.shape.Ck, p.shape.Lq, p.shape.Lk,
+                 static_cast<A>(p.shape.s), corr);
     if (err != cudaSuccess) return err;
   }
-  if (p.Lq > 0) {
-    err = with_vpt<T>(p.Ck, [&](auto vpt) {
+  if (p.shape.Lq > 0) {
+    err = with_vpt<T>(p.shape.Ck, [&](auto vpt) {
       return backward_dq<T, decltype(vpt)::value>(p, mq, mk, D, corr, stream);
     });
     if (err != cudaSuccess) return err;
   }
   if (has_u) {
-    err = launch(unary_grad_kernel<T>, cdiv(p.N * p.Lk, kThreads), 0, stream,
+    err = launch(unary_grad_kernel<T>, cdiv(p.shape.N * p.shape.Lk, kThreads), 0, stream,
                  static_cast<const T*>(p.unary), static_cast<const T*>(p.value), g,
-                 static_cast<const A*>(p.lse_u), static_cast<const A*>(dg), p.N, p.Cv, p.Lk,
-                 static_cast<T*>(p.du));
+                 static_cast<const A*>(p.lse_u), static_cast<const A*>(dg), p.shape.N, p.shape.Cv, p.shape.Lk,
+                 static_cast<T*>(p.grad_unary));
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -978,28 +910,27 @@ cudaError_t backward_impl(const DisentangledNonLocalBackwardParams& p, cudaStrea
 
 }  // namespace
 
-size_t disentangled_non_local_forward_workspace_bytes(const DisentangledNonLocalForwardParams& p) {
-  if (!p.whiten) return 0;
-  return static_cast<size_t>(2 * region(p.N * p.Ck)) * acc_size(p.dtype);
+size_t disentangled_non_local_forward_workspace_bytes(const DnlForwardParams& p) {
+  return workspace_size(p.shape.dtype,
+                        [&](WorkspaceCarver& ws, auto a) { carve_scratch<decltype(a)>(p.shape, false, ws); });
 }
 
-size_t disentangled_non_local_backward_workspace_bytes(const DisentangledNonLocalBackwardParams& p) {
-  const int64_t elems = 3 * region(p.N * p.Ck) + region(p.N * p.Lq) + region(p.N * p.Cv) +
-                        region(p.N * p.Lk);
-  return static_cast<size_t>(elems) * acc_size(p.dtype);
+size_t disentangled_non_local_backward_workspace_bytes(const DnlBackwardParams& p) {
+  return workspace_size(p.shape.dtype,
+                        [&](WorkspaceCarver& ws, auto a) { carve_scratch<decltype(a)>(p.shape, true, ws); });
 }
 
-cudaError_t disentangled_non_local_forward(const DisentangledNonLocalForwardParams& p,
+cudaError_t disentangled_non_local_forward(const DnlForwardParams& p,
                                            cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
-  SEGOPS_CUDA_DISPATCH(p.dtype, err = forward_impl<scalar_t>(p, stream));
+  SEGOPS_CUDA_DISPATCH(p.shape.dtype, err = forward_impl<scalar_t>(p, stream));
   return err;
 }
 
-cudaError_t disentangled_non_local_backward(const DisentangledNonLocalBackwardParams& p,
+cudaError_t disentangled_non_local_backward(const DnlBackwardParams& p,
                                             cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
-  SEGOPS_CUDA_DISPATCH(p.dtype, err = backward_impl<scalar_t>(p, stream));
+  SEGOPS_CUDA_DISPATCH(p.shape.dtype, err = backward_impl<scalar_t>(p, stream));
   return err;
 }
 

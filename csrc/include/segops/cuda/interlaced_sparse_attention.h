@@ -25,8 +25,9 @@ struct IsaForwardParams {
   const void* query = nullptr;
   const void* key = nullptr;
   const void* value = nullptr;
-  void* out = nullptr;  // (N, Cv, H, W)
-  void* lse = nullptr;  // (N, H, W), natural log-sum-exp of the scaled logits per position
+  void* out = nullptr;        // (N, Cv, H, W)
+  void* lse = nullptr;        // (N, H, W), natural log-sum-exp of the scaled logits per position
+  void* workspace = nullptr;  // interlaced_sparse_attention_forward_workspace_bytes (none) bytes
 };
 
 struct IsaBackwardParams {
@@ -48,6 +49,7 @@ struct IsaBackwardParams {
 // Every output element is written (no pre-zeroing needed). Requires N, Ck, Cv, H, W > 0;
 // returns cudaErrorInvalidValue for sizes the kernels cannot handle (a bad dtype, non-positive
 // sizes, H or W not divisible by the block size, grids beyond the hardware limits).
+size_t interlaced_sparse_attention_forward_workspace_bytes(const IsaForwardParams& p);
 cudaError_t interlaced_sparse_attention_forward(const IsaForwardParams& p, cudaStream_t stream);
 
 size_t interlaced_sparse_attention_backward_workspace_bytes(const IsaBackwardParams& p);

@@ -16,9 +16,9 @@ namespace cuda {
 // Similarity kinds, the same numbering as the CPU and Triton backends.
 enum SdcSimilarity : int { kSdcNone = 0, kSdcCharbonnier = 1, kSdcGaussian = 2 };
 
-// Geometry shared by forward and backward. input (N, Cin, H, W), guidance (N, Cg, H, W),
+// Shape shared by forward and backward. input (N, Cin, H, W), guidance (N, Cg, H, W),
 // weight (Cout, Cin, k, k) with k odd, stride 1, "same" zero padding dilation * (k - 1) / 2.
-struct SdcGeometry {
+struct SdcShape {
   int64_t N = 0, Cin = 0, Cg = 0, Cout = 0, H = 0, W = 0, k = 1, dilation = 1;
   int similarity = kSdcCharbonnier;  // SdcSimilarity; charbonnier needs Cg == Cin
   double sigma = 1.0;
@@ -26,17 +26,17 @@ struct SdcGeometry {
 };
 
 struct SdcForwardParams {
-  SdcGeometry g;
+  SdcShape shape;
   const void* input = nullptr;
   const void* guidance = nullptr;
   const void* weight = nullptr;
   const void* bias = nullptr;  // (Cout,) or null
-  void* output = nullptr;      // (N, Cout, H, W)
+  void* out = nullptr;         // (N, Cout, H, W)
   void* workspace = nullptr;   // semantic_difference_conv2d_forward_workspace_bytes(*this) bytes
 };
 
 struct SdcBackwardParams {
-  SdcGeometry g;
+  SdcShape shape;
   const void* grad_out = nullptr;  // (N, Cout, H, W)
   const void* input = nullptr;
   const void* guidance = nullptr;
