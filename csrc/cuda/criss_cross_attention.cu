@@ -93,7 +93,7 @@ __device__ __forceinline__ void tile_dot(A (&s)[B / 16][B / 16], const T* __rest
 #pragma unroll
     for (int j = 0; j < B / 16; ++j) s[i][j] = A(0);
   }
-  staged_tile_dot<B / 16, kChan>(s, C, LineLoader<T, A>{a, na, HW, es},
+  staged_tile_dot<B / 16, kChan, 4>(s, C, LineLoader<T, A>{a, na, HW, es},
                                  LineLoader<T, A>{b, nb, HW, es}, As, Bs);
 }
 
@@ -323,19 +323,7 @@ __global__ void __launch_bounds__(kThreads) cca_line_kernel(LineArgs<T> a) {
     }
     __syncthreads();
     // acc[i][j] += sum_e Ws[e][tx + 16 i] Rs[e][ty + 16 j].
-#pragma unroll 4
-    for (int e = 0; e < B; ++e) {
-      A wv[TN], rv[TN];
-#pragma unroll
-      for (int i = 0; i < TN; ++i) wv[i] = Ws[e * BP1 + tx + 16 * i];
-#pragma unroll
-      for (int j = 0; j < TN; ++j) rv[j] = Rs[e * BP1 + ty + 16 * j];
-#pragma unroll
-      for (int i = 0; i < TN; ++i) {
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = acc_fma(wv[i], rv[j], acc[i][j]);
-      }
-    }
+    accumulate_outer<B, 4>(acc, Strided<A>{Ws, BP1, 1}, tx, Strided<A>{Rs, BP1, 1}, ty);
     __syncthreads();
   }
   // Store: line position row0 + tx + 16 i, channel x0 + ty + 16 j.
@@ -435,11 +423,13 @@ inline cudaError_t transpose(const void* src, void* dst, int64_t planes, int64_t
 }
 
 // Column geometry over the transposed (N, C, W, H) inputs, row geometry over the NCHW inputs.
-inline Geom col_geom(int64_t Ck, int64_t Cv, int64_t H, int64_t W) {
-  return Geom{Ck, Cv, H * W, /*R=*/W, /*L=*/H, /*in_ls=*/H, /*in_es=*/1, /*out_ls=*/1, /*out_es=*/W};
+inline Geom col_geom(const CcaShape& s) {
+  const int64_t H = s.H, W = s.W;
+  return Geom{s.Ck, s.Cv, H * W, /*R=*/W, /*L=*/H, /*in_ls=*/H, /*in_es=*/1, /*out_ls=*/1, /*out_es=*/W};
 }
-inline Geom row_geom(int64_t Ck, int64_t Cv, int64_t H, int64_t W) {
-  return Geom{Ck, Cv, H * W, /*R=*/H, /*L=*/W, /*in_ls=*/W, /*in_es=*/1, /*out_ls=*/W, /*out_es=*/1};
+inline Geom row_geom(const CcaShape& s) {
+  const int64_t H = s.H, W = s.W;
+  return Geom{s.Ck, s.Cv, H * W, /*R=*/H, /*L=*/W, /*in_ls=*/W, /*in_es=*/1, /*out_ls=*/W, /*out_es=*/1};
 }
 
 template <typename T, bool kMaskCentre, bool kMerge>
@@ -473,48 +463,74 @@ cudaError_t launch_line(LineArgs<T> a, int64_t N, int64_t X, cudaStream_t stream
     if (err_ != cudaSuccess) return err_;     \
   } while (0)
 
+// Workspace: transposed (N, C, W, H) copies of query, key, value for the column passes and,
+// for float16 / bfloat16, accumulation-type buffers for the column parts of the results.
+struct Transposed {
+  void *q, *k, *v;
+};
+
+inline Transposed carve_transposed(const CcaShape& s, WorkspaceCarver& c) {
+  const size_t es = dtype_size(s.dtype);
+  return {c.take_bytes(static_cast<size_t>(s.N * s.Ck * s.H * s.W) * es),
+          c.take_bytes(static_cast<size_t>(s.N * s.Ck * s.H * s.W) * es),
+          c.take_bytes(static_cast<size_t>(s.N * s.Cv * s.H * s.W) * es)};
+}
+
+// A column-part buffer of `channels` channels (null when the results take the parts directly).
+inline void* carve_part(const CcaShape& s, int64_t channels, WorkspaceCarver& c) {
+  if (!needs_part_buffers(s.dtype)) return nullptr;
+  return c.take_bytes(static_cast<size_t>(s.N * channels * s.H * s.W) * acc_size(s.dtype));
+}
+
 struct FwdBuffers {
-  void *qt, *kt, *vt, *part;
+  Transposed t;
+  void* part;
 };
 
 inline FwdBuffers carve_forward(const CcaForwardParams& p, WorkspaceCarver& c) {
-  const size_t es = dtype_size(p.shape.dtype), as = acc_size(p.shape.dtype);
-  const size_t sk = static_cast<size_t>(p.shape.N * p.shape.Ck * p.shape.H * p.shape.W);
-  const size_t sv = static_cast<size_t>(p.shape.N * p.shape.Cv * p.shape.H * p.shape.W);
-  FwdBuffers b{};
-  b.qt = c.take_bytes(sk * es);
-  b.kt = c.take_bytes(sk * es);
-  b.vt = c.take_bytes(sv * es);
-  b.part = needs_part_buffers(p.shape.dtype) ? c.take_bytes(sv * as) : nullptr;
-  return b;
+  const Transposed t = carve_transposed(p.shape, c);
+  return {t, carve_part(p.shape, p.shape.Cv, c)};
 }
 
 struct BwdBuffers {
-  void *D, *qt, *kt, *vt, *gt, *pq, *pk, *pv;
+  Transposed t;
+  void *D, *gt, *pq, *pk, *pv;
 };
 
 inline BwdBuffers carve_backward(const CcaBackwardParams& p, WorkspaceCarver& c) {
-  const size_t es = dtype_size(p.shape.dtype), as = acc_size(p.shape.dtype);
-  const size_t sk = static_cast<size_t>(p.shape.N * p.shape.Ck * p.shape.H * p.shape.W);
-  const size_t sv = static_cast<size_t>(p.shape.N * p.shape.Cv * p.shape.H * p.shape.W);
+  const CcaShape& s = p.shape;
   BwdBuffers b{};
-  b.D = c.take_bytes(static_cast<size_t>(p.shape.N * p.shape.H * p.shape.W) * as);
-  b.qt = c.take_bytes(sk * es);
-  b.kt = c.take_bytes(sk * es);
-  b.vt = c.take_bytes(sv * es);
-  b.gt = c.take_bytes(sv * es);
-  if (needs_part_buffers(p.shape.dtype)) {
-    b.pq = c.take_bytes(sk * as);
-    b.pk = c.take_bytes(sk * as);
-    b.pv = c.take_bytes(sv * as);
-  } else {
-    b.pq = b.pk = b.pv = nullptr;
-  }
+  b.t = carve_transposed(s, c);
+  b.D = c.take_bytes(static_cast<size_t>(s.N * s.H * s.W) * acc_size(s.dtype));
+  b.gt = c.take_bytes(static_cast<size_t>(s.N * s.Cv * s.H * s.W) * dtype_size(s.dtype));
+  b.pq = carve_part(s, s.Ck, c);
+  b.pk = carve_part(s, s.Ck, c);
+  b.pv = carve_part(s, s.Cv, c);
   return b;
 }
 
-inline bool dims_ok(int64_t N, int64_t Ck, int64_t Cv, int64_t H, int64_t W) {
-  return N >= 0 && Ck >= 0 && Cv >= 0 && H >= 0 && W >= 0;
+// Points `a` at one pass's operands: the column pass reads the transposed copies (col_geom), the
+// row pass the NCHW tensors (row_geom); g (dout) only in the backward.
+template <typename T>
+void set_pass(LineArgs<T>& a, const T* q, const T* k, const T* v, const T* g, const Geom& geo) {
+  a.q = q;
+  a.k = k;
+  a.v = v;
+  a.g = g;
+  a.geo = geo;
+}
+
+// Fills the transposed copies of query, key, value.
+template <typename T>
+cudaError_t transpose_inputs(const CcaShape& s, const T* q, const T* k, const T* v,
+                             const Transposed& t, cudaStream_t stream) {
+  SEGOPS_CCA_TRY(transpose(q, t.q, s.N * s.Ck, s.H, s.W, sizeof(T), stream));
+  SEGOPS_CCA_TRY(transpose(k, t.k, s.N * s.Ck, s.H, s.W, sizeof(T), stream));
+  return transpose(v, t.v, s.N * s.Cv, s.H, s.W, sizeof(T), stream);
+}
+
+inline bool dims_ok(const CcaShape& s) {
+  return s.N >= 0 && s.Ck >= 0 && s.Cv >= 0 && s.H >= 0 && s.W >= 0;
 }
 
 template <typename T>
@@ -527,14 +543,10 @@ cudaError_t forward_typed(const CcaForwardParams& p, cudaStream_t stream) {
   const T* v = static_cast<const T*>(p.value);
   T* out = static_cast<T*>(p.out);
   A* st = static_cast<A*>(p.stats);
-  const size_t es = sizeof(T);
-  SEGOPS_CCA_TRY(transpose(q, wb.qt, p.shape.N * p.shape.Ck, p.shape.H, p.shape.W, es, stream));
-  SEGOPS_CCA_TRY(transpose(k, wb.kt, p.shape.N * p.shape.Ck, p.shape.H, p.shape.W, es, stream));
-  SEGOPS_CCA_TRY(transpose(v, wb.vt, p.shape.N * p.shape.Cv, p.shape.H, p.shape.W, es, stream));
-  const T* qt = static_cast<const T*>(wb.qt);
-  const T* kt = static_cast<const T*>(wb.kt);
-  const T* vt = static_cast<const T*>(wb.vt);
-  const Geom gc = col_geom(p.shape.Ck, p.shape.Cv, p.shape.H, p.shape.W), gr = row_geom(p.shape.Ck, p.shape.Cv, p.shape.H, p.shape.W);
+  SEGOPS_CCA_TRY(transpose_inputs(p.shape, q, k, v, wb.t, stream));
+  const T* qt = static_cast<const T*>(wb.t.q);
+  const T* kt = static_cast<const T*>(wb.t.k);
+  const Geom gc = col_geom(p.shape), gr = row_geom(p.shape);
   // Statistics: column, then the row merged in.
   SEGOPS_CCA_TRY((launch_stats<T, true, false>(qt, kt, st, gc, p.shape.N, stream)));
   SEGOPS_CCA_TRY((launch_stats<T, false, true>(q, k, st, gr, p.shape.N, stream)));
@@ -544,15 +556,9 @@ cudaError_t forward_typed(const CcaForwardParams& p, cudaStream_t stream) {
   a.st = st;
   a.part = part;
   a.dst = out;
-  a.q = qt;
-  a.k = kt;
-  a.v = vt;
-  a.geo = gc;
+  set_pass<T>(a, qt, kt, static_cast<const T*>(wb.t.v), nullptr, gc);
   SEGOPS_CCA_TRY((launch_line<T, Mode::kOut, true, false>(a, p.shape.N, p.shape.Cv, stream)));
-  a.q = q;
-  a.k = k;
-  a.v = v;
-  a.geo = gr;
+  set_pass<T>(a, q, k, v, nullptr, gr);
   SEGOPS_CCA_TRY((launch_line<T, Mode::kOut, false, true>(a, p.shape.N, p.shape.Cv, stream)));
   return cudaSuccess;
 }
@@ -582,25 +588,19 @@ cudaError_t backward_typed(const CcaBackwardParams& p, cudaStream_t stream) {
       SEGOPS_CCA_TRY(cudaGetLastError());
     }
   }
-  const size_t es = sizeof(T);
-  SEGOPS_CCA_TRY(transpose(q, wb.qt, p.shape.N * p.shape.Ck, p.shape.H, p.shape.W, es, stream));
-  SEGOPS_CCA_TRY(transpose(k, wb.kt, p.shape.N * p.shape.Ck, p.shape.H, p.shape.W, es, stream));
-  SEGOPS_CCA_TRY(transpose(v, wb.vt, p.shape.N * p.shape.Cv, p.shape.H, p.shape.W, es, stream));
-  SEGOPS_CCA_TRY(transpose(go, wb.gt, p.shape.N * p.shape.Cv, p.shape.H, p.shape.W, es, stream));
+  SEGOPS_CCA_TRY(transpose_inputs(p.shape, q, k, v, wb.t, stream));
+  SEGOPS_CCA_TRY(transpose(go, wb.gt, p.shape.N * p.shape.Cv, p.shape.H, p.shape.W, sizeof(T), stream));
   const bool own = wb.pq != nullptr;
   A* pq = own ? static_cast<A*>(wb.pq) : reinterpret_cast<A*>(dq);
   A* pk = own ? static_cast<A*>(wb.pk) : reinterpret_cast<A*>(dk);
   A* pv = own ? static_cast<A*>(wb.pv) : reinterpret_cast<A*>(dv);
-  const Geom gc = col_geom(p.shape.Ck, p.shape.Cv, p.shape.H, p.shape.W), gr = row_geom(p.shape.Ck, p.shape.Cv, p.shape.H, p.shape.W);
+  const Geom gc = col_geom(p.shape), gr = row_geom(p.shape);
   LineArgs<T> a{};
   a.st = st;
   a.D = D;
   // Column pass on the transposed copies, into the column-part buffers.
-  a.q = static_cast<const T*>(wb.qt);
-  a.k = static_cast<const T*>(wb.kt);
-  a.v = static_cast<const T*>(wb.vt);
-  a.g = static_cast<const T*>(wb.gt);
-  a.geo = gc;
+  set_pass(a, static_cast<const T*>(wb.t.q), static_cast<const T*>(wb.t.k),
+           static_cast<const T*>(wb.t.v), static_cast<const T*>(wb.gt), gc);
   a.part = pq;
   SEGOPS_CCA_TRY((launch_line<T, Mode::kDq, true, false>(a, p.shape.N, p.shape.Ck, stream)));
   a.part = pk;
@@ -608,11 +608,7 @@ cudaError_t backward_typed(const CcaBackwardParams& p, cudaStream_t stream) {
   a.part = pv;
   SEGOPS_CCA_TRY((launch_line<T, Mode::kDv, true, false>(a, p.shape.N, p.shape.Cv, stream)));
   // Row pass on the NCHW tensors: row part + column part -> the gradients.
-  a.q = q;
-  a.k = k;
-  a.v = v;
-  a.g = go;
-  a.geo = gr;
+  set_pass(a, q, k, v, go, gr);
   a.part = pq;
   a.dst = dq;
   SEGOPS_CCA_TRY((launch_line<T, Mode::kDq, false, true>(a, p.shape.N, p.shape.Ck, stream)));
@@ -628,21 +624,21 @@ cudaError_t backward_typed(const CcaBackwardParams& p, cudaStream_t stream) {
 }  // namespace
 
 size_t criss_cross_attention_forward_workspace_bytes(const CcaForwardParams& p) {
-  if (!dims_ok(p.shape.N, p.shape.Ck, p.shape.Cv, p.shape.H, p.shape.W)) return 0;
+  if (!dims_ok(p.shape)) return 0;
   WorkspaceCarver c;
   carve_forward(p, c);
   return c.used;
 }
 
 size_t criss_cross_attention_backward_workspace_bytes(const CcaBackwardParams& p) {
-  if (!dims_ok(p.shape.N, p.shape.Ck, p.shape.Cv, p.shape.H, p.shape.W)) return 0;
+  if (!dims_ok(p.shape)) return 0;
   WorkspaceCarver c;
   carve_backward(p, c);
   return c.used;
 }
 
 cudaError_t criss_cross_attention_forward(const CcaForwardParams& p, cudaStream_t stream) {
-  if (!dims_ok(p.shape.N, p.shape.Ck, p.shape.Cv, p.shape.H, p.shape.W)) return cudaErrorInvalidValue;
+  if (!dims_ok(p.shape)) return cudaErrorInvalidValue;
   if (p.shape.N * p.shape.H * p.shape.W == 0) return cudaSuccess;
   if (p.workspace == nullptr && criss_cross_attention_forward_workspace_bytes(p) > 0) {
     return cudaErrorInvalidValue;
@@ -652,7 +648,7 @@ cudaError_t criss_cross_attention_forward(const CcaForwardParams& p, cudaStream_
 }
 
 cudaError_t criss_cross_attention_backward(const CcaBackwardParams& p, cudaStream_t stream) {
-  if (!dims_ok(p.shape.N, p.shape.Ck, p.shape.Cv, p.shape.H, p.shape.W)) return cudaErrorInvalidValue;
+  if (!dims_ok(p.shape)) return cudaErrorInvalidValue;
   if (p.shape.N * p.shape.H * p.shape.W == 0) return cudaSuccess;
   if (p.workspace == nullptr && criss_cross_attention_backward_workspace_bytes(p) > 0) {
     return cudaErrorInvalidValue;

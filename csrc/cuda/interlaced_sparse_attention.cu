@@ -138,8 +138,8 @@ template <typename T, int M, int D>
 __device__ __forceinline__ void tile_dot(acc_t<T> (&s)[M / 16][M / 16], acc_t<T>* buf, const T* X,
                                          const Rows<M>& rx, const T* Y, const Rows<M>& ry,
                                          int64_t C, int64_t HW) {
-  staged_tile_dot<M / 16, D>(s, C, GroupLoader<T, M>{X, rx, C, HW}, GroupLoader<T, M>{Y, ry, C, HW},
-                             buf, buf + D * M);
+  staged_tile_dot<M / 16, D, 4>(s, C, GroupLoader<T, M>{X, rx, C, HW},
+                                GroupLoader<T, M>{Y, ry, C, HW}, buf, buf + D * M);
 }
 
 // Tensor-core forms (fp16 / bf16). The 16 (16 x 16) output tiles of an M x M product (M = 64)
@@ -160,7 +160,7 @@ __device__ __forceinline__ void tile_dot_wmma(float (&s)[M / 16][M / 16], T* buf
                                               const T* X, const Rows<M>& rx, const T* Y,
                                               const Rows<M>& ry, int64_t C, int64_t HW) {
   static_assert(M == 64, "the tensor-core tile is 64 x 64");
-  staged_tile_dot_wmma<D, SLD>(s, C, GroupLoader<T, M>{X, rx, C, HW},
+  staged_tile_dot_wmma<D, SLD, false>(s, C, GroupLoader<T, M>{X, rx, C, HW},
                                GroupLoader<T, M>{Y, ry, C, HW}, buf, buf + D * M, stage);
 }
 
@@ -201,19 +201,7 @@ __device__ __forceinline__ void tile_pv_wmma(float (&acc)[M / 16][M / 16], const
 template <typename A, int M, int PLD, int ULD>
 __device__ __forceinline__ void tile_pv(A (&acc)[M / 16][M / 16], const A* ps, const A* ms,
                                         int tx, int ty) {
-  constexpr int TM = M / 16;
-#pragma unroll 4
-  for (int j = 0; j < M; ++j) {
-    A pa[TM], mb[TM];
-#pragma unroll
-    for (int a = 0; a < TM; ++a) pa[a] = ps[(ty + 16 * a) * PLD + j];
-#pragma unroll
-    for (int b = 0; b < TM; ++b) mb[b] = ms[j * ULD + tx + 16 * b];
-#pragma unroll
-    for (int a = 0; a < TM; ++a)
-#pragma unroll
-      for (int b = 0; b < TM; ++b) acc[a][b] += pa[a] * mb[b];
-  }
+  accumulate_outer<M, 4>(acc, Strided<A>{ps, 1, PLD}, ty, Strided<A>{ms, ULD, 1}, tx);
 }
 
 

@@ -751,12 +751,22 @@ bool qco_geometry(const P& p, Geo& g) {
   return true;
 }
 
-// Bins per region (nb) and whether the kRegionThreads/32 per-warp copies fit in shared memory.
+// Bins per region and whether the kRegionThreads/32 per-warp copies fit in shared memory (else
+// they are carved from the workspace).
+struct RegionBins {
+  int64_t count;
+  bool in_smem;
+  template <typename A> A* carve(int64_t regions, WorkspaceCarver& ws) const {
+    return in_smem ? nullptr : ws.take<A>(regions * kRegionWarps * count);
+  }
+  size_t smem_bytes(size_t acc) const { return in_smem ? kRegionWarps * count * acc : 0; }
+};
+
 template <typename P>
-void qco_bins(const P& p, bool forward, int64_t& nb, bool& use_smem) {
+RegionBins qco_bins(const P& p, bool forward) {
   const int64_t k = p.shape.num_levels;
-  nb = forward ? (p.shape.cooc ? k * k : k) : k;
-  use_smem = static_cast<size_t>(kRegionWarps * nb) * acc_size(p.shape.dtype) <= kSmemBinsMax;
+  const int64_t count = forward ? (p.shape.cooc ? k * k : k) : k;
+  return {count, static_cast<size_t>(kRegionWarps * count) * acc_size(p.shape.dtype) <= kSmemBinsMax};
 }
 
 // Workspace slices of each launcher (A: the accumulation type). The *_workspace_bytes functions
@@ -764,30 +774,17 @@ void qco_bins(const P& p, bool forward, int64_t& nb, bool& use_smem) {
 template <typename A> struct QcoForwardScratch { A *gn, *gbins; };
 template <typename A>
 QcoForwardScratch<A> carve_qco_forward(const QcoForwardParams& p, const Geo& g, WorkspaceCarver& ws) {
-  int64_t nb;
-  bool use_smem;
-  qco_bins(p, true, nb, use_smem);
   const int64_t nr = p.shape.N * g.r;
-  QcoForwardScratch<A> s;
-  s.gn = ws.take<A>(nr * g.c);
-  s.gbins = use_smem ? nullptr : ws.take<A>(nr * kRegionWarps * nb);
-  return s;
+  return {ws.take<A>(nr * g.c), qco_bins(p, true).template carve<A>(nr, ws)};
 }
 
 template <typename A> struct QcoBackwardScratch { A *coef, *gn, *dg, *dgn, *gbins; };
 template <typename A>
 QcoBackwardScratch<A> carve_qco_backward(const QcoBackwardParams& p, const Geo& g, WorkspaceCarver& ws) {
-  int64_t nb;
-  bool use_smem;
-  qco_bins(p, false, nb, use_smem);
   const int64_t nr = p.shape.N * g.r;
-  QcoBackwardScratch<A> s;
-  s.coef = ws.take<A>(p.shape.N * 2 * g.p);
-  s.gn = ws.take<A>(nr * g.c);
-  s.dg = ws.take<A>(nr * g.c);
-  s.dgn = ws.take<A>(nr * g.c);
-  s.gbins = use_smem ? nullptr : ws.take<A>(nr * kRegionWarps * nb);
-  return s;
+  // coef, gn, dg, dgn, gbins (braced initialisers run in order)
+  return {ws.take<A>(p.shape.N * 2 * g.p), ws.take<A>(nr * g.c), ws.take<A>(nr * g.c),
+          ws.take<A>(nr * g.c), qco_bins(p, false).template carve<A>(nr, ws)};
 }
 
 template <typename T>
@@ -796,9 +793,7 @@ cudaError_t qco_forward_impl(const QcoForwardParams& p, cudaStream_t stream) {
   Geo g;
   if (!qco_geometry(p, g)) return cudaErrorInvalidValue;
   if (p.shape.N == 0) return cudaSuccess;
-  int64_t nb;
-  bool use_smem;
-  qco_bins(p, true, nb, use_smem);
+  const RegionBins bins = qco_bins(p, true);
   const int k = static_cast<int>(p.shape.num_levels);
   const int64_t nr = p.shape.N * g.r;
   const int64_t pix_blocks = cdiv(g.p, kPixTile);
@@ -821,10 +816,10 @@ cudaError_t qco_forward_impl(const QcoForwardParams& p, cudaStream_t stream) {
                             0, stream>>>(x, gn, static_cast<A*>(p.sim), static_cast<A*>(p.rnorm),
                                          g, pix_blocks);
   if (cudaError_t e = last_error()) return e;
-  const size_t smem = use_smem ? static_cast<size_t>(kRegionWarps * nb) * sizeof(A) : 0;
+  const size_t smem = bins.smem_bytes(sizeof(A));
   region_hist_kernel<A, kRegionThreads><<<static_cast<unsigned>(nr), kRegionThreads, smem, stream>>>(
       static_cast<const A*>(p.sim), static_cast<A*>(p.hist), static_cast<A*>(p.levels),
-      static_cast<A*>(p.stats), gbins, g, k, p.shape.cooc, use_smem);
+      static_cast<A*>(p.stats), gbins, g, k, p.shape.cooc, bins.in_smem);
   return last_error();
 }
 
@@ -834,9 +829,7 @@ cudaError_t qco_backward_impl(const QcoBackwardParams& p, cudaStream_t stream) {
   Geo g;
   if (!qco_geometry(p, g)) return cudaErrorInvalidValue;
   if (p.shape.N == 0 || p.shape.C == 0) return cudaSuccess;  // grad_x is empty
-  int64_t nb;
-  bool use_smem;
-  qco_bins(p, false, nb, use_smem);
+  const RegionBins bins = qco_bins(p, false);
   const int k = static_cast<int>(p.shape.num_levels);
   const int64_t nr = p.shape.N * g.r;
   const int64_t pix_blocks = cdiv(g.p, kElemThreads);
@@ -848,12 +841,12 @@ cudaError_t qco_backward_impl(const QcoBackwardParams& p, cudaStream_t stream) {
   const auto [coef, gn, dg, dgn, gbins] = carve_qco_backward<A>(p, g, ws);
   const T* x = static_cast<const T*>(p.x);
 
-  const size_t smem = use_smem ? static_cast<size_t>(kRegionWarps * nb) * sizeof(A) : 0;
+  const size_t smem = bins.smem_bytes(sizeof(A));
   region_grad_kernel<A, kRegionThreads><<<static_cast<unsigned>(nr), kRegionThreads, smem, stream>>>(
       static_cast<const A*>(p.grad_hist), static_cast<const A*>(p.grad_levels),
       static_cast<const A*>(p.grad_sim), static_cast<const A*>(p.hist),
       static_cast<const A*>(p.sim), static_cast<const A*>(p.rnorm),
-      static_cast<const A*>(p.stats), coef, gbins, g, k, p.shape.cooc, use_smem);
+      static_cast<const A*>(p.stats), coef, gbins, g, k, p.shape.cooc, bins.in_smem);
   if (cudaError_t e = last_error()) return e;
   region_sum_kernel<T, A, kSumThreads><<<static_cast<unsigned>(nr * g.c), kSumThreads, 0, stream>>>(
       x, coef, 2 * g.p, dgn, g, false);

@@ -35,6 +35,7 @@
 
 #include "segops/cuda/device_utils.cuh"
 #include "segops/cuda/semantic_difference_conv2d.h"
+#include "segops/cuda/tile_dot.cuh"
 
 namespace segops {
 namespace cuda {
@@ -175,18 +176,8 @@ __global__ void __launch_bounds__(kThreads) forward_simt_kernel(
       Ws[kk][oo] = (o < g.Cout && kidx < g.K) ? to_acc<A>(Wt[static_cast<int64_t>(o) * g.K + kidx]) : A(0);
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < BK; ++kk) {
-      A a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = Ws[kk][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = Ds[kk][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-    }
+    accumulate_outer<BK, BK>(acc, Strided<A>{&Ws[0][0], BO + 1, 1}, ty, Strided<A>{&Ds[0][0], BP, 1},
+                             tx);
     __syncthreads();
   }
 #pragma unroll
@@ -388,18 +379,8 @@ __global__ void __launch_bounds__(kThreads) grad_weight_partial_kernel(
       Ds[lp][lr + 16 * i] = (pin && lk[i]) ? weighted_diff<T, SIM>(U, V, S, g, n, lc[i], lt[i], p, y, x, inv_s2) : A(0);
     }
     __syncthreads();
-#pragma unroll
-    for (int pp = 0; pp < BP; ++pp) {
-      A a[4], d[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = Gs[pp][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) d[j] = Ds[pp][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * d[j];
-    }
+    accumulate_outer<BP, BP>(acc, Strided<A>{&Gs[0][0], BO + 1, 1}, ty,
+                             Strided<A>{&Ds[0][0], BKK + 1, 1}, tx);
     __syncthreads();
   }
 #pragma unroll

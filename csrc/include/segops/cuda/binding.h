@@ -20,8 +20,7 @@
 #include "segops/cuda/common.h"
 #include "segops/torch_guards.h"
 
-namespace segops {
-namespace cuda_binding {
+namespace segops::cuda_binding {
 
 // Saved statistics and the gradients of statistics are kept in the accumulation dtype: float64
 // for float64 data, float32 otherwise.
@@ -49,7 +48,8 @@ inline cuda::DType check_attention_inputs(const char* kernel, int64_t rank, cons
   return dtype_of(kernel, "query", query);
 }
 
-// The forward's output and its incoming gradient: of query's device and dtype, contiguous, of `sizes`.
+// The forward's output and its incoming gradient: contiguous, of query's device and dtype, and
+// of `sizes`.
 inline void check_out_and_grad(const char* kernel, const at::Tensor& query, const at::Tensor& out,
                                const at::Tensor& grad_out, at::IntArrayRef sizes) {
   guards::check_like(kernel, query, {{"grad_out", &grad_out}, {"out", &out}});
@@ -91,5 +91,4 @@ void launch(const char* kernel, const at::Tensor& like, Params& params,
               cudaGetErrorString(err));
 }
 
-}  // namespace cuda_binding
-}  // namespace segops
+}  // namespace segops::cuda_binding

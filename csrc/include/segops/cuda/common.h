@@ -10,8 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace segops {
-namespace cuda {
+namespace segops::cuda {
 
 // Element type of the tensors a launcher receives as raw pointers.
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
@@ -39,6 +38,13 @@ inline size_t dtype_size(DType t) {
 inline size_t acc_size(DType t) { return t == DType::kFloat64 ? sizeof(double) : sizeof(float); }
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Declares the launcher `name` of a params struct and the size of the workspace it needs:
+//   size_t <name>_workspace_bytes(const Params& p);
+//   cudaError_t <name>(const Params& p, cudaStream_t stream);
+#define SEGOPS_CUDA_LAUNCHER(name, Params)       \
+  size_t name##_workspace_bytes(const Params& p); \
+  cudaError_t name(const Params& p, cudaStream_t stream)
 
 // Launch limits: blocks along gridDim.x, and along gridDim.y / gridDim.z.
 constexpr int64_t kMaxGridX = 0x7fffffff;
@@ -76,5 +82,4 @@ size_t workspace_size(DType t, Carve carve) {
   return ws.used;
 }
 
-}  // namespace cuda
-}  // namespace segops
+}  // namespace segops::cuda

@@ -17,8 +17,7 @@
 
 #include "segops/cuda/common.h"
 
-namespace segops {
-namespace cuda {
+namespace segops::cuda {
 
 struct CcaShape {
   int64_t N = 0, Ck = 0, Cv = 0, H = 0, W = 0;
@@ -43,17 +42,11 @@ struct CcaBackwardParams {
   const void* value = nullptr;     // (N, Cv, H, W)
   const void* out = nullptr;       // (N, Cv, H, W), the forward's output
   const void* stats = nullptr;     // (N, 2, H, W), accumulation dtype, the forward's statistics
-  void* grad_query = nullptr;      // (N, Ck, H, W)
-  void* grad_key = nullptr;        // (N, Ck, H, W)
-  void* grad_value = nullptr;      // (N, Cv, H, W)
+  void *grad_query = nullptr, *grad_key = nullptr, *grad_value = nullptr;  // like query, key, value
   void* workspace = nullptr;       // criss_cross_attention_backward_workspace_bytes bytes
 };
 
-size_t criss_cross_attention_forward_workspace_bytes(const CcaForwardParams& p);
-cudaError_t criss_cross_attention_forward(const CcaForwardParams& p, cudaStream_t stream);
+SEGOPS_CUDA_LAUNCHER(criss_cross_attention_forward, CcaForwardParams);
+SEGOPS_CUDA_LAUNCHER(criss_cross_attention_backward, CcaBackwardParams);
 
-size_t criss_cross_attention_backward_workspace_bytes(const CcaBackwardParams& p);
-cudaError_t criss_cross_attention_backward(const CcaBackwardParams& p, cudaStream_t stream);
-
-}  // namespace cuda
-}  // namespace segops
+}  // namespace segops::cuda

@@ -11,8 +11,7 @@
 
 #include "segops/cuda/common.h"
 
-namespace segops {
-namespace cuda {
+namespace segops::cuda {
 
 // fp64 inputs accumulate in fp64, everything else in fp32.
 template <typename T> struct AccType { using type = float; };
@@ -58,33 +57,19 @@ template <int kLanes = 32, typename A> __device__ __forceinline__ A warp_max(A v
   return v;
 }
 
-}  // namespace cuda
-}  // namespace segops
+}  // namespace segops::cuda
 
 // Runs the statement with `scalar_t` bound to the C++ type of `dtype` (float, double, __half,
 // __nv_bfloat16); an unknown dtype returns cudaErrorInvalidValue from the enclosing launcher.
-#define SEGOPS_CUDA_DISPATCH(dtype, ...)                                   \
-  switch (dtype) {                                                         \
-    case ::segops::cuda::DType::kFloat32: {                                \
-      using scalar_t = float;                                              \
-      __VA_ARGS__;                                                         \
-      break;                                                               \
-    }                                                                      \
-    case ::segops::cuda::DType::kFloat64: {                                \
-      using scalar_t = double;                                             \
-      __VA_ARGS__;                                                         \
-      break;                                                               \
-    }                                                                      \
-    case ::segops::cuda::DType::kFloat16: {                                \
-      using scalar_t = __half;                                             \
-      __VA_ARGS__;                                                         \
-      break;                                                               \
-    }                                                                      \
-    case ::segops::cuda::DType::kBFloat16: {                               \
-      using scalar_t = __nv_bfloat16;                                      \
-      __VA_ARGS__;                                                         \
-      break;                                                               \
-    }                                                                      \
-    default:                                                               \
-      return cudaErrorInvalidValue;                                        \
+#define SEGOPS_CUDA_DISPATCH(dtype, ...)                                                  \
+  switch (dtype) {                                                                        \
+    case ::segops::cuda::DType::kFloat32: { using scalar_t = float; __VA_ARGS__; break; }  \
+    case ::segops::cuda::DType::kFloat64: { using scalar_t = double; __VA_ARGS__; break; } \
+    case ::segops::cuda::DType::kFloat16: { using scalar_t = __half; __VA_ARGS__; break; } \
+    case ::segops::cuda::DType::kBFloat16: {                                              \
+      using scalar_t = __nv_bfloat16;                                                     \
+      __VA_ARGS__;                                                                        \
+      break;                                                                              \
+    }                                                                                     \
+    default: return cudaErrorInvalidValue;                                                \
   }

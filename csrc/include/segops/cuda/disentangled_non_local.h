@@ -11,8 +11,7 @@
 
 #include "segops/cuda/common.h"
 
-namespace segops {
-namespace cuda {
+namespace segops::cuda {
 
 struct DnlShape {
   int64_t N = 0, Ck = 0, Cv = 0, Lq = 0, Lk = 0;
@@ -47,20 +46,14 @@ struct DnlBackwardParams {
   const void* lse = nullptr;       // (N, Lq), accumulation type
   const void* g = nullptr;         // (N, Cv), accumulation type (read only with unary)
   const void* lse_u = nullptr;     // (N,), accumulation type (read only with unary)
-  void* grad_query = nullptr;      // (N, Ck, Lq)
-  void* grad_key = nullptr;        // (N, Ck, Lk)
-  void* grad_value = nullptr;      // (N, Cv, Lk)
+  void *grad_query = nullptr, *grad_key = nullptr, *grad_value = nullptr;  // like query, key, value
   void* grad_unary = nullptr;      // (N, Lk); only with unary
   void* workspace = nullptr;       // disentangled_non_local_backward_workspace_bytes(*this) bytes
 };
 
-size_t disentangled_non_local_forward_workspace_bytes(const DnlForwardParams& p);
-size_t disentangled_non_local_backward_workspace_bytes(const DnlBackwardParams& p);
-
 // Kernels whose grid would be empty are skipped; sizes the kernels cannot address (more than
 // kMaxGridX blocks) return cudaErrorInvalidValue. Requires Lk > 0 when N * Lq > 0.
-cudaError_t disentangled_non_local_forward(const DnlForwardParams& p, cudaStream_t stream);
-cudaError_t disentangled_non_local_backward(const DnlBackwardParams& p, cudaStream_t stream);
+SEGOPS_CUDA_LAUNCHER(disentangled_non_local_forward, DnlForwardParams);
+SEGOPS_CUDA_LAUNCHER(disentangled_non_local_backward, DnlBackwardParams);
 
-}  // namespace cuda
-}  // namespace segops
+}  // namespace segops::cuda

@@ -16,8 +16,7 @@
 
 #include "segops/cuda/common.h"
 
-namespace segops {
-namespace cuda {
+namespace segops::cuda {
 
 struct QcoShape {
   int64_t N = 0, C = 0, H = 0, W = 0;  // H, W > 0 and divisible by grid
@@ -44,19 +43,14 @@ struct QcoBackwardParams {
   const void* grad_levels = nullptr;  // like levels                  acc
   const void* grad_sim = nullptr;     // (N, H, W) acc, or nullptr (no incoming gradient)
   const void* x = nullptr;            // (N, C, H, W) dtype
-  const void* hist = nullptr;         // the forward's outputs        acc
-  const void* sim = nullptr;
-  const void* rnorm = nullptr;
-  const void* mean = nullptr;
-  const void* stats = nullptr;
+  // the forward's outputs (acc)
+  const void *hist = nullptr, *sim = nullptr, *rnorm = nullptr, *mean = nullptr, *stats = nullptr;
   void* grad_x = nullptr;             // (N, C, H, W) dtype
   void* workspace = nullptr;
 };
 
-size_t qco_forward_workspace_bytes(const QcoForwardParams& p);
-cudaError_t qco_forward(const QcoForwardParams& p, cudaStream_t stream);
-size_t qco_backward_workspace_bytes(const QcoBackwardParams& p);
-cudaError_t qco_backward(const QcoBackwardParams& p, cudaStream_t stream);
+SEGOPS_CUDA_LAUNCHER(qco_forward, QcoForwardParams);
+SEGOPS_CUDA_LAUNCHER(qco_backward, QcoBackwardParams);
 
 struct TextureReconstructShape {
   int64_t N = 0, H = 0, W = 0, Cf = 0, num_levels = 0;  // N, H, W, K >= 1; Cf >= 0
@@ -72,16 +66,11 @@ struct TextureReconstructParams {
   const void* levels = nullptr;    // (N, K)        dtype
   const void* features = nullptr;  // (N, Cf, K)    dtype
   void* out = nullptr;             // (N, Cf, H, W) dtype (forward only)
-  void* grad_sim = nullptr;        // like sim      (backward only)
-  void* grad_levels = nullptr;     // like levels   (backward only)
-  void* grad_features = nullptr;   // like features (backward only)
+  void *grad_sim = nullptr, *grad_levels = nullptr, *grad_features = nullptr;  // backward only
   void* workspace = nullptr;
 };
 
-size_t texture_reconstruct_forward_workspace_bytes(const TextureReconstructParams& p);
-cudaError_t texture_reconstruct_forward(const TextureReconstructParams& p, cudaStream_t stream);
-size_t texture_reconstruct_backward_workspace_bytes(const TextureReconstructParams& p);
-cudaError_t texture_reconstruct_backward(const TextureReconstructParams& p, cudaStream_t stream);
+SEGOPS_CUDA_LAUNCHER(texture_reconstruct_forward, TextureReconstructParams);
+SEGOPS_CUDA_LAUNCHER(texture_reconstruct_backward, TextureReconstructParams);
 
-}  // namespace cuda
-}  // namespace segops
+}  // namespace segops::cuda

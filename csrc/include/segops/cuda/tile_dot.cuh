@@ -1,5 +1,6 @@
-// The staged score tile S = X^T Y shared by the attention kernels (criss_cross_attention,
-// interlaced_sparse_attention, disentangled_non_local). CUDA headers only.
+// The staged products of the tiled kernels: accumulate_outer, the register-blocked step every
+// SIMT product shares, and the score tile S = X^T Y of the attention kernels
+// (criss_cross_attention, interlaced_sparse_attention, disentangled_non_local). CUDA headers only.
 //
 // A 256-thread block is a 16 x 16 grid (ty = threadIdx.x / 16, tx = threadIdx.x % 16); for a
 // (16 TN) x (16 TN) tile the thread owns s[i][j] = S[ty + 16 i][tx + 16 j]. The operands come
@@ -18,40 +19,74 @@
 
 #include "segops/cuda/device_utils.cuh"
 
-namespace segops {
-namespace cuda {
+namespace segops::cuda {
 
 constexpr int kTileThreads = 256;  // 16 x 16
 
+// A shared-memory stage read as x(k, r) = p[k * k_stride + r * r_stride].
+template <typename A>
+struct Strided {
+  const A* p;
+  int k_stride, r_stride;
+  __device__ __forceinline__ A operator()(int k, int r) const { return p[k * k_stride + r * r_stride]; }
+};
+
+// acc[i][j] = acc_fma(x(k, row + 16 i), y(k, col + 16 j), acc[i][j]) for k = 0 .. K - 1 in
+// ascending order: the register-blocked step of every staged SIMT product. kUnroll: how far the
+// k loop unrolls (each kernel keeps the factor its register budget was tuned for).
+template <int K, int kUnroll, int TI, int TJ, typename A>
+__device__ __forceinline__ void accumulate_outer(A (&acc)[TI][TJ], Strided<A> x, int row,
+                                                 Strided<A> y, int col) {
+#pragma unroll kUnroll
+  for (int k = 0; k < K; ++k) {
+    A xa[TI], yb[TJ];
+#pragma unroll
+    for (int i = 0; i < TI; ++i) xa[i] = x(k, row + 16 * i);
+#pragma unroll
+    for (int j = 0; j < TJ; ++j) yb[j] = y(k, col + 16 * j);
+#pragma unroll
+    for (int i = 0; i < TI; ++i) {
+#pragma unroll
+      for (int j = 0; j < TJ; ++j) acc[i][j] = acc_fma(xa[i], yb[j], acc[i][j]);
+    }
+  }
+}
+
+// Stages channels c0 .. c0 + kChunk - 1 of both operands into xs, ys ([kChunk][B], zero past C),
+// converted to Stage (the accumulation type, or the storage type for tensor cores). kUnrolled:
+// each thread's loads are unrolled (a fixed number per thread) instead of a strided loop.
+template <int B, int kChunk, bool kUnrolled, typename Stage, typename LoadX, typename LoadY>
+__device__ __forceinline__ void stage_operands(int64_t c0, int64_t C, const LoadX& load_x,
+                                               const LoadY& load_y, Stage* xs, Stage* ys) {
+  using A = decltype(load_x(0, 0));
+  const int nc = C - c0 < kChunk ? static_cast<int>(C - c0) : kChunk;  // channels in this stage
+  const auto put = [&](int idx) {
+    const int c = idx / B, e = idx % B;
+    xs[idx] = from_acc<Stage>(c < nc ? load_x(c0 + c, e) : A(0));
+    ys[idx] = from_acc<Stage>(c < nc ? load_y(c0 + c, e) : A(0));
+  };
+  if constexpr (kUnrolled) {
+    static_assert(kChunk * B % kTileThreads == 0, "the stage splits evenly over the threads");
+#pragma unroll
+    for (int q = 0; q < kChunk * B / kTileThreads; ++q) put(threadIdx.x + q * kTileThreads);
+  } else {
+    for (int idx = threadIdx.x; idx < kChunk * B; idx += kTileThreads) put(idx);
+  }
+}
+
 // s[i][j] += sum_{c < C} X(c, ty + 16 i) * Y(c, tx + 16 j). xs, ys: kChunk * 16 TN values each.
+// kUnroll as for accumulate_outer; kUnroll == kChunk unrolls the staging loads too.
 // Ends with __syncthreads (the stages may be reused at once).
-template <int TN, int kChunk, typename A, typename LoadX, typename LoadY>
+template <int TN, int kChunk, int kUnroll, typename A, typename LoadX, typename LoadY>
 __device__ __forceinline__ void staged_tile_dot(A (&s)[TN][TN], int64_t C, const LoadX& load_x,
                                                 const LoadY& load_y, A* __restrict__ xs,
                                                 A* __restrict__ ys) {
   constexpr int B = 16 * TN;
-  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-    for (int idx = tid; idx < kChunk * B; idx += kTileThreads) {
-      const int c = idx / B, e = idx % B;
-      const bool in = c0 + c < C;
-      xs[idx] = in ? load_x(c0 + c, e) : A(0);
-      ys[idx] = in ? load_y(c0 + c, e) : A(0);
-    }
+    stage_operands<B, kChunk, kUnroll == kChunk>(c0, C, load_x, load_y, xs, ys);
     __syncthreads();
-#pragma unroll 4
-    for (int c = 0; c < kChunk; ++c) {
-      A xa[TN], yb[TN];
-#pragma unroll
-      for (int i = 0; i < TN; ++i) xa[i] = xs[c * B + ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < TN; ++j) yb[j] = ys[c * B + tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < TN; ++i) {
-#pragma unroll
-        for (int j = 0; j < TN; ++j) s[i][j] = acc_fma(xa[i], yb[j], s[i][j]);
-      }
-    }
+    accumulate_outer<kChunk, kUnroll>(s, Strided<A>{xs, B, 1}, ty, Strided<A>{ys, B, 1}, tx);
     __syncthreads();
   }
 }
@@ -60,8 +95,8 @@ __device__ __forceinline__ void staged_tile_dot(A (&s)[TN][TN], int64_t C, const
 // T = __half or __nv_bfloat16): the loaded values are rounded to T in xs, ys (kChunk * 64 each,
 // 32-byte aligned), and the fp32 result goes through `stage` (64 rows of kStageLd floats) into the
 // SIMT ownership above. Warp w owns the output tiles (row w / 2, columns 2 (w % 2) + {0, 1}).
-// Ends with __syncthreads.
-template <int kChunk, int kStageLd, typename T, typename LoadX, typename LoadY>
+// kUnrolledLoads as for stage_operands. Ends with __syncthreads.
+template <int kChunk, int kStageLd, bool kUnrolledLoads, typename T, typename LoadX, typename LoadY>
 __device__ __forceinline__ void staged_tile_dot_wmma(float (&s)[4][4], int64_t C,
                                                      const LoadX& load_x, const LoadY& load_y,
                                                      T* xs, T* ys, float* stage) {
@@ -74,12 +109,7 @@ __device__ __forceinline__ void staged_tile_dot_wmma(float (&s)[4][4], int64_t C
   wmma::fill_fragment(acc[0], 0.0f);
   wmma::fill_fragment(acc[1], 0.0f);
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-    for (int idx = tid; idx < kChunk * B; idx += kTileThreads) {
-      const int c = idx / B, e = idx % B;
-      const bool in = c0 + c < C;
-      xs[idx] = from_acc<T>(in ? load_x(c0 + c, e) : 0.0f);
-      ys[idx] = from_acc<T>(in ? load_y(c0 + c, e) : 0.0f);
-    }
+    stage_operands<B, kChunk, kUnrolledLoads>(c0, C, load_x, load_y, xs, ys);
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < kChunk; k += 16) {
@@ -109,5 +139,4 @@ __device__ __forceinline__ void staged_tile_dot_wmma(float (&s)[4][4], int64_t C
   __syncthreads();
 }
 
-}  // namespace cuda
-}  // namespace segops
+}  // namespace segops::cuda
