@@ -93,7 +93,7 @@ __device__ __forceinline__ void tile_dot(A (&s)[B / 16][B / 16], const T* __rest
 #pragma unroll
     for (int j = 0; j < B / 16; ++j) s[i][j] = A(0);
   }
-  staged_tile_dot<B / 16, kChan, 4>(s, C, LineLoader<T, A>{a, na, HW, es},
+  staged_tile_dot<B / 16, kChan, 4, Staging::kPaired>(s, C, LineLoader<T, A>{a, na, HW, es},
                                  LineLoader<T, A>{b, nb, HW, es}, As, Bs);
 }
 

@@ -153,7 +153,7 @@ struct SimtTiles {
                                                const T* __restrict__ Y, const A* __restrict__ muY,
                                                int64_t LY, int64_t b0, int64_t C,
                                                unsigned char* sm) {
-    staged_tile_dot<4, kKC, kKC>(s, C, WhitenedLoader<T, A>{X, muX, LX, a0},
+    staged_tile_dot<4, kKC, kKC, Staging::kUnrolled>(s, C, WhitenedLoader<T, A>{X, muX, LX, a0},
                             WhitenedLoader<T, A>{Y, muY, LY, b0}, reinterpret_cast<A*>(sm + kX),
                             reinterpret_cast<A*>(sm + kY));
   }
@@ -199,7 +199,7 @@ struct WmmaTiles {
                                                int64_t a0, const T* __restrict__ Y,
                                                const float* __restrict__ muY, int64_t LY,
                                                int64_t b0, int64_t C, unsigned char* sm) {
-    staged_tile_dot_wmma<kKC, kSLd, true>(s, C, WhitenedLoader<T, float>{X, muX, LX, a0},
+    staged_tile_dot_wmma<kKC, kSLd, Staging::kUnrolled>(s, C, WhitenedLoader<T, float>{X, muX, LX, a0},
                                     WhitenedLoader<T, float>{Y, muY, LY, b0},
                                     reinterpret_cast<T*>(sm + kXh), reinterpret_cast<T*>(sm + kYh),
                                     reinterpret_cast<float*>(sm + kF));

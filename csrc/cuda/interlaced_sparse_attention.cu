@@ -138,7 +138,7 @@ template <typename T, int M, int D>
 __device__ __forceinline__ void tile_dot(acc_t<T> (&s)[M / 16][M / 16], acc_t<T>* buf, const T* X,
                                          const Rows<M>& rx, const T* Y, const Rows<M>& ry,
                                          int64_t C, int64_t HW) {
-  staged_tile_dot<M / 16, D, 4>(s, C, GroupLoader<T, M>{X, rx, C, HW},
+  staged_tile_dot<M / 16, D, 4, Staging::kSeparate>(s, C, GroupLoader<T, M>{X, rx, C, HW},
                                 GroupLoader<T, M>{Y, ry, C, HW}, buf, buf + D * M);
 }
 
@@ -160,7 +160,7 @@ __device__ __forceinline__ void tile_dot_wmma(float (&s)[M / 16][M / 16], T* buf
                                               const T* X, const Rows<M>& rx, const T* Y,
                                               const Rows<M>& ry, int64_t C, int64_t HW) {
   static_assert(M == 64, "the tensor-core tile is 64 x 64");
-  staged_tile_dot_wmma<D, SLD, false>(s, C, GroupLoader<T, M>{X, rx, C, HW},
+  staged_tile_dot_wmma<D, SLD, Staging::kSeparate>(s, C, GroupLoader<T, M>{X, rx, C, HW},
                                GroupLoader<T, M>{Y, ry, C, HW}, buf, buf + D * M, stage);
 }
 

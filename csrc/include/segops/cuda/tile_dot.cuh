@@ -52,39 +52,51 @@ __device__ __forceinline__ void accumulate_outer(A (&acc)[TI][TJ], Strided<A> x,
   }
 }
 
+// How a stage is loaded (each kernel keeps the form its register budget was tuned with): both
+// operands per strided step, one operand after the other, or both in a fixed, unrolled number of
+// steps per thread.
+enum class Staging { kPaired, kSeparate, kUnrolled };
+
 // Stages channels c0 .. c0 + kChunk - 1 of both operands into xs, ys ([kChunk][B], zero past C),
-// converted to Stage (the accumulation type, or the storage type for tensor cores). kUnrolled:
-// each thread's loads are unrolled (a fixed number per thread) instead of a strided loop.
-template <int B, int kChunk, bool kUnrolled, typename Stage, typename LoadX, typename LoadY>
+// converted to Stage (the accumulation type, or the storage type for tensor cores).
+template <int B, int kChunk, Staging kStaging, typename Stage, typename LoadX, typename LoadY>
 __device__ __forceinline__ void stage_operands(int64_t c0, int64_t C, const LoadX& load_x,
                                                const LoadY& load_y, Stage* xs, Stage* ys) {
   using A = decltype(load_x(0, 0));
   const int nc = C - c0 < kChunk ? static_cast<int>(C - c0) : kChunk;  // channels in this stage
-  const auto put = [&](int idx) {
+  const auto put = [&](Stage* dst, const auto& load, int idx) {
     const int c = idx / B, e = idx % B;
-    xs[idx] = from_acc<Stage>(c < nc ? load_x(c0 + c, e) : A(0));
-    ys[idx] = from_acc<Stage>(c < nc ? load_y(c0 + c, e) : A(0));
+    dst[idx] = from_acc<Stage>(c < nc ? load(c0 + c, e) : A(0));
   };
-  if constexpr (kUnrolled) {
+  if constexpr (kStaging == Staging::kUnrolled) {
     static_assert(kChunk * B % kTileThreads == 0, "the stage splits evenly over the threads");
 #pragma unroll
-    for (int q = 0; q < kChunk * B / kTileThreads; ++q) put(threadIdx.x + q * kTileThreads);
+    for (int q = 0; q < kChunk * B / kTileThreads; ++q) {
+      put(xs, load_x, threadIdx.x + q * kTileThreads);
+      put(ys, load_y, threadIdx.x + q * kTileThreads);
+    }
+  } else if constexpr (kStaging == Staging::kPaired) {
+    for (int idx = threadIdx.x; idx < kChunk * B; idx += kTileThreads) {
+      put(xs, load_x, idx);
+      put(ys, load_y, idx);
+    }
   } else {
-    for (int idx = threadIdx.x; idx < kChunk * B; idx += kTileThreads) put(idx);
+    for (int idx = threadIdx.x; idx < kChunk * B; idx += kTileThreads) put(xs, load_x, idx);
+    for (int idx = threadIdx.x; idx < kChunk * B; idx += kTileThreads) put(ys, load_y, idx);
   }
 }
 
 // s[i][j] += sum_{c < C} X(c, ty + 16 i) * Y(c, tx + 16 j). xs, ys: kChunk * 16 TN values each.
-// kUnroll as for accumulate_outer; kUnroll == kChunk unrolls the staging loads too.
-// Ends with __syncthreads (the stages may be reused at once).
-template <int TN, int kChunk, int kUnroll, typename A, typename LoadX, typename LoadY>
+// kUnroll as for accumulate_outer. Ends with __syncthreads (the stages may be reused at once).
+template <int TN, int kChunk, int kUnroll, Staging kStaging, typename A, typename LoadX,
+          typename LoadY>
 __device__ __forceinline__ void staged_tile_dot(A (&s)[TN][TN], int64_t C, const LoadX& load_x,
                                                 const LoadY& load_y, A* __restrict__ xs,
                                                 A* __restrict__ ys) {
   constexpr int B = 16 * TN;
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-    stage_operands<B, kChunk, kUnroll == kChunk>(c0, C, load_x, load_y, xs, ys);
+    stage_operands<B, kChunk, kStaging>(c0, C, load_x, load_y, xs, ys);
     __syncthreads();
     accumulate_outer<kChunk, kUnroll>(s, Strided<A>{xs, B, 1}, ty, Strided<A>{ys, B, 1}, tx);
     __syncthreads();
@@ -95,8 +107,8 @@ __device__ __forceinline__ void staged_tile_dot(A (&s)[TN][TN], int64_t C, const
 // T = __half or __nv_bfloat16): the loaded values are rounded to T in xs, ys (kChunk * 64 each,
 // 32-byte aligned), and the fp32 result goes through `stage` (64 rows of kStageLd floats) into the
 // SIMT ownership above. Warp w owns the output tiles (row w / 2, columns 2 (w % 2) + {0, 1}).
-// kUnrolledLoads as for stage_operands. Ends with __syncthreads.
-template <int kChunk, int kStageLd, bool kUnrolledLoads, typename T, typename LoadX, typename LoadY>
+// Ends with __syncthreads.
+template <int kChunk, int kStageLd, Staging kStaging, typename T, typename LoadX, typename LoadY>
 __device__ __forceinline__ void staged_tile_dot_wmma(float (&s)[4][4], int64_t C,
                                                      const LoadX& load_x, const LoadY& load_y,
                                                      T* xs, T* ys, float* stage) {
@@ -109,7 +121,7 @@ __device__ __forceinline__ void staged_tile_dot_wmma(float (&s)[4][4], int64_t C
   wmma::fill_fragment(acc[0], 0.0f);
   wmma::fill_fragment(acc[1], 0.0f);
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-    stage_operands<B, kChunk, kUnrolledLoads>(c0, C, load_x, load_y, xs, ys);
+    stage_operands<B, kChunk, kStaging>(c0, C, load_x, load_y, xs, ys);
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < kChunk; k += 16) {
