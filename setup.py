@@ -30,6 +30,25 @@ def _want_cuda(torch_cuda_version):
     return possible if flag == "auto" else flag == "1"
 
 
+def _cuda_objects_apart(build_ext_class):
+    """build_ext whose .cu objects are named <stem>.cuda.o: csrc/cuda/<op>.cu and its torch binding
+    csrc/cuda/<op>.cpp share a stem, and distutils would name both objects <op>.o."""
+
+    class BuildExt(build_ext_class):
+        def build_extensions(self):
+            object_filenames = self.compiler.object_filenames
+
+            def apart(sources, strip_dir=0, output_dir=""):
+                objects = object_filenames(sources, strip_dir=strip_dir, output_dir=output_dir)
+                return [os.path.splitext(o)[0] + ".cuda" + os.path.splitext(o)[1]
+                        if s.endswith(".cu") else o for s, o in zip(sources, objects)]
+
+            self.compiler.object_filenames = apart
+            super().build_extensions()
+
+    return BuildExt
+
+
 def _extensions():
     if os.environ.get("SEGOPS_BUILD_CPP", "1") == "0":
         return [], {}
@@ -46,7 +65,7 @@ def _extensions():
     define_macros = []
     if _want_cuda(torch.version.cuda):
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
-                        + [os.path.join(ROOT, "csrc", "cuda_binding.cpp")])
+                        + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
         define_macros.append(("SEGOPS_WITH_CUDA", "1"))
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
         ext = CUDAExtension("segops._C", sources, include_dirs=include_dirs,
@@ -57,7 +76,7 @@ def _extensions():
         ext = CppExtension("segops._C", sources, include_dirs=include_dirs,
                            define_macros=define_macros,
                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _cuda_objects_apart(BuildExtension).with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

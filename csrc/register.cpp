@@ -1,6 +1,6 @@
 // Schemas of the fused kernels behind segops's Python custom ops (library `segops_C`).
 // Kernels register their implementations next to their code (csrc/cpu/<op>.cpp for CPU,
-// csrc/cuda_binding.cpp for the CUDA kernels of csrc/cuda/<op>.cu). The public ops `segops::<name>` (with fakes,
+// csrc/cuda/<op>.cpp for the CUDA kernels of csrc/cuda/<op>.cu). The public ops `segops::<name>` (with fakes,
 // autograd and backend dispatch) are defined in Python, in segops/ops/<name>.py.
 #include <torch/library.h>
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Syntax-check the torch binding of the CUDA kernels (csrc/cuda_binding.cpp) against the installed
+# Syntax-check the torch bindings of the CUDA kernels (csrc/cuda/*.cpp) against the installed
 # torch's headers and the CUDA toolkit's runtime headers, without a GPU or a CUDA build of torch
 # (c10/cuda headers are header-only here; C10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for the
 # configure header a CPU wheel lacks). Exits 0 with a note when torch or the CUDA headers are absent.
@@ -14,7 +14,18 @@ fi
 python=${PYTHON:-python}
 incs=$("$python" -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-isystem '+p for p in include_paths()))") || {
   echo "check_cuda_binding: torch not importable, skipping"; exit 0; }
-# shellcheck disable=SC2086
-${CXX:-g++} -fsyntax-only -std=c++17 -Wall -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DSEGOPS_WITH_CUDA=1 \
-  $incs -I"$cuda_home/include" -I"$root/csrc/include" "$root/csrc/cuda_binding.cpp"
-echo "ok   csrc/cuda_binding.cpp (syntax, against torch $("$python" -c 'import torch; print(torch.__version__)'))"
+version=$("$python" -c 'import torch; print(torch.__version__)')
+shopt -s nullglob
+files=("$root"/csrc/cuda/*.cpp)
+if [ ${#files[@]} -eq 0 ]; then echo "check_cuda_binding: no .cpp files under csrc/cuda"; exit 1; fi
+status=0
+for f in "${files[@]}"; do
+  # shellcheck disable=SC2086
+  if ${CXX:-g++} -fsyntax-only -std=c++17 -Wall -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DSEGOPS_WITH_CUDA=1 \
+       $incs -I"$cuda_home/include" -I"$root/csrc/include" "$f"; then
+    echo "ok   $(realpath --relative-to="$root" "$f") (syntax, against torch $version)"
+  else
+    echo "FAIL $(realpath --relative-to="$root" "$f")"; status=1
+  fi
+done
+exit $status

@@ -35,24 +35,18 @@
 
 #include "segops/cuda/criss_cross_attention.h"
 #include "segops/cuda/device_utils.cuh"
+#include "segops/cuda/tile_dot.cuh"
 
 namespace segops {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;  // every kernel but the transpose
+constexpr int kThreads = kTileThreads;  // every kernel but the transpose
 constexpr int kChan = 16;      // channels staged per shared-memory chunk in tile_dot
 
 template <typename T> struct Tile { static constexpr int B = 64; };
 template <> struct Tile<double> { static constexpr int B = 32; };
 
-__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
-__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
-__device__ __forceinline__ float acc_log(float x) { return logf(x); }
-__device__ __forceinline__ double acc_log(double x) { return log(x); }
-__device__ __forceinline__ float acc_fma(float a, float b, float c) { return fmaf(a, b, c); }
-__device__ __forceinline__ double acc_fma(double a, double b, double c) { return fma(a, b, c); }
-template <typename A> __device__ __forceinline__ A neg_inf() { return -static_cast<A>(INFINITY); }
 template <typename A> __device__ __forceinline__ A amax(A a, A b) { return a > b ? a : b; }
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -76,50 +70,31 @@ struct Geom {
   int64_t out_ls, out_es;  // output line / element strides
 };
 
-// s[i][j] = sum_c a[c, t/16 + 16 i] * b[c, t%16 + 16 j] over C channels. a and b point at channel
-// 0 of the first line element of their tile; element e of channel c lies at c * HW + e * es.
-// Elements past na (nb) read as zero. Summation: channels ascending, one fma each (the same in
-// every kernel, so energies are recomputed bit-identically: fma(x, y, s) == fma(y, x, s)).
+// Element e of channel c of a line tile starting at `base` (channel 0, first element) lies at
+// c * HW + e * es; elements from `n` on read as zero.
+template <typename T, typename A>
+struct LineLoader {
+  const T* __restrict__ base;
+  int n;
+  int64_t HW, es;
+  __device__ __forceinline__ A operator()(int64_t c, int e) const {
+    return e < n ? to_acc<A>(base[c * HW + static_cast<int64_t>(e) * es]) : A(0);
+  }
+};
+
+// s[i][j] = sum_c a[c, t/16 + 16 i] * b[c, t%16 + 16 j] over C channels of two line tiles of
+// na and nb elements (staged_tile_dot, the summation every kernel shares).
 template <int B, typename T, typename A>
 __device__ __forceinline__ void tile_dot(A (&s)[B / 16][B / 16], const T* __restrict__ a, int na,
                                          const T* __restrict__ b, int nb, int64_t C, int64_t HW,
                                          int64_t es, A* __restrict__ As, A* __restrict__ Bs) {
-  constexpr int TN = B / 16;
-  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
 #pragma unroll
-  for (int i = 0; i < TN; ++i) {
+  for (int i = 0; i < B / 16; ++i) {
 #pragma unroll
-    for (int j = 0; j < TN; ++j) s[i][j] = A(0);
+    for (int j = 0; j < B / 16; ++j) s[i][j] = A(0);
   }
-  for (int64_t c0 = 0; c0 < C; c0 += kChan) {
-    const int nc = static_cast<int>(imin(kChan, C - c0));
-    for (int idx = tid; idx < kChan * B; idx += kThreads) {
-      const int c = idx / B, e = idx % B;
-      A va = A(0), vb = A(0);
-      if (c < nc) {
-        const int64_t off = (c0 + c) * HW + static_cast<int64_t>(e) * es;
-        if (e < na) va = to_acc<A>(a[off]);
-        if (e < nb) vb = to_acc<A>(b[off]);
-      }
-      As[idx] = va;
-      Bs[idx] = vb;
-    }
-    __syncthreads();
-#pragma unroll 4
-    for (int c = 0; c < kChan; ++c) {
-      A ra[TN], rb[TN];
-#pragma unroll
-      for (int i = 0; i < TN; ++i) ra[i] = As[c * B + ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < TN; ++j) rb[j] = Bs[c * B + tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < TN; ++i) {
-#pragma unroll
-        for (int j = 0; j < TN; ++j) s[i][j] = acc_fma(ra[i], rb[j], s[i][j]);
-      }
-    }
-    __syncthreads();
-  }
+  staged_tile_dot<B / 16, kChan, 4, Staging::kPaired>(s, C, LineLoader<T, A>{a, na, HW, es},
+                                 LineLoader<T, A>{b, nb, HW, es}, As, Bs);
 }
 
 // Softmax statistics of one line direction. Block: B positions of one line (grid x = N * nrt * R,
@@ -348,19 +323,7 @@ __global__ void __launch_bounds__(kThreads) cca_line_kernel(LineArgs<T> a) {
     }
     __syncthreads();
     // acc[i][j] += sum_e Ws[e][tx + 16 i] Rs[e][ty + 16 j].
-#pragma unroll 4
-    for (int e = 0; e < B; ++e) {
-      A wv[TN], rv[TN];
-#pragma unroll
-      for (int i = 0; i < TN; ++i) wv[i] = Ws[e * BP1 + tx + 16 * i];
-#pragma unroll
-      for (int j = 0; j < TN; ++j) rv[j] = Rs[e * BP1 + ty + 16 * j];
-#pragma unroll
-      for (int i = 0; i < TN; ++i) {
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = acc_fma(wv[i], rv[j], acc[i][j]);
-      }
-    }
+    accumulate_outer<B, 4>(acc, Strided<A>{Ws, BP1, 1}, tx, Strided<A>{Rs, BP1, 1}, ty);
     __syncthreads();
   }
   // Store: line position row0 + tx + 16 i, channel x0 + ty + 16 j.
@@ -432,24 +395,10 @@ __global__ void __launch_bounds__(256)
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-constexpr size_t kAlign = 256;
-inline size_t align_up(size_t b) { return (b + kAlign - 1) / kAlign * kAlign; }
-
 // The column parts go straight into the outputs when the storage type is the accumulation type.
 inline bool needs_part_buffers(DType t) { return t == DType::kFloat16 || t == DType::kBFloat16; }
 
-// Workspace layout: consecutive 256-byte aligned slices.
-struct Carve {
-  char* base;
-  size_t used = 0;
-  void* take(size_t bytes) {
-    void* p = base == nullptr ? nullptr : base + used;
-    used += align_up(bytes);
-    return p;
-  }
-};
-
-inline bool grid_ok(int64_t blocks) { return blocks >= 0 && blocks <= INT_MAX; }
+inline bool grid_ok(int64_t blocks) { return blocks >= 0 && blocks <= kMaxGridX; }
 
 inline cudaError_t transpose(const void* src, void* dst, int64_t planes, int64_t H, int64_t W,
                              size_t elem, cudaStream_t stream) {
@@ -474,11 +423,13 @@ inline cudaError_t transpose(const void* src, void* dst, int64_t planes, int64_t
 }
 
 // Column geometry over the transposed (N, C, W, H) inputs, row geometry over the NCHW inputs.
-inline Geom col_geom(int64_t Ck, int64_t Cv, int64_t H, int64_t W) {
-  return Geom{Ck, Cv, H * W, /*R=*/W, /*L=*/H, /*in_ls=*/H, /*in_es=*/1, /*out_ls=*/1, /*out_es=*/W};
+inline Geom col_geom(const CcaShape& s) {
+  const int64_t H = s.H, W = s.W;
+  return Geom{s.Ck, s.Cv, H * W, /*R=*/W, /*L=*/H, /*in_ls=*/H, /*in_es=*/1, /*out_ls=*/1, /*out_es=*/W};
 }
-inline Geom row_geom(int64_t Ck, int64_t Cv, int64_t H, int64_t W) {
-  return Geom{Ck, Cv, H * W, /*R=*/H, /*L=*/W, /*in_ls=*/W, /*in_es=*/1, /*out_ls=*/W, /*out_es=*/1};
+inline Geom row_geom(const CcaShape& s) {
+  const int64_t H = s.H, W = s.W;
+  return Geom{s.Ck, s.Cv, H * W, /*R=*/H, /*L=*/W, /*in_ls=*/W, /*in_es=*/1, /*out_ls=*/W, /*out_es=*/1};
 }
 
 template <typename T, bool kMaskCentre, bool kMerge>
@@ -512,94 +463,110 @@ cudaError_t launch_line(LineArgs<T> a, int64_t N, int64_t X, cudaStream_t stream
     if (err_ != cudaSuccess) return err_;     \
   } while (0)
 
-struct FwdBuffers {
-  void *qt, *kt, *vt, *part;
+// Workspace: transposed (N, C, W, H) copies of query, key, value for the column passes and,
+// for float16 / bfloat16, accumulation-type buffers for the column parts of the results.
+struct Transposed {
+  void *q, *k, *v;
 };
 
-inline FwdBuffers carve_forward(const CcaForwardParams& p, Carve& c) {
-  const size_t es = dtype_size(p.dtype), as = acc_size(p.dtype);
-  const size_t sk = static_cast<size_t>(p.N * p.Ck * p.H * p.W);
-  const size_t sv = static_cast<size_t>(p.N * p.Cv * p.H * p.W);
-  FwdBuffers b{};
-  b.qt = c.take(sk * es);
-  b.kt = c.take(sk * es);
-  b.vt = c.take(sv * es);
-  b.part = needs_part_buffers(p.dtype) ? c.take(sv * as) : nullptr;
-  return b;
+inline Transposed carve_transposed(const CcaShape& s, WorkspaceCarver& c) {
+  const size_t es = dtype_size(s.dtype);
+  return {c.take_bytes(static_cast<size_t>(s.N * s.Ck * s.H * s.W) * es),
+          c.take_bytes(static_cast<size_t>(s.N * s.Ck * s.H * s.W) * es),
+          c.take_bytes(static_cast<size_t>(s.N * s.Cv * s.H * s.W) * es)};
+}
+
+// A column-part buffer of `channels` channels (null when the results take the parts directly).
+inline void* carve_part(const CcaShape& s, int64_t channels, WorkspaceCarver& c) {
+  if (!needs_part_buffers(s.dtype)) return nullptr;
+  return c.take_bytes(static_cast<size_t>(s.N * channels * s.H * s.W) * acc_size(s.dtype));
+}
+
+struct FwdBuffers {
+  Transposed t;
+  void* part;
+};
+
+inline FwdBuffers carve_forward(const CcaForwardParams& p, WorkspaceCarver& c) {
+  const Transposed t = carve_transposed(p.shape, c);
+  return {t, carve_part(p.shape, p.shape.Cv, c)};
 }
 
 struct BwdBuffers {
-  void *D, *qt, *kt, *vt, *gt, *pq, *pk, *pv;
+  Transposed t;
+  void *D, *gt, *pq, *pk, *pv;
 };
 
-inline BwdBuffers carve_backward(const CcaBackwardParams& p, Carve& c) {
-  const size_t es = dtype_size(p.dtype), as = acc_size(p.dtype);
-  const size_t sk = static_cast<size_t>(p.N * p.Ck * p.H * p.W);
-  const size_t sv = static_cast<size_t>(p.N * p.Cv * p.H * p.W);
+inline BwdBuffers carve_backward(const CcaBackwardParams& p, WorkspaceCarver& c) {
+  const CcaShape& s = p.shape;
   BwdBuffers b{};
-  b.D = c.take(static_cast<size_t>(p.N * p.H * p.W) * as);
-  b.qt = c.take(sk * es);
-  b.kt = c.take(sk * es);
-  b.vt = c.take(sv * es);
-  b.gt = c.take(sv * es);
-  if (needs_part_buffers(p.dtype)) {
-    b.pq = c.take(sk * as);
-    b.pk = c.take(sk * as);
-    b.pv = c.take(sv * as);
-  } else {
-    b.pq = b.pk = b.pv = nullptr;
-  }
+  b.t = carve_transposed(s, c);
+  b.D = c.take_bytes(static_cast<size_t>(s.N * s.H * s.W) * acc_size(s.dtype));
+  b.gt = c.take_bytes(static_cast<size_t>(s.N * s.Cv * s.H * s.W) * dtype_size(s.dtype));
+  b.pq = carve_part(s, s.Ck, c);
+  b.pk = carve_part(s, s.Ck, c);
+  b.pv = carve_part(s, s.Cv, c);
   return b;
 }
 
-inline bool dims_ok(int64_t N, int64_t Ck, int64_t Cv, int64_t H, int64_t W) {
-  return N >= 0 && Ck >= 0 && Cv >= 0 && H >= 0 && W >= 0;
+// Points `a` at one pass's operands: the column pass reads the transposed copies (col_geom), the
+// row pass the NCHW tensors (row_geom); g (dout) only in the backward.
+template <typename T>
+void set_pass(LineArgs<T>& a, const T* q, const T* k, const T* v, const T* g, const Geom& geo) {
+  a.q = q;
+  a.k = k;
+  a.v = v;
+  a.g = g;
+  a.geo = geo;
+}
+
+// Fills the transposed copies of query, key, value.
+template <typename T>
+cudaError_t transpose_inputs(const CcaShape& s, const T* q, const T* k, const T* v,
+                             const Transposed& t, cudaStream_t stream) {
+  SEGOPS_CCA_TRY(transpose(q, t.q, s.N * s.Ck, s.H, s.W, sizeof(T), stream));
+  SEGOPS_CCA_TRY(transpose(k, t.k, s.N * s.Ck, s.H, s.W, sizeof(T), stream));
+  return transpose(v, t.v, s.N * s.Cv, s.H, s.W, sizeof(T), stream);
+}
+
+inline bool dims_ok(const CcaShape& s) {
+  return s.N >= 0 && s.Ck >= 0 && s.Cv >= 0 && s.H >= 0 && s.W >= 0;
 }
 
 template <typename T>
 cudaError_t forward_typed(const CcaForwardParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
-  Carve carve{static_cast<char*>(p.workspace)};
+  WorkspaceCarver carve{p.workspace};
   const FwdBuffers wb = carve_forward(p, carve);
   const T* q = static_cast<const T*>(p.query);
   const T* k = static_cast<const T*>(p.key);
   const T* v = static_cast<const T*>(p.value);
   T* out = static_cast<T*>(p.out);
   A* st = static_cast<A*>(p.stats);
-  const size_t es = sizeof(T);
-  SEGOPS_CCA_TRY(transpose(q, wb.qt, p.N * p.Ck, p.H, p.W, es, stream));
-  SEGOPS_CCA_TRY(transpose(k, wb.kt, p.N * p.Ck, p.H, p.W, es, stream));
-  SEGOPS_CCA_TRY(transpose(v, wb.vt, p.N * p.Cv, p.H, p.W, es, stream));
-  const T* qt = static_cast<const T*>(wb.qt);
-  const T* kt = static_cast<const T*>(wb.kt);
-  const T* vt = static_cast<const T*>(wb.vt);
-  const Geom gc = col_geom(p.Ck, p.Cv, p.H, p.W), gr = row_geom(p.Ck, p.Cv, p.H, p.W);
+  SEGOPS_CCA_TRY(transpose_inputs(p.shape, q, k, v, wb.t, stream));
+  const T* qt = static_cast<const T*>(wb.t.q);
+  const T* kt = static_cast<const T*>(wb.t.k);
+  const Geom gc = col_geom(p.shape), gr = row_geom(p.shape);
   // Statistics: column, then the row merged in.
-  SEGOPS_CCA_TRY((launch_stats<T, true, false>(qt, kt, st, gc, p.N, stream)));
-  SEGOPS_CCA_TRY((launch_stats<T, false, true>(q, k, st, gr, p.N, stream)));
+  SEGOPS_CCA_TRY((launch_stats<T, true, false>(qt, kt, st, gc, p.shape.N, stream)));
+  SEGOPS_CCA_TRY((launch_stats<T, false, true>(q, k, st, gr, p.shape.N, stream)));
   // Output: column part (into the fp32 buffer, or out itself when T == A), then row part + it.
   A* part = wb.part != nullptr ? static_cast<A*>(wb.part) : reinterpret_cast<A*>(out);
   LineArgs<T> a{};
   a.st = st;
   a.part = part;
   a.dst = out;
-  a.q = qt;
-  a.k = kt;
-  a.v = vt;
-  a.geo = gc;
-  SEGOPS_CCA_TRY((launch_line<T, Mode::kOut, true, false>(a, p.N, p.Cv, stream)));
-  a.q = q;
-  a.k = k;
-  a.v = v;
-  a.geo = gr;
-  SEGOPS_CCA_TRY((launch_line<T, Mode::kOut, false, true>(a, p.N, p.Cv, stream)));
+  set_pass<T>(a, qt, kt, static_cast<const T*>(wb.t.v), nullptr, gc);
+  SEGOPS_CCA_TRY((launch_line<T, Mode::kOut, true, false>(a, p.shape.N, p.shape.Cv, stream)));
+  set_pass<T>(a, q, k, v, nullptr, gr);
+  SEGOPS_CCA_TRY((launch_line<T, Mode::kOut, false, true>(a, p.shape.N, p.shape.Cv, stream)));
   return cudaSuccess;
 }
 
 template <typename T>
 cudaError_t backward_typed(const CcaBackwardParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
-  Carve carve{static_cast<char*>(p.workspace)};
+  WorkspaceCarver carve{p.workspace};
   const BwdBuffers wb = carve_backward(p, carve);
   const T* go = static_cast<const T*>(p.grad_out);
   const T* q = static_cast<const T*>(p.query);
@@ -611,92 +578,82 @@ cudaError_t backward_typed(const CcaBackwardParams& p, cudaStream_t stream) {
   T* dk = static_cast<T*>(p.grad_key);
   T* dv = static_cast<T*>(p.grad_value);
   A* D = static_cast<A*>(wb.D);
-  const int64_t HW = p.H * p.W;
+  const int64_t HW = p.shape.H * p.shape.W;
   {
-    const int64_t blocks = (p.N * HW + kThreads - 1) / kThreads;
+    const int64_t blocks = (p.shape.N * HW + kThreads - 1) / kThreads;
     if (!grid_ok(blocks)) return cudaErrorInvalidValue;
     if (blocks > 0) {
-      cca_dot_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(go, out, D, p.N,
-                                                                                  p.Cv, HW);
+      cca_dot_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(go, out, D, p.shape.N,
+                                                                                  p.shape.Cv, HW);
       SEGOPS_CCA_TRY(cudaGetLastError());
     }
   }
-  const size_t es = sizeof(T);
-  SEGOPS_CCA_TRY(transpose(q, wb.qt, p.N * p.Ck, p.H, p.W, es, stream));
-  SEGOPS_CCA_TRY(transpose(k, wb.kt, p.N * p.Ck, p.H, p.W, es, stream));
-  SEGOPS_CCA_TRY(transpose(v, wb.vt, p.N * p.Cv, p.H, p.W, es, stream));
-  SEGOPS_CCA_TRY(transpose(go, wb.gt, p.N * p.Cv, p.H, p.W, es, stream));
+  SEGOPS_CCA_TRY(transpose_inputs(p.shape, q, k, v, wb.t, stream));
+  SEGOPS_CCA_TRY(transpose(go, wb.gt, p.shape.N * p.shape.Cv, p.shape.H, p.shape.W, sizeof(T), stream));
   const bool own = wb.pq != nullptr;
   A* pq = own ? static_cast<A*>(wb.pq) : reinterpret_cast<A*>(dq);
   A* pk = own ? static_cast<A*>(wb.pk) : reinterpret_cast<A*>(dk);
   A* pv = own ? static_cast<A*>(wb.pv) : reinterpret_cast<A*>(dv);
-  const Geom gc = col_geom(p.Ck, p.Cv, p.H, p.W), gr = row_geom(p.Ck, p.Cv, p.H, p.W);
+  const Geom gc = col_geom(p.shape), gr = row_geom(p.shape);
   LineArgs<T> a{};
   a.st = st;
   a.D = D;
   // Column pass on the transposed copies, into the column-part buffers.
-  a.q = static_cast<const T*>(wb.qt);
-  a.k = static_cast<const T*>(wb.kt);
-  a.v = static_cast<const T*>(wb.vt);
-  a.g = static_cast<const T*>(wb.gt);
-  a.geo = gc;
+  set_pass(a, static_cast<const T*>(wb.t.q), static_cast<const T*>(wb.t.k),
+           static_cast<const T*>(wb.t.v), static_cast<const T*>(wb.gt), gc);
   a.part = pq;
-  SEGOPS_CCA_TRY((launch_line<T, Mode::kDq, true, false>(a, p.N, p.Ck, stream)));
+  SEGOPS_CCA_TRY((launch_line<T, Mode::kDq, true, false>(a, p.shape.N, p.shape.Ck, stream)));
   a.part = pk;
-  SEGOPS_CCA_TRY((launch_line<T, Mode::kDk, true, false>(a, p.N, p.Ck, stream)));
+  SEGOPS_CCA_TRY((launch_line<T, Mode::kDk, true, false>(a, p.shape.N, p.shape.Ck, stream)));
   a.part = pv;
-  SEGOPS_CCA_TRY((launch_line<T, Mode::kDv, true, false>(a, p.N, p.Cv, stream)));
+  SEGOPS_CCA_TRY((launch_line<T, Mode::kDv, true, false>(a, p.shape.N, p.shape.Cv, stream)));
   // Row pass on the NCHW tensors: row part + column part -> the gradients.
-  a.q = q;
-  a.k = k;
-  a.v = v;
-  a.g = go;
-  a.geo = gr;
+  set_pass(a, q, k, v, go, gr);
   a.part = pq;
   a.dst = dq;
-  SEGOPS_CCA_TRY((launch_line<T, Mode::kDq, false, true>(a, p.N, p.Ck, stream)));
+  SEGOPS_CCA_TRY((launch_line<T, Mode::kDq, false, true>(a, p.shape.N, p.shape.Ck, stream)));
   a.part = pk;
   a.dst = dk;
-  SEGOPS_CCA_TRY((launch_line<T, Mode::kDk, false, true>(a, p.N, p.Ck, stream)));
+  SEGOPS_CCA_TRY((launch_line<T, Mode::kDk, false, true>(a, p.shape.N, p.shape.Ck, stream)));
   a.part = pv;
   a.dst = dv;
-  SEGOPS_CCA_TRY((launch_line<T, Mode::kDv, false, true>(a, p.N, p.Cv, stream)));
+  SEGOPS_CCA_TRY((launch_line<T, Mode::kDv, false, true>(a, p.shape.N, p.shape.Cv, stream)));
   return cudaSuccess;
 }
 
 }  // namespace
 
 size_t criss_cross_attention_forward_workspace_bytes(const CcaForwardParams& p) {
-  if (!dims_ok(p.N, p.Ck, p.Cv, p.H, p.W)) return 0;
-  Carve c{nullptr};
+  if (!dims_ok(p.shape)) return 0;
+  WorkspaceCarver c;
   carve_forward(p, c);
   return c.used;
 }
 
 size_t criss_cross_attention_backward_workspace_bytes(const CcaBackwardParams& p) {
-  if (!dims_ok(p.N, p.Ck, p.Cv, p.H, p.W)) return 0;
-  Carve c{nullptr};
+  if (!dims_ok(p.shape)) return 0;
+  WorkspaceCarver c;
   carve_backward(p, c);
   return c.used;
 }
 
 cudaError_t criss_cross_attention_forward(const CcaForwardParams& p, cudaStream_t stream) {
-  if (!dims_ok(p.N, p.Ck, p.Cv, p.H, p.W)) return cudaErrorInvalidValue;
-  if (p.N * p.H * p.W == 0) return cudaSuccess;
+  if (!dims_ok(p.shape)) return cudaErrorInvalidValue;
+  if (p.shape.N * p.shape.H * p.shape.W == 0) return cudaSuccess;
   if (p.workspace == nullptr && criss_cross_attention_forward_workspace_bytes(p) > 0) {
     return cudaErrorInvalidValue;
   }
-  SEGOPS_CUDA_DISPATCH(p.dtype, return forward_typed<scalar_t>(p, stream));
+  SEGOPS_CUDA_DISPATCH(p.shape.dtype, return forward_typed<scalar_t>(p, stream));
   return cudaSuccess;
 }
 
 cudaError_t criss_cross_attention_backward(const CcaBackwardParams& p, cudaStream_t stream) {
-  if (!dims_ok(p.N, p.Ck, p.Cv, p.H, p.W)) return cudaErrorInvalidValue;
-  if (p.N * p.H * p.W == 0) return cudaSuccess;
+  if (!dims_ok(p.shape)) return cudaErrorInvalidValue;
+  if (p.shape.N * p.shape.H * p.shape.W == 0) return cudaSuccess;
   if (p.workspace == nullptr && criss_cross_attention_backward_workspace_bytes(p) > 0) {
     return cudaErrorInvalidValue;
   }
-  SEGOPS_CUDA_DISPATCH(p.dtype, return backward_typed<scalar_t>(p, stream));
+  SEGOPS_CUDA_DISPATCH(p.shape.dtype, return backward_typed<scalar_t>(p, stream));
   return cudaSuccess;
 }
 

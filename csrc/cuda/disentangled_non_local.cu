@@ -25,8 +25,9 @@
 // The attention-tile kernels share two building blocks (256 threads; thread t owns rows
 // ty + 16 r (r < 4) and columns tx + 16 k of each tile, ty = t / 16, tx = t % 16, so the 16
 // threads of a half warp hold whole rows and row reductions are 16-lane shuffles):
-//   score_tile:      S (64 x 64) += X~^T Y~ over C channels (X~, Y~: (C, L) operands, optionally
-//                    minus per-channel means), 16 channels per shared-memory stage;
+//   score tile:      S (64 x 64) += X~^T Y~ over C channels (X~, Y~: (C, L) operands, optionally
+//                    minus per-channel means), 16 channels per shared-memory stage (the
+//                    staged_tile_dot of tile_dot.cuh with WhitenedLoader);
 //   accumulate_tile: acc (64 x 16*VPT) += T Z~^T, T the 64 x 64 tile in shared memory (P or dS),
 //                    Z~ a (C, L) operand (optionally whitened), 16 positions per stage.
 // The products go through a tile-ops policy (SimtTiles / WmmaTiles below): fp32 and fp64 use
@@ -44,37 +45,22 @@
 
 #include "segops/cuda/device_utils.cuh"
 #include "segops/cuda/disentangled_non_local.h"
+#include "segops/cuda/tile_dot.cuh"
 
 namespace segops {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;         // threads of every block
+constexpr int kThreads = kTileThreads;  // threads of every block
 constexpr int kTile = 64;             // positions per attention tile (rows and columns)
-constexpr int kKC = 16;               // channels per stage of score_tile
+constexpr int kKC = 16;               // channels per stage of the score tile
 constexpr int kPLd = kTile + 1;       // leading dimension of the P / dS tile in shared memory
 constexpr int kZC = 16;               // positions per stage of accumulate_tile
 constexpr int kZLd = kZC + 1;         // leading dimension of the Z stage
-constexpr int64_t kMaxBlocks = 2147483647;  // gridDim.x limit
 
 static_assert(kThreads == 16 * 16, "thread layout is 16 x 16");
 static_assert(kTile == 4 * 16, "each thread owns 4 rows and 4 columns of a tile");
-static_assert(kKC * kTile % kThreads == 0, "score_tile stage loads divide evenly");
 
-template <typename A> __device__ __forceinline__ A neg_inf();
-template <> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000); }
-template <> __device__ __forceinline__ double neg_inf<double>() {
-  return __longlong_as_double(static_cast<long long>(0xfff0000000000000ULL));
-}
-
-// Accurate exp / log (not __expf): the forward's statistics and the backward's recomputed
-// probabilities use the same function on the same operands.
-__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
-__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
-__device__ __forceinline__ float acc_log(float x) { return logf(x); }
-__device__ __forceinline__ double acc_log(double x) { return log(x); }
-__device__ __forceinline__ float madd(float a, float b, float c) { return fmaf(a, b, c); }
-__device__ __forceinline__ double madd(double a, double b, double c) { return fma(a, b, c); }
 
 
 // Sum over the block (kThreads threads); every thread gets the result. `red` holds 32 values.
@@ -97,46 +83,18 @@ template <typename A> __device__ __forceinline__ A block_max(A v, A* red) {
   return warp_max(r);
 }
 
-// s[r][k] += sum_{d < C} X~[d][a0 + ty + 16 r] * Y~[d][b0 + tx + 16 k], where X~ = X - muX
-// (per channel, muX may be null) is zero outside [0, LX), likewise Y~. X, Y point at the
-// sample's (C, LX) / (C, LY) storage. Xs, Ys: [kKC][kTile] shared stages. Starts and ends with
-// all threads past a barrier-free region (ends with __syncthreads).
+// X~[d][start + e] for the score tiles: X~ = X - mu (per channel d, mu may be null) on the
+// sample's (C, L) storage X, zero for positions >= L.
 template <typename T, typename A>
-__device__ __forceinline__ void score_tile(A (&s)[4][4], const T* __restrict__ X,
-                                           const A* __restrict__ muX, int64_t LX, int64_t a0,
-                                           const T* __restrict__ Y, const A* __restrict__ muY,
-                                           int64_t LY, int64_t b0, int64_t C, A* Xs, A* Ys) {
-  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-  for (int64_t d0 = 0; d0 < C; d0 += kKC) {
-#pragma unroll
-    for (int q = 0; q < kKC * kTile / kThreads; ++q) {
-      const int e = tid + q * kThreads;
-      const int d = e / kTile, p = e % kTile;
-      const int64_t dd = d0 + d, a = a0 + p, b = b0 + p;
-      A xv = A(0), yv = A(0);
-      if (dd < C) {
-        if (a < LX) xv = to_acc<A>(X[dd * LX + a]) - (muX != nullptr ? muX[dd] : A(0));
-        if (b < LY) yv = to_acc<A>(Y[dd * LY + b]) - (muY != nullptr ? muY[dd] : A(0));
-      }
-      Xs[d * kTile + p] = xv;
-      Ys[d * kTile + p] = yv;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int d = 0; d < kKC; ++d) {
-      A xa[4], yb[4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) xa[r] = Xs[d * kTile + ty + 16 * r];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) yb[k] = Ys[d * kTile + tx + 16 * k];
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) s[r][k] = madd(xa[r], yb[k], s[r][k]);
-    }
-    __syncthreads();
+struct WhitenedLoader {
+  const T* __restrict__ X;
+  const A* __restrict__ mu;
+  int64_t L, start;
+  __device__ __forceinline__ A operator()(int64_t d, int e) const {
+    const int64_t a = start + e;
+    return a < L ? to_acc<A>(X[d * L + a]) - (mu != nullptr ? mu[d] : A(0)) : A(0);
   }
-}
+};
 
 // acc[r][k] += sum_{b < 64} Ps[(ty + 16 r) * kPLd + b] * Z~[c0 + tx + 16 k][b0 + b], where
 // Z~ = Z - muZ (per channel, muZ may be null) is zero for channels >= C and positions >= LZ.
@@ -162,18 +120,8 @@ __device__ __forceinline__ void accumulate_tile(A (&acc)[4][VPT], const A* Ps,
       Zs[c * kZLd + p] = zv;
     }
     __syncthreads();
-#pragma unroll
-    for (int p = 0; p < kZC; ++p) {
-      A t[4], z[VPT];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) t[r] = Ps[(ty + 16 * r) * kPLd + bc + p];
-#pragma unroll
-      for (int k = 0; k < VPT; ++k) z[k] = Zs[(tx + 16 * k) * kZLd + p];
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int k = 0; k < VPT; ++k) acc[r][k] = madd(t[r], z[k], acc[r][k]);
-    }
+    accumulate_outer<kZC, kZC>(acc, Strided<A>{Ps + bc, 1, kPLd}, ty, Strided<A>{Zs, 1, kZLd},
+                               tx);
     __syncthreads();
   }
 }
@@ -185,7 +133,7 @@ constexpr size_t round_up128(size_t b) { return (b + 127) / 128 * 128; }
 // The attention-tile kernels reach their two products through a tile-ops policy, which also owns
 // the shared-memory layout (bytes from the dynamic shared-memory base):
 //   p_tile(smem):   the 64 x kPLd accumulation-type tile the kernel writes P / dS into;
-//   score(...):     s[r][k] += S[ty + 16 r][tx + 16 k] (see score_tile);
+//   score(...):     s[r][k] += S[ty + 16 r][tx + 16 k] (staged_tile_dot[_wmma], tile_dot.cuh);
 //   accumulate(...): acc[r][k] += (T Z~^T)[ty + 16 r][tx + 16 k] (see accumulate_tile).
 // Both end with __syncthreads. SimtTiles: fp32/fp64 FMA (every dtype when SEGOPS_DNL_NO_WMMA).
 template <typename T, int VPT>
@@ -205,8 +153,9 @@ struct SimtTiles {
                                                const T* __restrict__ Y, const A* __restrict__ muY,
                                                int64_t LY, int64_t b0, int64_t C,
                                                unsigned char* sm) {
-    score_tile(s, X, muX, LX, a0, Y, muY, LY, b0, C, reinterpret_cast<A*>(sm + kX),
-               reinterpret_cast<A*>(sm + kY));
+    staged_tile_dot<4, kKC, kKC, Staging::kUnrolled>(s, C, WhitenedLoader<T, A>{X, muX, LX, a0},
+                            WhitenedLoader<T, A>{Y, muY, LY, b0}, reinterpret_cast<A*>(sm + kX),
+                            reinterpret_cast<A*>(sm + kY));
   }
   static __device__ __forceinline__ void accumulate(A (&acc)[4][VPT], const A* Ps,
                                                     const T* __restrict__ Z,
@@ -250,52 +199,10 @@ struct WmmaTiles {
                                                int64_t a0, const T* __restrict__ Y,
                                                const float* __restrict__ muY, int64_t LY,
                                                int64_t b0, int64_t C, unsigned char* sm) {
-    namespace wmma = nvcuda::wmma;
-    T* Xh = reinterpret_cast<T*>(sm + kXh);
-    T* Yh = reinterpret_cast<T*>(sm + kYh);
-    float* Sf = reinterpret_cast<float*>(sm + kF);
-    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, warp = tid >> 5;
-    const int rt = warp >> 1, ct0 = (warp & 1) * 2;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2];
-    wmma::fill_fragment(c[0], 0.0f);
-    wmma::fill_fragment(c[1], 0.0f);
-    for (int64_t d0 = 0; d0 < C; d0 += kKC) {
-#pragma unroll
-      for (int q = 0; q < kKC * kTile / kThreads; ++q) {
-        const int e = tid + q * kThreads;
-        const int d = e / kTile, p = e % kTile;
-        const int64_t dd = d0 + d, a = a0 + p, b = b0 + p;
-        float xv = 0.0f, yv = 0.0f;
-        if (dd < C) {
-          if (a < LX) xv = to_acc<float>(X[dd * LX + a]) - (muX != nullptr ? muX[dd] : 0.0f);
-          if (b < LY) yv = to_acc<float>(Y[dd * LY + b]) - (muY != nullptr ? muY[dd] : 0.0f);
-        }
-        Xh[d * kTile + p] = from_acc<T>(xv);
-        Yh[d * kTile + p] = from_acc<T>(yv);
-      }
-      __syncthreads();
-      // A = X~^T (64 x 16): element (a, d) at Xh[d * kTile + a], i.e. column-major.
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
-      wmma::load_matrix_sync(fa, Xh + rt * 16, kTile);
-#pragma unroll
-      for (int t = 0; t < 2; ++t) {
-        // B = Y~ (16 x 64): element (d, b) at Yh[d * kTile + b], row-major.
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-        wmma::load_matrix_sync(fb, Yh + (ct0 + t) * 16, kTile);
-        wmma::mma_sync(c[t], fa, fb, c[t]);
-      }
-      __syncthreads();
-    }
-#pragma unroll
-    for (int t = 0; t < 2; ++t)
-      wmma::store_matrix_sync(Sf + rt * 16 * kSLd + (ct0 + t) * 16, c[t], kSLd,
-                              wmma::mem_row_major);
-    __syncthreads();
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) s[r][k] += Sf[(ty + 16 * r) * kSLd + tx + 16 * k];
-    __syncthreads();
+    staged_tile_dot_wmma<kKC, kSLd, Staging::kUnrolled>(s, C, WhitenedLoader<T, float>{X, muX, LX, a0},
+                                    WhitenedLoader<T, float>{Y, muY, LY, b0},
+                                    reinterpret_cast<T*>(sm + kXh), reinterpret_cast<T*>(sm + kYh),
+                                    reinterpret_cast<float*>(sm + kF));
   }
 
   static __device__ __forceinline__ void accumulate(float (&acc)[4][VPT], const float* Ps,
@@ -374,32 +281,24 @@ using tile_ops_t = typename TileOps<T, VPT>::type;
 // ---------------------------------------------------------------------------------------------
 // Small kernels (row reductions and per-position loops).
 
-// mean[r] = mean of row r of a (rows, L) tensor; one block per row.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) row_mean_kernel(const T* __restrict__ x, int64_t L,
-                                                            acc_t<T>* __restrict__ mean) {
-  using A = acc_t<T>;
+// sum_{j < L} term(j) over the block (each j taken by one thread); every thread gets it.
+template <typename A, typename Term>
+__device__ __forceinline__ A block_sum_of(int64_t L, const Term& term) {
   __shared__ A red[32];
-  const int64_t row = blockIdx.x;
-  const T* xr = x + row * L;
   A acc = A(0);
-  for (int64_t i = threadIdx.x; i < L; i += kThreads) acc += to_acc<A>(xr[i]);
-  acc = block_sum(acc, red);
-  if (threadIdx.x == 0) mean[row] = L > 0 ? acc / static_cast<A>(L) : A(0);
+  for (int64_t j = threadIdx.x; j < L; j += kThreads) acc += term(j);
+  return block_sum(acc, red);
 }
 
-// sum[r] = sum of row r of a (rows, L) tensor; one block per row.
+// out[r] = sum (mean: the mean) of row r of a (rows, L) tensor; one block per row.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) row_sum_kernel(const T* __restrict__ x, int64_t L,
-                                                           acc_t<T>* __restrict__ sum) {
+                                                           bool mean, acc_t<T>* __restrict__ out) {
   using A = acc_t<T>;
-  __shared__ A red[32];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * L;
-  A acc = A(0);
-  for (int64_t i = threadIdx.x; i < L; i += kThreads) acc += to_acc<A>(xr[i]);
-  acc = block_sum(acc, red);
-  if (threadIdx.x == 0) sum[row] = acc;
+  const A acc = block_sum_of<A>(L, [&](int64_t i) { return to_acc<A>(xr[i]); });
+  if (threadIdx.x == 0) out[row] = !mean ? acc : L > 0 ? acc / static_cast<A>(L) : A(0);
 }
 
 // lse_u[n] = log sum_j exp(u[n, j]); one block per sample.
@@ -413,9 +312,7 @@ __global__ void __launch_bounds__(kThreads) unary_lse_kernel(const T* __restrict
   A mx = neg_inf<A>();
   for (int64_t j = threadIdx.x; j < Lk; j += kThreads) mx = max(mx, to_acc<A>(un[j]));
   mx = block_max(mx, red);
-  A sum = A(0);
-  for (int64_t j = threadIdx.x; j < Lk; j += kThreads) sum += acc_exp(to_acc<A>(un[j]) - mx);
-  sum = block_sum(sum, red);
+  const A sum = block_sum_of<A>(Lk, [&](int64_t j) { return acc_exp(to_acc<A>(un[j]) - mx); });
   if (threadIdx.x == 0) lse_u[n] = mx + acc_log(sum);
 }
 
@@ -427,15 +324,12 @@ __global__ void __launch_bounds__(kThreads) unary_g_kernel(const T* __restrict__
                                                            int64_t Cv, int64_t Lk,
                                                            acc_t<T>* __restrict__ g) {
   using A = acc_t<T>;
-  __shared__ A red[32];
   const int64_t row = blockIdx.x, n = row / Cv;
   const T* un = u + n * Lk;
   const T* vr = v + row * Lk;
   const A lu = lse_u[n];
-  A acc = A(0);
-  for (int64_t j = threadIdx.x; j < Lk; j += kThreads)
-    acc += acc_exp(to_acc<A>(un[j]) - lu) * to_acc<A>(vr[j]);
-  acc = block_sum(acc, red);
+  const A acc = block_sum_of<A>(
+      Lk, [&](int64_t j) { return acc_exp(to_acc<A>(un[j]) - lu) * to_acc<A>(vr[j]); });
   if (threadIdx.x == 0) g[row] = acc;
 }
 
@@ -486,14 +380,11 @@ __global__ void __launch_bounds__(kThreads) dq_correction_kernel(
     const acc_t<T>* __restrict__ colsum, int64_t Ck, int64_t Lq, int64_t Lk, acc_t<T> s,
     acc_t<T>* __restrict__ corr) {
   using A = acc_t<T>;
-  __shared__ A red[32];
   const int64_t row = blockIdx.x, n = row / Ck;
   const T* kr = k + row * Lk;
   const A* cs = colsum + n * Lk;
   const A mu = mk[row];
-  A acc = A(0);
-  for (int64_t j = threadIdx.x; j < Lk; j += kThreads) acc += cs[j] * (to_acc<A>(kr[j]) - mu);
-  acc = block_sum(acc, red);
+  const A acc = block_sum_of<A>(Lk, [&](int64_t j) { return cs[j] * (to_acc<A>(kr[j]) - mu); });
   if (threadIdx.x == 0) corr[row] = acc * s / static_cast<A>(Lq > 0 ? Lq : 1);
 }
 
@@ -501,49 +392,75 @@ __global__ void __launch_bounds__(kThreads) dq_correction_kernel(
 // Attention-tile kernels. Blocks are numbered n-major, then position block, then channel chunk
 // (fastest), so the blocks sharing one position tile run together.
 
-// Forward: block = (n, query block qb, value-channel chunk cb).
+// What the attention-tile kernels read and write (device pointers, by value): operands are
+// (N, C, L) tensors, means and per-channel terms (N, C), per-query statistics (N, Lq). Unused
+// pointers are null.
+template <typename T>
+struct TileArgs {
+  using A = acc_t<T>;
+  const T *q, *k, *v, *go, *u;
+  const A *mq, *mk, *g, *lse, *D, *dg, *lse_u, *corr;
+  T* dst;         // out, grad_value, grad_key or grad_query
+  A* lse_out;     // forward
+  A* colsum;      // dK with whitening
+  int64_t Ck, Cv, Lq, Lk;
+  A s;
+  int64_t nrb, ncb;  // position blocks (the kernel's rows) and channel chunks per sample
+};
+
+// Sample n's block: its views of the operands, its first row (query or key) and channel.
+template <typename T>
+struct TileBlock {
+  using A = acc_t<T>;
+  int64_t n, r0, c0;
+  const T *q, *k, *v, *go;
+  const A *mq, *mk, *lse, *D;
+
+  template <int BC>
+  __device__ __forceinline__ static TileBlock at(const TileArgs<T>& a) {
+    const int64_t bid = blockIdx.x, n = bid / (a.ncb * a.nrb);
+    const auto per = [n](auto* p, int64_t size) { return p != nullptr ? p + n * size : nullptr; };
+    return {n, (bid / a.ncb) % a.nrb * kTile, bid % a.ncb * BC,
+            per(a.q, a.Ck * a.Lq), per(a.k, a.Ck * a.Lk), per(a.v, a.Cv * a.Lk), per(a.go, a.Cv * a.Lq),
+            per(a.mq, a.Ck), per(a.mk, a.Ck), per(a.lse, a.Lq), per(a.D, a.Lq)};
+  }
+};
+
+template <typename A, int R, int C>
+__device__ __forceinline__ void zero(A (&x)[R][C]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < C; ++c) x[r][c] = A(0);
+}
+
+// Forward: block = (n, query block, value-channel chunk).
 template <typename T, int VPT>
-__global__ void __launch_bounds__(kThreads) attention_forward_kernel(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    const acc_t<T>* __restrict__ mq, const acc_t<T>* __restrict__ mk,
-    const acc_t<T>* __restrict__ g, T* __restrict__ out, acc_t<T>* __restrict__ lse, int64_t Ck,
-    int64_t Cv, int64_t Lq, int64_t Lk, acc_t<T> s, int64_t nqb, int64_t ncb) {
+__global__ void __launch_bounds__(kThreads) attention_forward_kernel(TileArgs<T> a) {
   using A = acc_t<T>;
   using Tiles = tile_ops_t<T, VPT>;
-  constexpr int BV = 16 * VPT;
+  const TileBlock<T> b = TileBlock<T>::template at<16 * VPT>(a);
   A* Ps = Tiles::p_tile(dnl_smem);
-  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-  const int64_t bid = blockIdx.x;
-  const int64_t cb = bid % ncb, qb = (bid / ncb) % nqb, n = bid / (ncb * nqb);
-  const int64_t i0 = qb * kTile, c0 = cb * BV;
-  const T* qn = q + n * Ck * Lq;
-  const T* kn = k + n * Ck * Lk;
-  const T* vn = v + n * Cv * Lk;
-  const A* mqn = mq != nullptr ? mq + n * Ck : nullptr;
-  const A* mkn = mk != nullptr ? mk + n * Ck : nullptr;
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
 
   A m[4], l[4], acc[4][VPT];
+  zero(acc);
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     m[r] = neg_inf<A>();
     l[r] = A(0);
-#pragma unroll
-    for (int c = 0; c < VPT; ++c) acc[r][c] = A(0);
   }
-  for (int64_t j0 = 0; j0 < Lk; j0 += kTile) {
+  for (int64_t j0 = 0; j0 < a.Lk; j0 += kTile) {
     A sc[4][4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) sc[r][c] = A(0);
-    Tiles::score(sc, qn, mqn, Lq, i0, kn, mkn, Lk, j0, Ck, dnl_smem);
+    zero(sc);
+    Tiles::score(sc, b.q, b.mq, a.Lq, b.r0, b.k, b.mk, a.Lk, j0, a.Ck, dnl_smem);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       A mx = neg_inf<A>();
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int64_t j = j0 + tx + 16 * c;
-        sc[r][c] = j < Lk ? sc[r][c] * s : neg_inf<A>();
+        sc[r][c] = j < a.Lk ? sc[r][c] * a.s : neg_inf<A>();
         mx = max(mx, sc[r][c]);
       }
       mx = warp_max<16>(mx);  // finite: key j0 < Lk is in this block
@@ -562,230 +479,166 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(
 #pragma unroll
       for (int c = 0; c < VPT; ++c) acc[r][c] *= alpha;
     }
-    Tiles::accumulate(acc, Ps, vn, static_cast<const A*>(nullptr), Lk, j0, Cv, c0, dnl_smem);
+    Tiles::accumulate(acc, Ps, b.v, static_cast<const A*>(nullptr), a.Lk, j0, a.Cv, b.c0, dnl_smem);
   }
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    const int64_t i = i0 + ty + 16 * r;
-    if (i >= Lq) continue;
+    const int64_t i = b.r0 + ty + 16 * r;
+    if (i >= a.Lq) continue;
     const A inv = A(1) / l[r];
 #pragma unroll
     for (int c = 0; c < VPT; ++c) {
-      const int64_t cc = c0 + tx + 16 * c;
-      if (cc < Cv) {
-        const A gc = g != nullptr ? g[n * Cv + cc] : A(0);
-        out[(n * Cv + cc) * Lq + i] = from_acc<T>(acc[r][c] * inv + gc);
+      const int64_t cc = b.c0 + tx + 16 * c;
+      if (cc < a.Cv) {
+        const A gc = a.g != nullptr ? a.g[b.n * a.Cv + cc] : A(0);
+        a.dst[(b.n * a.Cv + cc) * a.Lq + i] = from_acc<T>(acc[r][c] * inv + gc);
       }
     }
-    if (cb == 0 && tx == 0) lse[n * Lq + i] = m[r] + acc_log(l[r]);
+    if (b.c0 == 0 && tx == 0) a.lse_out[b.n * a.Lq + i] = m[r] + acc_log(l[r]);
   }
 }
 
-// dV: block = (n, key block kb, value-channel chunk cb); rows are keys, columns queries.
+// dV: block = (n, key block, value-channel chunk); rows are keys, columns queries.
 // dv[c, j] = sum_i P_ij dout[c, i] (+ w_j dg_c with unary).
 template <typename T, int VPT>
-__global__ void __launch_bounds__(kThreads) attention_dv_kernel(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ go,
-    const T* __restrict__ u, const acc_t<T>* __restrict__ mq, const acc_t<T>* __restrict__ mk,
-    const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ dg,
-    const acc_t<T>* __restrict__ lse_u, T* __restrict__ dv, int64_t Ck, int64_t Cv, int64_t Lq,
-    int64_t Lk, acc_t<T> s, int64_t nkb, int64_t ncb) {
+__global__ void __launch_bounds__(kThreads) attention_dv_kernel(TileArgs<T> a) {
   using A = acc_t<T>;
   using Tiles = tile_ops_t<T, VPT>;
-  constexpr int BV = 16 * VPT;
+  const TileBlock<T> b = TileBlock<T>::template at<16 * VPT>(a);
   A* Ps = Tiles::p_tile(dnl_smem);
-  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-  const int64_t bid = blockIdx.x;
-  const int64_t cb = bid % ncb, kb = (bid / ncb) % nkb, n = bid / (ncb * nkb);
-  const int64_t j0 = kb * kTile, c0 = cb * BV;
-  const T* qn = q + n * Ck * Lq;
-  const T* kn = k + n * Ck * Lk;
-  const T* gon = go + n * Cv * Lq;
-  const A* mqn = mq != nullptr ? mq + n * Ck : nullptr;
-  const A* mkn = mk != nullptr ? mk + n * Ck : nullptr;
-  const A* lsen = lse + n * Lq;
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
 
   A acc[4][VPT];
-#pragma unroll
-  for (int r = 0; r < 4; ++r)
-#pragma unroll
-    for (int c = 0; c < VPT; ++c) acc[r][c] = A(0);
-  for (int64_t i0 = 0; i0 < Lq; i0 += kTile) {
+  zero(acc);
+  for (int64_t i0 = 0; i0 < a.Lq; i0 += kTile) {
     A st[4][4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) st[r][c] = A(0);
-    Tiles::score(st, kn, mkn, Lk, j0, qn, mqn, Lq, i0, Ck, dnl_smem);
+    zero(st);
+    Tiles::score(st, b.k, b.mk, a.Lk, b.r0, b.q, b.mq, a.Lq, i0, a.Ck, dnl_smem);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int64_t i = i0 + tx + 16 * c;
-      const bool valid = i < Lq;
-      const A li = valid ? lsen[i] : A(0);
+      const bool valid = i < a.Lq;
+      const A li = valid ? b.lse[i] : A(0);
 #pragma unroll
       for (int r = 0; r < 4; ++r)  // keys j >= Lk masked too (their P could overflow)
         Ps[(ty + 16 * r) * kPLd + tx + 16 * c] =
-            valid && j0 + ty + 16 * r < Lk ? acc_exp(st[r][c] * s - li) : A(0);
+            valid && b.r0 + ty + 16 * r < a.Lk ? acc_exp(st[r][c] * a.s - li) : A(0);
     }
-    Tiles::accumulate(acc, Ps, gon, static_cast<const A*>(nullptr), Lq, i0, Cv, c0, dnl_smem);
+    Tiles::accumulate(acc, Ps, b.go, static_cast<const A*>(nullptr), a.Lq, i0, a.Cv, b.c0, dnl_smem);
   }
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    const int64_t j = j0 + ty + 16 * r;
-    if (j >= Lk) continue;
-    const A w = u != nullptr ? acc_exp(to_acc<A>(u[n * Lk + j]) - lse_u[n]) : A(0);
+    const int64_t j = b.r0 + ty + 16 * r;
+    if (j >= a.Lk) continue;
+    const A w = a.u != nullptr ? acc_exp(to_acc<A>(a.u[b.n * a.Lk + j]) - a.lse_u[b.n]) : A(0);
 #pragma unroll
     for (int c = 0; c < VPT; ++c) {
-      const int64_t cc = c0 + tx + 16 * c;
-      if (cc < Cv) {
-        const A extra = u != nullptr ? w * dg[n * Cv + cc] : A(0);
-        dv[(n * Cv + cc) * Lk + j] = from_acc<T>(acc[r][c] + extra);
+      const int64_t cc = b.c0 + tx + 16 * c;
+      if (cc < a.Cv) {
+        const A extra = a.u != nullptr ? w * a.dg[b.n * a.Cv + cc] : A(0);
+        a.dst[(b.n * a.Cv + cc) * a.Lk + j] = from_acc<T>(acc[r][c] + extra);
       }
     }
   }
 }
 
-// dK: block = (n, key block kb, key-channel chunk cb); rows are keys, columns queries.
+// dK: block = (n, key block, key-channel chunk); rows are keys, columns queries.
 // dS^T[j][i] = P_ij (dP_ij - D_i), dP_ij = dout_i . v_j; dk[c, j] = s sum_i dS_ij q~[c, i];
 // colsum[n, j] = sum_i dS_ij (written by the first chunk when colsum is not null).
 template <typename T, int VPT>
-__global__ void __launch_bounds__(kThreads) attention_dk_kernel(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    const T* __restrict__ go, const acc_t<T>* __restrict__ mq, const acc_t<T>* __restrict__ mk,
-    const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ D, T* __restrict__ dk,
-    acc_t<T>* __restrict__ colsum, int64_t Ck, int64_t Cv, int64_t Lq, int64_t Lk, acc_t<T> s,
-    int64_t nkb, int64_t ncb) {
+__global__ void __launch_bounds__(kThreads) attention_dk_kernel(TileArgs<T> a) {
   using A = acc_t<T>;
   using Tiles = tile_ops_t<T, VPT>;
-  constexpr int BC = 16 * VPT;
+  const TileBlock<T> b = TileBlock<T>::template at<16 * VPT>(a);
   A* Ps = Tiles::p_tile(dnl_smem);
-  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-  const int64_t bid = blockIdx.x;
-  const int64_t cb = bid % ncb, kb = (bid / ncb) % nkb, n = bid / (ncb * nkb);
-  const int64_t j0 = kb * kTile, c0 = cb * BC;
-  const T* qn = q + n * Ck * Lq;
-  const T* kn = k + n * Ck * Lk;
-  const T* vn = v + n * Cv * Lk;
-  const T* gon = go + n * Cv * Lq;
-  const A* mqn = mq != nullptr ? mq + n * Ck : nullptr;
-  const A* mkn = mk != nullptr ? mk + n * Ck : nullptr;
-  const A* lsen = lse + n * Lq;
-  const A* Dn = D + n * Lq;
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
 
   A acc[4][VPT], cs[4];
+  zero(acc);
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    cs[r] = A(0);
-#pragma unroll
-    for (int c = 0; c < VPT; ++c) acc[r][c] = A(0);
-  }
-  for (int64_t i0 = 0; i0 < Lq; i0 += kTile) {
+  for (int r = 0; r < 4; ++r) cs[r] = A(0);
+  for (int64_t i0 = 0; i0 < a.Lq; i0 += kTile) {
     A st[4][4], dpt[4][4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        st[r][c] = A(0);
-        dpt[r][c] = A(0);
-      }
-    Tiles::score(st, kn, mkn, Lk, j0, qn, mqn, Lq, i0, Ck, dnl_smem);
-    Tiles::score(dpt, vn, static_cast<const A*>(nullptr), Lk, j0, gon,
-               static_cast<const A*>(nullptr), Lq, i0, Cv, dnl_smem);
+    zero(st);
+    zero(dpt);
+    Tiles::score(st, b.k, b.mk, a.Lk, b.r0, b.q, b.mq, a.Lq, i0, a.Ck, dnl_smem);
+    Tiles::score(dpt, b.v, static_cast<const A*>(nullptr), a.Lk, b.r0, b.go,
+                 static_cast<const A*>(nullptr), a.Lq, i0, a.Cv, dnl_smem);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int64_t i = i0 + tx + 16 * c;
-      const bool valid = i < Lq;
-      const A li = valid ? lsen[i] : A(0);
-      const A di = valid ? Dn[i] : A(0);
+      const bool valid = i < a.Lq;
+      const A li = valid ? b.lse[i] : A(0);
+      const A di = valid ? b.D[i] : A(0);
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
-        const A ds = valid && j0 + ty + 16 * r < Lk
-                         ? acc_exp(st[r][c] * s - li) * (dpt[r][c] - di) : A(0);
+        const A ds = valid && b.r0 + ty + 16 * r < a.Lk
+                         ? acc_exp(st[r][c] * a.s - li) * (dpt[r][c] - di) : A(0);
         cs[r] += ds;
         Ps[(ty + 16 * r) * kPLd + tx + 16 * c] = ds;
       }
     }
-    Tiles::accumulate(acc, Ps, qn, mqn, Lq, i0, Ck, c0, dnl_smem);
+    Tiles::accumulate(acc, Ps, b.q, b.mq, a.Lq, i0, a.Ck, b.c0, dnl_smem);
   }
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const A csr = warp_sum<16>(cs[r]);  // all lanes take part
-    const int64_t j = j0 + ty + 16 * r;
-    if (j >= Lk) continue;
+    const int64_t j = b.r0 + ty + 16 * r;
+    if (j >= a.Lk) continue;
 #pragma unroll
     for (int c = 0; c < VPT; ++c) {
-      const int64_t cc = c0 + tx + 16 * c;
-      if (cc < Ck) dk[(n * Ck + cc) * Lk + j] = from_acc<T>(acc[r][c] * s);
+      const int64_t cc = b.c0 + tx + 16 * c;
+      if (cc < a.Ck) a.dst[(b.n * a.Ck + cc) * a.Lk + j] = from_acc<T>(acc[r][c] * a.s);
     }
-    if (colsum != nullptr && cb == 0 && tx == 0) colsum[n * Lk + j] = csr;
+    if (a.colsum != nullptr && b.c0 == 0 && tx == 0) a.colsum[b.n * a.Lk + j] = csr;
   }
 }
 
-// dQ: block = (n, query block qb, key-channel chunk cb); rows are queries, columns keys.
+// dQ: block = (n, query block, key-channel chunk); rows are queries, columns keys.
 // dS[i][j] = P_ij (dP_ij - D_i); dq[c, i] = s sum_j dS_ij k~[c, j] - corr[n, c].
 template <typename T, int VPT>
-__global__ void __launch_bounds__(kThreads) attention_dq_kernel(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    const T* __restrict__ go, const acc_t<T>* __restrict__ mq, const acc_t<T>* __restrict__ mk,
-    const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ D,
-    const acc_t<T>* __restrict__ corr, T* __restrict__ dq, int64_t Ck, int64_t Cv, int64_t Lq,
-    int64_t Lk, acc_t<T> s, int64_t nqb, int64_t ncb) {
+__global__ void __launch_bounds__(kThreads) attention_dq_kernel(TileArgs<T> a) {
   using A = acc_t<T>;
   using Tiles = tile_ops_t<T, VPT>;
-  constexpr int BC = 16 * VPT;
+  const TileBlock<T> b = TileBlock<T>::template at<16 * VPT>(a);
   A* Ps = Tiles::p_tile(dnl_smem);
-  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-  const int64_t bid = blockIdx.x;
-  const int64_t cb = bid % ncb, qb = (bid / ncb) % nqb, n = bid / (ncb * nqb);
-  const int64_t i0 = qb * kTile, c0 = cb * BC;
-  const T* qn = q + n * Ck * Lq;
-  const T* kn = k + n * Ck * Lk;
-  const T* vn = v + n * Cv * Lk;
-  const T* gon = go + n * Cv * Lq;
-  const A* mqn = mq != nullptr ? mq + n * Ck : nullptr;
-  const A* mkn = mk != nullptr ? mk + n * Ck : nullptr;
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
 
   A acc[4][VPT], li[4], di[4];
+  zero(acc);
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    const int64_t i = i0 + ty + 16 * r;
-    li[r] = i < Lq ? lse[n * Lq + i] : A(0);
-    di[r] = i < Lq ? D[n * Lq + i] : A(0);
-#pragma unroll
-    for (int c = 0; c < VPT; ++c) acc[r][c] = A(0);
+    const int64_t i = b.r0 + ty + 16 * r;
+    li[r] = i < a.Lq ? b.lse[i] : A(0);
+    di[r] = i < a.Lq ? b.D[i] : A(0);
   }
-  for (int64_t j0 = 0; j0 < Lk; j0 += kTile) {
+  for (int64_t j0 = 0; j0 < a.Lk; j0 += kTile) {
     A sc[4][4], dp[4][4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        sc[r][c] = A(0);
-        dp[r][c] = A(0);
-      }
-    Tiles::score(sc, qn, mqn, Lq, i0, kn, mkn, Lk, j0, Ck, dnl_smem);
-    Tiles::score(dp, gon, static_cast<const A*>(nullptr), Lq, i0, vn,
-               static_cast<const A*>(nullptr), Lk, j0, Cv, dnl_smem);
+    zero(sc);
+    zero(dp);
+    Tiles::score(sc, b.q, b.mq, a.Lq, b.r0, b.k, b.mk, a.Lk, j0, a.Ck, dnl_smem);
+    Tiles::score(dp, b.go, static_cast<const A*>(nullptr), a.Lq, b.r0, b.v,
+                 static_cast<const A*>(nullptr), a.Lk, j0, a.Cv, dnl_smem);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const bool valid = j0 + tx + 16 * c < Lk;
+      const bool valid = j0 + tx + 16 * c < a.Lk;
 #pragma unroll
       for (int r = 0; r < 4; ++r)
         Ps[(ty + 16 * r) * kPLd + tx + 16 * c] =
-            valid ? acc_exp(sc[r][c] * s - li[r]) * (dp[r][c] - di[r]) : A(0);
+            valid ? acc_exp(sc[r][c] * a.s - li[r]) * (dp[r][c] - di[r]) : A(0);
     }
-    Tiles::accumulate(acc, Ps, kn, mkn, Lk, j0, Ck, c0, dnl_smem);
+    Tiles::accumulate(acc, Ps, b.k, b.mk, a.Lk, j0, a.Ck, b.c0, dnl_smem);
   }
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    const int64_t i = i0 + ty + 16 * r;
-    if (i >= Lq) continue;
+    const int64_t i = b.r0 + ty + 16 * r;
+    if (i >= a.Lq) continue;
 #pragma unroll
     for (int c = 0; c < VPT; ++c) {
-      const int64_t cc = c0 + tx + 16 * c;
-      if (cc < Ck) {
-        const A cr = corr != nullptr ? corr[n * Ck + cc] : A(0);
-        dq[(n * Ck + cc) * Lq + i] = from_acc<T>(acc[r][c] * s - cr);
+      const int64_t cc = b.c0 + tx + 16 * c;
+      if (cc < a.Ck) {
+        const A cr = a.corr != nullptr ? a.corr[b.n * a.Ck + cc] : A(0);
+        a.dst[(b.n * a.Ck + cc) * a.Lq + i] = from_acc<T>(acc[r][c] * a.s - cr);
       }
     }
   }
@@ -799,7 +652,7 @@ template <typename... KArgs, typename... Args>
 cudaError_t launch(void (*kernel)(KArgs...), int64_t blocks, size_t smem, cudaStream_t stream,
                    Args... args) {
   if (blocks <= 0) return cudaSuccess;
-  if (blocks > kMaxBlocks) return cudaErrorInvalidValue;
+  if (blocks > kMaxGridX) return cudaErrorInvalidValue;
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -809,9 +662,27 @@ cudaError_t launch(void (*kernel)(KArgs...), int64_t blocks, size_t smem, cudaSt
   return cudaGetLastError();
 }
 
-// Scratch layout (accumulation-type elements, each region rounded up to 64 elements):
-// forward: mq (N Ck), mk (N Ck); backward: mq, mk, D (N Lq), dg (N Cv), colsum (N Lk), corr (N Ck).
-inline int64_t region(int64_t elems) { return cdiv(elems, 64) * 64; }
+// Workspace (accumulation type A): the channel means mq (N Ck), mk (N Ck) when whitening; the
+// backward adds D (N Lq), dg (N Cv), colsum (N Lk), corr (N Ck). The *_workspace_bytes functions
+// run the same carving with a null base.
+template <typename A> struct Scratch { A *mq, *mk, *D, *dg, *colsum, *corr; };
+template <typename A>
+Scratch<A> carve_scratch(const DnlShape& s, bool backward, WorkspaceCarver& ws) {
+  Scratch<A> r{};
+  if (s.whiten) {
+    r.mq = ws.take<A>(s.N * s.Ck);
+    r.mk = ws.take<A>(s.N * s.Ck);
+  }
+  if (backward) {
+    r.D = ws.take<A>(s.N * s.Lq);
+    r.dg = ws.take<A>(s.N * s.Cv);
+    if (s.whiten) {
+      r.colsum = ws.take<A>(s.N * s.Lk);
+      r.corr = ws.take<A>(s.N * s.Ck);
+    }
+  }
+  return r;
+}
 
 // Runs f(std::integral_constant<int, VPT>) with the channel chunk width 16 * VPT of a tile
 // kernel: VPT = 8 for more than 64 channels, else 4; fp64 always 4 (register budget: its
@@ -827,150 +698,132 @@ cudaError_t with_vpt(int64_t C, F f) {
 template <typename T, int VPT>
 size_t tile_smem() { return tile_ops_t<T, VPT>::kBytes; }
 
-template <typename T, int VPT>
-cudaError_t forward_attention(const DisentangledNonLocalForwardParams& p, const acc_t<T>* mq,
-                              const acc_t<T>* mk, const acc_t<T>* g, cudaStream_t stream) {
-  using A = acc_t<T>;
-  const int64_t nqb = cdiv(p.Lq, kTile);
-  const int64_t ncb = p.Cv > 0 ? cdiv(p.Cv, 16 * VPT) : 1;  // lse needs one chunk
-  if (p.Lq > 0 && nqb > kMaxBlocks / (p.N * ncb)) return cudaErrorInvalidValue;
-  return launch(attention_forward_kernel<T, VPT>, p.N * nqb * ncb, tile_smem<T, VPT>(), stream,
-                static_cast<const T*>(p.query), static_cast<const T*>(p.key),
-                static_cast<const T*>(p.value), mq, mk, g, static_cast<T*>(p.out),
-                static_cast<A*>(p.lse), p.Ck, p.Cv, p.Lq, p.Lk, static_cast<A>(p.s), nqb, ncb);
-}
-
+// The operands of the attention-tile launches of one call; with whitening, first the channel
+// means of query and key into the scratch.
 template <typename T>
-cudaError_t forward_impl(const DisentangledNonLocalForwardParams& p, cudaStream_t stream) {
-  using A = acc_t<T>;
-  if (p.N <= 0) return cudaSuccess;
-  if (p.Lk <= 0) return p.Lq > 0 ? cudaErrorInvalidValue : cudaSuccess;
-  A* ws = static_cast<A*>(p.workspace);
-  A* mq = p.whiten ? ws : nullptr;
-  A* mk = p.whiten ? ws + region(p.N * p.Ck) : nullptr;
-  cudaError_t err = cudaSuccess;
-  if (p.whiten) {
-    err = launch(row_mean_kernel<T>, p.N * p.Ck, 0, stream, static_cast<const T*>(p.query), p.Lq, mq);
+cudaError_t tile_args(const DnlShape& shape, const void* query, const void* key, const void* value,
+                      const Scratch<acc_t<T>>& scratch, cudaStream_t stream, TileArgs<T>& a) {
+  a = TileArgs<T>{};
+  a.q = static_cast<const T*>(query);
+  a.k = static_cast<const T*>(key);
+  a.v = static_cast<const T*>(value);
+  if (shape.whiten) {
+    a.mq = scratch.mq;
+    a.mk = scratch.mk;
+    cudaError_t err = launch(row_sum_kernel<T>, shape.N * shape.Ck, 0, stream, a.q, shape.Lq, true, scratch.mq);
     if (err != cudaSuccess) return err;
-    err = launch(row_mean_kernel<T>, p.N * p.Ck, 0, stream, static_cast<const T*>(p.key), p.Lk, mk);
+    err = launch(row_sum_kernel<T>, shape.N * shape.Ck, 0, stream, a.k, shape.Lk, true, scratch.mk);
     if (err != cudaSuccess) return err;
   }
+  a.Ck = shape.Ck;
+  a.Cv = shape.Cv;
+  a.Lq = shape.Lq;
+  a.Lk = shape.Lk;
+  a.s = static_cast<acc_t<T>>(shape.s);
+  return cudaSuccess;
+}
+
+enum TileKernel : int { kForwardTiles = 0, kGradValueTiles, kGradKeyTiles, kGradQueryTiles };
+
+// Launches one attention-tile kernel (VPT chosen for `channels` by with_vpt) over
+// N x ceil(rows / kTile) x ceil(channels / (16 VPT)) blocks, at least one channel chunk when
+// `one_chunk` (the forward's lse needs it).
+template <typename T>
+cudaError_t launch_tiles(TileArgs<T> a, TileKernel kind, int64_t N, int64_t rows, int64_t channels,
+                         bool one_chunk, cudaStream_t stream) {
+  return with_vpt<T>(channels, [&](auto vpt) {
+    constexpr int VPT = decltype(vpt)::value;
+    using Kernel = void (*)(TileArgs<T>);
+    const Kernel kernels[] = {attention_forward_kernel<T, VPT>, attention_dv_kernel<T, VPT>,
+                              attention_dk_kernel<T, VPT>, attention_dq_kernel<T, VPT>};
+    a.nrb = cdiv(rows, kTile);
+    a.ncb = channels > 0 ? cdiv(channels, 16 * VPT) : (one_chunk ? 1 : 0);
+    if (a.nrb > 0 && a.ncb > 0 && a.nrb > kMaxGridX / (N * a.ncb)) return cudaErrorInvalidValue;
+    return launch(kernels[kind], N * a.nrb * a.ncb, tile_smem<T, VPT>(), stream, a);
+  });
+}
+template <typename T>
+cudaError_t forward_impl(const DnlForwardParams& p, cudaStream_t stream) {
+  using A = acc_t<T>;
+  if (p.shape.N <= 0) return cudaSuccess;
+  if (p.shape.Lk <= 0) return p.shape.Lq > 0 ? cudaErrorInvalidValue : cudaSuccess;
+  WorkspaceCarver ws{p.workspace};
+  TileArgs<T> a;
+  cudaError_t err = tile_args<T>(p.shape, p.query, p.key, p.value,
+                                 carve_scratch<A>(p.shape, false, ws), stream, a);
+  if (err != cudaSuccess) return err;
   const A* g = nullptr;
   if (p.unary != nullptr) {
-    err = launch(unary_lse_kernel<T>, p.N, 0, stream, static_cast<const T*>(p.unary), p.Lk,
+    err = launch(unary_lse_kernel<T>, p.shape.N, 0, stream, static_cast<const T*>(p.unary), p.shape.Lk,
                  static_cast<A*>(p.lse_u));
     if (err != cudaSuccess) return err;
-    err = launch(unary_g_kernel<T>, p.N * p.Cv, 0, stream, static_cast<const T*>(p.unary),
-                 static_cast<const T*>(p.value), static_cast<const A*>(p.lse_u), p.Cv, p.Lk,
+    err = launch(unary_g_kernel<T>, p.shape.N * p.shape.Cv, 0, stream, static_cast<const T*>(p.unary),
+                 static_cast<const T*>(p.value), static_cast<const A*>(p.lse_u), p.shape.Cv, p.shape.Lk,
                  static_cast<A*>(p.g));
     if (err != cudaSuccess) return err;
     g = static_cast<const A*>(p.g);
   }
-  if (p.Lq <= 0) return cudaSuccess;
-  return with_vpt<T>(p.Cv, [&](auto vpt) {
-    return forward_attention<T, decltype(vpt)::value>(p, mq, mk, g, stream);
-  });
-}
-
-template <typename T, int VPT>
-cudaError_t backward_dv(const DisentangledNonLocalBackwardParams& p, const acc_t<T>* mq,
-                        const acc_t<T>* mk, const acc_t<T>* dg, cudaStream_t stream) {
-  using A = acc_t<T>;
-  const int64_t nkb = cdiv(p.Lk, kTile), ncb = cdiv(p.Cv, 16 * VPT);
-  if (ncb > 0 && nkb > kMaxBlocks / (p.N * ncb)) return cudaErrorInvalidValue;
-  return launch(attention_dv_kernel<T, VPT>, p.N * nkb * ncb, tile_smem<T, VPT>(), stream,
-                static_cast<const T*>(p.query), static_cast<const T*>(p.key),
-                static_cast<const T*>(p.grad_out), static_cast<const T*>(p.unary), mq, mk,
-                static_cast<const A*>(p.lse), dg, static_cast<const A*>(p.lse_u),
-                static_cast<T*>(p.dv), p.Ck, p.Cv, p.Lq, p.Lk, static_cast<A>(p.s), nkb, ncb);
-}
-
-template <typename T, int VPT>
-cudaError_t backward_dk(const DisentangledNonLocalBackwardParams& p, const acc_t<T>* mq,
-                        const acc_t<T>* mk, const acc_t<T>* D, acc_t<T>* colsum,
-                        cudaStream_t stream) {
-  using A = acc_t<T>;
-  const int64_t nkb = cdiv(p.Lk, kTile), ncb = cdiv(p.Ck, 16 * VPT);
-  if (ncb > 0 && nkb > kMaxBlocks / (p.N * ncb)) return cudaErrorInvalidValue;
-  return launch(attention_dk_kernel<T, VPT>, p.N * nkb * ncb, tile_smem<T, VPT>(), stream,
-                static_cast<const T*>(p.query), static_cast<const T*>(p.key),
-                static_cast<const T*>(p.value), static_cast<const T*>(p.grad_out), mq, mk,
-                static_cast<const A*>(p.lse), D, static_cast<T*>(p.dk), colsum, p.Ck, p.Cv, p.Lq,
-                p.Lk, static_cast<A>(p.s), nkb, ncb);
-}
-
-template <typename T, int VPT>
-cudaError_t backward_dq(const DisentangledNonLocalBackwardParams& p, const acc_t<T>* mq,
-                        const acc_t<T>* mk, const acc_t<T>* D, const acc_t<T>* corr,
-                        cudaStream_t stream) {
-  using A = acc_t<T>;
-  const int64_t nqb = cdiv(p.Lq, kTile), ncb = cdiv(p.Ck, 16 * VPT);
-  if (ncb > 0 && nqb > kMaxBlocks / (p.N * ncb)) return cudaErrorInvalidValue;
-  return launch(attention_dq_kernel<T, VPT>, p.N * nqb * ncb, tile_smem<T, VPT>(), stream,
-                static_cast<const T*>(p.query), static_cast<const T*>(p.key),
-                static_cast<const T*>(p.value), static_cast<const T*>(p.grad_out), mq, mk,
-                static_cast<const A*>(p.lse), D, corr, static_cast<T*>(p.dq), p.Ck, p.Cv, p.Lq,
-                p.Lk, static_cast<A>(p.s), nqb, ncb);
+  if (p.shape.Lq <= 0) return cudaSuccess;
+  a.g = g;
+  a.dst = static_cast<T*>(p.out);
+  a.lse_out = static_cast<A*>(p.lse);
+  return launch_tiles(a, kForwardTiles, p.shape.N, p.shape.Lq, p.shape.Cv, true, stream);
 }
 
 template <typename T>
-cudaError_t backward_impl(const DisentangledNonLocalBackwardParams& p, cudaStream_t stream) {
+cudaError_t backward_impl(const DnlBackwardParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
-  if (p.N <= 0) return cudaSuccess;
-  if (p.Lk <= 0) return p.Lq > 0 ? cudaErrorInvalidValue : cudaSuccess;
+  if (p.shape.N <= 0) return cudaSuccess;
+  if (p.shape.Lk <= 0) return p.shape.Lq > 0 ? cudaErrorInvalidValue : cudaSuccess;
   const bool has_u = p.unary != nullptr;
-  A* ws = static_cast<A*>(p.workspace);
-  A* mq = ws;
-  A* mk = mq + region(p.N * p.Ck);
-  A* D = mk + region(p.N * p.Ck);
-  A* dg = D + region(p.N * p.Lq);
-  A* colsum = dg + region(p.N * p.Cv);
-  A* corr = colsum + region(p.N * p.Lk);
-  if (!p.whiten) mq = mk = colsum = corr = nullptr;
-  if (!has_u) dg = nullptr;
+  WorkspaceCarver ws{p.workspace};
+  const Scratch<A> scratch = carve_scratch<A>(p.shape, true, ws);
+  A *mk = scratch.mk, *D = scratch.D, *colsum = scratch.colsum, *corr = scratch.corr;
+  A* dg = has_u ? scratch.dg : nullptr;
   const T* go = static_cast<const T*>(p.grad_out);
   const A* g = has_u ? static_cast<const A*>(p.g) : nullptr;
 
-  cudaError_t err = cudaSuccess;
-  if (p.whiten) {
-    err = launch(row_mean_kernel<T>, p.N * p.Ck, 0, stream, static_cast<const T*>(p.query), p.Lq, mq);
-    if (err != cudaSuccess) return err;
-    err = launch(row_mean_kernel<T>, p.N * p.Ck, 0, stream, static_cast<const T*>(p.key), p.Lk, mk);
-    if (err != cudaSuccess) return err;
-  }
-  err = launch(delta_kernel<T>, cdiv(p.N * p.Lq, kThreads), 0, stream, go,
-               static_cast<const T*>(p.out), g, p.N, p.Cv, p.Lq, D);
+  TileArgs<T> a;
+  cudaError_t err = tile_args<T>(p.shape, p.query, p.key, p.value, scratch, stream, a);
+  if (err != cudaSuccess) return err;
+  err = launch(delta_kernel<T>, cdiv(p.shape.N * p.shape.Lq, kThreads), 0, stream, go,
+               static_cast<const T*>(p.out), g, p.shape.N, p.shape.Cv, p.shape.Lq, D);
   if (err != cudaSuccess) return err;
   if (has_u) {
-    err = launch(row_sum_kernel<T>, p.N * p.Cv, 0, stream, go, p.Lq, dg);
+    err = launch(row_sum_kernel<T>, p.shape.N * p.shape.Cv, 0, stream, go, p.shape.Lq, false, dg);
     if (err != cudaSuccess) return err;
   }
   // With Lq == 0 the attention loops are empty: dv = w dg = 0, dk = 0, du = 0 come out anyway.
-  err = with_vpt<T>(p.Cv, [&](auto vpt) {
-    return backward_dv<T, decltype(vpt)::value>(p, mq, mk, dg, stream);
-  });
+  a.go = go;
+  a.u = static_cast<const T*>(p.unary);
+  a.lse = static_cast<const A*>(p.lse);
+  a.D = D;
+  a.dg = dg;
+  a.lse_u = static_cast<const A*>(p.lse_u);
+  a.dst = static_cast<T*>(p.grad_value);
+  err = launch_tiles(a, kGradValueTiles, p.shape.N, p.shape.Lk, p.shape.Cv, false, stream);
   if (err != cudaSuccess) return err;
-  err = with_vpt<T>(p.Ck, [&](auto vpt) {
-    return backward_dk<T, decltype(vpt)::value>(p, mq, mk, D, colsum, stream);
-  });
+  a.dst = static_cast<T*>(p.grad_key);
+  a.colsum = colsum;
+  err = launch_tiles(a, kGradKeyTiles, p.shape.N, p.shape.Lk, p.shape.Ck, false, stream);
   if (err != cudaSuccess) return err;
-  if (p.whiten && p.Lq > 0) {
-    err = launch(dq_correction_kernel<T>, p.N * p.Ck, 0, stream, static_cast<const T*>(p.key),
-                 static_cast<const A*>(mk), static_cast<const A*>(colsum), p.Ck, p.Lq, p.Lk,
-                 static_cast<A>(p.s), corr);
+  if (p.shape.whiten && p.shape.Lq > 0) {
+    err = launch(dq_correction_kernel<T>, p.shape.N * p.shape.Ck, 0, stream, static_cast<const T*>(p.key),
+                 static_cast<const A*>(mk), static_cast<const A*>(colsum), p.shape.Ck, p.shape.Lq, p.shape.Lk,
+                 static_cast<A>(p.shape.s), corr);
     if (err != cudaSuccess) return err;
   }
-  if (p.Lq > 0) {
-    err = with_vpt<T>(p.Ck, [&](auto vpt) {
-      return backward_dq<T, decltype(vpt)::value>(p, mq, mk, D, corr, stream);
-    });
+  if (p.shape.Lq > 0) {
+    a.dst = static_cast<T*>(p.grad_query);
+    a.corr = corr;
+    err = launch_tiles(a, kGradQueryTiles, p.shape.N, p.shape.Lq, p.shape.Ck, false, stream);
     if (err != cudaSuccess) return err;
   }
   if (has_u) {
-    err = launch(unary_grad_kernel<T>, cdiv(p.N * p.Lk, kThreads), 0, stream,
+    err = launch(unary_grad_kernel<T>, cdiv(p.shape.N * p.shape.Lk, kThreads), 0, stream,
                  static_cast<const T*>(p.unary), static_cast<const T*>(p.value), g,
-                 static_cast<const A*>(p.lse_u), static_cast<const A*>(dg), p.N, p.Cv, p.Lk,
-                 static_cast<T*>(p.du));
+                 static_cast<const A*>(p.lse_u), static_cast<const A*>(dg), p.shape.N, p.shape.Cv, p.shape.Lk,
+                 static_cast<T*>(p.grad_unary));
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -978,28 +831,27 @@ cudaError_t backward_impl(const DisentangledNonLocalBackwardParams& p, cudaStrea
 
 }  // namespace
 
-size_t disentangled_non_local_forward_workspace_bytes(const DisentangledNonLocalForwardParams& p) {
-  if (!p.whiten) return 0;
-  return static_cast<size_t>(2 * region(p.N * p.Ck)) * acc_size(p.dtype);
+size_t disentangled_non_local_forward_workspace_bytes(const DnlForwardParams& p) {
+  return workspace_size(p.shape.dtype,
+                        [&](WorkspaceCarver& ws, auto a) { carve_scratch<decltype(a)>(p.shape, false, ws); });
 }
 
-size_t disentangled_non_local_backward_workspace_bytes(const DisentangledNonLocalBackwardParams& p) {
-  const int64_t elems = 3 * region(p.N * p.Ck) + region(p.N * p.Lq) + region(p.N * p.Cv) +
-                        region(p.N * p.Lk);
-  return static_cast<size_t>(elems) * acc_size(p.dtype);
+size_t disentangled_non_local_backward_workspace_bytes(const DnlBackwardParams& p) {
+  return workspace_size(p.shape.dtype,
+                        [&](WorkspaceCarver& ws, auto a) { carve_scratch<decltype(a)>(p.shape, true, ws); });
 }
 
-cudaError_t disentangled_non_local_forward(const DisentangledNonLocalForwardParams& p,
+cudaError_t disentangled_non_local_forward(const DnlForwardParams& p,
                                            cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
-  SEGOPS_CUDA_DISPATCH(p.dtype, err = forward_impl<scalar_t>(p, stream));
+  SEGOPS_CUDA_DISPATCH(p.shape.dtype, err = forward_impl<scalar_t>(p, stream));
   return err;
 }
 
-cudaError_t disentangled_non_local_backward(const DisentangledNonLocalBackwardParams& p,
+cudaError_t disentangled_non_local_backward(const DnlBackwardParams& p,
                                             cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
-  SEGOPS_CUDA_DISPATCH(p.dtype, err = backward_impl<scalar_t>(p, stream));
+  SEGOPS_CUDA_DISPATCH(p.shape.dtype, err = backward_impl<scalar_t>(p, stream));
   return err;
 }
 

@@ -31,12 +31,13 @@
 
 #include "segops/cuda/device_utils.cuh"
 #include "segops/cuda/interlaced_sparse_attention.h"
+#include "segops/cuda/tile_dot.cuh"
 
 namespace segops {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;  // 16 x 16
+constexpr int kThreads = kTileThreads;  // 16 x 16
 
 // M: rows per tile (queries = keys = output channels per block), D: channel chunk of the
 // logits. fp64 uses smaller tiles so that everything fits in 48 KiB of static shared memory.
@@ -106,31 +107,28 @@ __device__ __forceinline__ void fill_rows(Rows<M>& rows, const Geom& g, int64_t 
   }
 }
 
-// dst[r * ld_r + d * ld_d] = X[n_r, d0 + d, pix_r] for rows r < M, channels d < DC (0 outside the
-// tensor or for padding rows). Consecutive threads take consecutive rows (neighbouring pixels).
-template <typename T, int M, int DC>
-__device__ __forceinline__ void load_tile(acc_t<T>* dst, int ld_r, int ld_d, const T* X, int64_t C, int64_t HW,
-                          const Rows<M>& rows, int64_t d0) {
-  using A = acc_t<T>;
-  for (int idx = threadIdx.x; idx < DC * M; idx += kThreads) {
-    const int d = idx / M, r = idx % M;
-    const int64_t ch = d0 + d;
-    A v = A(0);
-    if (ch < C && rows.ng[r] >= 0) v = to_acc<A>(X[(rows.n[r] * C + ch) * HW + rows.pix[r]]);
-    dst[r * ld_r + d * ld_d] = v;
+// Channel c of tile row e: X[n_e, c, pix_e] (0 for padding rows).
+template <typename T, int M>
+struct GroupLoader {
+  const T* X;
+  const Rows<M>& rows;
+  int64_t C, HW;
+  __device__ __forceinline__ acc_t<T> operator()(int64_t c, int e) const {
+    return rows.ng[e] >= 0 ? to_acc<acc_t<T>>(X[(rows.n[e] * C + c) * HW + rows.pix[e]])
+                           : acc_t<T>(0);
   }
-}
+};
 
-// As load_tile, but keeps the storage type (the operands of the tensor-core products).
-template <typename T, int M, int DC>
-__device__ __forceinline__ void load_tile_raw(T* dst, int ld_r, int ld_d, const T* X, int64_t C,
-                                              int64_t HW, const Rows<M>& rows, int64_t d0) {
+// dst[r * ld_r + d * ld_d] = X[n_r, d0 + d, pix_r] for rows r < M, channels d < DC (0 outside the
+// tensor or for padding rows), as Dst: the accumulation type, or T for the tensor-core operands.
+// Consecutive threads take consecutive rows (neighbouring pixels).
+template <int M, int DC, typename Dst, typename T>
+__device__ __forceinline__ void load_tile(Dst* dst, int ld_r, int ld_d, const T* X, int64_t C,
+                                          int64_t HW, const Rows<M>& rows, int64_t d0) {
+  const GroupLoader<T, M> load{X, rows, C, HW};
   for (int idx = threadIdx.x; idx < DC * M; idx += kThreads) {
     const int d = idx / M, r = idx % M;
-    const int64_t ch = d0 + d;
-    T v = from_acc<T>(0.0f);
-    if (ch < C && rows.ng[r] >= 0) v = X[(rows.n[r] * C + ch) * HW + rows.pix[r]];
-    dst[r * ld_r + d * ld_d] = v;
+    dst[r * ld_r + d * ld_d] = from_acc<Dst>(d0 + d < C ? load(d0 + d, r) : acc_t<T>(0));
   }
 }
 
@@ -138,30 +136,10 @@ __device__ __forceinline__ void load_tile_raw(T* dst, int ld_r, int ld_d, const 
 // staged channel-major in buf (2 * D * M values). Ends with a barrier (buf free again).
 template <typename T, int M, int D>
 __device__ __forceinline__ void tile_dot(acc_t<T> (&s)[M / 16][M / 16], acc_t<T>* buf, const T* X,
-                         const Rows<M>& rx, const T* Y, const Rows<M>& ry, int64_t C, int64_t HW,
-                         int tx, int ty) {
-  using A = acc_t<T>;
-  constexpr int TM = M / 16;
-  A* xs = buf;
-  A* ys = buf + D * M;
-  for (int64_t d0 = 0; d0 < C; d0 += D) {
-    load_tile<T, M, D>(xs, 1, M, X, C, HW, rx, d0);
-    load_tile<T, M, D>(ys, 1, M, Y, C, HW, ry, d0);
-    __syncthreads();
-#pragma unroll 4
-    for (int d = 0; d < D; ++d) {
-      A xa[TM], yb[TM];
-#pragma unroll
-      for (int a = 0; a < TM; ++a) xa[a] = xs[d * M + ty + 16 * a];
-#pragma unroll
-      for (int b = 0; b < TM; ++b) yb[b] = ys[d * M + tx + 16 * b];
-#pragma unroll
-      for (int a = 0; a < TM; ++a)
-#pragma unroll
-        for (int b = 0; b < TM; ++b) s[a][b] += xa[a] * yb[b];
-    }
-    __syncthreads();
-  }
+                                         const Rows<M>& rx, const T* Y, const Rows<M>& ry,
+                                         int64_t C, int64_t HW) {
+  staged_tile_dot<M / 16, D, 4, Staging::kSeparate>(s, C, GroupLoader<T, M>{X, rx, C, HW},
+                                GroupLoader<T, M>{Y, ry, C, HW}, buf, buf + D * M);
 }
 
 // Tensor-core forms (fp16 / bf16). The 16 (16 x 16) output tiles of an M x M product (M = 64)
@@ -175,48 +153,15 @@ template <int M> struct WmmaTiles {
   __device__ static int col(int u) { return ((threadIdx.x / 32) * kPerWarp + u) % (M / 16); }
 };
 
-// Same contract as tile_dot; buf holds 2 * D * M values of T (32-byte aligned), stage M * SLD
-// floats. Ends with a barrier.
+// Same contract as tile_dot on tensor cores (M = 64); buf holds 2 * D * M values of T (32-byte
+// aligned), stage M * SLD floats.
 template <typename T, int M, int D, int SLD>
 __device__ __forceinline__ void tile_dot_wmma(float (&s)[M / 16][M / 16], T* buf, float* stage,
                                               const T* X, const Rows<M>& rx, const T* Y,
-                                              const Rows<M>& ry, int64_t C, int64_t HW, int tx,
-                                              int ty) {
-  namespace wmma = nvcuda::wmma;
-  constexpr int TM = M / 16, NF = WmmaTiles<M>::kPerWarp;
-  static_assert(D % 16 == 0, "D must be a multiple of 16");
-  T* xs = buf;           // (D x M): A = X^T is M x D column-major, ld M
-  T* ys = buf + D * M;   // (D x M): B = Y is D x M row-major, ld M
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf[NF];
-#pragma unroll
-  for (int u = 0; u < NF; ++u) wmma::fill_fragment(cf[u], 0.0f);
-  for (int64_t d0 = 0; d0 < C; d0 += D) {
-    load_tile_raw<T, M, D>(xs, 1, M, X, C, HW, rx, d0);
-    load_tile_raw<T, M, D>(ys, 1, M, Y, C, HW, ry, d0);
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < D; kk += 16) {
-#pragma unroll
-      for (int u = 0; u < NF; ++u) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> af;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
-        wmma::load_matrix_sync(af, xs + kk * M + WmmaTiles<M>::row(u) * 16, M);
-        wmma::load_matrix_sync(bf, ys + kk * M + WmmaTiles<M>::col(u) * 16, M);
-        wmma::mma_sync(cf[u], af, bf, cf[u]);
-      }
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int u = 0; u < NF; ++u)
-    wmma::store_matrix_sync(stage + WmmaTiles<M>::row(u) * 16 * SLD + WmmaTiles<M>::col(u) * 16,
-                            cf[u], SLD, wmma::mem_row_major);
-  __syncthreads();
-#pragma unroll
-  for (int a = 0; a < TM; ++a)
-#pragma unroll
-    for (int b = 0; b < TM; ++b) s[a][b] += stage[(ty + 16 * a) * SLD + tx + 16 * b];
-  __syncthreads();
+                                              const Rows<M>& ry, int64_t C, int64_t HW) {
+  static_assert(M == 64, "the tensor-core tile is 64 x 64");
+  staged_tile_dot_wmma<D, SLD, Staging::kSeparate>(s, C, GroupLoader<T, M>{X, rx, C, HW},
+                               GroupLoader<T, M>{Y, ry, C, HW}, buf, buf + D * M, stage);
 }
 
 // acc[a][c] += sum_j ph[row ty+16a][j] * ms[j][col tx+16c] on tensor cores; ph and ms are
@@ -256,26 +201,10 @@ __device__ __forceinline__ void tile_pv_wmma(float (&acc)[M / 16][M / 16], const
 template <typename A, int M, int PLD, int ULD>
 __device__ __forceinline__ void tile_pv(A (&acc)[M / 16][M / 16], const A* ps, const A* ms,
                                         int tx, int ty) {
-  constexpr int TM = M / 16;
-#pragma unroll 4
-  for (int j = 0; j < M; ++j) {
-    A pa[TM], mb[TM];
-#pragma unroll
-    for (int a = 0; a < TM; ++a) pa[a] = ps[(ty + 16 * a) * PLD + j];
-#pragma unroll
-    for (int b = 0; b < TM; ++b) mb[b] = ms[j * ULD + tx + 16 * b];
-#pragma unroll
-    for (int a = 0; a < TM; ++a)
-#pragma unroll
-      for (int b = 0; b < TM; ++b) acc[a][b] += pa[a] * mb[b];
-  }
+  accumulate_outer<M, 4>(acc, Strided<A>{ps, 1, PLD}, ty, Strided<A>{ms, ULD, 1}, tx);
 }
 
 
-__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
-__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
-__device__ __forceinline__ float acc_log(float x) { return logf(x); }
-__device__ __forceinline__ double acc_log(double x) { return log(x); }
 
 // Writes the block's (rows x M channels) result, staged channel-major through buf (M * (M + 1)
 // values) so that global stores run along the rows: out[n_i, c0 + c, pix_i] = acc[a][c] * mul[a].
@@ -355,9 +284,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int b = 0; b < TM; ++b) s[a][b] = A(0);
     if constexpr (kTC)
-      tile_dot_wmma<T, M, D, PLD>(s, ms_h, ps, Q, own, K, oth, g.Ck, g.HW, tx, ty);
+      tile_dot_wmma<T, M, D, PLD>(s, ms_h, ps, Q, own, K, oth, g.Ck, g.HW);
     else
-      tile_dot<T, M, D>(s, ubuf, Q, own, K, oth, g.Ck, g.HW, tx, ty);
+      tile_dot<T, M, D>(s, ubuf, Q, own, K, oth, g.Ck, g.HW);
 
     A alpha[TM];
 #pragma unroll
@@ -390,9 +319,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     // values of the key tile, row-major (key x channel), channels c0 .. c0 + M
     if constexpr (kTC)
-      load_tile_raw<T, M, M>(ms_h, HLD, 1, V, g.Cv, g.HW, oth, c0);
+      load_tile<M, M>(ms_h, HLD, 1, V, g.Cv, g.HW, oth, c0);
     else
-      load_tile<T, M, M>(ubuf, ULD, 1, V, g.Cv, g.HW, oth, c0);
+      load_tile<M, M>(ubuf, ULD, 1, V, g.Cv, g.HW, oth, c0);
     __syncthreads();
     if constexpr (kTC)
       tile_pv_wmma<T, M, HLD, PLD>(acc, ph, ms_h, ps, tx, ty);
@@ -502,12 +431,12 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int b = 0; b < TM; ++b) s[a][b] = dp[a][b] = A(0);
     // (both end with a barrier; the first also publishes st_*)
     if constexpr (kTC) {
-      tile_dot_wmma<T, M, D, PLD>(s, ms_h, ps, X1, own, Y1, oth, g.Ck, g.HW, tx, ty);
+      tile_dot_wmma<T, M, D, PLD>(s, ms_h, ps, X1, own, Y1, oth, g.Ck, g.HW);
       if (MODE != kGradV)
-        tile_dot_wmma<T, M, D, PLD>(dp, ms_h, ps, X2, own, Y2, oth, g.Cv, g.HW, tx, ty);
+        tile_dot_wmma<T, M, D, PLD>(dp, ms_h, ps, X2, own, Y2, oth, g.Cv, g.HW);
     } else {
-      tile_dot<T, M, D>(s, ubuf, X1, own, Y1, oth, g.Ck, g.HW, tx, ty);
-      if (MODE != kGradV) tile_dot<T, M, D>(dp, ubuf, X2, own, Y2, oth, g.Cv, g.HW, tx, ty);
+      tile_dot<T, M, D>(s, ubuf, X1, own, Y1, oth, g.Ck, g.HW);
+      if (MODE != kGradV) tile_dot<T, M, D>(dp, ubuf, X2, own, Y2, oth, g.Cv, g.HW);
     }
 
 #pragma unroll
@@ -532,9 +461,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     // the multiplied tensor's other-side rows, row-major (row x channel), channels c0 .. c0 + M
     if constexpr (kTC)
-      load_tile_raw<T, M, M>(ms_h, HLD, 1, Mt, Cm, g.HW, oth, c0);
+      load_tile<M, M>(ms_h, HLD, 1, Mt, Cm, g.HW, oth, c0);
     else
-      load_tile<T, M, M>(ubuf, ULD, 1, Mt, Cm, g.HW, oth, c0);
+      load_tile<M, M>(ubuf, ULD, 1, Mt, Cm, g.HW, oth, c0);
     __syncthreads();
     if constexpr (kTC)
       tile_pv_wmma<T, M, HLD, PLD>(acc, ph, ms_h, ps, tx, ty);
@@ -578,7 +507,12 @@ int64_t own_tiles(const Geom& g, int M) {
   return g.packed ? (g.NG + M / g.LP - 1) / (M / g.LP) : g.NG * g.MT;
 }
 
-bool grid_ok(int64_t x, int64_t y) { return x >= 1 && x <= 0x7fffffffLL && y >= 1 && y <= 65535; }
+bool grid_ok(int64_t x, int64_t y) { return x >= 1 && x <= kMaxGridX && y >= 1 && y <= kMaxGridYZ; }
+
+// The backward's workspace: delta = <dO, O> per position.
+template <typename A> A* carve_delta(const IsaShape& s, WorkspaceCarver& ws) {
+  return ws.take<A>(s.N * s.H * s.W);
+}
 
 template <typename T>
 cudaError_t launch_forward(const IsaForwardParams& p, cudaStream_t stream) {
@@ -612,7 +546,8 @@ cudaError_t launch_backward(const IsaBackwardParams& p, cudaStream_t stream) {
   const T* V = static_cast<const T*>(p.value);
   const T* dO = static_cast<const T*>(p.grad_out);
   const A* lse = static_cast<const A*>(p.lse);
-  A* delta = static_cast<A*>(p.workspace);
+  WorkspaceCarver ws{p.workspace};
+  A* delta = carve_delta<A>(p.shape, ws);
   const A scale = static_cast<A>(p.shape.scale);
 
   isa_delta_kernel<T><<<unsigned((nhw + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
@@ -637,10 +572,12 @@ cudaError_t interlaced_sparse_attention_forward(const IsaForwardParams& p, cudaS
   return cudaErrorInvalidValue;
 }
 
+size_t interlaced_sparse_attention_forward_workspace_bytes(const IsaForwardParams&) { return 0; }
+
 size_t interlaced_sparse_attention_backward_workspace_bytes(const IsaBackwardParams& p) {
-  const size_t acc = p.shape.dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
-  const int64_t nhw = p.shape.N * p.shape.H * p.shape.W;
-  return nhw > 0 ? static_cast<size_t>(nhw) * acc : 0;
+  if (p.shape.N * p.shape.H * p.shape.W <= 0) return 0;
+  return workspace_size(p.shape.dtype,
+                        [&](WorkspaceCarver& ws, auto a) { carve_delta<decltype(a)>(p.shape, ws); });
 }
 
 cudaError_t interlaced_sparse_attention_backward(const IsaBackwardParams& p, cudaStream_t stream) {

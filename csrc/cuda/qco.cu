@@ -730,49 +730,61 @@ recon_glev_kernel(const T* __restrict__ features, const A* __restrict__ hs,
 // ----------------------------------------------------------------------------------------------
 // launchers
 // ----------------------------------------------------------------------------------------------
-constexpr int64_t kMaxBlocks = INT_MAX;  // gridDim.x limit
-
-size_t align_up(size_t b) { return (b + 255) & ~static_cast<size_t>(255); }
-
-// Carves consecutive 256-byte-aligned chunks out of the workspace.
-struct Carver {
-  unsigned char* base;
-  size_t off = 0;
-  template <typename A>
-  A* take(int64_t count) {
-    A* ptr = base ? reinterpret_cast<A*>(base + off) : nullptr;
-    off += align_up(static_cast<size_t>(count) * sizeof(A));
-    return ptr;
-  }
-};
-
 inline cudaError_t last_error() { return cudaGetLastError(); }
 
 // Shared sizes check for qco; fills the geometry.
 template <typename P>
 bool qco_geometry(const P& p, Geo& g) {
-  if (p.n < 0 || p.c < 0 || p.h <= 0 || p.w <= 0 || p.num_levels < 1 || p.grid < 1) return false;
-  if (p.h % p.grid != 0 || p.w % p.grid != 0) return false;
-  if (!p.cooc && p.grid != 1) return false;
-  if (p.num_levels > (p.cooc ? 46340 : INT_MAX / 2)) return false;  // K·K and 2K fit in int
-  g.c = p.c;
-  g.w = p.w;
-  g.p = p.h * p.w;
-  g.s = p.grid;
-  g.r = p.grid * p.grid;
-  g.bh = p.h / p.grid;
-  g.bw = p.w / p.grid;
+  if (p.shape.N < 0 || p.shape.C < 0 || p.shape.H <= 0 || p.shape.W <= 0 || p.shape.num_levels < 1 || p.shape.grid < 1) return false;
+  if (p.shape.H % p.shape.grid != 0 || p.shape.W % p.shape.grid != 0) return false;
+  if (!p.shape.cooc && p.shape.grid != 1) return false;
+  if (p.shape.num_levels > (p.shape.cooc ? 46340 : INT_MAX / 2)) return false;  // K·K and 2K fit in int
+  g.c = p.shape.C;
+  g.w = p.shape.W;
+  g.p = p.shape.H * p.shape.W;
+  g.s = p.shape.grid;
+  g.r = p.shape.grid * p.shape.grid;
+  g.bh = p.shape.H / p.shape.grid;
+  g.bw = p.shape.W / p.shape.grid;
   if (g.bh * g.bw > INT_MAX - 1024) return false;  // region-local pixel indices (+ NT) are int
   g.hw = static_cast<int>(g.bh * g.bw);
   return true;
 }
 
-// Bins per region (nb) and whether the kRegionThreads/32 per-warp copies fit in shared memory.
+// Bins per region and whether the kRegionThreads/32 per-warp copies fit in shared memory (else
+// they are carved from the workspace).
+struct RegionBins {
+  int64_t count;
+  bool in_smem;
+  template <typename A> A* carve(int64_t regions, WorkspaceCarver& ws) const {
+    return in_smem ? nullptr : ws.take<A>(regions * kRegionWarps * count);
+  }
+  size_t smem_bytes(size_t acc) const { return in_smem ? kRegionWarps * count * acc : 0; }
+};
+
 template <typename P>
-void qco_bins(const P& p, bool forward, int64_t& nb, bool& use_smem) {
-  const int64_t k = p.num_levels;
-  nb = forward ? (p.cooc ? k * k : k) : k;
-  use_smem = static_cast<size_t>(kRegionWarps * nb) * acc_size(p.dtype) <= kSmemBinsMax;
+RegionBins qco_bins(const P& p, bool forward) {
+  const int64_t k = p.shape.num_levels;
+  const int64_t count = forward ? (p.shape.cooc ? k * k : k) : k;
+  return {count, static_cast<size_t>(kRegionWarps * count) * acc_size(p.shape.dtype) <= kSmemBinsMax};
+}
+
+// Workspace slices of each launcher (A: the accumulation type). The *_workspace_bytes functions
+// run the same carving with a null base.
+template <typename A> struct QcoForwardScratch { A *gn, *gbins; };
+template <typename A>
+QcoForwardScratch<A> carve_qco_forward(const QcoForwardParams& p, const Geo& g, WorkspaceCarver& ws) {
+  const int64_t nr = p.shape.N * g.r;
+  return {ws.take<A>(nr * g.c), qco_bins(p, true).template carve<A>(nr, ws)};
+}
+
+template <typename A> struct QcoBackwardScratch { A *coef, *gn, *dg, *dgn, *gbins; };
+template <typename A>
+QcoBackwardScratch<A> carve_qco_backward(const QcoBackwardParams& p, const Geo& g, WorkspaceCarver& ws) {
+  const int64_t nr = p.shape.N * g.r;
+  // coef, gn, dg, dgn, gbins (braced initialisers run in order)
+  return {ws.take<A>(p.shape.N * 2 * g.p), ws.take<A>(nr * g.c), ws.take<A>(nr * g.c),
+          ws.take<A>(nr * g.c), qco_bins(p, false).template carve<A>(nr, ws)};
 }
 
 template <typename T>
@@ -780,18 +792,15 @@ cudaError_t qco_forward_impl(const QcoForwardParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
   Geo g;
   if (!qco_geometry(p, g)) return cudaErrorInvalidValue;
-  if (p.n == 0) return cudaSuccess;
-  int64_t nb;
-  bool use_smem;
-  qco_bins(p, true, nb, use_smem);
-  const int k = static_cast<int>(p.num_levels);
-  const int64_t nr = p.n * g.r;
+  if (p.shape.N == 0) return cudaSuccess;
+  const RegionBins bins = qco_bins(p, true);
+  const int k = static_cast<int>(p.shape.num_levels);
+  const int64_t nr = p.shape.N * g.r;
   const int64_t pix_blocks = cdiv(g.p, kPixTile);
-  if (nr * g.c > kMaxBlocks || p.n * pix_blocks > kMaxBlocks) return cudaErrorInvalidValue;
+  if (nr * g.c > kMaxGridX || p.shape.N * pix_blocks > kMaxGridX) return cudaErrorInvalidValue;
   if (p.workspace == nullptr) return cudaErrorInvalidValue;
-  Carver ws{static_cast<unsigned char*>(p.workspace)};
-  A* gn = ws.take<A>(nr * g.c);
-  A* gbins = use_smem ? nullptr : ws.take<A>(nr * kRegionWarps * nb);
+  WorkspaceCarver ws{p.workspace};
+  const auto [gn, gbins] = carve_qco_forward<A>(p, g, ws);
   const T* x = static_cast<const T*>(p.x);
   A* mean = static_cast<A*>(p.mean);
 
@@ -803,14 +812,14 @@ cudaError_t qco_forward_impl(const QcoForwardParams& p, cudaStream_t stream) {
         mean, nullptr, gn, nullptr, g.c, A(g.hw));
     if (cudaError_t e = last_error()) return e;
   }
-  similarity_kernel<T, A><<<static_cast<unsigned>(p.n * pix_blocks), dim3(kPixTile, kChanSlices),
+  similarity_kernel<T, A><<<static_cast<unsigned>(p.shape.N * pix_blocks), dim3(kPixTile, kChanSlices),
                             0, stream>>>(x, gn, static_cast<A*>(p.sim), static_cast<A*>(p.rnorm),
                                          g, pix_blocks);
   if (cudaError_t e = last_error()) return e;
-  const size_t smem = use_smem ? static_cast<size_t>(kRegionWarps * nb) * sizeof(A) : 0;
+  const size_t smem = bins.smem_bytes(sizeof(A));
   region_hist_kernel<A, kRegionThreads><<<static_cast<unsigned>(nr), kRegionThreads, smem, stream>>>(
       static_cast<const A*>(p.sim), static_cast<A*>(p.hist), static_cast<A*>(p.levels),
-      static_cast<A*>(p.stats), gbins, g, k, p.cooc, use_smem);
+      static_cast<A*>(p.stats), gbins, g, k, p.shape.cooc, bins.in_smem);
   return last_error();
 }
 
@@ -819,31 +828,25 @@ cudaError_t qco_backward_impl(const QcoBackwardParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
   Geo g;
   if (!qco_geometry(p, g)) return cudaErrorInvalidValue;
-  if (p.n == 0 || p.c == 0) return cudaSuccess;  // grad_x is empty
-  int64_t nb;
-  bool use_smem;
-  qco_bins(p, false, nb, use_smem);
-  const int k = static_cast<int>(p.num_levels);
-  const int64_t nr = p.n * g.r;
+  if (p.shape.N == 0 || p.shape.C == 0) return cudaSuccess;  // grad_x is empty
+  const RegionBins bins = qco_bins(p, false);
+  const int k = static_cast<int>(p.shape.num_levels);
+  const int64_t nr = p.shape.N * g.r;
   const int64_t pix_blocks = cdiv(g.p, kElemThreads);
   const int64_t chan_blocks = cdiv(g.c, kElemChannels);
-  if (nr * g.c > kMaxBlocks || p.n * pix_blocks * chan_blocks > kMaxBlocks)
+  if (nr * g.c > kMaxGridX || p.shape.N * pix_blocks * chan_blocks > kMaxGridX)
     return cudaErrorInvalidValue;
   if (p.workspace == nullptr) return cudaErrorInvalidValue;
-  Carver ws{static_cast<unsigned char*>(p.workspace)};
-  A* coef = ws.take<A>(p.n * 2 * g.p);
-  A* gn = ws.take<A>(nr * g.c);
-  A* dg = ws.take<A>(nr * g.c);
-  A* dgn = ws.take<A>(nr * g.c);
-  A* gbins = use_smem ? nullptr : ws.take<A>(nr * kRegionWarps * nb);
+  WorkspaceCarver ws{p.workspace};
+  const auto [coef, gn, dg, dgn, gbins] = carve_qco_backward<A>(p, g, ws);
   const T* x = static_cast<const T*>(p.x);
 
-  const size_t smem = use_smem ? static_cast<size_t>(kRegionWarps * nb) * sizeof(A) : 0;
+  const size_t smem = bins.smem_bytes(sizeof(A));
   region_grad_kernel<A, kRegionThreads><<<static_cast<unsigned>(nr), kRegionThreads, smem, stream>>>(
       static_cast<const A*>(p.grad_hist), static_cast<const A*>(p.grad_levels),
       static_cast<const A*>(p.grad_sim), static_cast<const A*>(p.hist),
       static_cast<const A*>(p.sim), static_cast<const A*>(p.rnorm),
-      static_cast<const A*>(p.stats), coef, gbins, g, k, p.cooc, use_smem);
+      static_cast<const A*>(p.stats), coef, gbins, g, k, p.shape.cooc, bins.in_smem);
   if (cudaError_t e = last_error()) return e;
   region_sum_kernel<T, A, kSumThreads><<<static_cast<unsigned>(nr * g.c), kSumThreads, 0, stream>>>(
       x, coef, 2 * g.p, dgn, g, false);
@@ -851,82 +854,93 @@ cudaError_t qco_backward_impl(const QcoBackwardParams& p, cudaStream_t stream) {
   mean_norm_kernel<A, kSumThreads><<<static_cast<unsigned>(nr), kSumThreads, 0, stream>>>(
       static_cast<const A*>(p.mean), dgn, gn, dg, g.c, A(g.hw));
   if (cudaError_t e = last_error()) return e;
-  input_grad_kernel<T, A><<<static_cast<unsigned>(p.n * pix_blocks * chan_blocks), kElemThreads, 0,
+  input_grad_kernel<T, A><<<static_cast<unsigned>(p.shape.N * pix_blocks * chan_blocks), kElemThreads, 0,
                             stream>>>(x, coef, gn, dg, static_cast<T*>(p.grad_x), g, pix_blocks,
                                       chan_blocks);
   return last_error();
 }
 
+bool recon_bins_in_smem(const TextureReconstructParams& p) {
+  return static_cast<size_t>(kSumWarps * 2 * p.shape.num_levels) * acc_size(p.shape.dtype) <= kSmemBinsMax;
+}
+
+template <typename A> struct ReconScratch { A *lohi, *hs, *gbins; };
+template <typename A>
+ReconScratch<A> carve_recon(const TextureReconstructParams& p, bool backward, WorkspaceCarver& ws) {
+  ReconScratch<A> s{};
+  s.lohi = ws.take<A>(2 * p.shape.N);
+  if (backward) {
+    s.hs = ws.take<A>(p.shape.N * p.shape.Cf * p.shape.num_levels);
+    if (!recon_bins_in_smem(p)) s.gbins = ws.take<A>(p.shape.N * p.shape.Cf * kSumWarps * 2 * p.shape.num_levels);
+  }
+  return s;
+}
+
 bool recon_sizes_ok(const TextureReconstructParams& p) {
-  return p.n >= 1 && p.h >= 1 && p.w >= 1 && p.cf >= 0 && p.num_levels >= 1 &&
-         p.num_levels <= INT_MAX / 2;
+  return p.shape.N >= 1 && p.shape.H >= 1 && p.shape.W >= 1 && p.shape.Cf >= 0 && p.shape.num_levels >= 1 &&
+         p.shape.num_levels <= INT_MAX / 2;
 }
 
 template <typename T>
 cudaError_t recon_forward_impl(const TextureReconstructParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
   if (!recon_sizes_ok(p)) return cudaErrorInvalidValue;
-  if (p.cf == 0) return cudaSuccess;
-  const int64_t np = p.h * p.w;
-  const int k = static_cast<int>(p.num_levels);
+  if (p.shape.Cf == 0) return cudaSuccess;
+  const int64_t np = p.shape.H * p.shape.W;
+  const int k = static_cast<int>(p.shape.num_levels);
   const int64_t pix_blocks = cdiv(np, kElemThreads);
-  const int64_t chan_blocks = cdiv(p.cf, kElemChannels);
-  if (p.n * pix_blocks * chan_blocks > kMaxBlocks || p.n > kMaxBlocks) return cudaErrorInvalidValue;
+  const int64_t chan_blocks = cdiv(p.shape.Cf, kElemChannels);
+  if (p.shape.N * pix_blocks * chan_blocks > kMaxGridX || p.shape.N > kMaxGridX) return cudaErrorInvalidValue;
   if (p.workspace == nullptr) return cudaErrorInvalidValue;
-  Carver ws{static_cast<unsigned char*>(p.workspace)};
-  A* lohi = ws.take<A>(2 * p.n);
+  WorkspaceCarver ws{p.workspace};
+  A* lohi = carve_recon<A>(p, false, ws).lohi;
   const T* sim = static_cast<const T*>(p.sim);
-  lohi_kernel<T, A, kSumThreads><<<static_cast<unsigned>(p.n), kSumThreads, 0, stream>>>(sim, lohi, np);
+  lohi_kernel<T, A, kSumThreads><<<static_cast<unsigned>(p.shape.N), kSumThreads, 0, stream>>>(sim, lohi, np);
   if (cudaError_t e = last_error()) return e;
-  recon_forward_kernel<T, A><<<static_cast<unsigned>(p.n * pix_blocks * chan_blocks), kElemThreads,
+  recon_forward_kernel<T, A><<<static_cast<unsigned>(p.shape.N * pix_blocks * chan_blocks), kElemThreads,
                                0, stream>>>(sim, static_cast<const T*>(p.levels),
                                             static_cast<const T*>(p.features), lohi,
-                                            static_cast<T*>(p.out), np, p.cf, k, pix_blocks,
+                                            static_cast<T*>(p.out), np, p.shape.Cf, k, pix_blocks,
                                             chan_blocks);
   return last_error();
 }
 
-bool recon_bins_in_smem(const TextureReconstructParams& p) {
-  return static_cast<size_t>(kSumWarps * 2 * p.num_levels) * acc_size(p.dtype) <= kSmemBinsMax;
-}
 
 template <typename T>
 cudaError_t recon_backward_impl(const TextureReconstructParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
   if (!recon_sizes_ok(p)) return cudaErrorInvalidValue;
-  const int64_t np = p.h * p.w;
-  const int k = static_cast<int>(p.num_levels);
+  const int64_t np = p.shape.H * p.shape.W;
+  const int k = static_cast<int>(p.shape.num_levels);
   const int64_t pix_blocks = cdiv(np, kPixTile);
-  const int64_t glev_blocks = cdiv(p.n * p.num_levels, kElemThreads);
-  if (p.n * pix_blocks > kMaxBlocks || p.n * p.cf > kMaxBlocks || glev_blocks > kMaxBlocks)
+  const int64_t glev_blocks = cdiv(p.shape.N * p.shape.num_levels, kElemThreads);
+  if (p.shape.N * pix_blocks > kMaxGridX || p.shape.N * p.shape.Cf > kMaxGridX || glev_blocks > kMaxGridX)
     return cudaErrorInvalidValue;
   if (p.workspace == nullptr) return cudaErrorInvalidValue;
   const bool use_smem = recon_bins_in_smem(p);
-  Carver ws{static_cast<unsigned char*>(p.workspace)};
-  A* lohi = ws.take<A>(2 * p.n);
-  A* hs = ws.take<A>(p.n * p.cf * p.num_levels);
-  A* gbins = use_smem ? nullptr : ws.take<A>(p.n * p.cf * kSumWarps * 2 * p.num_levels);
+  WorkspaceCarver ws{p.workspace};
+  const auto [lohi, hs, gbins] = carve_recon<A>(p, true, ws);
   const T* sim = static_cast<const T*>(p.sim);
   const T* levels = static_cast<const T*>(p.levels);
   const T* features = static_cast<const T*>(p.features);
   const T* grad_out = static_cast<const T*>(p.grad_out);
 
-  lohi_kernel<T, A, kSumThreads><<<static_cast<unsigned>(p.n), kSumThreads, 0, stream>>>(sim, lohi, np);
+  lohi_kernel<T, A, kSumThreads><<<static_cast<unsigned>(p.shape.N), kSumThreads, 0, stream>>>(sim, lohi, np);
   if (cudaError_t e = last_error()) return e;
-  recon_gsim_kernel<T, A><<<static_cast<unsigned>(p.n * pix_blocks), dim3(kPixTile, kChanSlices), 0,
+  recon_gsim_kernel<T, A><<<static_cast<unsigned>(p.shape.N * pix_blocks), dim3(kPixTile, kChanSlices), 0,
                             stream>>>(grad_out, sim, levels, features, lohi,
-                                      static_cast<T*>(p.grad_sim), np, p.cf, k, pix_blocks);
+                                      static_cast<T*>(p.grad_sim), np, p.shape.Cf, k, pix_blocks);
   if (cudaError_t e = last_error()) return e;
-  if (p.cf > 0) {
-    const size_t smem = use_smem ? static_cast<size_t>(kSumWarps * 2 * p.num_levels) * sizeof(A) : 0;
-    recon_feat_kernel<T, A, kSumThreads><<<static_cast<unsigned>(p.n * p.cf), kSumThreads, smem,
+  if (p.shape.Cf > 0) {
+    const size_t smem = use_smem ? static_cast<size_t>(kSumWarps * 2 * p.shape.num_levels) * sizeof(A) : 0;
+    recon_feat_kernel<T, A, kSumThreads><<<static_cast<unsigned>(p.shape.N * p.shape.Cf), kSumThreads, smem,
                                            stream>>>(grad_out, sim, levels, lohi,
                                                      static_cast<T*>(p.grad_features), hs, gbins,
-                                                     np, p.cf, k, use_smem);
+                                                     np, p.shape.Cf, k, use_smem);
     if (cudaError_t e = last_error()) return e;
   }
   recon_glev_kernel<T, A><<<static_cast<unsigned>(glev_blocks), kElemThreads, 0, stream>>>(
-      features, hs, static_cast<T*>(p.grad_levels), p.n, p.cf, k);
+      features, hs, static_cast<T*>(p.grad_levels), p.shape.N, p.shape.Cf, k);
   return last_error();
 }
 
@@ -938,55 +952,48 @@ cudaError_t recon_backward_impl(const TextureReconstructParams& p, cudaStream_t 
 size_t qco_forward_workspace_bytes(const QcoForwardParams& p) {
   Geo g;
   if (!qco_geometry(p, g)) return 0;
-  int64_t nb;
-  bool use_smem;
-  qco_bins(p, true, nb, use_smem);
-  const size_t a = acc_size(p.dtype);
-  const int64_t nr = p.n * g.r;
-  return align_up(nr * g.c * a) + (use_smem ? 0 : align_up(nr * kRegionWarps * nb * a));
+  return workspace_size(p.shape.dtype, [&](WorkspaceCarver& ws, auto a) {
+    carve_qco_forward<decltype(a)>(p, g, ws);
+  });
 }
 
 cudaError_t qco_forward(const QcoForwardParams& p, cudaStream_t stream) {
-  SEGOPS_CUDA_DISPATCH(p.dtype, return qco_forward_impl<scalar_t>(p, stream));
+  SEGOPS_CUDA_DISPATCH(p.shape.dtype, return qco_forward_impl<scalar_t>(p, stream));
   return cudaErrorInvalidValue;
 }
 
 size_t qco_backward_workspace_bytes(const QcoBackwardParams& p) {
   Geo g;
   if (!qco_geometry(p, g)) return 0;
-  int64_t nb;
-  bool use_smem;
-  qco_bins(p, false, nb, use_smem);
-  const size_t a = acc_size(p.dtype);
-  const int64_t nr = p.n * g.r;
-  return align_up(p.n * 2 * g.p * a) + 3 * align_up(nr * g.c * a) +
-         (use_smem ? 0 : align_up(nr * kRegionWarps * nb * a));
+  return workspace_size(p.shape.dtype, [&](WorkspaceCarver& ws, auto a) {
+    carve_qco_backward<decltype(a)>(p, g, ws);
+  });
 }
 
 cudaError_t qco_backward(const QcoBackwardParams& p, cudaStream_t stream) {
-  SEGOPS_CUDA_DISPATCH(p.dtype, return qco_backward_impl<scalar_t>(p, stream));
+  SEGOPS_CUDA_DISPATCH(p.shape.dtype, return qco_backward_impl<scalar_t>(p, stream));
   return cudaErrorInvalidValue;
 }
 
 size_t texture_reconstruct_forward_workspace_bytes(const TextureReconstructParams& p) {
   if (!recon_sizes_ok(p)) return 0;
-  return align_up(2 * p.n * acc_size(p.dtype));
+  return workspace_size(p.shape.dtype,
+                        [&](WorkspaceCarver& ws, auto a) { carve_recon<decltype(a)>(p, false, ws); });
 }
 
 cudaError_t texture_reconstruct_forward(const TextureReconstructParams& p, cudaStream_t stream) {
-  SEGOPS_CUDA_DISPATCH(p.dtype, return recon_forward_impl<scalar_t>(p, stream));
+  SEGOPS_CUDA_DISPATCH(p.shape.dtype, return recon_forward_impl<scalar_t>(p, stream));
   return cudaErrorInvalidValue;
 }
 
 size_t texture_reconstruct_backward_workspace_bytes(const TextureReconstructParams& p) {
   if (!recon_sizes_ok(p)) return 0;
-  const size_t a = acc_size(p.dtype);
-  return align_up(2 * p.n * a) + align_up(p.n * p.cf * p.num_levels * a) +
-         (recon_bins_in_smem(p) ? 0 : align_up(p.n * p.cf * kSumWarps * 2 * p.num_levels * a));
+  return workspace_size(p.shape.dtype,
+                        [&](WorkspaceCarver& ws, auto a) { carve_recon<decltype(a)>(p, true, ws); });
 }
 
 cudaError_t texture_reconstruct_backward(const TextureReconstructParams& p, cudaStream_t stream) {
-  SEGOPS_CUDA_DISPATCH(p.dtype, return recon_backward_impl<scalar_t>(p, stream));
+  SEGOPS_CUDA_DISPATCH(p.shape.dtype, return recon_backward_impl<scalar_t>(p, stream));
   return cudaErrorInvalidValue;
 }
 

@@ -1,5 +1,5 @@
 // Semantic difference convolution (SDN), CUDA kernels — SPEC 2.4. Torch-free: the binding
-// (csrc/cuda_binding.cpp) allocates tensors and workspace and calls the launchers below.
+// (semantic_difference_conv2d.cpp) allocates tensors and workspace and calls the launchers below.
 //
 //   Y[n,o,p] = b[o] + sum_{c,t} w[o,c,t] * D[n,c,t,p],   D = S(c,p,t) * (U[c,p+d_t] - U[c,p])
 //
@@ -35,6 +35,7 @@
 
 #include "segops/cuda/device_utils.cuh"
 #include "segops/cuda/semantic_difference_conv2d.h"
+#include "segops/cuda/tile_dot.cuh"
 
 namespace segops {
 namespace cuda {
@@ -175,18 +176,8 @@ __global__ void __launch_bounds__(kThreads) forward_simt_kernel(
       Ws[kk][oo] = (o < g.Cout && kidx < g.K) ? to_acc<A>(Wt[static_cast<int64_t>(o) * g.K + kidx]) : A(0);
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < BK; ++kk) {
-      A a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = Ws[kk][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = Ds[kk][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-    }
+    accumulate_outer<BK, BK>(acc, Strided<A>{&Ws[0][0], BO + 1, 1}, ty, Strided<A>{&Ds[0][0], BP, 1},
+                             tx);
     __syncthreads();
   }
 #pragma unroll
@@ -388,18 +379,8 @@ __global__ void __launch_bounds__(kThreads) grad_weight_partial_kernel(
       Ds[lp][lr + 16 * i] = (pin && lk[i]) ? weighted_diff<T, SIM>(U, V, S, g, n, lc[i], lt[i], p, y, x, inv_s2) : A(0);
     }
     __syncthreads();
-#pragma unroll
-    for (int pp = 0; pp < BP; ++pp) {
-      A a[4], d[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = Gs[pp][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) d[j] = Ds[pp][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * d[j];
-    }
+    accumulate_outer<BP, BP>(acc, Strided<A>{&Gs[0][0], BO + 1, 1}, ty,
+                             Strided<A>{&Ds[0][0], BKK + 1, 1}, tx);
     __syncthreads();
   }
 #pragma unroll
@@ -809,11 +790,7 @@ __global__ void __launch_bounds__(kThreads) gaussian_grad_guidance_kernel(
 
 // ---- launch helpers ----------------------------------------------------------------------------
 
-constexpr int64_t kMaxInt = 0x7fffffff;
-constexpr int64_t kWsAlign = 256;
-
-inline int64_t align_up(int64_t v) { return (v + kWsAlign - 1) / kWsAlign * kWsAlign; }
-
+constexpr int64_t kMaxInt = 0x7fffffff;  // the kernels index with int
 
 inline unsigned int elementwise_blocks(int64_t total) {
   const int64_t b = (total + kThreads - 1) / kThreads;
@@ -821,7 +798,7 @@ inline unsigned int elementwise_blocks(int64_t total) {
 }
 
 // Validates the geometry and fills the kernels' Geo; false when unsupported.
-bool make_geo(const SdcGeometry& s, Geo* g) {
+bool make_geo(const SdcShape& s, Geo* g) {
   if (s.N < 0 || s.Cin < 0 || s.Cg < 0 || s.Cout < 0 || s.H < 0 || s.W < 0) return false;
   if (s.k < 1 || s.k % 2 == 0 || s.k > 4095 || s.dilation < 1) return false;
   if (s.similarity != kSdcNone && s.similarity != kSdcCharbonnier && s.similarity != kSdcGaussian) return false;
@@ -851,18 +828,17 @@ inline bool empty_problem(const Geo& g) {
   return g.N == 0 || g.HW == 0 || g.Cout == 0 || g.Cin == 0;
 }
 
-// Workspace layout of the backward (offsets in bytes, each section 256-byte aligned).
+// Grid of the backward and its workspace slices (cut by carve_backward).
 struct BwdLayout {
-  int64_t s_off = 0, s_bytes = 0;      // gaussian S (N, KK, HW)
-  int64_t gs_off = 0, gs_bytes = 0;    // gaussian dL/dS partials (ncb, N, KK, HW)
-  int64_t wt_off = 0, wt_bytes = 0;    // tap-major weight (KK, Cout, Cin), storage type
-  int64_t dw_off = 0, dw_bytes = 0;    // grad_weight partials (splits, Cout, K)
-  int64_t total = 0;
+  void* S = nullptr;     // gaussian S (N, KK, HW), accumulation type
+  void* GS = nullptr;    // gaussian dL/dS partials (ncb, N, KK, HW), accumulation type
+  void* Wtap = nullptr;  // tap-major weight (KK, Cout, Cin), storage type
+  void* part = nullptr;  // grad_weight partials (splits, Cout, K), accumulation type
   int tiles_o = 0, tiles_k = 0, ncb = 0;
   int64_t blocks_per_image = 0, nblocks = 0, blocks_per_split = 0, splits = 0;
 };
 
-BwdLayout backward_layout(const Geo& g, const SdcGeometry& s) {
+BwdLayout carve_backward(const Geo& g, const SdcShape& s, WorkspaceCarver& ws) {
   BwdLayout l;
 #ifdef SEGOPS_SDC_NO_WMMA
   const int dw_bp = kDwBP;
@@ -883,16 +859,12 @@ BwdLayout backward_layout(const Geo& g, const SdcGeometry& s) {
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, l.nblocks / 8));
   l.blocks_per_split = std::max<int64_t>(1, (l.nblocks + splits - 1) / splits);
   l.splits = std::max<int64_t>(1, (l.nblocks + l.blocks_per_split - 1) / l.blocks_per_split);
-  int64_t off = 0;
   if (s.similarity == kSdcGaussian) {
-    l.s_off = off; l.s_bytes = nkh * A; off = align_up(off + l.s_bytes);
-    l.gs_off = off; l.gs_bytes = l.ncb * nkh * A; off = align_up(off + l.gs_bytes);
+    l.S = ws.take_bytes(static_cast<size_t>(nkh * A));
+    l.GS = ws.take_bytes(static_cast<size_t>(l.ncb * nkh * A));
   }
-  l.wt_off = off; l.wt_bytes = static_cast<int64_t>(g.Cout) * g.K * static_cast<int64_t>(dtype_size(s.dtype));
-  off = align_up(off + l.wt_bytes);
-  l.dw_off = off; l.dw_bytes = l.splits * g.Cout * static_cast<int64_t>(g.K) * A;
-  off = align_up(off + l.dw_bytes);
-  l.total = off;
+  l.Wtap = ws.take_bytes(static_cast<size_t>(g.Cout) * g.K * dtype_size(s.dtype));
+  l.part = ws.take_bytes(static_cast<size_t>(l.splits * g.Cout * static_cast<int64_t>(g.K) * A));
   return l;
 }
 
@@ -905,15 +877,15 @@ A gaussian_scale(double sigma, int Cg) {
 template <typename T, int SIM>
 cudaError_t launch_forward_sim(const SdcForwardParams& p, const Geo& g, cudaStream_t stream) {
   using A = acc_t<T>;
-  const A inv_s2 = static_cast<A>(1.0 / (p.g.sigma * p.g.sigma));
+  const A inv_s2 = static_cast<A>(1.0 / (p.shape.sigma * p.shape.sigma));
   A* S = static_cast<A*>(p.workspace);
   static_assert(kMmaBP == kFwdBP && kMmaBO == kFwdBO, "one forward grid for both kernels");
   const int tiles_per_image = (g.HW + kFwdBP - 1) / kFwdBP;  // kMmaBP == kFwdBP
   const int64_t gx = g.N * tiles_per_image;
   const int64_t gy = (g.Cout + kFwdBO - 1) / kFwdBO;            // kMmaBO == kFwdBO
-  if (gx > kMaxInt || gy > 65535) return cudaErrorInvalidValue;
+  if (gx > kMaxGridX || gy > kMaxGridYZ) return cudaErrorInvalidValue;
   if (SIM == kSdcGaussian) {
-    const A scale = gaussian_scale<A>(p.g.sigma, g.Cg);
+    const A scale = gaussian_scale<A>(p.shape.sigma, g.Cg);
     gaussian_similarity_kernel<T><<<elementwise_blocks(g.N * g.KK * g.HW), kThreads, 0, stream>>>(
         static_cast<const T*>(p.guidance), S, g, scale);
     cudaError_t err = cudaGetLastError();
@@ -924,7 +896,7 @@ cudaError_t launch_forward_sim(const SdcForwardParams& p, const Geo& g, cudaStre
   const T* V = static_cast<const T*>(p.guidance);
   const T* Wt = static_cast<const T*>(p.weight);
   const T* B = static_cast<const T*>(p.bias);
-  T* Y = static_cast<T*>(p.output);
+  T* Y = static_cast<T*>(p.out);
   if constexpr (use_wmma<T>()) {
     forward_wmma_kernel<T, SIM><<<grid, kThreads, 0, stream>>>(U, V, S, Wt, B, Y, g, inv_s2, tiles_per_image);
   } else {
@@ -935,7 +907,7 @@ cudaError_t launch_forward_sim(const SdcForwardParams& p, const Geo& g, cudaStre
 
 template <typename T>
 cudaError_t launch_forward(const SdcForwardParams& p, const Geo& g, cudaStream_t stream) {
-  switch (p.g.similarity) {
+  switch (p.shape.similarity) {
     case kSdcNone: return launch_forward_sim<T, kSdcNone>(p, g, stream);
     case kSdcCharbonnier: return launch_forward_sim<T, kSdcCharbonnier>(p, g, stream);
     case kSdcGaussian: return launch_forward_sim<T, kSdcGaussian>(p, g, stream);
@@ -946,12 +918,12 @@ cudaError_t launch_forward(const SdcForwardParams& p, const Geo& g, cudaStream_t
 template <typename T, int SIM>
 cudaError_t launch_backward_sim(const SdcBackwardParams& p, const Geo& g, cudaStream_t stream) {
   using A = acc_t<T>;
-  const BwdLayout l = backward_layout(g, p.g);
-  char* ws = static_cast<char*>(p.workspace);
-  A* S = SIM == kSdcGaussian ? reinterpret_cast<A*>(ws + l.s_off) : nullptr;
-  A* GS = SIM == kSdcGaussian ? reinterpret_cast<A*>(ws + l.gs_off) : nullptr;
-  T* Wtap = reinterpret_cast<T*>(ws + l.wt_off);
-  A* part = reinterpret_cast<A*>(ws + l.dw_off);
+  WorkspaceCarver ws{p.workspace};
+  const BwdLayout l = carve_backward(g, p.shape, ws);
+  A* S = static_cast<A*>(l.S);
+  A* GS = static_cast<A*>(l.GS);
+  T* Wtap = static_cast<T*>(l.Wtap);
+  A* part = static_cast<A*>(l.part);
   const T* G = static_cast<const T*>(p.grad_out);
   const T* U = static_cast<const T*>(p.input);
   const T* V = static_cast<const T*>(p.guidance);
@@ -960,12 +932,14 @@ cudaError_t launch_backward_sim(const SdcBackwardParams& p, const Geo& g, cudaSt
   T* dV = static_cast<T*>(p.grad_guidance);
   T* dW = static_cast<T*>(p.grad_weight);
   T* dB = static_cast<T*>(p.grad_bias);
-  const A inv_s2 = static_cast<A>(1.0 / (p.g.sigma * p.g.sigma));
+  const A inv_s2 = static_cast<A>(1.0 / (p.shape.sigma * p.shape.sigma));
 
   const int tiles_per_image = (g.HW + kDuBP - 1) / kDuBP;
   const int64_t du_gx = g.N * tiles_per_image;
   const int64_t dw_gx = static_cast<int64_t>(l.tiles_o) * l.tiles_k * l.splits;
-  if (du_gx > kMaxInt || l.ncb > 65535 || dw_gx > kMaxInt || g.Cout > kMaxInt) return cudaErrorInvalidValue;
+  if (du_gx > kMaxGridX || l.ncb > kMaxGridYZ || dw_gx > kMaxGridX || g.Cout > kMaxGridX) {
+    return cudaErrorInvalidValue;
+  }
 
   cudaError_t err;
 #define SDC_CHECK()                              \
@@ -974,7 +948,7 @@ cudaError_t launch_backward_sim(const SdcBackwardParams& p, const Geo& g, cudaSt
     if (err != cudaSuccess) return err;          \
   } while (0)
   if (SIM == kSdcGaussian) {
-    const A scale = gaussian_scale<A>(p.g.sigma, g.Cg);
+    const A scale = gaussian_scale<A>(p.shape.sigma, g.Cg);
     gaussian_similarity_kernel<T><<<elementwise_blocks(g.N * g.KK * g.HW), kThreads, 0, stream>>>(V, S, g, scale);
     SDC_CHECK();
   }
@@ -998,7 +972,7 @@ cudaError_t launch_backward_sim(const SdcBackwardParams& p, const Geo& g, cudaSt
   SDC_CHECK();
   if (SIM == kSdcGaussian) {
     const int64_t nkh = g.N * g.KK * g.HW;
-    const A coef = -gaussian_scale<A>(p.g.sigma, g.Cg) * A(2);
+    const A coef = -gaussian_scale<A>(p.shape.sigma, g.Cg) * A(2);
     gaussian_gs_reduce_kernel<A><<<elementwise_blocks(nkh), kThreads, 0, stream>>>(GS, S, nkh, l.ncb, coef);
     SDC_CHECK();
     if (g.Cg > 0) {
@@ -1018,7 +992,7 @@ cudaError_t launch_backward_sim(const SdcBackwardParams& p, const Geo& g, cudaSt
 
 template <typename T>
 cudaError_t launch_backward(const SdcBackwardParams& p, const Geo& g, cudaStream_t stream) {
-  switch (p.g.similarity) {
+  switch (p.shape.similarity) {
     case kSdcNone: return launch_backward_sim<T, kSdcNone>(p, g, stream);
     case kSdcCharbonnier: return launch_backward_sim<T, kSdcCharbonnier>(p, g, stream);
     case kSdcGaussian: return launch_backward_sim<T, kSdcGaussian>(p, g, stream);
@@ -1030,31 +1004,33 @@ cudaError_t launch_backward(const SdcBackwardParams& p, const Geo& g, cudaStream
 
 size_t semantic_difference_conv2d_forward_workspace_bytes(const SdcForwardParams& p) {
   Geo g;
-  if (!make_geo(p.g, &g) || p.g.similarity != kSdcGaussian) return 0;
-  return static_cast<size_t>(g.N * g.KK * g.HW) * acc_size(p.g.dtype);
+  if (!make_geo(p.shape, &g) || p.shape.similarity != kSdcGaussian) return 0;
+  return static_cast<size_t>(g.N * g.KK * g.HW) * acc_size(p.shape.dtype);
 }
 
 size_t semantic_difference_conv2d_backward_workspace_bytes(const SdcBackwardParams& p) {
   Geo g;
-  if (!make_geo(p.g, &g)) return 0;
-  return static_cast<size_t>(backward_layout(g, p.g).total);
+  if (!make_geo(p.shape, &g)) return 0;
+  WorkspaceCarver ws;
+  carve_backward(g, p.shape, ws);
+  return ws.used;
 }
 
 cudaError_t semantic_difference_conv2d_forward(const SdcForwardParams& p, cudaStream_t stream) {
   Geo g;
-  if (!make_geo(p.g, &g)) return cudaErrorInvalidValue;
+  if (!make_geo(p.shape, &g)) return cudaErrorInvalidValue;
   if (g.N == 0 || g.HW == 0 || g.Cout == 0) return cudaSuccess;  // nothing to write
-  if (p.g.similarity == kSdcGaussian && p.workspace == nullptr) return cudaErrorInvalidValue;
-  SEGOPS_CUDA_DISPATCH(p.g.dtype, return launch_forward<scalar_t>(p, g, stream));
+  if (p.shape.similarity == kSdcGaussian && p.workspace == nullptr) return cudaErrorInvalidValue;
+  SEGOPS_CUDA_DISPATCH(p.shape.dtype, return launch_forward<scalar_t>(p, g, stream));
   return cudaErrorInvalidValue;
 }
 
 cudaError_t semantic_difference_conv2d_backward(const SdcBackwardParams& p, cudaStream_t stream) {
   Geo g;
-  if (!make_geo(p.g, &g)) return cudaErrorInvalidValue;
+  if (!make_geo(p.shape, &g)) return cudaErrorInvalidValue;
   if (empty_problem(g)) return cudaSuccess;  // the caller fills the (zero) gradients
   if (p.workspace == nullptr) return cudaErrorInvalidValue;
-  SEGOPS_CUDA_DISPATCH(p.g.dtype, return launch_backward<scalar_t>(p, g, stream));
+  SEGOPS_CUDA_DISPATCH(p.shape.dtype, return launch_backward<scalar_t>(p, g, stream));
   return cudaErrorInvalidValue;
 }
 

@@ -6,9 +6,10 @@ rewrites this script makes into build/cuda_emulation/:
   * `kernel<<<grid, block[, shared[, stream]]>>>(args)` becomes
     `::emu::launch(::emu::Cfg(grid, block, ...), [&]() { kernel(args); })`;
   * `extern __shared__ T name[];` becomes a reference to the launch's dynamic shared buffer.
-csrc/cuda_binding.cpp (with SEGOPS_CUDA_EMULATION) and csrc/register.cpp are compiled with the
-library renamed to `segops_cuda_emu` and the CUDA dispatch key replaced by CPU, so
-torch.ops.segops_cuda_emu.<kernel> runs the unchanged kernel and binding code on CPU tensors.
+The per-op torch bindings csrc/cuda/<op>.cpp (with SEGOPS_CUDA_EMULATION) and csrc/register.cpp
+are compiled with the library renamed to `segops_cuda_emu` and the CUDA dispatch key replaced by
+CPU, so torch.ops.segops_cuda_emu.<kernel> runs the unchanged kernel and binding code on CPU
+tensors.
 """
 from __future__ import annotations
 
@@ -96,12 +97,12 @@ def sources(root: str = ROOT, out_dir: str | None = None) -> list[str]:
         text = open(cu).read()
         text = rewrite_extern_shared(rewrite_launches(text))
         emit(os.path.basename(cu)[:-3] + "_emu.cpp", f'#line 1 "{cu}"\n' + text)
-    binding = open(os.path.join(root, "csrc", "cuda_binding.cpp")).read()
-    n = binding.count("TORCH_LIBRARY_IMPL(segops_C, CUDA, m)")
-    if n == 0 and glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")):
-        raise RuntimeError("csrc/cuda_binding.cpp registers no CUDA kernels")
-    binding = binding.replace("TORCH_LIBRARY_IMPL(segops_C, CUDA, m)", f"TORCH_LIBRARY_IMPL({LIBRARY}, CPU, m)")
-    emit("cuda_binding_emu.cpp", binding)
+    for cpp in sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*.cpp"))):
+        binding = open(cpp).read()
+        if "TORCH_LIBRARY_IMPL(segops_C, CUDA, m)" not in binding:
+            raise RuntimeError(f"{cpp} registers no CUDA kernels")
+        binding = binding.replace("TORCH_LIBRARY_IMPL(segops_C, CUDA, m)", f"TORCH_LIBRARY_IMPL({LIBRARY}, CPU, m)")
+        emit(os.path.basename(cpp)[:-4] + "_binding_emu.cpp", f'#line 1 "{cpp}"\n' + binding)
     register = open(os.path.join(root, "csrc", "register.cpp")).read()
     if "TORCH_LIBRARY(segops_C, m)" not in register:
         raise RuntimeError("csrc/register.cpp does not define TORCH_LIBRARY(segops_C, m)")

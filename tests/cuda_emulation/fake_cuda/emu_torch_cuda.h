@@ -1,5 +1,5 @@
-// CPU stand-ins for the c10::cuda pieces csrc/cuda_binding.cpp uses, for the emulation build
-// (tests/cuda_emulation/build.py compiles the binding with SEGOPS_CUDA_EMULATION).
+// CPU stand-ins for the c10::cuda pieces the CUDA bindings use (segops/cuda/binding.h), for the emulation build
+// (tests/cuda_emulation/build.py compiles the bindings with SEGOPS_CUDA_EMULATION).
 #pragma once
 #include <c10/core/Device.h>
 

@@ -1,16 +1,17 @@
 // Device-side helpers shared by the CUDA kernels: the accumulation type, conversions between the
-// storage types and it, warp reductions and the DType -> C++ type dispatch. CUDA headers only.
+// storage types and it, the accumulation math, warp reductions and the DType -> C++ type
+// dispatch. CUDA headers only.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "segops/cuda/common.h"
 
-namespace segops {
-namespace cuda {
+namespace segops::cuda {
 
 // fp64 inputs accumulate in fp64, everything else in fp32.
 template <typename T> struct AccType { using type = float; };
@@ -29,6 +30,17 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, flo
   return __float2bfloat16_rn(v);
 }
 
+// Accumulation math, one policy for every kernel: accurate exp / log (not __expf), and products
+// summed with an explicit fma (never left to contraction), so that a value a backward kernel
+// recomputes equals the forward's bit for bit (fma(x, y, s) == fma(y, x, s)).
+__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
+__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+__device__ __forceinline__ float acc_log(float x) { return logf(x); }
+__device__ __forceinline__ double acc_log(double x) { return log(x); }
+__device__ __forceinline__ float acc_fma(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double acc_fma(double a, double b, double c) { return fma(a, b, c); }
+template <typename A> __device__ __forceinline__ A neg_inf() { return -static_cast<A>(INFINITY); }
+
 // Sum / max over aligned groups of kLanes lanes (32: the warp; 16: each half-warp); every lane of
 // the warp must take part.
 template <int kLanes = 32, typename A> __device__ __forceinline__ A warp_sum(A v) {
@@ -45,33 +57,19 @@ template <int kLanes = 32, typename A> __device__ __forceinline__ A warp_max(A v
   return v;
 }
 
-}  // namespace cuda
-}  // namespace segops
+}  // namespace segops::cuda
 
 // Runs the statement with `scalar_t` bound to the C++ type of `dtype` (float, double, __half,
 // __nv_bfloat16); an unknown dtype returns cudaErrorInvalidValue from the enclosing launcher.
-#define SEGOPS_CUDA_DISPATCH(dtype, ...)                                   \
-  switch (dtype) {                                                         \
-    case ::segops::cuda::DType::kFloat32: {                                \
-      using scalar_t = float;                                              \
-      __VA_ARGS__;                                                         \
-      break;                                                               \
-    }                                                                      \
-    case ::segops::cuda::DType::kFloat64: {                                \
-      using scalar_t = double;                                             \
-      __VA_ARGS__;                                                         \
-      break;                                                               \
-    }                                                                      \
-    case ::segops::cuda::DType::kFloat16: {                                \
-      using scalar_t = __half;                                             \
-      __VA_ARGS__;                                                         \
-      break;                                                               \
-    }                                                                      \
-    case ::segops::cuda::DType::kBFloat16: {                               \
-      using scalar_t = __nv_bfloat16;                                      \
-      __VA_ARGS__;                                                         \
-      break;                                                               \
-    }                                                                      \
-    default:                                                               \
-      return cudaErrorInvalidValue;                                        \
+#define SEGOPS_CUDA_DISPATCH(dtype, ...)                                                  \
+  switch (dtype) {                                                                        \
+    case ::segops::cuda::DType::kFloat32: { using scalar_t = float; __VA_ARGS__; break; }  \
+    case ::segops::cuda::DType::kFloat64: { using scalar_t = double; __VA_ARGS__; break; } \
+    case ::segops::cuda::DType::kFloat16: { using scalar_t = __half; __VA_ARGS__; break; } \
+    case ::segops::cuda::DType::kBFloat16: {                                              \
+      using scalar_t = __nv_bfloat16;                                                     \
+      __VA_ARGS__;                                                                        \
+      break;                                                                              \
+    }                                                                                     \
+    default: return cudaErrorInvalidValue;                                                \
   }

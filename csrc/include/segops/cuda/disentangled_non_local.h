@@ -11,29 +11,33 @@
 
 #include "segops/cuda/common.h"
 
-namespace segops {
-namespace cuda {
+namespace segops::cuda {
 
-struct DisentangledNonLocalForwardParams {
-  const void* query = nullptr;  // (N, Ck, Lq)
-  const void* key = nullptr;    // (N, Ck, Lk)
-  const void* value = nullptr;  // (N, Cv, Lk)
-  const void* unary = nullptr;  // (N, Lk), or nullptr for no unary term
-  void* out = nullptr;          // (N, Cv, Lq), dtype
-  void* lse = nullptr;          // (N, Lq), accumulation type: per-query log-sum-exp
-  void* g = nullptr;            // (N, Cv), accumulation type; written only with unary (the
-                                // caller zero-fills it otherwise)
-  void* lse_u = nullptr;        // (N,), accumulation type; written only with unary (zero-filled
-                                // by the caller otherwise)
-  void* workspace = nullptr;    // disentangled_non_local_forward_workspace_bytes(*this) bytes
+struct DnlShape {
   int64_t N = 0, Ck = 0, Cv = 0, Lq = 0, Lk = 0;
   bool whiten = false;
   double s = 1.0;
   DType dtype = DType::kFloat32;
 };
 
-struct DisentangledNonLocalBackwardParams {
-  const void* grad_out = nullptr;  // (N, Cv, Lq), dtype
+struct DnlForwardParams {
+  DnlShape shape;
+  const void* query = nullptr;  // (N, Ck, Lq)
+  const void* key = nullptr;    // (N, Ck, Lk)
+  const void* value = nullptr;  // (N, Cv, Lk)
+  const void* unary = nullptr;  // (N, Lk), or nullptr for no unary term
+  void* out = nullptr;          // (N, Cv, Lq)
+  void* lse = nullptr;          // (N, Lq), accumulation type: per-query log-sum-exp
+  void* g = nullptr;            // (N, Cv), accumulation type; written only with unary (the
+                                // caller zero-fills it otherwise)
+  void* lse_u = nullptr;        // (N,), accumulation type; written only with unary (zero-filled
+                                // by the caller otherwise)
+  void* workspace = nullptr;    // disentangled_non_local_forward_workspace_bytes(*this) bytes
+};
+
+struct DnlBackwardParams {
+  DnlShape shape;
+  const void* grad_out = nullptr;  // (N, Cv, Lq)
   const void* query = nullptr;     // (N, Ck, Lq)
   const void* key = nullptr;       // (N, Ck, Lk)
   const void* value = nullptr;     // (N, Cv, Lk)
@@ -42,26 +46,14 @@ struct DisentangledNonLocalBackwardParams {
   const void* lse = nullptr;       // (N, Lq), accumulation type
   const void* g = nullptr;         // (N, Cv), accumulation type (read only with unary)
   const void* lse_u = nullptr;     // (N,), accumulation type (read only with unary)
-  void* dq = nullptr;              // (N, Ck, Lq), dtype
-  void* dk = nullptr;              // (N, Ck, Lk), dtype
-  void* dv = nullptr;              // (N, Cv, Lk), dtype
-  void* du = nullptr;              // (N, Lk), dtype; only with unary
+  void *grad_query = nullptr, *grad_key = nullptr, *grad_value = nullptr;  // like query, key, value
+  void* grad_unary = nullptr;      // (N, Lk); only with unary
   void* workspace = nullptr;       // disentangled_non_local_backward_workspace_bytes(*this) bytes
-  int64_t N = 0, Ck = 0, Cv = 0, Lq = 0, Lk = 0;
-  bool whiten = false;
-  double s = 1.0;
-  DType dtype = DType::kFloat32;
 };
 
-size_t disentangled_non_local_forward_workspace_bytes(const DisentangledNonLocalForwardParams& p);
-size_t disentangled_non_local_backward_workspace_bytes(const DisentangledNonLocalBackwardParams& p);
-
 // Kernels whose grid would be empty are skipped; sizes the kernels cannot address (more than
-// 2^31 - 1 blocks) return cudaErrorInvalidValue. Requires Lk > 0 when N * Lq > 0.
-cudaError_t disentangled_non_local_forward(const DisentangledNonLocalForwardParams& p,
-                                           cudaStream_t stream);
-cudaError_t disentangled_non_local_backward(const DisentangledNonLocalBackwardParams& p,
-                                            cudaStream_t stream);
+// kMaxGridX blocks) return cudaErrorInvalidValue. Requires Lk > 0 when N * Lq > 0.
+SEGOPS_CUDA_LAUNCHER(disentangled_non_local_forward, DnlForwardParams);
+SEGOPS_CUDA_LAUNCHER(disentangled_non_local_backward, DnlBackwardParams);
 
-}  // namespace cuda
-}  // namespace segops
+}  // namespace segops::cuda

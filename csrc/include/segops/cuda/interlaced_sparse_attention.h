@@ -5,8 +5,7 @@
 
 #include "segops/cuda/common.h"
 
-namespace segops {
-namespace cuda {
+namespace segops::cuda {
 
 // Shapes and options shared by the forward and the backward. query, key: (N, Ck, H, W); value,
 // out: (N, Cv, H, W); lse: (N, H, W) in the accumulation dtype (float64 for float64 data,
@@ -22,24 +21,18 @@ struct IsaShape {
 // All tensors contiguous, of `dtype` except lse (accumulation dtype).
 struct IsaForwardParams {
   IsaShape shape;
-  const void* query = nullptr;
-  const void* key = nullptr;
-  const void* value = nullptr;
-  void* out = nullptr;  // (N, Cv, H, W)
-  void* lse = nullptr;  // (N, H, W), natural log-sum-exp of the scaled logits per position
+  const void *query = nullptr, *key = nullptr, *value = nullptr;
+  void* out = nullptr;        // (N, Cv, H, W)
+  void* lse = nullptr;        // (N, H, W), natural log-sum-exp of the scaled logits per position
+  void* workspace = nullptr;  // interlaced_sparse_attention_forward_workspace_bytes (none) bytes
 };
 
 struct IsaBackwardParams {
   IsaShape shape;
   const void* grad_out = nullptr;  // (N, Cv, H, W)
-  const void* query = nullptr;
-  const void* key = nullptr;
-  const void* value = nullptr;
-  const void* out = nullptr;  // the forward's output
-  const void* lse = nullptr;  // the forward's lse
-  void* grad_query = nullptr;
-  void* grad_key = nullptr;
-  void* grad_value = nullptr;
+  const void *query = nullptr, *key = nullptr, *value = nullptr;
+  const void *out = nullptr, *lse = nullptr;  // the forward's output and lse
+  void *grad_query = nullptr, *grad_key = nullptr, *grad_value = nullptr;
   // Scratch of interlaced_sparse_attention_backward_workspace_bytes(params) bytes (the
   // per-position delta = <dO, O>, N*H*W accumulation-dtype values), aligned to 16 bytes.
   void* workspace = nullptr;
@@ -48,10 +41,7 @@ struct IsaBackwardParams {
 // Every output element is written (no pre-zeroing needed). Requires N, Ck, Cv, H, W > 0;
 // returns cudaErrorInvalidValue for sizes the kernels cannot handle (a bad dtype, non-positive
 // sizes, H or W not divisible by the block size, grids beyond the hardware limits).
-cudaError_t interlaced_sparse_attention_forward(const IsaForwardParams& p, cudaStream_t stream);
+SEGOPS_CUDA_LAUNCHER(interlaced_sparse_attention_forward, IsaForwardParams);
+SEGOPS_CUDA_LAUNCHER(interlaced_sparse_attention_backward, IsaBackwardParams);
 
-size_t interlaced_sparse_attention_backward_workspace_bytes(const IsaBackwardParams& p);
-cudaError_t interlaced_sparse_attention_backward(const IsaBackwardParams& p, cudaStream_t stream);
-
-}  // namespace cuda
-}  // namespace segops
+}  // namespace segops::cuda

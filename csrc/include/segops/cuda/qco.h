@@ -16,63 +16,61 @@
 
 #include "segops/cuda/common.h"
 
-namespace segops {
-namespace cuda {
+namespace segops::cuda {
+
+struct QcoShape {
+  int64_t N = 0, C = 0, H = 0, W = 0;  // H, W > 0 and divisible by grid
+  int64_t num_levels = 0, grid = 1;
+  bool cooc = false;                   // false requires grid 1
+  DType dtype = DType::kFloat32;
+};
 
 struct QcoForwardParams {
-  const void* x;  // (N, C, H, W) dtype
-  void* hist;     // cooc ? (N, s, s, K, K) : (N, K)       acc
-  void* levels;   // cooc ? (N, s, s, K) : (N, K)          acc
-  void* sim;      // (N, H, W)                             acc
-  void* rnorm;    // (N, H, W)                             acc
-  void* mean;     // (N, R, C), R = grid²                  acc
-  void* stats;    // (N, R, 3): lo, hi, histogram total    acc
-  void* workspace;
-  int64_t n, c, h, w, num_levels, grid;  // H, W > 0 and divisible by grid
-  bool cooc;                             // false requires grid 1
-  DType dtype;
+  QcoShape shape;
+  const void* x = nullptr;      // (N, C, H, W) dtype
+  void* hist = nullptr;         // cooc ? (N, s, s, K, K) : (N, K)       acc
+  void* levels = nullptr;       // cooc ? (N, s, s, K) : (N, K)          acc
+  void* sim = nullptr;          // (N, H, W)                             acc
+  void* rnorm = nullptr;        // (N, H, W)                             acc
+  void* mean = nullptr;         // (N, R, C), R = grid²                  acc
+  void* stats = nullptr;        // (N, R, 3): lo, hi, histogram total    acc
+  void* workspace = nullptr;
 };
 
 struct QcoBackwardParams {
-  const void* grad_hist;    // like hist                    acc
-  const void* grad_levels;  // like levels                  acc
-  const void* grad_sim;     // (N, H, W) acc, or nullptr (no incoming gradient)
-  const void* x;            // (N, C, H, W) dtype
-  const void* hist;         // the forward's outputs        acc
-  const void* sim;
-  const void* rnorm;
-  const void* mean;
-  const void* stats;
-  void* grad_x;             // (N, C, H, W) dtype
-  void* workspace;
-  int64_t n, c, h, w, num_levels, grid;
-  bool cooc;
-  DType dtype;
+  QcoShape shape;
+  const void* grad_hist = nullptr;    // like hist                    acc
+  const void* grad_levels = nullptr;  // like levels                  acc
+  const void* grad_sim = nullptr;     // (N, H, W) acc, or nullptr (no incoming gradient)
+  const void* x = nullptr;            // (N, C, H, W) dtype
+  // the forward's outputs (acc)
+  const void *hist = nullptr, *sim = nullptr, *rnorm = nullptr, *mean = nullptr, *stats = nullptr;
+  void* grad_x = nullptr;             // (N, C, H, W) dtype
+  void* workspace = nullptr;
 };
 
-size_t qco_forward_workspace_bytes(const QcoForwardParams& p);
-cudaError_t qco_forward(const QcoForwardParams& p, cudaStream_t stream);
-size_t qco_backward_workspace_bytes(const QcoBackwardParams& p);
-cudaError_t qco_backward(const QcoBackwardParams& p, cudaStream_t stream);
+SEGOPS_CUDA_LAUNCHER(qco_forward, QcoForwardParams);
+SEGOPS_CUDA_LAUNCHER(qco_backward, QcoBackwardParams);
 
+struct TextureReconstructShape {
+  int64_t N = 0, H = 0, W = 0, Cf = 0, num_levels = 0;  // N, H, W, K >= 1; Cf >= 0
+  DType dtype = DType::kFloat32;
+};
+
+// One struct for both directions: the forward reads sim, levels, features and writes out; the
+// backward reads grad_out too and writes the grad_* fields.
 struct TextureReconstructParams {
-  const void* sim;       // (N, H, W)     dtype
-  const void* levels;    // (N, K)        dtype
-  const void* features;  // (N, Cf, K)    dtype
-  const void* grad_out;  // (N, Cf, H, W) dtype (backward only)
-  void* out;             // (N, Cf, H, W) dtype (forward only)
-  void* grad_sim;        // like sim      (backward only)
-  void* grad_levels;     // like levels   (backward only)
-  void* grad_features;   // like features (backward only)
-  void* workspace;
-  int64_t n, h, w, cf, num_levels;  // N, H, W, K >= 1; Cf >= 0
-  DType dtype;
+  TextureReconstructShape shape;
+  const void* grad_out = nullptr;  // (N, Cf, H, W) dtype (backward only)
+  const void* sim = nullptr;       // (N, H, W)     dtype
+  const void* levels = nullptr;    // (N, K)        dtype
+  const void* features = nullptr;  // (N, Cf, K)    dtype
+  void* out = nullptr;             // (N, Cf, H, W) dtype (forward only)
+  void *grad_sim = nullptr, *grad_levels = nullptr, *grad_features = nullptr;  // backward only
+  void* workspace = nullptr;
 };
 
-size_t texture_reconstruct_forward_workspace_bytes(const TextureReconstructParams& p);
-cudaError_t texture_reconstruct_forward(const TextureReconstructParams& p, cudaStream_t stream);
-size_t texture_reconstruct_backward_workspace_bytes(const TextureReconstructParams& p);
-cudaError_t texture_reconstruct_backward(const TextureReconstructParams& p, cudaStream_t stream);
+SEGOPS_CUDA_LAUNCHER(texture_reconstruct_forward, TextureReconstructParams);
+SEGOPS_CUDA_LAUNCHER(texture_reconstruct_backward, TextureReconstructParams);
 
-}  // namespace cuda
-}  // namespace segops
+}  // namespace segops::cuda
