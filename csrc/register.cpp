@@ -24,7 +24,7 @@ TORCH_LIBRARY(segops_C, m) {
   m.def("texture_reconstruct_forward(Tensor sim, Tensor levels, Tensor features) -> Tensor");
   m.def("texture_reconstruct_backward(Tensor grad_out, Tensor sim, Tensor levels, "
         "Tensor features) -> (Tensor, Tensor, Tensor)");
-  // disentangled_non_local (SPEC §2.3): flattened (N, C, L) inputs, s = scale / temperature;
+  // disentangled_non_local (docs/operators.md §2.3): flattened (N, C, L) inputs, s = scale / temperature;
   // forward returns (out, lse (N, Lq), g (N, Cv), lse_u (N,)); backward (dq, dk, dv, du).
   m.def("disentangled_non_local_forward(Tensor query, Tensor key, Tensor value, Tensor? unary, "
         "bool whiten, float s) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -1,4 +1,4 @@
-// Criss-cross attention (SPEC §2.1), CPU forward and backward.
+// Criss-cross attention (docs/operators.md §2.1), CPU forward and backward.
 //
 // Every position u = (y, x) attends to its row y and its column x (centre once) with one joint
 // softmax. The work splits into "row tasks" (one per (n, y)) and "column tasks" (one per (n,

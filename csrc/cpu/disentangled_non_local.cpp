@@ -1,4 +1,4 @@
-// Disentangled non-local attention (SPEC §2.3), CPU kernels.
+// Disentangled non-local attention (docs/operators.md §2.3), CPU kernels.
 //
 // Inputs are flattened and contiguous: query (N, Ck, Lq), key (N, Ck, Lk), value (N, Cv, Lk),
 // unary (N, Lk) or none; `s` is the combined logit factor (scale / temperature).

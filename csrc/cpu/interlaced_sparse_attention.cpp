@@ -1,4 +1,4 @@
-// Interlaced sparse self-attention (SPEC §2.2), CPU forward and backward.
+// Interlaced sparse self-attention (docs/operators.md §2.2), CPU forward and backward.
 //
 // Parallel over (sample, band), a band being the groups that together cover whole rows of the
 // map (long: the Pw groups of one y mod Ph; short: the W/Pw blocks of one block row), so that

@@ -1,4 +1,4 @@
-// QCO texture histograms (SPEC §2.5, STLNet): qco_1d / qco_2d and texture_reconstruct, CPU
+// QCO texture histograms (docs/operators.md §2.5, STLNet): qco_1d / qco_2d and texture_reconstruct, CPU
 // forward and backward, without the dense encodings.
 //
 // qco_1d is qco_2d's machinery with grid 1 and a 1-D histogram. For a region r (the whole
@@ -38,7 +38,7 @@ namespace segops {
 namespace {
 
 constexpr double kNormEps = 1e-12;  // F.normalize's eps
-constexpr double kHistEps = 1e-6;   // histogram normaliser (SPEC §2.5)
+constexpr double kHistEps = 1e-6;   // histogram normaliser (docs/operators.md §2.5)
 
 // The (up to) three levels a pixel can hit: levels m − 1 + j for j < 3 (padded index m + j).
 template <typename acc_t>

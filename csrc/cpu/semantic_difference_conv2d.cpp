@@ -1,4 +1,4 @@
-// Semantic difference convolution (SDN), C++ CPU kernels — SPEC §2.4.
+// Semantic difference convolution (SDN), C++ CPU kernels — docs/operators.md §2.4.
 //
 //   Y[n,o,p] = b[o] + sum_{c,t} w[o,c,t] * D[n,c,t,p],   D = S(c,p,t) * (U[c,p+d_t] - U[c,p])
 //

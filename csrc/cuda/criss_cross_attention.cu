@@ -1,4 +1,4 @@
-// Criss-cross attention (SPEC §2.1), CUDA forward and backward (SIMT, all four dtypes).
+// Criss-cross attention (docs/operators.md §2.1), CUDA forward and backward (SIMT, all four dtypes).
 //
 // The algorithm of csrc/cpu/criss_cross_attention.cpp and segops/triton/criss_cross_attention.py:
 // every position u attends to its row and its column (centre once) with one joint softmax over the

@@ -1,4 +1,4 @@
-// Disentangled non-local attention (SPEC §2.3), CUDA kernels. Same algorithm, saved statistics
+// Disentangled non-local attention (docs/operators.md §2.3), CUDA kernels. Same algorithm, saved statistics
 // and output dtypes as csrc/cpu/disentangled_non_local.cpp and segops/triton/disentangled_non_local.py.
 //
 // Inputs are flattened and contiguous: query (N, Ck, Lq), key (N, Ck, Lk), value (N, Cv, Lk),

@@ -1,4 +1,4 @@
-// Interlaced sparse self-attention (SPEC §2.2), CUDA forward and backward.
+// Interlaced sparse self-attention (docs/operators.md §2.2), CUDA forward and backward.
 //
 // The algorithm of csrc/cpu/interlaced_sparse_attention.cpp and
 // segops/triton/interlaced_sparse_attention.py: flash-style dense attention inside each group,

@@ -1,4 +1,4 @@
-// QCO texture histograms (SPEC §2.5, STLNet): qco_1d / qco_2d and texture_reconstruct, CUDA
+// QCO texture histograms (docs/operators.md §2.5, STLNet): qco_1d / qco_2d and texture_reconstruct, CUDA
 // forward and backward. A port of csrc/cpu/qco.cpp: the same saved tensors (hist, levels, sim,
 // rnorm, mean, stats), the same band rule (three candidates round(u) − 1 .. round(u) + 1 around
 // u = (sim − L_0)/Δ, tested with |L − sim| < Δ), the 1e-6 histogram epsilon, gradient through
@@ -40,7 +40,7 @@ namespace cuda {
 namespace {
 
 constexpr double kNormEps = 1e-12;  // F.normalize's eps
-constexpr double kHistEps = 1e-6;   // histogram normaliser (SPEC §2.5)
+constexpr double kHistEps = 1e-6;   // histogram normaliser (docs/operators.md §2.5)
 
 constexpr int kRegionThreads = 512;   // region kernels (one block per region)
 constexpr int kRegionWarps = kRegionThreads / 32;
