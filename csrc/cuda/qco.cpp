@@ -120,8 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> texture_reconstruct_backward(
   guards::check_like(kReconBackward, sim, {{"grad_out", &grad_out}});
   guards::check_sizes(kReconBackward, "grad_out", grad_out,
                       {p.shape.N, p.shape.Cf, p.shape.H, p.shape.W});
-  if (p.shape.Cf == 0)  // no channels: every gradient is zero (or empty)
-    return {at::zeros_like(sim), at::zeros_like(levels), at::empty_like(features)};
+  if (p.shape.Cf == 0 || p.shape.N == 0)  // no channels or no samples: zero (or empty) gradients
+    return {at::zeros_like(sim), at::zeros_like(levels), at::zeros_like(features)};
   at::Tensor grad_sim = at::empty_like(sim);
   at::Tensor grad_levels = at::empty_like(levels);
   at::Tensor grad_features = at::empty_like(features);
