@@ -91,6 +91,15 @@ SEGOPS_VEC_CLONES float exp_sum(const float* row, int64_t len, float m) {
   return sum;
 }
 
+SEGOPS_VEC_CLONES void exp_shifted(float* row, int64_t len, const float* m, const float* l) {
+  for (int64_t j = 0; j < len; ++j) row[j] = exp_poly((row[j] - m[j]) - l[j]);
+}
+
+SEGOPS_VEC_CLONES void add_exp_shifted(float* acc, const float* row, int64_t len,
+                                       const float* m) {
+  for (int64_t j = 0; j < len; ++j) acc[j] += exp_poly(row[j] - m[j]);
+}
+
 double scale_and_max(double* row, int64_t len, double s) {
   double m = -std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < len; ++j) {
@@ -113,6 +122,14 @@ double exp_sum(const double* row, int64_t len, double m) {
   double sum = 0.0;
   for (int64_t j = 0; j < len; ++j) sum += std::exp(row[j] - m);
   return sum;
+}
+
+void exp_shifted(double* row, int64_t len, const double* m, const double* l) {
+  for (int64_t j = 0; j < len; ++j) row[j] = std::exp((row[j] - m[j]) - l[j]);
+}
+
+void add_exp_shifted(double* acc, const double* row, int64_t len, const double* m) {
+  for (int64_t j = 0; j < len; ++j) acc[j] += std::exp(row[j] - m[j]);
 }
 
 }  // namespace cpu

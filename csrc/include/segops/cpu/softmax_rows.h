@@ -25,5 +25,14 @@ double exp_affine(double* row, int64_t len, double s, double m, double l = 0.0);
 float exp_sum(const float* row, int64_t len, float m);
 double exp_sum(const double* row, int64_t len, double m);
 
+// row[j] = exp((row[j] - m[j]) - l[j]): exp_affine with a shift per element (softmaxes whose rows
+// lie across memory, one statistic per lane).
+void exp_shifted(float* row, int64_t len, const float* m, const float* l);
+void exp_shifted(double* row, int64_t len, const double* m, const double* l);
+
+// acc[j] += exp(row[j] - m[j]), row unchanged.
+void add_exp_shifted(float* acc, const float* row, int64_t len, const float* m);
+void add_exp_shifted(double* acc, const double* row, int64_t len, const double* m);
+
 }  // namespace cpu
 }  // namespace segops
