@@ -104,13 +104,26 @@ def peak_bytes(step: Callable, device: str) -> int:
 
 
 def counted_flops(step: Callable) -> float:
-    """FLOPs of one call as torch.utils.flop_counter counts them (matrix products and
-    convolutions of aten ops; custom segops kernels count nothing)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter:
+    """FLOPs of one call as torch.utils.flop_counter's formulas count them (matrix products and
+    convolutions of aten ops, backward included; custom segops kernels count nothing). Its
+    FlopCounterMode is not used: its module tracking breaks torch.autograd.grad on leaves."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += formula(*args, **kwargs, out_val=out)
+            return out
+
+    with Count() as counter:
         step()
-    return float(counter.get_total_flops())
+    return float(counter.total)
 
 
 def _best_rate(fn: Callable, work: float, device: str, repeats: int) -> float:

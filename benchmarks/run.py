@@ -226,7 +226,8 @@ def plot(rows: list[dict], out_dir: str, tag: str) -> list[str]:
     written = []
     for op in sorted({r["op"] for r in rows}):
         ok = [r for r in rows if r["op"] == op and r["status"] == "ok"]
-        mode = "fwd+bwd" if any(r["mode"] == "fwd+bwd" for r in ok) else (ok[0]["mode"] if ok else None)
+        present = [r["mode"] for r in ok]
+        mode = next((m for m in ("fwd+bwd", "train") if m in present), present[0] if ok else None)
         ok = [r for r in ok if r["mode"] == mode]
         if not ok:
             continue

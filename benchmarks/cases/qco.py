@@ -117,7 +117,8 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False):
         if "fn" not in compiled:
             compiled["fn"] = torch.compile(ref_mod, dynamic=False)
         return compiled["fn"](x)
-    providers["reference+compile"] = stl_compiled
+    if not quick:  # compiling the block takes minutes: too long for a smoke run
+        providers["reference+compile"] = stl_compiled
     for name in fused_backends("qco_1d", device, dtype):
         providers[name] = stl(name)
     out.append(Case("stl", f"STL N{n} Cin{z['stl_in']} {h1}x{w1}", make_stl, ("x",), providers,
