@@ -10,7 +10,8 @@ why the timing process runs with the allocator's defaults. (Switching glibc with
 timing process after timing is not enough: blocks freed while timing stay resident and are
 reused, and the peak comes out low.)
 GPU time: triton.testing.do_bench (median, p20, p80); GPU memory: CUDA peak-allocation counters.
-Machine bounds: the best of several fp GEMMs and large copies on the device (see machine_bounds).
+Machine bounds: the best of several GEMMs and large copies on the device (see machine_bounds),
+measured before the first worker and after the last, the better of the two kept.
 """
 from __future__ import annotations
 
@@ -158,6 +159,13 @@ def machine_bounds(device: str, dtype: torch.dtype, peak_flops: Optional[float] 
     bandwidth = _best_rate(lambda: dst.copy_(src), 2.0 * copy_bytes, device, 10)
     return dict(flops_per_s=peak_flops, bytes_per_s=bandwidth, flops_source=source,
                 gemm_n=gemm_n, copy_bytes=copy_bytes, dtype=str(dtype).replace("torch.", ""))
+
+
+def best_bounds(first: dict, second: dict) -> dict:
+    """The higher throughput and bandwidth of two measurements (a shared machine only ever
+    slows a measurement down)."""
+    return dict(first, flops_per_s=max(first["flops_per_s"], second["flops_per_s"]),
+                bytes_per_s=max(first["bytes_per_s"], second["bytes_per_s"]))
 
 
 def roofline(flops: Optional[float], nbytes: Optional[float], bounds: dict) -> dict:

@@ -9,7 +9,7 @@ import torch
 from benchmarks import cases as cases_mod
 from benchmarks import run
 from benchmarks.common import MODES
-from benchmarks.measure import MEMORY_ENV, counted_flops, make_step, roofline
+from benchmarks.measure import MEMORY_ENV, best_bounds, counted_flops, make_step, roofline
 
 QUICK_CASES = [case for op in cases_mod.available_ops()
                for case in cases_mod.load(op).cases("cpu", torch.float32, quick=True)]
@@ -64,6 +64,8 @@ def test_roofline_takes_the_larger_bound():
     assert roofline(1e9, 1e7, bounds) == dict(bound_ms=10.0, bound="compute")
     assert roofline(1e6, 1e9, bounds) == dict(bound_ms=100.0, bound="memory")
     assert roofline(None, None, bounds) == {}
+    slower = dict(flops_per_s=5e10, bytes_per_s=2e10)
+    assert best_bounds(bounds, slower) == dict(flops_per_s=1e11, bytes_per_s=2e10)
 
 
 def _row(provider, ms, **kw):
