@@ -1,8 +1,13 @@
-"""`python -m benchmarks.run`: speed and peak memory of every provider of every op (docs/operators.md §4).
+"""`python -m benchmarks.run`: speed, peak memory and roofline fraction of every provider of
+every op (docs/operators.md §4), or of whole models (--models).
 
-Each (case, provider) runs in a fresh worker process (honest CPU peak memory, and an OOM or a
-crash becomes a row, not the end of the run). Writes a JSON (device, versions and git sha in
-every row), a markdown table (also printed) and PNG plots; `--compare OLD.json` prints changes.
+Each (case, provider) is timed in a fresh worker process with the allocator's defaults (an OOM
+or a crash becomes a row, not the end of the run); then one more process per case, started with
+the allocator settings that make the resident set honest, measures every provider's peak
+memory (benchmarks/measure.py). The machine's bounds (GEMM
+throughput and copy bandwidth; a GPU's data-sheet dense peak) are measured once per run. Writes
+a JSON (device, versions and git sha in every row, the bounds), a markdown table (also printed)
+and PNG plots; `--compare OLD.json` prints changes.
 """
 from __future__ import annotations
 
@@ -20,14 +25,15 @@ import torch
 
 from benchmarks import cases as cases_mod
 from benchmarks.common import MODES
+from benchmarks.measure import MEMORY_ENV, best_bounds, machine_bounds, roofline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Dense peak numbers (TFLOP/s per dtype, memory GB/s) for the achieved-fraction columns.
-DEVICE_PEAKS = {
-    "H100": {"tflops": {"float16": 989.0, "bfloat16": 989.0, "float32": 67.0}, "gbps": 3350.0},
-    "H200": {"tflops": {"float16": 989.0, "bfloat16": 989.0, "float32": 67.0}, "gbps": 4800.0},
-    "A100": {"tflops": {"float16": 312.0, "bfloat16": 312.0, "float32": 19.5}, "gbps": 2039.0},
+# Data-sheet dense peaks (TFLOP/s by dtype) of GPUs: their compute bound. Bandwidth is measured.
+DEVICE_PEAK_TFLOPS = {
+    "H100": {"float16": 989.0, "bfloat16": 989.0, "float32": 67.0, "float64": 67.0},
+    "H200": {"float16": 989.0, "bfloat16": 989.0, "float32": 67.0, "float64": 67.0},
+    "A100": {"float16": 312.0, "bfloat16": 312.0, "float32": 19.5, "float64": 19.5},
 }
 
 
@@ -64,28 +70,52 @@ def environment(device: str) -> dict:
     return env
 
 
-def device_peak(device_name: str):
-    for key, peak in DEVICE_PEAKS.items():
-        if key in device_name:
-            return peak
+def data_sheet_flops(device: str, device_name: str, dtype: str):
+    """A GPU's dense peak FLOP/s in `dtype` from DEVICE_PEAK_TFLOPS, None if not listed (then
+    the GEMM throughput is measured, as on CPU)."""
+    if device != "cuda":
+        return None
+    for key, peaks in DEVICE_PEAK_TFLOPS.items():
+        if key in device_name and dtype in peaks:
+            return peaks[dtype] * 1e12
     return None
 
 
-def run_worker(job: dict, timeout: float) -> list[dict]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def run_worker(job: dict, timeout: float, env: dict) -> list[dict]:
+    """The rows one worker process prints: one per (provider, mode), and a failed one for each
+    it did not reach."""
+    env = dict(env, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    expected = [(p, m) for p in job["providers"] for m in job["modes"]]
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks._worker", json.dumps(job)], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return [{"mode": m, "status": f"timeout after {timeout:.0f} s"} for m in job["modes"]]
+        return [{"provider": p, "mode": m, "status": f"timeout after {timeout:.0f} s"}
+                for p, m in expected]
     rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-    done = {r["mode"] for r in rows}
+    done = {(r["provider"], r["mode"]) for r in rows}
     if proc.returncode != 0:
         why = ("killed (out of memory?)" if proc.returncode in (-9, 137)
                else f"worker exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
-        rows += [{"mode": m, "status": why} for m in job["modes"] if m not in done]
+        rows += [{"provider": p, "mode": m, "status": why} for p, m in expected if (p, m) not in done]
     return rows
+
+
+def add_memory(rows: list[dict], job: dict, timeout: float) -> None:
+    """Peak memory of the timed rows of one case, measured in one process started with the
+    allocator settings of measure.MEMORY_ENV (timing ran with this process's environment)."""
+    timed = list(dict.fromkeys(r["provider"] for r in rows if r["status"] == "ok"))
+    if not timed:
+        return
+    memory = {(m["provider"], m["mode"]): m
+              for m in run_worker(dict(job, phase="memory", providers=timed), timeout,
+                                  dict(os.environ, **MEMORY_ENV))}
+    for r in rows:
+        if r["status"] == "ok":
+            m = memory.get((r["provider"], r["mode"]), {})
+            r["peak_bytes"] = m.get("peak_bytes")
+            if m.get("status") != "ok":
+                r["memory_status"] = m.get("status")
 
 
 def progress(i: int, n: int, text: str, start: float) -> None:
@@ -97,58 +127,93 @@ def progress(i: int, n: int, text: str, start: float) -> None:
         sys.stderr.write("\n")
 
 
-def add_derived(rows: list[dict], peak) -> None:
-    """Speed-up and memory ratio against `reference`, and throughput columns."""
-    ref = {(r["op"], r["case"], r["mode"], r["dtype"]): r for r in rows
-           if r["provider"] == "reference" and r["status"] == "ok"}
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        base = ref.get((r["op"], r["case"], r["mode"], r["dtype"]))
+def add_cost(row: dict, case, meta_kwargs: dict) -> None:
+    """The case's analytic FLOPs and minimum bytes for the row's mode."""
+    if case.cost is not None:
+        cost = case.cost(meta_kwargs)[row["mode"]]
+        row["flops"], row["bytes"] = cost.flops, cost.bytes
+
+
+def add_derived(rows: list[dict], bounds: dict, anchors: dict) -> None:
+    """Against `reference`: speed-up and memory ratio; against the case's anchor provider:
+    time ratio; against the machine (`bounds` by dtype): achieved throughput and the fraction
+    of the roofline bound (the larger of the compute and the memory time) reached."""
+    key = lambda r: (r["op"], r["case"], r["mode"], r["dtype"])  # noqa: E731
+    ok = [r for r in rows if r["status"] == "ok"]
+    by_provider = {(key(r), r["provider"]): r for r in ok}
+    for r in ok:
+        base = by_provider.get((key(r), "reference"))
+        if r.get("flops") is None and base and base.get("counted_flops"):
+            r["flops"], r["flops_counted"] = base["counted_flops"], True
         if base:
             r["speedup_vs_reference"] = base["median_ms"] / r["median_ms"]
-            r["memory_ratio_vs_reference"] = (r["peak_bytes"] / base["peak_bytes"]
-                                              if base["peak_bytes"] > 0 else None)
-        factor = {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}[r["mode"]]
+            if r.get("peak_bytes") is not None and base.get("peak_bytes"):
+                r["memory_ratio_vs_reference"] = r["peak_bytes"] / base["peak_bytes"]
+        anchor = by_provider.get((key(r), anchors.get((r["op"], r["case"]))))
+        if anchor:
+            r["anchor"] = anchor["provider"]
+            r["vs_anchor"] = r["median_ms"] / anchor["median_ms"]
+        if r.get("op_ms") is not None:
+            r["op_fraction"] = r["op_ms"] / r["median_ms"]
         secs = r["median_ms"] / 1e3
         if r.get("flops"):
-            r["tflops"] = factor * r["flops"] / secs / 1e12
-            if peak:
-                r["tflops_fraction_of_peak"] = r["tflops"] / peak["tflops"].get(r["dtype"], float("nan"))
+            r["tflops"] = r["flops"] / secs / 1e12
         if r.get("bytes"):
-            r["gbps"] = factor * r["bytes"] / secs / 1e9
-            if peak:
-                r["bandwidth_fraction_of_peak"] = r["gbps"] / peak["gbps"]
+            r["gbps"] = r["bytes"] / secs / 1e9
+        bound = roofline(r.get("flops"), r.get("bytes"), bounds[r["dtype"]])
+        if bound:
+            r.update(bound, roofline_fraction=bound["bound_ms"] / r["median_ms"])
 
 
 def fmt_mem(b) -> str:
     return "-" if b is None else f"{b / 2**20:.1f}"
 
 
-def markdown(rows: list[dict], env: dict) -> str:
+def fmt_fraction(r: dict) -> str:
+    """`37% C`: 37% of the roofline bound, which is the compute (C) or memory (M) one."""
+    if r.get("roofline_fraction") is None:
+        return "-"
+    percent = r["roofline_fraction"] * 100
+    digits = f"{percent:.0f}" if percent >= 10 else f"{percent:.2g}"
+    return f"{digits}% {r['bound'][0].upper()}"
+
+
+def fmt_note(r: dict) -> str:
+    notes = []
+    if r.get("vs_anchor") is not None and r["provider"] != r["anchor"]:
+        notes.append(f"{r['vs_anchor']:.2f}× {r['anchor']}")
+    if r.get("op_fraction") is not None:
+        notes.append(f"op {r['op_ms']:.0f} ms = {r['op_fraction']:.0%}")
+    return ", ".join(notes) or "-"
+
+
+def bounds_line(bounds: dict) -> str:
+    return "; ".join(f"{dt}: GEMM {b['flops_per_s'] / 1e9:.0f} GFLOP/s ({b['flops_source']}), "
+                     f"copy {b['bytes_per_s'] / 1e9:.1f} GB/s (measured)" for dt, b in bounds.items())
+
+
+def markdown(rows: list[dict], env: dict, bounds: dict) -> str:
     lines = [f"Device: {env['device_name']} · torch {env['torch']} · triton {env['triton']} · "
-             f"git {env['git_sha']}", "",
+             f"git {env['git_sha']}", "", f"Roofline bounds: {bounds_line(bounds)}", "",
              "| op | case | dtype | mode | provider | median ms (p20–p80) | speed-up vs ref | "
-             "peak MiB | mem vs ref | TFLOP/s | GB/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak MiB | mem vs ref | of roofline | GFLOP/s | GB/s | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        head = f"| {r['op']} | {r['case']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
         if r["status"] != "ok":
-            lines.append(f"| {r['op']} | {r['case']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
-                         f"{r['status']} | | | | | |")
+            lines.append(head + f"{r['status']} | | | | | | | | |")
             continue
-        sp = r.get("speedup_vs_reference")
-        mr = r.get("memory_ratio_vs_reference")
+        sp, mr = r.get("speedup_vs_reference"), r.get("memory_ratio_vs_reference")
         lines.append(
-            f"| {r['op']} | {r['case']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
-            f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}–{r['p80_ms']:.3f}) | "
-            f"{'-' if sp is None else f'{sp:.2f}×'} | {fmt_mem(r['peak_bytes'])} | "
-            f"{'-' if mr is None else f'{mr:.2f}'} | "
-            f"{r['tflops']:.2f} | " if "tflops" in r else
-            f"| {r['op']} | {r['case']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
-            f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}–{r['p80_ms']:.3f}) | "
-            f"{'-' if sp is None else f'{sp:.2f}×'} | {fmt_mem(r['peak_bytes'])} | "
-            f"{'-' if mr is None else f'{mr:.2f}'} | - | ")
-        lines[-1] += f"{r['gbps']:.1f} |" if "gbps" in r else "- |"
+            head + f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}–{r['p80_ms']:.3f}) | "
+            f"{'-' if sp is None else f'{sp:.2f}×'} | {fmt_mem(r.get('peak_bytes'))} | "
+            f"{'-' if mr is None else f'{mr:.2f}'} | {fmt_fraction(r)} | "
+            f"{'-' if 'tflops' not in r else format(r['tflops'] * 1e3, '.3g')} | "
+            f"{'-' if 'gbps' not in r else format(r['gbps'], '.3g')} | {fmt_note(r)} |")
+    lines += ["", "of roofline: the row's share of the time the machine's bound allows (C: compute "
+              "bound, GEMM throughput; M: memory bound, copy bandwidth) for the case's FLOPs and "
+              "minimum bytes; FLOPs of cases without an analytic count are counted on the "
+              "reference (matrix products and convolutions)."]
     return "\n".join(lines)
 
 
@@ -164,7 +229,8 @@ def plot(rows: list[dict], out_dir: str, tag: str) -> list[str]:
     written = []
     for op in sorted({r["op"] for r in rows}):
         ok = [r for r in rows if r["op"] == op and r["status"] == "ok"]
-        mode = "fwd+bwd" if any(r["mode"] == "fwd+bwd" for r in ok) else (ok[0]["mode"] if ok else None)
+        present = [r["mode"] for r in ok]
+        mode = next((m for m in ("fwd+bwd", "train") if m in present), present[0] if ok else None)
         ok = [r for r in ok if r["mode"] == mode]
         if not ok:
             continue
@@ -178,7 +244,7 @@ def plot(rows: list[dict], out_dir: str, tag: str) -> list[str]:
                 vals = []
                 for lab in labels:
                     hit = [r for r in ok if r["case"] == lab and r["provider"] == p]
-                    v = hit[0][metric] if hit else 0
+                    v = (hit[0].get(metric) or 0) if hit else 0
                     vals.append(v / 2**20 if metric == "peak_bytes" else v)
                 ax.bar([i + j * width for i in range(len(labels))], vals, width, label=p)
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
@@ -201,12 +267,15 @@ def compare(rows: list[dict], old_path: str) -> str:
     key = lambda r: (r["op"], r["case"], r["mode"], r["provider"], r["dtype"])  # noqa: E731
     before = {key(r): r for r in old_rows if r.get("status") == "ok"}
     lines = [f"Compared with {old_path}", "",
-             "| op | case | mode | provider | old ms | new ms | new/old |", "|---|---|---|---|---|---|---|"]
+             "| op | case | mode | provider | old ms | new ms | new/old | old of roofline | "
+             "new of roofline |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = before.get(key(r))
         if b and r["status"] == "ok":
             lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {r['provider']} | "
-                         f"{b['median_ms']:.3f} | {r['median_ms']:.3f} | {r['median_ms'] / b['median_ms']:.2f} |")
+                         f"{b['median_ms']:.3f} | {r['median_ms']:.3f} | "
+                         f"{r['median_ms'] / b['median_ms']:.2f} | {fmt_fraction(b)} | "
+                         f"{fmt_fraction(r)} |")
     return "\n".join(lines)
 
 
@@ -214,15 +283,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--op", nargs="*", help=f"ops to run (default: all of {', '.join(cases_mod.OPS)})")
-    p.add_argument("--mode", nargs="*", choices=MODES, help="modes (default: fwd and fwd+bwd; "
-                   "bwd too with --full)")
+    p.add_argument("--mode", nargs="*", choices=MODES, help="operator modes (default: fwd and "
+                   "fwd+bwd; bwd too with --full); models run eval and train")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--dtype", nargs="*", help="default: float32 on cpu, float16 on cuda")
     p.add_argument("--provider", nargs="*", help="only these providers")
     p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
     p.add_argument("--full", action="store_true", help="every shape of docs/operators.md §4 (default on CPU: the "
                    "first shape of each op, to stay within 10 minutes on 2 cores)")
-    p.add_argument("--models", action="store_true", help="benchmark whole models instead of ops")
+    p.add_argument("--models", action="store_true", help="benchmark whole models instead of ops "
+                   "(256x512 input, eval forward and a train step)")
     p.add_argument("--out", help="JSON path (default: benchmarks/out/<device>_<date>.json)")
     p.add_argument("--compare", help="an earlier JSON to compare with")
     p.add_argument("--plot", help="directory for PNG plots (default: next to the JSON)")
@@ -241,13 +311,12 @@ def main(argv=None) -> int:
     min_run_time = args.min_run_time or (0.1 if args.quick else (0.5 if device == "cpu" else 1.0))
     env = environment(device)
 
-    jobs = []
+    groups = []  # (case, job): a case and what its workers need; job["providers"] to run
     if args.models:
         from benchmarks.cases import models
         for dt in dtypes:
             for i, case in enumerate(models.cases(device, getattr(torch, dt), args.quick)):
-                for prov in case.providers:
-                    jobs.append((case, dict(kind="model", op="models", index=i, provider=prov, dtype=dt)))
+                groups.append((case, dict(kind="model", op="models", index=i, dtype=dt)))
     else:
         ops = args.op or cases_mod.available_ops()
         unknown = sorted(set(ops) - set(cases_mod.OPS))
@@ -260,34 +329,49 @@ def main(argv=None) -> int:
                 if device == "cpu" and not (args.full or args.quick):
                     op_cases = op_cases[:getattr(module, "DEFAULT_CPU_CASES", 1)]
                 for i, case in enumerate(op_cases):
-                    for prov in case.providers:
-                        jobs.append((case, dict(kind="op", op=op, index=i, provider=prov, dtype=dt)))
-    if args.provider:
-        jobs = [j for j in jobs if j[1]["provider"] in args.provider]
+                    groups.append((case, dict(kind="op", op=op, index=i, dtype=dt)))
+    for case, job in groups:
+        job["providers"] = [p for p in case.providers if not args.provider or p in args.provider]
+        job.update(device=device, quick=args.quick, min_run_time=min_run_time,
+                   modes=list(case.modes) if args.models else modes)
 
+    # The machine's bounds, measured while no worker runs: before the first and after the last.
+    bounds = {dt: machine_bounds(device, getattr(torch, dt),
+                                 data_sheet_flops(device, env["device_name"], dt)) for dt in dtypes}
     rows = []
+    anchors = {}
     start = time.time()
-    for i, (case, job) in enumerate(jobs):
-        progress(i, len(jobs), f"{case.op} {case.label} {job['provider']}", start)
-        job.update(device=device, quick=args.quick, modes=modes, min_run_time=min_run_time)
-        kw = case.make("meta", getattr(torch, job["dtype"])) if (case.flops or case.bytes) else {}
-        for r in run_worker(job, args.timeout):
-            r.update(op=case.op, case=case.label, params=case.params, provider=job["provider"],
-                     dtype=job["dtype"], device=device, **env)
+    total = sum(len(job["providers"]) for _, job in groups)
+    done = 0
+    for case, job in groups:
+        meta_kwargs = case.make("meta", getattr(torch, job["dtype"])) if case.cost else {}
+        anchors[(case.op, case.label)] = case.anchor
+        case_rows = []
+        for provider in job["providers"]:
+            progress(done, total, f"{case.op} {case.label} {provider}", start)
+            case_rows += run_worker(dict(job, phase="time", providers=[provider]), args.timeout,
+                                    os.environ)
+            done += 1
+        add_memory(case_rows, job, args.timeout)
+        for r in case_rows:
+            r.update(op=case.op, case=case.label, params=case.params, dtype=job["dtype"],
+                     device=device, **env)
             if r["status"] == "ok":
-                r["flops"] = case.flops(kw) if case.flops else None
-                r["bytes"] = case.bytes(kw) if case.bytes else None
-            rows.append(r)
-    progress(len(jobs), len(jobs), "done", start)
-    add_derived(rows, device_peak(env["device_name"]) if device == "cuda" else None)
+                add_cost(r, case, meta_kwargs)
+        rows += case_rows
+    progress(total, total, "done", start)
+    for dt in dtypes:
+        bounds[dt] = best_bounds(bounds[dt], machine_bounds(
+            device, getattr(torch, dt), data_sheet_flops(device, env["device_name"], dt)))
+    add_derived(rows, bounds, anchors)
 
     slug = re.sub(r"[^A-Za-z0-9]+", "-", env["device_name"].split("(")[0]).strip("-").lower()[:40]
     tag = f"{'models_' if args.models else ''}{slug}_{datetime.date.today().isoformat()}"
     out = args.out or os.path.join(ROOT, "benchmarks", "out", f"{tag}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"environment": env, "device": device, "rows": rows}, f, indent=1)
-    table = markdown(rows, env)
+        json.dump({"environment": env, "device": device, "bounds": bounds, "rows": rows}, f, indent=1)
+    table = markdown(rows, env, bounds)
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
         f.write(table + "\n")
     print(table)

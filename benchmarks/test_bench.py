@@ -3,7 +3,8 @@
     pytest benchmarks --benchmark-only --benchmark-autosave         # record
     pytest benchmarks --benchmark-only --benchmark-compare          # compare with the last record
 
-Shapes: the quick ones by default; SEGOPS_BENCH_FULL=1 uses the docs/operators.md §4 shapes of the device.
+Shapes: the quick ones by default (their test ids start with `quick-`, so `-k quick` selects
+them); SEGOPS_BENCH_FULL=1 uses the docs/operators.md §4 shapes of the device.
 """
 import os
 
@@ -25,7 +26,8 @@ def _params():
             for provider in case.providers:
                 for mode in ("fwd", "fwd+bwd"):
                     params.append(pytest.param(op, i, provider, mode,
-                                               id=f"{case.op}-{case.label}-{provider}-{mode}".replace(" ", "_")))
+                                               id=f"{'quick-' if QUICK else ''}{case.op}-{case.label}-"
+                                                  f"{provider}-{mode}".replace(" ", "_")))
     return params
 
 

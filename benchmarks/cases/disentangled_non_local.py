@@ -4,6 +4,15 @@ GPU: N=2, Ck=256, Cv=512, 97x97 (whiten, unary, temperature 0.05); N=1, 128x256.
 CPU: same channels, half of each spatial side (49x49, 64x128). Providers: reference,
 reference+compile, the SDPA composition (centre q and k, F.scaled_dot_product_attention, add the
 unary term) and every fused backend.
+
+Cost, with L = H·W query and key positions (common.attention_cost for the attention):
+forward 2·N·L·L·(Ck+Cv) for QKᵀ and PV, plus 2·N·Ck·2L for whitening (means and subtraction of
+query and key), 2·N·Cv·L for the unary term V·softmax(unary) and N·Cv·L for adding it to every
+query; backward twice the attention, the whitening again (the gradients' means), and for the
+unary term Σ_q dO (N·Cv·L), dV += w·(Σ_q dO) (2·N·Cv·L) and d(softmax(unary)) = Vᵀ·Σ_q dO
+(2·N·Cv·L). Softmax exponentials are not counted. Bytes: forward reads query, key, value, unary
+and writes the output; backward reads the output's gradient and the four inputs and writes their
+four gradients.
 """
 import sys
 
@@ -11,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import segops
-from benchmarks.common import Case, case_shapes, sample_maker, standard_providers, tensor_bytes
+from benchmarks.common import Case, attention_cost, case_shapes, sample_maker, standard_providers
 from segops.ops.disentangled_non_local import SPEC
 from segops.reference.disentangled_non_local import disentangled_non_local as reference
 
@@ -42,17 +51,15 @@ def sdpa(query, key, value, unary=None, *, whiten=True, scale=None, temperature=
     return y.reshape(n, cv, *query.shape[2:])
 
 
-def _flops(kw):
+def cost(kw):
     n, ck = kw["query"].shape[:2]
-    lq = kw["query"][0, 0].numel()
-    lk = kw["key"][0, 0].numel()
     cv = kw["value"].shape[1]
-    return 2.0 * n * lq * lk * (ck + cv)
-
-
-def _bytes(kw):
-    return (tensor_bytes(kw["query"], kw["key"], kw["value"], kw["unary"])
-            + kw["value"].element_size() * kw["value"].shape[1] * kw["query"][:, 0].numel())
+    lq, lk = kw["query"][0, 0].numel(), kw["key"][0, 0].numel()
+    whiten = 2.0 * n * ck * (lq + lk) if kw["whiten"] else 0.0
+    unary_fwd = 2.0 * n * cv * lk + n * cv * lq if kw.get("unary") is not None else 0.0
+    unary_bwd = n * cv * lq + 4.0 * n * cv * lk if kw.get("unary") is not None else 0.0
+    return attention_cost(kw, n * lq, lk, extra_fwd=whiten + unary_fwd,
+                          extra_bwd=whiten + unary_bwd)
 
 
 def cases(device: str, dtype: torch.dtype, quick: bool = False):
@@ -63,7 +70,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False):
         providers = standard_providers(OP, reference, segops.disentangled_non_local, device, dtype,
                                        extra={"sdpa": sdpa})
         out.append(Case(OP, f"N{n} Ck{ck} Cv{cv} {h}x{w} whiten+unary T{TEMPERATURE}",
-                        sample_maker(sample), sample.grads, providers, flops=_flops, bytes=_bytes,
+                        sample_maker(sample), sample.grads, providers, cost=cost,
                         params=dict(N=n, Ck=ck, Cv=cv, H=h, W=w, whiten=True, unary=True,
                                     temperature=TEMPERATURE)))
     return out

@@ -6,6 +6,12 @@ needs H % Ph == 0, so the 52x52 map runs at 56x56: the size the InterlacedSparse
 pads a 52x52 map to before calling the op.
 Providers: reference, reference+compile, sdpa (permute into groups, F.scaled_dot_product_attention,
 permute back) and the fused backends.
+
+Cost (common.attention_cost): each of the N·H·W positions attends to the members of its group,
+(H/Ph)·(W/Pw) of them in the long mode and Ph·Pw in the short mode: forward
+2·N·H·W·members·(Ck+Cv) FLOPs, backward twice that; softmax and the permutations into groups
+are not counted (a fused kernel needs no permutation). Bytes: forward reads query, key, value and
+writes the output; backward reads the output's gradient and the inputs, writes their gradients.
 """
 import sys
 
@@ -13,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import segops
-from benchmarks.common import Case, attention_bytes, case_shapes, sample_maker, standard_providers
+from benchmarks.common import Case, attention_cost, case_shapes, sample_maker, standard_providers
 from segops.ops.interlaced_sparse_attention import SPEC
 from segops.reference.interlaced_sparse_attention import from_groups, to_groups
 from segops.reference.interlaced_sparse_attention import interlaced_sparse_attention as reference
@@ -33,15 +39,10 @@ def sdpa(query, key, value, block_size=BLOCK, mode="long"):
     return from_groups(out.squeeze(1), (n, value.shape[1], h, w), block_size, mode)
 
 
-def _groups(kw):
+def cost(kw):
     n, _, h, w = kw["query"].shape
-    return n * h * w, (h // BLOCK[0]) * (w // BLOCK[1]) if kw["mode"] == "long" else BLOCK[0] * BLOCK[1]
-
-
-def _flops(kw):
-    positions, members = _groups(kw)
-    ck, cv = kw["query"].shape[1], kw["value"].shape[1]
-    return 2.0 * positions * members * (ck + cv)
+    members = (h // BLOCK[0]) * (w // BLOCK[1]) if kw["mode"] == "long" else BLOCK[0] * BLOCK[1]
+    return attention_cost(kw, n * h * w, members)
 
 
 def cases(device: str, dtype: torch.dtype, quick: bool = False):
@@ -54,6 +55,6 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False):
                             sample.grads,
                             standard_providers(OP, reference, segops.interlaced_sparse_attention,
                                                device, dtype, extra={"sdpa": sdpa}),
-                            flops=_flops, bytes=attention_bytes,
+                            cost=cost,
                             params=dict(N=n, Ck=ck, Cv=cv, H=h, W=w, block=BLOCK, mode=mode)))
     return out

@@ -1,14 +1,32 @@
-"""Whole-model benchmark cases (`python -m benchmarks.run --models`): the reference backend
-against the fused one, for the models whose heads run on segops operators."""
+"""Whole-model benchmark cases (`python -m benchmarks.run --models`): the models whose heads run
+on segops operators, at a 256x512 input (batch 1), the reference backend against every fused
+backend of their operator.
+
+Modes: `eval`, the model in eval mode, forward under torch.no_grad (inference); `train`, one
+training step: train mode (auxiliary heads on), forward, cross-entropy against a fixed random
+label map on the main and auxiliary logits (weight 0.4), backward into every parameter (no
+optimizer update). Batch 1 leaves the image-pooling branches' BatchNorm with one value per
+channel, which has no batch statistics, so the train step keeps BatchNorm in eval mode (frozen
+statistics, as when fine-tuning with small batches).
+
+`op_ms` of a row: the time of the model's segops operator calls alone, on the same backend, at
+the shapes and arguments the model fed them (captured from one forward), forward for `eval`,
+forward+backward for `train`; `op_fraction` = op_ms / the model's time. FLOPs: counted on the
+reference provider (torch.utils.flop_counter: matrix products and convolutions).
+"""
 import torch
+import torch.nn.functional as F
 
-from benchmarks.common import Case
+import segops
+from benchmarks.common import Case, fused_backends
 
-MODELS = ["ccnet_r50-d8", "isanet_r50-d8", "dnl_r50-d8", "ocrnet_hr48", "stlnet_r101-d8",
-          "sdn-fcn_r50-d8"]
-GPU_INPUT = (1, 3, 512, 1024)
-CPU_INPUT = (1, 3, 128, 128)
+MODEL_OPS = {"ccnet_r50-d8": "criss_cross_attention", "dnl_r50-d8": "disentangled_non_local",
+             "isanet_r50-d8": "interlaced_sparse_attention",
+             "sdn-fcn_r50-d8": "semantic_difference_conv2d", "stlnet_r101-d8": "qco_1d"}
+INPUT = (1, 3, 256, 512)
 QUICK_INPUT = (1, 3, 64, 64)
+MODES = ("eval", "train")
+AUX_WEIGHT = 0.4
 
 
 def _provider(name: str, backend: str):
@@ -17,26 +35,118 @@ def _provider(name: str, backend: str):
     def run(img):
         if "model" not in cache:
             from segops import models
-            model = models.build(name, backend=backend).to(img.device, img.dtype)
-            cache["model"] = model.eval()  # eval: no auxiliary heads, BN in inference mode
-        return cache["model"](img)
+            torch.manual_seed(0)
+            cache["model"] = models.build(name, backend=backend).to(img.device, img.dtype)
+        return cache["model"]
+    run.backend = backend
     return run
+
+
+def _set_mode(model, train: bool) -> None:
+    model.train(train)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def make_step(provider, kwargs: dict, mode: str):
+    img = kwargs["img"]
+    model = provider(img)
+    if mode == "eval":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                return model(img)
+        return step
+    if mode != "train":
+        raise ValueError(f"model modes are {MODES}, got {mode!r}")
+    _set_mode(model, True)
+    classes = model.decode_head.conv_seg.out_channels
+    label = torch.randint(classes, (img.shape[0],) + tuple(img.shape[2:]),
+                          generator=torch.Generator().manual_seed(0)).to(img.device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(img)
+        loss = F.cross_entropy(out["out"], label)
+        for aux in out["aux"]:
+            loss = loss + AUX_WEIGHT * F.cross_entropy(aux, label)
+        loss.backward()
+    return step
+
+
+def _captured_calls(step) -> list:
+    """(function, args, kwargs) of every segops operator call one run of `step` makes, its
+    tensors detached copies that require grad where the originals did."""
+    import sys
+    from segops.ops._spec import SPECS
+    functions = {spec.function for spec in SPECS.values()}
+    calls, patched = [], []
+
+    def copy(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        return a.detach().clone().requires_grad_(a.requires_grad)
+
+    def recording(fn):
+        def call(*args, **kwargs):
+            calls.append((fn, [copy(a) for a in args], {k: copy(v) for k, v in kwargs.items()}))
+            return fn(*args, **kwargs)
+        return call
+
+    for module in [m for name, m in sys.modules.items() if name.startswith("segops.") and m]:
+        for attr, value in list(vars(module).items()):
+            if any(value is f for f in functions) and not module.__name__.startswith("segops.ops"):
+                patched.append((module, attr, value))
+                setattr(module, attr, recording(value))
+    try:
+        step()
+    finally:
+        for module, attr, value in patched:
+            setattr(module, attr, value)
+    return calls
+
+
+def op_time(provider, kwargs: dict, mode: str, device: str, min_run_time: float) -> float:
+    """ms the model's operator calls take alone on the provider's backend (see the docstring)."""
+    from benchmarks.measure import first_floating, time_step
+    calls = _captured_calls(make_step(provider, kwargs, "eval" if mode == "eval" else "train"))
+    total = 0.0
+    for fn, args, kw in calls:
+        leaves = [a for a in list(args) + list(kw.values())
+                  if isinstance(a, torch.Tensor) and a.requires_grad]
+        grads = {}
+
+        def step(fn=fn, args=args, kw=kw, leaves=leaves, grads=grads):
+            with segops.use_backend(provider.backend):
+                if mode == "eval":
+                    with torch.no_grad():
+                        return fn(*args, **kw)
+                outs = first_floating(fn(*args, **kw))
+            if not leaves:
+                return outs
+            if "g" not in grads:
+                grads["g"] = [torch.randn_like(o) for o in outs]
+            torch.autograd.grad(outs, leaves, grads["g"], allow_unused=True)
+        total += time_step(step, device, min_run_time)["median_ms"]
+    return total
 
 
 def cases(device: str, dtype: torch.dtype, quick: bool = False):
     from segops import models
     known = set(models.list_models())
-    shape = QUICK_INPUT if quick else (GPU_INPUT if device == "cuda" else CPU_INPUT)
+    shape = QUICK_INPUT if quick else INPUT
     out = []
-    for name in MODELS:
+    for name, op in MODEL_OPS.items():
         if name not in known:
             continue
 
         def make(dev, dt, shape=shape):
             g = torch.Generator(device="cpu").manual_seed(0)
             return dict(img=torch.randn(*shape, generator=g).to(dev, dt))
-        fused = "triton" if device == "cuda" else "cpu"
-        out.append(Case(name, "x".join(map(str, shape)), make, ("img",),
-                        {"reference": _provider(name, "reference"), fused: _provider(name, "auto")},
-                        params=dict(input=shape)))
+        providers = {"reference": _provider(name, "reference")}
+        providers.update({b: _provider(name, b) for b in fused_backends(op, device, dtype)})
+        out.append(Case(name, "x".join(map(str, shape)), make, (), providers,
+                        params=dict(input=shape, op=op), modes=MODES, step=make_step))
     return out

@@ -1,0 +1,136 @@
+"""The benchmark harness (benchmarks/): cost models, derived columns, the allocator settings of
+the timing and memory processes, and one quick end-to-end run with --compare."""
+import json
+import os
+
+import pytest
+import torch
+
+from benchmarks import cases as cases_mod
+from benchmarks import run
+from benchmarks.common import MODES
+from benchmarks.measure import MEMORY_ENV, best_bounds, counted_flops, make_step, roofline
+
+QUICK_CASES = [case for op in cases_mod.available_ops()
+               for case in cases_mod.load(op).cases("cpu", torch.float32, quick=True)]
+
+
+def _meta(case):
+    return case.make("meta", torch.float32)
+
+
+@pytest.mark.parametrize("case", [c for c in QUICK_CASES if c.cost], ids=lambda c: c.label)
+def test_cost_of_every_mode(case):
+    cost = case.cost(_meta(case))
+    assert set(cost) == set(MODES)
+    for mode in MODES:
+        assert cost[mode].flops > 0 and cost[mode].bytes > 0
+    assert cost["fwd+bwd"] == cost["fwd"] + cost["bwd"]
+    assert cost["bwd"].flops >= cost["fwd"].flops and cost["bwd"].bytes > cost["fwd"].bytes
+
+
+def _counted(case, mode):
+    kwargs = case.make("cpu", torch.float32)
+    for name in case.grad:
+        kwargs[name].requires_grad_(True)
+    return counted_flops(make_step(case.providers["reference"], kwargs, case.grad, mode))
+
+
+GEMM_OPS = ("criss_cross_attention", "interlaced_sparse_attention", "disentangled_non_local",
+            "semantic_difference_conv2d")
+
+
+@pytest.mark.parametrize("case", [c for c in QUICK_CASES if c.op in GEMM_OPS], ids=lambda c: c.label)
+def test_analytic_flops_match_the_references_products(case):
+    """The references compute exactly the products the cost counts (the criss-cross reference
+    counts the centre twice, H+W instead of H+W-1; the analytic SDC count adds the elementwise
+    work, a few FLOPs per product term), in the forward and in the backward."""
+    cost = case.cost(_meta(case))
+    fwd = _counted(case, "fwd")
+    bwd = _counted(case, "fwd+bwd") - fwd
+    assert 0.85 <= fwd / cost["fwd"].flops <= 1.05
+    assert 0.85 <= bwd / cost["bwd"].flops <= 1.05
+
+
+def test_texture_reconstruct_counts_two_levels_per_position():
+    """The reference multiplies the dense (N, P, K) encoding: K/2 times the two-level count."""
+    case = next(c for c in QUICK_CASES if c.op == "texture_reconstruct")
+    k = case.params["K"]
+    assert _counted(case, "fwd") == pytest.approx(k / 2 * case.cost(_meta(case))["fwd"].flops)
+
+
+def test_roofline_takes_the_larger_bound():
+    bounds = dict(flops_per_s=1e11, bytes_per_s=1e10)
+    assert roofline(1e9, 1e7, bounds) == dict(bound_ms=10.0, bound="compute")
+    assert roofline(1e6, 1e9, bounds) == dict(bound_ms=100.0, bound="memory")
+    assert roofline(None, None, bounds) == {}
+    slower = dict(flops_per_s=5e10, bytes_per_s=2e10)
+    assert best_bounds(bounds, slower) == dict(flops_per_s=1e11, bytes_per_s=2e10)
+
+
+def _row(provider, ms, **kw):
+    return dict(op="op", case="c", mode="fwd+bwd", dtype="float32", provider=provider,
+                status="ok", median_ms=ms, p20_ms=ms, p80_ms=ms, **kw)
+
+
+def test_derived_columns():
+    rows = [_row("reference", 40.0, peak_bytes=400, counted_flops=2e9),
+            _row("conv2d", 10.0, peak_bytes=100), _row("cpu", 20.0, peak_bytes=100, op_ms=5.0)]
+    bounds = {"float32": dict(flops_per_s=1e12, bytes_per_s=1e11)}
+    run.add_derived(rows, bounds, {("op", "c"): "conv2d"})
+    cpu = rows[2]
+    assert cpu["speedup_vs_reference"] == 2.0 and cpu["memory_ratio_vs_reference"] == 0.25
+    assert cpu["vs_anchor"] == 2.0 and cpu["anchor"] == "conv2d"
+    assert cpu["op_fraction"] == 0.25
+    # no analytic cost: the reference's counted FLOPs, a compute bound of 2 ms
+    assert cpu["flops"] == 2e9 and cpu["flops_counted"]
+    assert cpu["bound"] == "compute" and cpu["roofline_fraction"] == pytest.approx(0.1)
+    assert "10% C" in run.markdown(rows, dict(device_name="x", torch="t", triton="t", git_sha="g"),
+                                   {"float32": dict(bounds["float32"], flops_source="measured")})
+
+
+def test_only_the_memory_process_changes_the_allocator(monkeypatch):
+    """Timing runs with the caller's environment (glibc defaults); peak memory in its own
+    process with MEMORY_ENV."""
+    seen = []
+
+    def fake_worker(job, timeout, env):
+        seen.append((job["phase"], {k: env.get(k) for k in MEMORY_ENV}))
+        if job["phase"] == "time":
+            return [dict(provider=job["providers"][0], mode="fwd", status="ok", median_ms=1.0)]
+        return [dict(provider=p, mode="fwd", status="ok", peak_bytes=123) for p in job["providers"]]
+
+    for key in MEMORY_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(run, "run_worker", fake_worker)
+    job = dict(kind="op", op="qco", index=0, dtype="float32", providers=["a", "b"], modes=["fwd"])
+    rows = [r for p in job["providers"] for r in run.run_worker(dict(job, phase="time",
+                                                                     providers=[p]), 1, os.environ)]
+    run.add_memory(rows, job, 1)
+    assert [r["peak_bytes"] for r in rows] == [123, 123]
+    assert seen[:2] == [("time", {k: None for k in MEMORY_ENV})] * 2
+    assert seen[2] == ("memory", MEMORY_ENV)
+
+
+def test_model_operator_calls_are_captured():
+    from benchmarks.cases import models
+    case = next(c for c in models.cases("cpu", torch.float32, quick=True) if c.op == "ccnet_r50-d8")
+    step = models.make_step(case.providers["reference"], case.make("cpu", torch.float32), "eval")
+    calls = models._captured_calls(step)
+    assert len(calls) == 2  # recurrence 2
+    assert all(fn.__name__ == "criss_cross_attention" for fn, _, _ in calls)
+
+
+@pytest.mark.slow
+def test_quick_run_and_compare(tmp_path, capsys):
+    out = str(tmp_path / "quick.json")
+    argv = ["--quick", "--op", "criss_cross_attention", "--provider", "reference", "cpu",
+            "--mode", "fwd", "--out", out]
+    assert run.main(argv) == 0
+    result = json.load(open(out))
+    assert result["bounds"]["float32"]["flops_per_s"] > 0
+    for r in result["rows"]:
+        assert r["status"] == "ok" and r["peak_bytes"] is not None
+        assert r["flops"] > 0 and r["bytes"] > 0 and 0 < r["roofline_fraction"]
+    assert run.main(argv[:-1] + [str(tmp_path / "again.json"), "--compare", out]) == 0
+    assert "new of roofline" in capsys.readouterr().out
