@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from segops.triton._common import (LN2, LOG2E, NEG_INF, channel_dot, dot_precision, load_tile,
-                                   log2_scale, pow2_clamp, store_tile)
+from segops.triton._common import (LN2, LOG2E, NEG_INF, Target, channel_dot, dot_precision,
+                                   load_tile, log2_scale, pow2_clamp, store_tile, target_of)
 
 
 # ------------------------------------------------------------------------------ group mapping
@@ -229,30 +229,48 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKV, NG, G, L, CK, CV, HW, W, GW, 
 
 
 # ------------------------------------------------------------------------------ launchers
+def config(ck: int, cv: int, members: int, dtype: torch.dtype, target: Target) -> dict:
+    """Tiles and launch options of the forward ("fwd") and the dq, dk, dv backward kernels for
+    groups of `members` pixels: 64-row tiles (whole groups packed into one tile when a group
+    fills at most half of it), 64-channel reduction chunks, output channels in chunks of up to
+    128 (fwd, dv) or 64 (dq, dk)."""
+    block = 64
+    lp = triton.next_power_of_2(members)
+    tiles = dict(BLOCK=block, LP=lp, PACKED=2 * lp <= block,
+                 BLOCK_D=pow2_clamp(min(ck, cv), 16, 64))
+    launch = target.launch(4, 2)
+    return dict(fwd=dict(tiles, BLOCK_C=pow2_clamp(cv, 16, 128), **launch),
+                dq=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 64), **launch),
+                dk=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 64), **launch),
+                dv=dict(tiles, BLOCK_C=pow2_clamp(cv, 16, 128), **launch))
+
+
 class _Plan:
-    """Tiling of one call: tile rows, packing of small groups, grid over (group tiles, member tiles)."""
+    """One call: its kernel configs, the packing of small groups, the grid over (group tiles,
+    member tiles, channel chunks) and the shared kernel arguments."""
 
     def __init__(self, query, value, ph, pw, long):
         n, ck, h, w = query.shape
-        self.ck, self.cv, self.hw, self.w = ck, value.shape[1], h * w, w
+        self.ck, self.cv = ck, value.shape[1]
         self.groups, self.L = group_counts(h, w, ph, pw, long)
         self.ng = n * self.groups
-        self.block = 64
-        self.lp = triton.next_power_of_2(self.L)
-        self.packed = 2 * self.lp <= self.block
-        if self.packed:  # whole groups per tile, keys = the tile's own groups
-            self.group_tiles, self.member_tiles = triton.cdiv(self.ng, self.block // self.lp), 1
+        self.cfg = config(ck, self.cv, self.L, query.dtype, target_of(query))
+        tiles = self.cfg["fwd"]
+        if tiles["PACKED"]:  # whole groups per tile, keys = the tile's own groups
+            self.group_tiles = triton.cdiv(self.ng, tiles["BLOCK"] // tiles["LP"])
+            self.member_tiles = 1
         else:
-            self.group_tiles, self.member_tiles = self.ng, triton.cdiv(self.L, self.block)
-        self.block_d = pow2_clamp(min(ck, self.cv), 16, 64)
-        self.prec = dot_precision(query.dtype)
-        self.args = (self.ng, self.groups, self.L, ck, self.cv, self.hw, w, w // pw, ph, pw,
+            self.group_tiles, self.member_tiles = self.ng, triton.cdiv(self.L, tiles["BLOCK"])
+        self.args = (self.ng, self.groups, self.L, ck, self.cv, h * w, w, w // pw, ph, pw,
                      self.member_tiles)
-        self.meta = dict(LONG=bool(long), PACKED=self.packed, LP=self.lp, BLOCK=self.block,
-                         BLOCK_D=self.block_d, PREC=self.prec, num_warps=4, num_stages=2)
+        self.meta = dict(LONG=bool(long), PREC=dot_precision(query.dtype))
 
-    def grid(self, channels: int, block_c: int):
-        return (self.group_tiles, self.member_tiles, triton.cdiv(channels, block_c))
+    def launch(self, kernel, which: str, channels: int, tensors: tuple, scalars: tuple, **meta):
+        """kernel(*tensors, *the shared arguments, *scalars) with config `which`, over
+        `channels` output channels."""
+        cfg = self.cfg[which]
+        grid = (self.group_tiles, self.member_tiles, triton.cdiv(channels, cfg["BLOCK_C"]))
+        kernel[grid](*tensors, *self.args, *scalars, **self.meta, **cfg, **meta)
 
 
 def forward(query, key, value, ph: int, pw: int, long: bool, scale: float):
@@ -264,9 +282,7 @@ def forward(query, key, value, ph: int, pw: int, long: bool, scale: float):
     if out.numel() == 0 or lse.numel() == 0:
         return out, lse
     plan = _Plan(q, v, ph, pw, long)
-    block_c = pow2_clamp(plan.cv, 16, 128)
-    _fwd_kernel[plan.grid(plan.cv, block_c)](q, k, v, out, lse, *plan.args, log2_scale(scale),
-                                             BLOCK_C=block_c, **plan.meta)
+    plan.launch(_fwd_kernel, "fwd", plan.cv, (q, k, v, out, lse), (log2_scale(scale),))
     return out, lse
 
 
@@ -280,14 +296,11 @@ def backward(grad_out, query, key, value, out, lse, ph: int, pw: int, long: bool
         return dq.zero_(), dk.zero_(), dv.zero_()
     plan = _Plan(q, v, ph, pw, long)
     delta = channel_dot(o, do)
-    bck, bcv = pow2_clamp(ck, 16, 64), pow2_clamp(plan.cv, 16, 128)
     common = (q, k, v, do, lse, delta)
     scales = (float(scale), log2_scale(scale))
-    _bwd_dq_kernel[plan.grid(ck, bck)](*common, dq, *plan.args, *scales, BLOCK_C=bck, **plan.meta)
-    _bwd_dkdv_kernel[plan.grid(ck, bck)](*common, dk, *plan.args, *scales, BLOCK_C=bck,
-                                         DV=False, **plan.meta)
-    _bwd_dkdv_kernel[plan.grid(plan.cv, bcv)](*common, dv, *plan.args, *scales, BLOCK_C=bcv,
-                                              DV=True, **plan.meta)
+    plan.launch(_bwd_dq_kernel, "dq", ck, (*common, dq), scales)
+    plan.launch(_bwd_dkdv_kernel, "dk", ck, (*common, dk), scales, DV=False)
+    plan.launch(_bwd_dkdv_kernel, "dv", plan.cv, (*common, dv), scales, DV=True)
     return dq, dk, dv
 
 
