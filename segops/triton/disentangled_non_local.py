@@ -243,11 +243,14 @@ def _bwd_dq_kernel(Q, K, V, GO, MQ, MK, LSE, D, CORR, DQ,
 
 def config(ck: int, cv: int, lq: int, lk: int, dtype: torch.dtype, target: Target) -> dict:
     """Tiles and launch options of the "fwd", "dv", "dk" and "dq" kernels: 64 positions, 64-channel
-    reduction chunks, accumulators up to 128 channels wide (tl.dot needs every dim >= 16)."""
+    reduction chunks, accumulators up to 128 channels wide under the interpreter, 64 on a GPU
+    (tl.dot needs every dim >= 16). With 128-channel accumulators the whitened score tiles,
+    the unary softmax and the accumulator spilled 44-600 B even at 8 warps
+    (scripts/check_triton_compile.py)."""
     pos = dict(BM=pow2_clamp(lq, 16, 64), BN=pow2_clamp(lk, 16, 64), BD=pow2_clamp(ck, 16, 64))
-    bva, bc = pow2_clamp(cv, 16, 128), pow2_clamp(ck, 16, 128)
-    wide = dict(pos, BV=bva, **target.launch(8 if bva >= 128 else 4, 3))
-    grads = dict(pos, BV=pow2_clamp(cv, 16, 64), BC=bc, **target.launch(8 if bc >= 128 else 4, 3))
+    acc = 64 if target.gpu else 128
+    wide = dict(pos, BV=pow2_clamp(cv, 16, acc), **target.launch(8, 2))
+    grads = dict(pos, BV=pow2_clamp(cv, 16, 64), BC=pow2_clamp(ck, 16, acc), **target.launch(8, 2))
     return dict(fwd=wide, dv=wide, dk=grads, dq=grads)
 
 

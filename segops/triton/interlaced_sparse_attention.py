@@ -232,17 +232,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKV, NG, G, L, CK, CV, HW, W, GW, 
 def config(ck: int, cv: int, members: int, dtype: torch.dtype, target: Target) -> dict:
     """Tiles and launch options of the forward ("fwd") and the dq, dk, dv backward kernels for
     groups of `members` pixels: 64-row tiles (whole groups packed into one tile when a group
-    fills at most half of it), 64-channel reduction chunks, output channels in chunks of up to
-    128 (fwd, dv) or 64 (dq, dk)."""
+    fills at most half of it), 64-channel reduction chunks, output channels in chunks of 64
+    (the interpreter: 128 for fwd and dv). On a GPU, 8 warps: the logit tiles, the output
+    accumulator and the int64 row offsets of the group gather exceed 4 warps' registers
+    (scripts/check_triton_compile.py: up to 2.5 KB spilled at 4 warps or 128-channel chunks)."""
     block = 64
     lp = triton.next_power_of_2(members)
     tiles = dict(BLOCK=block, LP=lp, PACKED=2 * lp <= block,
-                 BLOCK_D=pow2_clamp(min(ck, cv), 16, 64))
-    launch = target.launch(4, 2)
-    return dict(fwd=dict(tiles, BLOCK_C=pow2_clamp(cv, 16, 128), **launch),
-                dq=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 64), **launch),
-                dk=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 64), **launch),
-                dv=dict(tiles, BLOCK_C=pow2_clamp(cv, 16, 128), **launch))
+                 BLOCK_D=pow2_clamp(min(ck, cv), 16, 64), **target.launch(8, 2))
+    wide = 64 if target.gpu else 128
+    return dict(fwd=dict(tiles, BLOCK_C=pow2_clamp(cv, 16, wide)),
+                dq=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 64)),
+                dk=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 64)),
+                dv=dict(tiles, BLOCK_C=pow2_clamp(cv, 16, wide)))
 
 
 class _Plan:

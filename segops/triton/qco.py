@@ -37,9 +37,14 @@ HIST_EPS = 1e-6
 
 def config(dtype: torch.dtype, target: Target) -> dict:
     """Tiles and launch options: "pixels" for the kernels over pixel blocks alone, "channels"
-    for those that also loop over channel blocks (every kernel streams; fp32 arithmetic)."""
+    for those that also loop over channel blocks (every kernel streams; fp32 arithmetic),
+    "recon_backward" for texture_reconstruct's backward, whose three gathered feature tiles and
+    three scattered gradient tiles (int64 addresses each) spilled 8 KB with 32-channel blocks
+    on a GPU (scripts/check_triton_compile.py)."""
     launch = target.launch(4, 3)
-    return dict(pixels=dict(BLOCK_P=128, **launch), channels=dict(BLOCK_P=128, BLOCK_C=32, **launch))
+    return dict(pixels=dict(BLOCK_P=128, **launch), channels=dict(BLOCK_P=128, BLOCK_C=32, **launch),
+                recon_backward=dict(BLOCK_P=128, BLOCK_C=8 if target.gpu else 32,
+                                    **target.launch(4, 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,7 +478,7 @@ def texture_reconstruct_backward(grad_out, sim, levels, features):
     gsim = torch.empty_like(sim)
     glev = torch.zeros(n, k, device=sim.device, dtype=torch.float32)
     gf = torch.zeros(n, cf, k, device=sim.device, dtype=torch.float32)
-    cfg = config(features.dtype, target_of(sim))["channels"]
+    cfg = config(features.dtype, target_of(sim))["recon_backward"]
     launch = (n, triton.cdiv(p, cfg["BLOCK_P"]))
     _recon_backward_kernel[launch](grad_out, sim, levels, _recon_lohi(sim), features, gsim, glev, gf,
                                    cf, k, p, **cfg)
