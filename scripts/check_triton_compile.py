@@ -106,7 +106,8 @@ class Job:
         """The tiles and flags a launcher chooses, num_warps and num_stages."""
         picked = [f"{name}={value}" for name, value in self.chosen()
                   if name not in ("PREC", "DOT_PREC", "EPS")]
-        return " ".join(picked + [f"w{self.options['num_warps']}", f"s{self.options['num_stages']}"])
+        launch = [f"w{self.options['num_warps']}", f"s{self.options['num_stages']}"]
+        return " ".join(picked + launch)
 
 
 def _kernel(module: str, name: str) -> JITFunction:
@@ -175,13 +176,17 @@ def _run_fused(spec, call):
         del spec.select, spec.fused
 
 
+def _call(fn, kwargs):
+    return lambda: fn(**kwargs)
+
+
 def _calls(dtype: torch.dtype, shapes: str):
     """(op, source name, thunk calling the op's public function on meta tensors)."""
     if shapes in ("all", "tests"):
         for spec in SPECS.values():
             for sample in list(spec.samples()) + list(spec.large_samples()):
                 kw = dict(_meta(sample.tensors, dtype), **sample.kwargs)
-                yield spec.name, f"test:{sample.name}", (lambda f, kw: lambda: f(**kw))(spec.function, kw)
+                yield spec.name, f"test:{sample.name}", _call(spec.function, kw)
     if shapes in ("all", "gpu"):
         for name in BENCH_MODULES:
             module = importlib.import_module(f"benchmarks.cases.{name}")
@@ -193,8 +198,7 @@ def _calls(dtype: torch.dtype, shapes: str):
                 with torch.device("meta"):
                     kw = case.make("meta", dtype)
                 kw.update(_CASE_ARGS.get(case.op, lambda p: {})(case.params))
-                yield case.op, f"gpu:{case.label}", (lambda f, kw: lambda: f(**kw))(
-                    SPECS[case.op].function, kw)
+                yield case.op, f"gpu:{case.label}", _call(SPECS[case.op].function, kw)
 
 
 def collect(archs, dtypes, shapes: str) -> list[Job]:
@@ -308,7 +312,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(TARGETS))
     ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--shapes", default="all", choices=("all", "tests", "gpu"))
-    ap.add_argument("--kernel", default=None, help="only kernels whose name contains this")
+    ap.add_argument("--kernel", default=None, help="only kernels whose module:name contains this")
     ap.add_argument("--one-per-kernel", action="store_true",
                     help="only the first configuration of each kernel (a quick smoke check)")
     ap.add_argument("--jobs", type=int, default=2, help="compiler processes")
@@ -318,7 +322,7 @@ def main(argv=None) -> int:
     try:
         jobs = collect(args.arch, args.dtype, args.shapes)
         if args.kernel:
-            jobs = [j for j in jobs if args.kernel in j.kernel]
+            jobs = [j for j in jobs if args.kernel in f"{j.module}:{j.kernel}"]
         if args.one_per_kernel:
             first = {}
             for j in jobs:

@@ -71,7 +71,8 @@ def target_of(t: torch.Tensor) -> Target:
         return _forced_target[-1]
     if t.device.type != "cuda":
         return INTERPRETER
-    return _cuda_target(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    index = t.device.index
+    return _cuda_target(index if index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,6 +81,18 @@ def _cuda_target(index: int) -> Target:
     arch = props.major * 10 + props.minor
     return Target(f"sm_{arch}", arch, props.multi_processor_count,
                   getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+
+
+def register_tiles(dtype: torch.dtype, target: Target) -> str:
+    """Which GPU tile sizes fit in registers: "interpreter"; "fp32" (tl.dot of fp32 runs on the
+    FMA units with exact products, its operand tiles held in registers: the smallest tiles);
+    "mma" (sm_80's mma.sync keeps both operands in registers: medium tiles); "wgmma" (sm_90
+    reads the operands from shared memory: the largest tiles)."""
+    if not target.gpu:
+        return "interpreter"
+    if dtype == torch.float32:
+        return "fp32"
+    return "mma" if target.arch < 90 else "wgmma"
 
 
 def pow2_clamp(x: int, lo: int, hi: int) -> int:

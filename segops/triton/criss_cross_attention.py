@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from segops.triton._common import (NEG_INF, Target, channel_dot, dot_precision, load_tile,
-                                   pow2_clamp, target_of)
+                                   pow2_clamp, register_tiles, target_of)
 
 
 @triton.jit
@@ -217,14 +217,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, D, DKV, PDKV,
 def config(L: int, Ck: int, Cv: int, dtype: torch.dtype, target: Target) -> dict:
     """Tiles and launch options of every kernel of a pass over lines of length L.
 
-    tl.dot needs every dimension >= 16. On a GPU: 64-pixel by 64-key tiles, the whole key
-    channel dimension at once, value channels in 128-wide blocks; under the interpreter the
-    smallest tiles keep the numpy work per program small."""
-    line = pow2_clamp(L, 16, 64 if target.gpu else 32)
-    blocks = dict(BLOCK_P=line, BLOCK_K=line, BLOCK_CK=pow2_clamp(Ck, 16, 1 << 16),
-                  BLOCK_CV=pow2_clamp(Cv, 16, 128 if target.gpu else 32))
-    big = blocks["BLOCK_P"] * max(blocks["BLOCK_CV"], blocks["BLOCK_CK"]) >= 64 * 128
-    return dict(blocks, **target.launch(8 if big else 4, 2))
+    tl.dot needs every dimension >= 16. The whole key channel dimension at once; pixel x key
+    tiles of 64 x 64 on sm_90 (32 x 32 on sm_80, whose mma.sync holds both operands in
+    registers, and for fp32) and value channels in blocks of 128 on sm_90, 64 on sm_80 and for
+    fp32, 8 warps, and for fp32 no software pipelining (its prefetched operand tiles would sit
+    in registers): sizes at which no kernel spills
+    (scripts/check_triton_compile.py). Under the interpreter the smallest tiles keep the numpy
+    work per program small."""
+    kind = register_tiles(dtype, target)
+    line, cv = dict(interpreter=(32, 32), fp32=(32, 64), mma=(32, 64), wgmma=(64, 128))[kind]
+    return dict(BLOCK_P=pow2_clamp(L, 16, line), BLOCK_K=pow2_clamp(L, 16, line),
+                BLOCK_CK=pow2_clamp(Ck, 16, 1 << 16), BLOCK_CV=pow2_clamp(Cv, 16, cv),
+                **target.launch(8, 1 if kind == "fp32" else 2))
 
 
 def _t(x: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from segops.triton._common import (LN2, LOG2E, NEG_INF, Target, channel_dot, dot_precision,
-                                   load_tile, log2_scale, pow2_clamp, store_tile, target_of)
+                                   load_tile, log2_scale, pow2_clamp, register_tiles, store_tile,
+                                   target_of)
 
 
 @triton.jit
@@ -242,15 +243,19 @@ def _bwd_dq_kernel(Q, K, V, GO, MQ, MK, LSE, D, CORR, DQ,
 
 
 def config(ck: int, cv: int, lq: int, lk: int, dtype: torch.dtype, target: Target) -> dict:
-    """Tiles and launch options of the "fwd", "dv", "dk" and "dq" kernels: 64 positions, 64-channel
-    reduction chunks, accumulators up to 128 channels wide under the interpreter, 64 on a GPU
-    (tl.dot needs every dim >= 16). With 128-channel accumulators the whitened score tiles,
-    the unary softmax and the accumulator spilled 44-600 B even at 8 warps
-    (scripts/check_triton_compile.py)."""
-    pos = dict(BM=pow2_clamp(lq, 16, 64), BN=pow2_clamp(lk, 16, 64), BD=pow2_clamp(ck, 16, 64))
-    acc = 64 if target.gpu else 128
-    wide = dict(pos, BV=pow2_clamp(cv, 16, acc), **target.launch(8, 2))
-    grads = dict(pos, BV=pow2_clamp(cv, 16, 64), BC=pow2_clamp(ck, 16, acc), **target.launch(8, 2))
+    """Tiles and launch options of the "fwd", "dv", "dk" and "dq" kernels (tl.dot needs every dim
+    >= 16). Interpreter: 64 positions, 64-channel reduction chunks, accumulators up to 128
+    channels wide. On a GPU the whitened score tiles, the unary softmax and the accumulator
+    must fit in registers (scripts/check_triton_compile.py found 44-600 B spilled with
+    128-channel accumulators at 8 warps): 64-channel accumulators, 32-channel reduction chunks
+    on sm_80 and for fp32, 32 positions and no software pipelining for fp32."""
+    kind = register_tiles(dtype, target)
+    pos, chunk, acc = dict(interpreter=(64, 64, 128), fp32=(32, 32, 64), mma=(64, 32, 64),
+                           wgmma=(64, 64, 64))[kind]
+    tiles = dict(BM=pow2_clamp(lq, 16, pos), BN=pow2_clamp(lk, 16, pos),
+                 BD=pow2_clamp(ck, 16, chunk), **target.launch(8, 1 if kind == "fp32" else 2))
+    wide = dict(tiles, BV=pow2_clamp(cv, 16, acc))
+    grads = dict(tiles, BV=pow2_clamp(cv, 16, 64), BC=pow2_clamp(ck, 16, acc))
     return dict(fwd=wide, dv=wide, dk=grads, dq=grads)
 
 

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from segops.triton._common import (LN2, LOG2E, NEG_INF, Target, channel_dot, dot_precision,
-                                   load_tile, log2_scale, pow2_clamp, store_tile, target_of)
+                                   load_tile, log2_scale, pow2_clamp, register_tiles, store_tile,
+                                   target_of)
 
 
 # ------------------------------------------------------------------------------ group mapping
@@ -231,20 +232,27 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKV, NG, G, L, CK, CV, HW, W, GW, 
 # ------------------------------------------------------------------------------ launchers
 def config(ck: int, cv: int, members: int, dtype: torch.dtype, target: Target) -> dict:
     """Tiles and launch options of the forward ("fwd") and the dq, dk, dv backward kernels for
-    groups of `members` pixels: 64-row tiles (whole groups packed into one tile when a group
-    fills at most half of it), 64-channel reduction chunks, output channels in chunks of 64
-    (the interpreter: 128 for fwd and dv). On a GPU, 8 warps: the logit tiles, the output
-    accumulator and the int64 row offsets of the group gather exceed 4 warps' registers
-    (scripts/check_triton_compile.py: up to 2.5 KB spilled at 4 warps or 128-channel chunks)."""
-    block = 64
+    groups of `members` pixels: BLOCK-row tiles (whole groups packed into one tile when a group
+    fills at most half of it), BLOCK_D-channel reduction chunks, output channels in chunks.
+    Interpreter: 64 rows, 64-channel chunks, 128 output channels for fwd and dv. On a GPU the
+    logit tiles, the output accumulator and the int64 row offsets of the group gather must fit
+    in registers (scripts/check_triton_compile.py found up to 2.5 KB spilled at 4 warps and
+    128-channel chunks): 8 warps, 64 output channels, 32-channel reduction chunks on sm_80, and
+    for fp32 32-row tiles and no software pipelining, the forward and dq at 4 warps (at 8 the
+    group gather's index arithmetic did not fit ptxas's 128-register budget)."""
+    kind = register_tiles(dtype, target)
+    block, chunk, out_wide = dict(interpreter=(64, 64, 128), fp32=(32, 32, 64), mma=(64, 32, 64),
+                                  wgmma=(64, 64, 64))[kind]
     lp = triton.next_power_of_2(members)
     tiles = dict(BLOCK=block, LP=lp, PACKED=2 * lp <= block,
-                 BLOCK_D=pow2_clamp(min(ck, cv), 16, 64), **target.launch(8, 2))
-    wide = 64 if target.gpu else 128
-    return dict(fwd=dict(tiles, BLOCK_C=pow2_clamp(cv, 16, wide)),
-                dq=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 64)),
-                dk=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 64)),
-                dv=dict(tiles, BLOCK_C=pow2_clamp(cv, 16, wide)))
+                 BLOCK_D=pow2_clamp(min(ck, cv), 16, chunk))
+    stages = 1 if kind == "fp32" else 2
+    by_row = target.launch(4 if kind == "fp32" else 8, stages)  # fwd, dq: one program per query tile
+    by_key = target.launch(8, stages)
+    return dict(fwd=dict(tiles, BLOCK_C=pow2_clamp(cv, 16, out_wide), **by_row),
+                dq=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 64), **by_row),
+                dk=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 64), **by_key),
+                dv=dict(tiles, BLOCK_C=pow2_clamp(cv, 16, out_wide), **by_key))
 
 
 class _Plan:

@@ -42,7 +42,8 @@ def config(dtype: torch.dtype, target: Target) -> dict:
     three scattered gradient tiles (int64 addresses each) spilled 8 KB with 32-channel blocks
     on a GPU (scripts/check_triton_compile.py)."""
     launch = target.launch(4, 3)
-    return dict(pixels=dict(BLOCK_P=128, **launch), channels=dict(BLOCK_P=128, BLOCK_C=32, **launch),
+    return dict(pixels=dict(BLOCK_P=128, **launch),
+                channels=dict(BLOCK_P=128, BLOCK_C=32, **launch),
                 recon_backward=dict(BLOCK_P=128, BLOCK_C=8 if target.gpu else 32,
                                     **target.launch(4, 1)))
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from segops.triton._common import Target, dot_precision, pow2_clamp, target_of
+from segops.triton._common import Target, dot_precision, pow2_clamp, register_tiles, target_of
 
 SIM_NONE, SIM_CHARBONNIER, SIM_GAUSSIAN = 0, 1, 2
 _SIM = {"none": SIM_NONE, "charbonnier": SIM_CHARBONNIER, "gaussian": SIM_GAUSSIAN}
@@ -244,23 +244,28 @@ def config(cin: int, cout: int, cg: int, hw: int, dtype: torch.dtype, target: Ta
     """Tiles and launch options of every kernel ("similarity", "forward", "grad_weight",
     "grad_input", "grad_guidance") for Cin -> Cout channels, Cg guidance channels and HW pixels.
     grad_input keeps four [BLOCK_P, BLOCK_C] fp32 tiles live across its loop (du, dv and the
-    two dD accumulators): small tiles there."""
-    gpu = target.gpu
+    two dD accumulators): small tiles there. fp32 on a GPU halves the GEMM tiles and drops the
+    software pipelining (fp32 tl.dot holds its operands in registers; the 16-bit tiles spilled
+    36-940 B in fp32 and took 176 KB of shared memory, over sm_80's limit,
+    scripts/check_triton_compile.py)."""
+    kind = register_tiles(dtype, target)
+    fwd, dw, di, guide = dict(interpreter=((64, 16, 32), (64, 16, 32), (64, 16, 32), (64, 16)),
+                              fp32=((64, 32, 64), (64, 32, 64), (64, 16, 32), (64, 32)),
+                              mma=((128, 32, 128), (64, 64, 128), (64, 32, 64), (64, 32)),
+                              wgmma=((128, 32, 128), (64, 64, 128), (64, 32, 64), (64, 32)))[kind]
 
     def tiles(p, c, channels, o=None):
         out = dict(BLOCK_P=pow2_clamp(hw, 16, p), BLOCK_C=pow2_clamp(channels, 16, c))
         if o is not None:
             out["BLOCK_O"] = pow2_clamp(cout, 16, o)
         return out
-    return dict(
-        similarity=dict(tiles(128, 32, cg), **target.launch(4, 3)),
-        forward=dict(tiles(128 if gpu else 64, 32 if gpu else 16, cin, 128 if gpu else 32),
-                     **target.launch(8, 3)),
-        grad_weight=dict(tiles(64, 64 if gpu else 16, cin, 128 if gpu else 32),
-                         **target.launch(8, 3)),
-        grad_input=dict(tiles(64, 32 if gpu else 16, cin, 64 if gpu else 32),
-                        **target.launch(8, 2)),
-        grad_guidance=dict(tiles(64, 32 if gpu else 16, cg), **target.launch(4, 3)))
+    gemm = target.launch(8, 1 if kind == "fp32" else 3)
+    return dict(similarity=dict(tiles(128, 32, cg), **target.launch(4, 3)),
+                forward=dict(tiles(fwd[0], fwd[1], cin, fwd[2]), **gemm),
+                grad_weight=dict(tiles(dw[0], dw[1], cin, dw[2]), **gemm),
+                grad_input=dict(tiles(di[0], di[1], cin, di[2]),
+                                **target.launch(8, 1 if kind == "fp32" else 2)),
+                grad_guidance=dict(tiles(guide[0], guide[1], cg), **target.launch(4, 3)))
 
 
 def _geometry(input, weight):
