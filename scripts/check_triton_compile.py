@@ -10,8 +10,9 @@ specialised as Triton's own launcher would specialise it (its binder, for that t
 meta tensors count as 16-byte aligned, as fresh CUDA allocations are) and compiled with
 `triton.compile`; the bundled ptxas runs without a GPU. Nothing is cached across runs.
 
-Shapes: the operators' test samples (`samples()`, `large_samples()`) and the canonical GPU
-shapes of the benchmark cases (benchmarks/cases/<op>.py with device "cuda", docs/operators.md §4).
+Shapes (--shapes): the canonical GPU shapes of the benchmark cases (benchmarks/cases/<op>.py with
+device "cuda", docs/operators.md §4) and the operators' GPU-sized test samples
+(`large_samples()`): "ci", the default; "all" adds every small test sample (`samples()`).
 
 Checks per compiled kernel: no compile error, shared memory within the target's limit
 (A100 164 KiB, H100/H200 227 KiB), spilled bytes (ptxas spill stores) within
@@ -66,6 +67,10 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Benchmark case modules holding the canonical GPU shapes of each operator.
 BENCH_MODULES = ("criss_cross_attention", "interlaced_sparse_attention", "disentangled_non_local",
                  "semantic_difference_conv2d", "qco")
+# Shape sets: "ci" the canonical GPU shapes and the GPU-sized test samples (large_samples(), what
+# the cuda tier compares); "all" adds every small test sample (edge cases: their tiles are the
+# 16-32 wide clamps of the same configurations, about four times as many compilations).
+SHAPES = ("ci", "all", "gpu", "tests")
 # qco benchmark cases keep num_levels and grid in their params, not in their tensors.
 _CASE_ARGS = {"qco_1d": lambda p: dict(num_levels=p["K"]),
               "qco_2d": lambda p: dict(num_levels=p["K"], grid=p["grid"])}
@@ -181,13 +186,15 @@ def _call(fn, kwargs):
 
 
 def _calls(dtype: torch.dtype, shapes: str):
-    """(op, source name, thunk calling the op's public function on meta tensors)."""
-    if shapes in ("all", "tests"):
+    """(op, source name, thunk calling the op's public function on meta tensors) for the shape
+    set `shapes` (see SHAPES)."""
+    if shapes != "gpu":
         for spec in SPECS.values():
-            for sample in list(spec.samples()) + list(spec.large_samples()):
+            small = list(spec.samples()) if shapes in ("all", "tests") else []
+            for sample in small + list(spec.large_samples()):
                 kw = dict(_meta(sample.tensors, dtype), **sample.kwargs)
                 yield spec.name, f"test:{sample.name}", _call(spec.function, kw)
-    if shapes in ("all", "gpu"):
+    if shapes in ("all", "ci", "gpu"):
         for name in BENCH_MODULES:
             module = importlib.import_module(f"benchmarks.cases.{name}")
             with torch.device("meta"):
@@ -276,11 +283,13 @@ def report(jobs: list[Job], results: list[dict], seconds: float) -> str:
         sources[key].update(s.split(" ")[0] + (" (GPU shape)" if " gpu:" in s else "")
                             for s in job.sources)
     failed = sum(bool(check(j, r)) for j, r in zip(jobs, results))
+    busy = sum(r["seconds"] for r in results)
     lines = [f"# Triton compile tier: {', '.join(f'sm_{a}' for a in archs)}",
              "",
              f"`python scripts/check_triton_compile.py` — triton {triton.__version__}, torch "
              f"{torch.__version__}; {len(jobs)} kernel compilations ({len(rows)} kernel "
-             f"configurations x architectures), {failed} failing, {seconds:.0f} s.",
+             f"configurations x architectures), {failed} failing; {seconds:.0f} s wall, "
+             f"{busy:.0f} s compiling summed over the compiler processes.",
              "",
              f"Checks: compiles; shared memory within the device limit (sm_80: A100 "
              f"{SM80.smem_bytes // 1024} KiB, sm_90: H100/H200 {SM90.smem_bytes // 1024} KiB); "
@@ -311,7 +320,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(TARGETS))
     ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    ap.add_argument("--shapes", default="all", choices=("all", "tests", "gpu"))
+    ap.add_argument("--shapes", default="ci", choices=SHAPES)
     ap.add_argument("--kernel", default=None, help="only kernels whose module:name contains this")
     ap.add_argument("--one-per-kernel", action="store_true",
                     help="only the first configuration of each kernel (a quick smoke check)")
