@@ -250,7 +250,7 @@ def config(cin: int, cout: int, cg: int, hw: int, dtype: torch.dtype, target: Ta
     scripts/check_triton_compile.py)."""
     kind = register_tiles(dtype, target)
     fwd, dw, di, guide = dict(interpreter=((64, 16, 32), (64, 16, 32), (64, 16, 32), (64, 16)),
-                              fp32=((64, 32, 64), (64, 32, 64), (64, 16, 32), (64, 32)),
+                              fp32=((64, 16, 64), (64, 32, 64), (64, 16, 32), (64, 32)),
                               mma=((128, 32, 128), (64, 64, 128), (64, 32, 64), (64, 32)),
                               wgmma=((128, 32, 128), (64, 64, 128), (64, 32, 64), (64, 32)))[kind]
 
