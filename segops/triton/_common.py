@@ -1,11 +1,22 @@
-"""What the Triton modules share: constants, block sizes, the tl.dot precision policy, tile loads.
+"""What the Triton modules share: constants, block sizes, compile targets, the tl.dot precision
+policy, tile loads.
 
 The constants are tl.constexpr so that @triton.jit code may read them (the compiler rejects any
 other global); launchers read their `.value`.
+
+Every launcher takes its tiles, num_warps and num_stages from one config function of (shape,
+dtype, Target): the interpreter is one target, sm_80 and sm_90 are others, so the GPU
+configurations can be computed (and compiled, scripts/check_triton_compile.py) on a machine
+without a GPU. `target_of(tensor)` is the target a call runs on; `compile_target(t)` makes every
+call inside it plan for `t` instead.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -16,6 +27,72 @@ from segops.triton import _interpreter_compat  # noqa: F401  (numpy>=2.3 under T
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 NEG_INF = tl.constexpr(float("-inf"))
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a launcher plans for. arch: compute capability as 80, 90, ...; None for the CPU
+    interpreter. sm_count: streaming multiprocessors (work splitting); smem_bytes: the shared
+    memory one program may use (opt-in maximum per block)."""
+
+    name: str
+    arch: Optional[int]
+    sm_count: int
+    smem_bytes: int
+
+    @property
+    def gpu(self) -> bool:
+        return self.arch is not None
+
+    def launch(self, num_warps: int, num_stages: int) -> dict:
+        """Launch options for a GPU; the interpreter takes none."""
+        return dict(num_warps=num_warps, num_stages=num_stages) if self.gpu else {}
+
+
+INTERPRETER = Target("interpreter", None, 1, 0)
+SM80 = Target("sm_80", 80, 108, 164 * 1024)  # A100
+SM90 = Target("sm_90", 90, 132, 227 * 1024)  # H100 / H200
+_forced_target: list = []
+
+
+@contextlib.contextmanager
+def compile_target(target: Target) -> Iterator[None]:
+    """Plan every launch inside for `target`, whatever device the tensors are on."""
+    _forced_target.append(target)
+    try:
+        yield
+    finally:
+        _forced_target.pop()
+
+
+def target_of(t: torch.Tensor) -> Target:
+    """The target a launch on `t`'s device runs on (or the one compile_target forces)."""
+    if _forced_target:
+        return _forced_target[-1]
+    if t.device.type != "cuda":
+        return INTERPRETER
+    index = t.device.index
+    return _cuda_target(index if index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index: int) -> Target:
+    props = torch.cuda.get_device_properties(index)
+    arch = props.major * 10 + props.minor
+    return Target(f"sm_{arch}", arch, props.multi_processor_count,
+                  getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+
+
+def register_tiles(dtype: torch.dtype, target: Target) -> str:
+    """Which GPU tile sizes fit in registers: "interpreter"; "fp32" (tl.dot of fp32 runs on the
+    FMA units with exact products, its operand tiles held in registers: the smallest tiles);
+    "mma" (sm_80's mma.sync keeps both operands in registers: medium tiles); "wgmma" (sm_90
+    reads the operands from shared memory: the largest tiles)."""
+    if not target.gpu:
+        return "interpreter"
+    if dtype == torch.float32:
+        return "fp32"
+    return "mma" if target.arch < 90 else "wgmma"
 
 
 def pow2_clamp(x: int, lo: int, hi: int) -> int:
@@ -77,14 +154,19 @@ def channel_dot_kernel(A, B, SUB, OUT, C, L, HAS_SUB: tl.constexpr,
     tl.store(OUT + n * L + offs_l, acc, mask=mask_l)
 
 
+def channel_dot_config(c: int, dtype: torch.dtype, target: Target) -> dict:
+    """channel_dot_kernel's tiles and launch options (a streaming reduction; 8 warps on a GPU:
+    at 4 the subtracted variant spilled, scripts/check_triton_compile.py)."""
+    return dict(BLOCK_C=pow2_clamp(c, 1, 32), BLOCK_L=128, **target.launch(8, 3))
+
+
 def channel_dot(a: torch.Tensor, b: torch.Tensor, sub: torch.Tensor | None = None) -> torch.Tensor:
     """(N, *spatial) fp32 sum over the channels of a * (b - sub[n, c]) for contiguous
     (N, C, *spatial) a and b and an optional (N, C) fp32 sub. Not for empty tensors."""
     n, c = a.shape[:2]
     length = math.prod(a.shape[2:])
     out = torch.empty((n, *a.shape[2:]), device=a.device, dtype=torch.float32)
-    block_l = 128
-    channel_dot_kernel[(triton.cdiv(length, block_l), n)](
-        a, b, sub if sub is not None else out, out, c, length, HAS_SUB=sub is not None,
-        BLOCK_C=pow2_clamp(c, 1, 32), BLOCK_L=block_l)
+    cfg = channel_dot_config(c, a.dtype, target_of(a))
+    channel_dot_kernel[(triton.cdiv(length, cfg["BLOCK_L"]), n)](
+        a, b, sub if sub is not None else out, out, c, length, HAS_SUB=sub is not None, **cfg)
     return out

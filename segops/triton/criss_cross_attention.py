@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from segops.triton._common import NEG_INF, channel_dot, dot_precision, load_tile, pow2_clamp
+from segops.triton._common import (NEG_INF, Target, channel_dot, dot_precision, load_tile,
+                                   pow2_clamp, register_tiles, target_of)
 
 
 @triton.jit
@@ -213,25 +214,26 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, D, DKV, PDKV,
                 HAS_PREV)
 
 
-def _blocks(L: int, Ck: int, Cv: int, on_gpu: bool) -> dict:
-    # tl.dot needs every dimension >= 16. On a GPU: 64-pixel by 64-key tiles, the whole key
-    # channel dimension at once, value channels in 128-wide blocks; under the interpreter the
-    # smallest tiles keep the numpy work per program small.
-    line = pow2_clamp(L, 16, 64 if on_gpu else 32)
-    return dict(BLOCK_P=line, BLOCK_K=line, BLOCK_CK=pow2_clamp(Ck, 16, 1 << 16),
-                BLOCK_CV=pow2_clamp(Cv, 16, 128 if on_gpu else 32))
+def config(L: int, Ck: int, Cv: int, dtype: torch.dtype, target: Target) -> dict:
+    """Tiles and launch options of every kernel of a pass over lines of length L.
+
+    tl.dot needs every dimension >= 16. The whole key channel dimension at once; pixel x key
+    tiles of 64 x 64 on sm_90 (32 x 32 on sm_80, whose mma.sync holds both operands in
+    registers, and for fp32) and value channels in blocks of 128 on sm_90, 64 on sm_80 and for
+    fp32, 8 warps, and for fp32 no software pipelining (its prefetched operand tiles would sit
+    in registers): sizes at which no kernel spills
+    (scripts/check_triton_compile.py). Under the interpreter the smallest tiles keep the numpy
+    work per program small."""
+    kind = register_tiles(dtype, target)
+    line, cv = dict(interpreter=(32, 32), fp32=(32, 64), mma=(32, 64), wgmma=(64, 128))[kind]
+    return dict(BLOCK_P=pow2_clamp(L, 16, line), BLOCK_K=pow2_clamp(L, 16, line),
+                BLOCK_CK=pow2_clamp(Ck, 16, 1 << 16), BLOCK_CV=pow2_clamp(Cv, 16, cv),
+                **target.launch(8, 1 if kind == "fp32" else 2))
 
 
 def _t(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> contiguous (N, C, W, H): the columns become rows."""
     return x.transpose(2, 3).contiguous()
-
-
-def _launch_opts(on_gpu: bool, blocks: dict) -> dict:
-    if not on_gpu:
-        return {}
-    big = blocks["BLOCK_P"] * max(blocks["BLOCK_CV"], blocks["BLOCK_CK"]) >= 64 * 128
-    return dict(num_warps=8 if big else 4, num_stages=2)
 
 
 def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
@@ -240,7 +242,7 @@ def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
     Cv = value.shape[1]
     HW = H * W
     dev = query.device
-    on_gpu = dev.type == "cuda"
+    target = target_of(query)
     out = torch.empty_like(value)
     lse = torch.empty((N, 2, H, W), device=dev, dtype=torch.float32)
     if out.numel() == 0 or lse.numel() == 0:
@@ -249,33 +251,31 @@ def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
     out_col = torch.empty((N, Cv, H, W), device=dev, dtype=torch.float32)
     lse_col = torch.empty((N, 2, H, W), device=dev, dtype=torch.float32)
     # Column pass on the transposed tensors: line = column x (R = W lines of length H).
-    b = _blocks(H, Ck, Cv, on_gpu)
+    b = config(H, Ck, Cv, query.dtype, target)
     grid = (triton.cdiv(H, b["BLOCK_P"]), N * W, triton.cdiv(Cv, b["BLOCK_CV"]))
     _fwd_kernel[grid](_t(query), _t(key), _t(value), out_col, lse_col, out_col, lse_col,
                       Ck, Cv, W, H,
                       Cv * HW, HW, 1, W, 2 * HW, 1, W, HW,
-                      MASK_CENTRE=True, HAS_PREV=False, PREC=prec, **b, **_launch_opts(on_gpu, b))
+                      MASK_CENTRE=True, HAS_PREV=False, PREC=prec, **b)
     # Row pass on the NCHW tensors, merged with the column part.
-    b = _blocks(W, Ck, Cv, on_gpu)
+    b = config(W, Ck, Cv, query.dtype, target)
     grid = (triton.cdiv(W, b["BLOCK_P"]), N * H, triton.cdiv(Cv, b["BLOCK_CV"]))
     _fwd_kernel[grid](query, key, value, out, lse, out_col, lse_col,
                       Ck, Cv, H, W,
                       Cv * HW, HW, W, 1, 2 * HW, W, 1, HW,
-                      MASK_CENTRE=False, HAS_PREV=True, PREC=prec, **b, **_launch_opts(on_gpu, b))
+                      MASK_CENTRE=False, HAS_PREV=True, PREC=prec, **b)
     return out, lse
 
 
-def _backward_pass(q, k, v, do, lse, dd, outs, prevs, R, L, strides, lstrides, mask_centre,
-                   on_gpu):
+def _backward_pass(q, k, v, do, lse, dd, outs, prevs, R, L, strides, lstrides, mask_centre):
     N, Ck = q.shape[:2]
     Cv = v.shape[1]
-    b = _blocks(L, Ck, Cv, on_gpu)
+    b = config(L, Ck, Cv, q.dtype, target_of(q))
     dq, dk, dv = outs
     pdq, pdk, pdv = prevs
     has_prev = pdq is not None
     nl = triton.cdiv(L, b["BLOCK_P"])
-    common = dict(MASK_CENTRE=mask_centre, HAS_PREV=has_prev, PREC=dot_precision(q.dtype), **b,
-                  **_launch_opts(on_gpu, b))
+    common = dict(MASK_CENTRE=mask_centre, HAS_PREV=has_prev, PREC=dot_precision(q.dtype), **b)
     sq = strides(Ck)
     sv = strides(Cv)
     _bwd_dq_kernel[(nl, N * R)](q, k, v, do, lse, dd, dq, pdq if has_prev else dq,
@@ -295,7 +295,6 @@ def backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, val
     Cv = value.shape[1]
     HW = H * W
     dev = query.device
-    on_gpu = dev.type == "cuda"
     dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
     if query.numel() == 0 or value.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
@@ -306,9 +305,8 @@ def backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, val
     ck = torch.empty_like(cq)
     cv = torch.empty((N, Cv, H, W), device=dev, dtype=torch.float32)
     _backward_pass(_t(query), _t(key), _t(value), _t(grad_out), lse, dd, (cq, ck, cv),
-                   (None, None, None), W, H, lambda C: (C * HW, HW, 1, W), (2 * HW, 1, W, HW), True,
-                   on_gpu)
+                   (None, None, None), W, H, lambda C: (C * HW, HW, 1, W), (2 * HW, 1, W, HW), True)
     # Row pass (NCHW), adding the column parts.
     _backward_pass(query, key, value, grad_out, lse, dd, (dq, dk, dv), (cq, ck, cv), H, W,
-                   lambda C: (C * HW, HW, W, 1), (2 * HW, W, 1, HW), False, on_gpu)
+                   lambda C: (C * HW, HW, W, 1), (2 * HW, W, 1, HW), False)
     return dq, dk, dv

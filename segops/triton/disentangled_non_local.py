@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from segops.triton._common import (LN2, LOG2E, NEG_INF, channel_dot, dot_precision, load_tile,
-                                   log2_scale, pow2_clamp, store_tile)
+from segops.triton._common import (LN2, LOG2E, NEG_INF, Target, channel_dot, dot_precision,
+                                   load_tile, log2_scale, pow2_clamp, register_tiles, store_tile,
+                                   target_of)
 
 
 @triton.jit
@@ -241,11 +242,21 @@ def _bwd_dq_kernel(Q, K, V, GO, MQ, MK, LSE, D, CORR, DQ,
     store_tile(DQ + n * CK * LQ, offs_m, offs_k, m_mask, k_mask, LQ, dq)
 
 
-def _config(ck: int, cv: int, lq: int, lk: int) -> dict:
-    # Tiles: 64 positions, 64-channel reduction chunks, accumulators up to 128 channels wide.
-    # tl.dot needs every dim >= 16.
-    return dict(BM=pow2_clamp(lq, 16, 64), BN=pow2_clamp(lk, 16, 64), BD=pow2_clamp(ck, 16, 64),
-                BV=pow2_clamp(cv, 16, 64), BVA=pow2_clamp(cv, 16, 128), BC=pow2_clamp(ck, 16, 128))
+def config(ck: int, cv: int, lq: int, lk: int, dtype: torch.dtype, target: Target) -> dict:
+    """Tiles and launch options of the "fwd", "dv", "dk" and "dq" kernels (tl.dot needs every dim
+    >= 16). Interpreter: 64 positions, 64-channel reduction chunks, accumulators up to 128
+    channels wide. On a GPU the whitened score tiles, the unary softmax and the accumulator
+    must fit in registers (scripts/check_triton_compile.py found 44-600 B spilled with
+    128-channel accumulators at 8 warps): 64-channel accumulators, 32-channel reduction chunks
+    on sm_80 and for fp32, 32 positions and no software pipelining for fp32."""
+    kind = register_tiles(dtype, target)
+    pos, chunk, acc = dict(interpreter=(64, 64, 128), fp32=(32, 32, 64), mma=(64, 32, 64),
+                           wgmma=(64, 64, 64))[kind]
+    tiles = dict(BM=pow2_clamp(lq, 16, pos), BN=pow2_clamp(lk, 16, pos),
+                 BD=pow2_clamp(ck, 16, chunk), **target.launch(8, 1 if kind == "fp32" else 2))
+    wide = dict(tiles, BV=pow2_clamp(cv, 16, acc))
+    grads = dict(tiles, BV=pow2_clamp(cv, 16, 64), BC=pow2_clamp(ck, 16, acc))
+    return dict(fwd=wide, dv=wide, dk=grads, dq=grads)
 
 
 def _check(query, key, value):
@@ -268,19 +279,17 @@ def forward(query, key, value, unary, whiten: bool, s: float):
     _check(query, key, value)
     n, ck, lq = query.shape
     lk, cv = key.shape[2], value.shape[1]
-    cfg = _config(ck, cv, lq, lk)
+    cfg = config(ck, cv, lq, lk, query.dtype, target_of(query))
     mq, mk = _means(query, key, whiten)
     out = torch.empty((n, cv, lq), device=query.device, dtype=value.dtype)
     lse = torch.empty((n, lq), device=query.device, dtype=torch.float32)
     g = torch.zeros((n, cv), device=query.device, dtype=torch.float32)
     lse_u = torch.zeros((n,), device=query.device, dtype=torch.float32)
     has_u = unary is not None
-    grid = (triton.cdiv(lq, cfg["BM"]), triton.cdiv(cv, cfg["BVA"]), n)
+    grid = (triton.cdiv(lq, cfg["fwd"]["BM"]), triton.cdiv(cv, cfg["fwd"]["BV"]), n)
     _fwd_kernel[grid](query, key, value, unary if has_u else g, mq, mk, out, lse, g, lse_u,
                       ck, cv, lq, lk, log2_scale(s),
-                      WHITEN=whiten, HAS_UNARY=has_u, PREC=dot_precision(query.dtype),
-                      BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], BV=cfg["BVA"],
-                      num_warps=8 if cfg["BVA"] >= 128 else 4)
+                      WHITEN=whiten, HAS_UNARY=has_u, PREC=dot_precision(query.dtype), **cfg["fwd"])
     return out, lse, g, lse_u
 
 
@@ -288,7 +297,7 @@ def backward(grad_out, query, key, value, unary, out, lse, g, lse_u, whiten: boo
     _check(query, key, value)
     n, ck, lq = query.shape
     lk, cv = key.shape[2], value.shape[1]
-    cfg = _config(ck, cv, lq, lk)
+    cfg = config(ck, cv, lq, lk, query.dtype, target_of(query))
     dev = query.device
     mq, mk = _means(query, key, whiten)
     has_u = unary is not None
@@ -297,32 +306,28 @@ def backward(grad_out, query, key, value, unary, out, lse, g, lse_u, whiten: boo
     dq = torch.empty_like(query)
     dk = torch.empty_like(key)
     dv = torch.empty_like(value)
-    nvb = triton.cdiv(cv, cfg["BVA"])
+    nvb = triton.cdiv(cv, cfg["dv"]["BV"])
     dup = torch.empty((n, nvb, lk) if has_u else (1,), device=dev, dtype=torch.float32)
-    _bwd_dv_kernel[(triton.cdiv(lk, cfg["BN"]), nvb, n)](
+    _bwd_dv_kernel[(triton.cdiv(lk, cfg["dv"]["BN"]), nvb, n)](
         query, key, value, unary if has_u else g, grad_out, mq, mk, lse, D, g, lse_u, dv, dup,
         ck, cv, lq, lk, log2_scale(s), nvb,
-        WHITEN=whiten, HAS_UNARY=has_u, PREC=prec,
-        BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], BV=cfg["BVA"],
-        num_warps=8 if cfg["BVA"] >= 128 else 4)
+        WHITEN=whiten, HAS_UNARY=has_u, PREC=prec, **cfg["dv"])
     colsum = torch.empty((n, lk), device=dev, dtype=torch.float32)
-    nkb = triton.cdiv(ck, cfg["BC"])
-    _bwd_dk_kernel[(triton.cdiv(lk, cfg["BN"]), nkb, n)](
+    nkb = triton.cdiv(ck, cfg["dk"]["BC"])
+    _bwd_dk_kernel[(triton.cdiv(lk, cfg["dk"]["BN"]), nkb, n)](
         query, key, value, grad_out, mq, mk, lse, D, dk, colsum,
         ck, cv, lq, lk, log2_scale(s), s,
-        WHITEN=whiten, PREC=prec, BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], BV=cfg["BV"],
-        BC=cfg["BC"], num_warps=8 if cfg["BC"] >= 128 else 4)
+        WHITEN=whiten, PREC=prec, **cfg["dk"])
     if whiten:
         # mean_i dq~_i = (s / Lq) * sum_j colsum_j (k_j - mu_k)
         kc = torch.bmm(key.float(), colsum.unsqueeze(-1)).squeeze(-1) - mk * colsum.sum(-1, keepdim=True)
         corr = (kc * (s / max(lq, 1))).contiguous()  # no queries: colsum, so kc, is 0
     else:
         corr = mq
-    _bwd_dq_kernel[(triton.cdiv(lq, cfg["BM"]), nkb, n)](
+    _bwd_dq_kernel[(triton.cdiv(lq, cfg["dq"]["BM"]), triton.cdiv(ck, cfg["dq"]["BC"]), n)](
         query, key, value, grad_out, mq, mk, lse, D, corr, dq,
         ck, cv, lq, lk, log2_scale(s), s,
-        WHITEN=whiten, PREC=prec, BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], BV=cfg["BV"],
-        BC=cfg["BC"], num_warps=8 if cfg["BC"] >= 128 else 4)
+        WHITEN=whiten, PREC=prec, **cfg["dq"])
     if has_u:
         w = torch.exp(unary.float() - lse_u[:, None])
         du = (w * dup.sum(1)).to(unary.dtype)

@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from segops.triton._common import (LN2, LOG2E, NEG_INF, channel_dot, dot_precision, load_tile,
-                                   log2_scale, pow2_clamp, store_tile)
+from segops.triton._common import (LN2, LOG2E, NEG_INF, Target, channel_dot, dot_precision,
+                                   load_tile, log2_scale, pow2_clamp, register_tiles, store_tile,
+                                   target_of)
 
 
 # ------------------------------------------------------------------------------ group mapping
@@ -229,30 +230,57 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKV, NG, G, L, CK, CV, HW, W, GW, 
 
 
 # ------------------------------------------------------------------------------ launchers
+def config(ck: int, cv: int, members: int, dtype: torch.dtype, target: Target) -> dict:
+    """Tiles and launch options of the forward ("fwd") and the dq, dk, dv backward kernels for
+    groups of `members` pixels: BLOCK-row tiles (whole groups packed into one tile when a group
+    fills at most half of it), BLOCK_D-channel reduction chunks, output channels in chunks.
+    Interpreter: 64 rows, 64-channel chunks, 128 output channels for fwd and dv. On a GPU the
+    logit tiles, the output accumulator and the int64 row offsets of the group gather must fit
+    in registers (scripts/check_triton_compile.py found up to 2.5 KB spilled at 4 warps and
+    128-channel chunks): 8 warps, 64 output channels, 32-channel reduction chunks on sm_80, and
+    for fp32 32-row tiles and no software pipelining, the forward and dq at 4 warps (at 8 the
+    group gather's index arithmetic did not fit ptxas's 128-register budget)."""
+    kind = register_tiles(dtype, target)
+    block, chunk, out_wide = dict(interpreter=(64, 64, 128), fp32=(32, 32, 64), mma=(64, 32, 64),
+                                  wgmma=(64, 64, 64))[kind]
+    lp = triton.next_power_of_2(members)
+    tiles = dict(BLOCK=block, LP=lp, PACKED=2 * lp <= block,
+                 BLOCK_D=pow2_clamp(min(ck, cv), 16, chunk))
+    stages = 1 if kind == "fp32" else 2
+    by_row = target.launch(4 if kind == "fp32" else 8, stages)  # fwd, dq: one program per query tile
+    by_key = target.launch(8, stages)
+    return dict(fwd=dict(tiles, BLOCK_C=pow2_clamp(cv, 16, out_wide), **by_row),
+                dq=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 64), **by_row),
+                dk=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 64), **by_key),
+                dv=dict(tiles, BLOCK_C=pow2_clamp(cv, 16, out_wide), **by_key))
+
+
 class _Plan:
-    """Tiling of one call: tile rows, packing of small groups, grid over (group tiles, member tiles)."""
+    """One call: its kernel configs, the packing of small groups, the grid over (group tiles,
+    member tiles, channel chunks) and the shared kernel arguments."""
 
     def __init__(self, query, value, ph, pw, long):
         n, ck, h, w = query.shape
-        self.ck, self.cv, self.hw, self.w = ck, value.shape[1], h * w, w
+        self.ck, self.cv = ck, value.shape[1]
         self.groups, self.L = group_counts(h, w, ph, pw, long)
         self.ng = n * self.groups
-        self.block = 64
-        self.lp = triton.next_power_of_2(self.L)
-        self.packed = 2 * self.lp <= self.block
-        if self.packed:  # whole groups per tile, keys = the tile's own groups
-            self.group_tiles, self.member_tiles = triton.cdiv(self.ng, self.block // self.lp), 1
+        self.cfg = config(ck, self.cv, self.L, query.dtype, target_of(query))
+        tiles = self.cfg["fwd"]
+        if tiles["PACKED"]:  # whole groups per tile, keys = the tile's own groups
+            self.group_tiles = triton.cdiv(self.ng, tiles["BLOCK"] // tiles["LP"])
+            self.member_tiles = 1
         else:
-            self.group_tiles, self.member_tiles = self.ng, triton.cdiv(self.L, self.block)
-        self.block_d = pow2_clamp(min(ck, self.cv), 16, 64)
-        self.prec = dot_precision(query.dtype)
-        self.args = (self.ng, self.groups, self.L, ck, self.cv, self.hw, w, w // pw, ph, pw,
+            self.group_tiles, self.member_tiles = self.ng, triton.cdiv(self.L, tiles["BLOCK"])
+        self.args = (self.ng, self.groups, self.L, ck, self.cv, h * w, w, w // pw, ph, pw,
                      self.member_tiles)
-        self.meta = dict(LONG=bool(long), PACKED=self.packed, LP=self.lp, BLOCK=self.block,
-                         BLOCK_D=self.block_d, PREC=self.prec, num_warps=4, num_stages=2)
+        self.meta = dict(LONG=bool(long), PREC=dot_precision(query.dtype))
 
-    def grid(self, channels: int, block_c: int):
-        return (self.group_tiles, self.member_tiles, triton.cdiv(channels, block_c))
+    def launch(self, kernel, which: str, channels: int, tensors: tuple, scalars: tuple, **meta):
+        """kernel(*tensors, *the shared arguments, *scalars) with config `which`, over
+        `channels` output channels."""
+        cfg = self.cfg[which]
+        grid = (self.group_tiles, self.member_tiles, triton.cdiv(channels, cfg["BLOCK_C"]))
+        kernel[grid](*tensors, *self.args, *scalars, **self.meta, **cfg, **meta)
 
 
 def forward(query, key, value, ph: int, pw: int, long: bool, scale: float):
@@ -264,9 +292,7 @@ def forward(query, key, value, ph: int, pw: int, long: bool, scale: float):
     if out.numel() == 0 or lse.numel() == 0:
         return out, lse
     plan = _Plan(q, v, ph, pw, long)
-    block_c = pow2_clamp(plan.cv, 16, 128)
-    _fwd_kernel[plan.grid(plan.cv, block_c)](q, k, v, out, lse, *plan.args, log2_scale(scale),
-                                             BLOCK_C=block_c, **plan.meta)
+    plan.launch(_fwd_kernel, "fwd", plan.cv, (q, k, v, out, lse), (log2_scale(scale),))
     return out, lse
 
 
@@ -280,14 +306,11 @@ def backward(grad_out, query, key, value, out, lse, ph: int, pw: int, long: bool
         return dq.zero_(), dk.zero_(), dv.zero_()
     plan = _Plan(q, v, ph, pw, long)
     delta = channel_dot(o, do)
-    bck, bcv = pow2_clamp(ck, 16, 64), pow2_clamp(plan.cv, 16, 128)
     common = (q, k, v, do, lse, delta)
     scales = (float(scale), log2_scale(scale))
-    _bwd_dq_kernel[plan.grid(ck, bck)](*common, dq, *plan.args, *scales, BLOCK_C=bck, **plan.meta)
-    _bwd_dkdv_kernel[plan.grid(ck, bck)](*common, dk, *plan.args, *scales, BLOCK_C=bck,
-                                         DV=False, **plan.meta)
-    _bwd_dkdv_kernel[plan.grid(plan.cv, bcv)](*common, dv, *plan.args, *scales, BLOCK_C=bcv,
-                                              DV=True, **plan.meta)
+    plan.launch(_bwd_dq_kernel, "dq", ck, (*common, dq), scales)
+    plan.launch(_bwd_dkdv_kernel, "dk", ck, (*common, dk), scales, DV=False)
+    plan.launch(_bwd_dkdv_kernel, "dv", plan.cv, (*common, dv), scales, DV=True)
     return dq, dk, dv
 
 

@@ -29,12 +29,23 @@ import torch
 import triton
 import triton.language as tl
 
-from segops.triton import _interpreter_compat  # noqa: F401  (numpy>=2.3 under TRITON_INTERPRET)
+from segops.triton._common import Target, target_of
 
 NORM_EPS = 1e-12
 HIST_EPS = 1e-6
-BLOCK_P = 128
-BLOCK_C = 32
+
+
+def config(dtype: torch.dtype, target: Target) -> dict:
+    """Tiles and launch options: "pixels" for the kernels over pixel blocks alone, "channels"
+    for those that also loop over channel blocks (every kernel streams; fp32 arithmetic),
+    "recon_backward" for texture_reconstruct's backward, whose three gathered feature tiles and
+    three scattered gradient tiles (int64 addresses each) spilled 8 KB with 32-channel blocks
+    on a GPU (scripts/check_triton_compile.py)."""
+    launch = target.launch(4, 3)
+    return dict(pixels=dict(BLOCK_P=128, **launch),
+                channels=dict(BLOCK_P=128, BLOCK_C=32, **launch),
+                recon_backward=dict(BLOCK_P=128, BLOCK_C=8 if target.gpu else 32,
+                                    **target.launch(4, 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,10 +302,11 @@ def qco_forward(x, num_levels, grid, cooc):
     n, c, h, w, p, s, bh, bw, r = _geometry(x, grid)
     k = num_levels
     dev, f32 = x.device, torch.float32
-    nb = triton.cdiv(bh * bw, BLOCK_P)
+    cfg = config(x.dtype, target_of(x))
+    nb = triton.cdiv(bh * bw, cfg["pixels"]["BLOCK_P"])
     launch = (n * r, nb)
     sums = torch.zeros(n, r, c, device=dev, dtype=f32)
-    _region_sum_kernel[launch](x, sums, c, p, r, s, bh, bw, w, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    _region_sum_kernel[launch](x, sums, c, p, r, s, bh, bw, w, **cfg["channels"])
     mean = sums / (bh * bw)
     gn, _ = _normalise(mean)
     sim = torch.empty(n, h, w, device=dev, dtype=f32)
@@ -302,11 +314,11 @@ def qco_forward(x, num_levels, grid, cooc):
     pmin = torch.empty(n * r, nb, device=dev, dtype=f32)
     pmax = torch.empty(n * r, nb, device=dev, dtype=f32)
     _similarity_kernel[launch](x, gn.contiguous(), sim, rnorm, pmin, pmax, c, p, r, s, bh, bw, w, nb,
-                               EPS=NORM_EPS, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+                               EPS=NORM_EPS, **cfg["channels"])
     lo, hi = pmin.amin(1), pmax.amax(1)
     lohi = torch.stack([lo, hi], 1).contiguous()
     hist = torch.zeros(n * r, k * k if cooc else k, device=dev, dtype=f32)
-    _histogram_kernel[launch](sim, lohi, hist, k, p, r, s, bh, bw, w, COOC=cooc, BLOCK_P=BLOCK_P)
+    _histogram_kernel[launch](sim, lohi, hist, k, p, r, s, bh, bw, w, COOC=cooc, **cfg["pixels"])
     total = hist.sum(1)
     hist = hist / (total + HIST_EPS)[:, None]
     levels = _coefficients(k, dev) * (hi - lo)[:, None] + lo[:, None]
@@ -323,7 +335,8 @@ def qco_backward(grad_hist, grad_levels, grad_sim, x, hist, sim, rnorm, mean, st
     n, c, h, w, p, s, bh, bw, r = _geometry(x, grid)
     k = num_levels
     dev, f32 = x.device, torch.float32
-    nb = triton.cdiv(bh * bw, BLOCK_P)
+    cfg = config(x.dtype, target_of(x))
+    nb = triton.cdiv(bh * bw, cfg["pixels"]["BLOCK_P"])
     launch = (n * r, nb)
     st = stats.reshape(n * r, 3)
     lo, hi, total = st[:, 0], st[:, 1], st[:, 2]
@@ -337,7 +350,7 @@ def qco_backward(grad_hist, grad_levels, grad_sim, x, hist, sim, rnorm, mean, st
     ties = torch.zeros(n * r, 2, device=dev, dtype=f32)
     has_gs = grad_sim is not None
     _band_backward_kernel[launch](sim, grad_sim if has_gs else sim, dh, lohi, gpart, glev, ties,
-                                  k, p, r, s, bh, bw, w, HAS_GSIM=has_gs, COOC=cooc, BLOCK_P=BLOCK_P)
+                                  k, p, r, s, bh, bw, w, HAS_GSIM=has_gs, COOC=cooc, **cfg["pixels"])
     gtot = grad_levels.reshape(n * r, k).float() - glev
     coef = _coefficients(k, dev)
     ghi = (coef * gtot).sum(1)
@@ -346,7 +359,7 @@ def qco_backward(grad_hist, grad_levels, grad_sim, x, hist, sim, rnorm, mean, st
     coefs = torch.empty(n, 2, p, device=dev, dtype=f32)
     dgn = torch.zeros(n * r, c, device=dev, dtype=f32)
     _rowsum_backward_kernel[launch](x, sim, rnorm, gpart, lohi, wties, coefs, dgn, c, p, r, s, bh,
-                                    bw, w, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+                                    bw, w, **cfg["channels"])
     m = mean.reshape(n * r, c)
     gn, nrm = _normalise(m)
     clamped = nrm < NORM_EPS
@@ -354,7 +367,7 @@ def qco_backward(grad_hist, grad_levels, grad_sim, x, hist, sim, rnorm, mean, st
     dg = torch.where(clamped, dgn, dgn - gn * proj) / nrm.clamp_min(NORM_EPS) / (bh * bw)
     gx = torch.empty_like(x)
     _input_backward_kernel[launch](x, coefs, gn.contiguous(), dg.contiguous(), gx, c, p, r, s, bh,
-                                   bw, w, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+                                   bw, w, **cfg["channels"])
     return gx
 
 
@@ -452,9 +465,10 @@ def texture_reconstruct_forward(sim, levels, features):
     cf, k = features.shape[1:]
     p = h * w
     out = torch.empty(n, cf, h, w, device=sim.device, dtype=features.dtype)
-    launch = (n, triton.cdiv(p, BLOCK_P), triton.cdiv(cf, BLOCK_C))
+    cfg = config(features.dtype, target_of(sim))["channels"]
+    launch = (n, triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(cf, cfg["BLOCK_C"]))
     _recon_forward_kernel[launch](sim, levels, _recon_lohi(sim), features, out, cf, k, p,
-                                  BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+                                  **cfg)
     return out
 
 
@@ -465,7 +479,8 @@ def texture_reconstruct_backward(grad_out, sim, levels, features):
     gsim = torch.empty_like(sim)
     glev = torch.zeros(n, k, device=sim.device, dtype=torch.float32)
     gf = torch.zeros(n, cf, k, device=sim.device, dtype=torch.float32)
-    launch = (n, triton.cdiv(p, BLOCK_P))
+    cfg = config(features.dtype, target_of(sim))["recon_backward"]
+    launch = (n, triton.cdiv(p, cfg["BLOCK_P"]))
     _recon_backward_kernel[launch](grad_out, sim, levels, _recon_lohi(sim), features, gsim, glev, gf,
-                                   cf, k, p, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+                                   cf, k, p, **cfg)
     return gsim, glev.to(levels.dtype), gf.to(features.dtype)

@@ -19,14 +19,13 @@ Backward (deterministic, no atomics):
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from segops.triton._common import dot_precision, pow2_clamp
+from segops.triton._common import Target, dot_precision, pow2_clamp, register_tiles, target_of
 
 SIM_NONE, SIM_CHARBONNIER, SIM_GAUSSIAN = 0, 1, 2
 _SIM = {"none": SIM_NONE, "charbonnier": SIM_CHARBONNIER, "gaussian": SIM_GAUSSIAN}
@@ -241,13 +240,32 @@ def _grad_guidance_gaussian_kernel(V, S, GS, DV, Cg, H, W, HW, KS: tl.constexpr,
 
 # ---- launchers --------------------------------------------------------------------------------
 
-def _on_gpu(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda"
+def config(cin: int, cout: int, cg: int, hw: int, dtype: torch.dtype, target: Target) -> dict:
+    """Tiles and launch options of every kernel ("similarity", "forward", "grad_weight",
+    "grad_input", "grad_guidance") for Cin -> Cout channels, Cg guidance channels and HW pixels.
+    grad_input keeps four [BLOCK_P, BLOCK_C] fp32 tiles live across its loop (du, dv and the
+    two dD accumulators): small tiles there. fp32 on a GPU halves the GEMM tiles and drops the
+    software pipelining (fp32 tl.dot holds its operands in registers; the 16-bit tiles spilled
+    36-940 B in fp32 and took 176 KB of shared memory, over sm_80's limit,
+    scripts/check_triton_compile.py)."""
+    kind = register_tiles(dtype, target)
+    fwd, dw, di, guide = dict(interpreter=((64, 16, 32), (64, 16, 32), (64, 16, 32), (64, 16)),
+                              fp32=((64, 16, 64), (64, 32, 64), (64, 16, 32), (64, 32)),
+                              mma=((128, 32, 128), (64, 64, 128), (64, 32, 64), (64, 32)),
+                              wgmma=((128, 32, 128), (64, 64, 128), (64, 32, 64), (64, 32)))[kind]
 
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    def tiles(p, c, channels, o=None):
+        out = dict(BLOCK_P=pow2_clamp(hw, 16, p), BLOCK_C=pow2_clamp(channels, 16, c))
+        if o is not None:
+            out["BLOCK_O"] = pow2_clamp(cout, 16, o)
+        return out
+    gemm = target.launch(8, 1 if kind == "fp32" else 3)
+    return dict(similarity=dict(tiles(128, 32, cg), **target.launch(4, 3)),
+                forward=dict(tiles(fwd[0], fwd[1], cin, fwd[2]), **gemm),
+                grad_weight=dict(tiles(dw[0], dw[1], cin, dw[2]), **gemm),
+                grad_input=dict(tiles(di[0], di[1], cin, di[2]),
+                                **target.launch(8, 1 if kind == "fp32" else 2)),
+                grad_guidance=dict(tiles(guide[0], guide[1], cg), **target.launch(4, 3)))
 
 
 def _geometry(input, weight):
@@ -260,11 +278,9 @@ def _gaussian_similarity(guidance, k, dilation, sigma):
     n, cg, h, w = guidance.shape
     hw = h * w
     S = torch.empty((n, k * k, hw), device=guidance.device, dtype=torch.float32)
-    bp = pow2_clamp(hw, 16, 128)
-    bc = pow2_clamp(cg, 16, 32)
-    _gaussian_similarity_kernel[(triton.cdiv(hw, bp), k * k, n)](
-        guidance, S, cg, h, w, hw, k, dilation, -1.0 / (2.0 * sigma * sigma * cg),
-        BLOCK_P=bp, BLOCK_C=bc)
+    cfg = config(cg, cg, cg, hw, guidance.dtype, target_of(guidance))["similarity"]
+    _gaussian_similarity_kernel[(triton.cdiv(hw, cfg["BLOCK_P"]), k * k, n)](
+        guidance, S, cg, h, w, hw, k, dilation, -1.0 / (2.0 * sigma * sigma * cg), **cfg)
     return S
 
 
@@ -282,16 +298,11 @@ def forward(input: torch.Tensor, guidance: torch.Tensor, weight: torch.Tensor,
     if out.numel() == 0:
         return out
     S = _gaussian_similarity(guidance, k, dilation, sigma) if sim == SIM_GAUSSIAN else input
-    gpu = _on_gpu(input)
-    bp = pow2_clamp(hw, 16, 128 if gpu else 64)
-    bo = pow2_clamp(cout, 16, 128 if gpu else 32)
-    bc = pow2_clamp(cin, 16, 32 if gpu else 16)
-    grid = (triton.cdiv(hw, bp), triton.cdiv(cout, bo), n)
+    cfg = config(cin, cout, guidance.shape[1], hw, input.dtype, target_of(input))["forward"]
+    grid = (triton.cdiv(hw, cfg["BLOCK_P"]), triton.cdiv(cout, cfg["BLOCK_O"]), n)
     _forward_kernel[grid](input, guidance, S, _tap_major(weight), bias if bias is not None else input,
                           out, cin, cout, h, w, hw, k, dilation, 1.0 / (sigma * sigma), SIM=sim,
-                          HAS_BIAS=bias is not None, DOT_PREC=dot_precision(input.dtype),
-                          BLOCK_P=bp, BLOCK_C=bc, BLOCK_O=bo,
-                          **({"num_warps": 8, "num_stages": 3} if gpu else {}))
+                          HAS_BIAS=bias is not None, DOT_PREC=dot_precision(input.dtype), **cfg)
     return out
 
 
@@ -305,7 +316,8 @@ def backward(grad_out: torch.Tensor, input: torch.Tensor, guidance: torch.Tensor
     if grad_out.numel() == 0 or input.numel() == 0:
         return (torch.zeros_like(input), torch.zeros_like(guidance), torch.zeros_like(weight),
                 grad_bias)
-    gpu = _on_gpu(input)
+    target = target_of(input)
+    cfgs = config(cin, cout, guidance.shape[1], hw, input.dtype, target)
     prec = dot_precision(input.dtype)
     inv_s2 = 1.0 / (sigma * sigma)
     S = _gaussian_similarity(guidance, k, dilation, sigma) if sim == SIM_GAUSSIAN else input
@@ -313,44 +325,38 @@ def backward(grad_out: torch.Tensor, input: torch.Tensor, guidance: torch.Tensor
 
     # grad_weight: the N * ceil(HW / BLOCK_P) pixel blocks are split into chunks reduced by
     # separate programs into fp32 partials (deterministic), enough to fill the GPU.
-    bp = pow2_clamp(hw, 16, 64 if gpu else 64)
-    bc = pow2_clamp(cin, 16, 64 if gpu else 16)
-    bo = pow2_clamp(cout, 16, 128 if gpu else 32)
-    blocks_per_image = triton.cdiv(hw, bp)
+    cfg = cfgs["grad_weight"]
+    blocks_per_image = triton.cdiv(hw, cfg["BLOCK_P"])
     nblocks = n * blocks_per_image
-    tiles = kk * triton.cdiv(cin, bc) * triton.cdiv(cout, bo)
-    splits = max(1, min(nblocks, (4 * _sm_count(dev)) // max(1, tiles))) if gpu else 1
+    tiles = kk * triton.cdiv(cin, cfg["BLOCK_C"]) * triton.cdiv(cout, cfg["BLOCK_O"])
+    splits = max(1, min(nblocks, (4 * target.sm_count) // max(1, tiles))) if target.gpu else 1
     if _DW_SPLITS is not None:  # tests force the split-K path under the interpreter
         splits = max(1, min(nblocks, _DW_SPLITS))
     blocks_per_split = triton.cdiv(nblocks, splits)
     splits = triton.cdiv(nblocks, blocks_per_split)
     dwp = torch.empty((splits, kk, cin, cout), device=dev, dtype=torch.float32)
-    _grad_weight_kernel[(kk * splits, triton.cdiv(cin, bc), triton.cdiv(cout, bo))](
+    _grad_weight_kernel[(kk * splits, triton.cdiv(cin, cfg["BLOCK_C"]),
+                         triton.cdiv(cout, cfg["BLOCK_O"]))](
         input, guidance, S, grad_out, dwp, n, cin, cout, h, w, hw, blocks_per_image,
-        blocks_per_split, k, dilation, inv_s2, SIM=sim, DOT_PREC=prec, BLOCK_P=bp, BLOCK_C=bc,
-        BLOCK_O=bo, **({"num_warps": 8, "num_stages": 3} if gpu else {}))
+        blocks_per_split, k, dilation, inv_s2, SIM=sim, DOT_PREC=prec, **cfg)
     grad_weight = dwp.sum(0).view(k, k, cin, cout).permute(3, 2, 0, 1).to(weight.dtype).contiguous()
 
-    # grad_input (+ charbonnier grad_guidance, + gaussian dL/dS partials); four [BLOCK_P, BLOCK_C]
-    # fp32 tiles live across the loop (du, dv, and the two dD accumulators): keep them small.
-    bp = pow2_clamp(hw, 16, 64 if gpu else 64)
-    bc = pow2_clamp(cin, 16, 32 if gpu else 16)
-    bo = pow2_clamp(cout, 16, 64 if gpu else 32)
-    ncb = triton.cdiv(cin, bc)
+    # grad_input (+ charbonnier grad_guidance, + gaussian dL/dS partials)
+    cfg = cfgs["grad_input"]
+    ncb = triton.cdiv(cin, cfg["BLOCK_C"])
     grad_input = torch.empty_like(input)
     grad_guidance = torch.empty_like(guidance) if sim == SIM_CHARBONNIER else torch.zeros_like(guidance)
     gs = (torch.empty((ncb, n, kk, hw), device=dev, dtype=torch.float32) if sim == SIM_GAUSSIAN
           else input)
-    _grad_input_kernel[(triton.cdiv(hw, bp), ncb, n)](
+    _grad_input_kernel[(triton.cdiv(hw, cfg["BLOCK_P"]), ncb, n)](
         input, guidance, S, wt, grad_out, grad_input, grad_guidance, gs, n, cin, cout, h, w, hw,
-        k, dilation, inv_s2, SIM=sim, DOT_PREC=prec, BLOCK_P=bp, BLOCK_C=bc, BLOCK_O=bo,
-        **({"num_warps": 8, "num_stages": 2} if gpu else {}))
+        k, dilation, inv_s2, SIM=sim, DOT_PREC=prec, **cfg)
     if sim == SIM_GAUSSIAN:
         gsum = gs.sum(0)
         cg = guidance.shape[1]
-        bpg = pow2_clamp(hw, 16, 64 if gpu else 64)
-        bcg = pow2_clamp(cg, 16, 32 if gpu else 16)
-        _grad_guidance_gaussian_kernel[(triton.cdiv(hw, bpg), triton.cdiv(cg, bcg), n)](
+        cfg = cfgs["grad_guidance"]
+        _grad_guidance_gaussian_kernel[(triton.cdiv(hw, cfg["BLOCK_P"]),
+                                        triton.cdiv(cg, cfg["BLOCK_C"]), n)](
             guidance, S, gsum, grad_guidance, cg, h, w, hw, k, dilation,
-            1.0 / (sigma * sigma * cg), BLOCK_P=bpg, BLOCK_C=bcg)
+            1.0 / (sigma * sigma * cg), **cfg)
     return grad_input, grad_guidance, grad_weight, grad_bias
