@@ -105,6 +105,14 @@ class Job:
         return (self.module, self.kernel, self.arch, self.dtype, pointers,
                 tuple(self.chosen()), self.options["num_warps"], self.options["num_stages"])
 
+    @property
+    def identity(self):
+        """Everything triton.compile sees: jobs that agree here are one compilation (a second
+        one would be a cache hit, with no ptxas report)."""
+        return (self.module, self.kernel, self.arch, repr(self.signature),
+                repr(sorted(self.constexprs.items())), repr(sorted(self.attrs.items())),
+                repr(sorted(self.options.items())))
+
     def chosen(self) -> list:
         """(name, value) of the kernel's tl.constexpr parameters (what the launcher chooses)."""
         fn = _kernel(self.module, self.kernel)
@@ -270,6 +278,8 @@ def check(job: Job, result: dict) -> list[str]:
     """The reasons this compiled kernel fails the tier (empty: it passes)."""
     if "error" in result:
         return [result["error"]]
+    if result["regs"] is None:
+        return ["no ptxas report"]
     out = []
     limit = TARGETS[job.arch].smem_bytes
     if result["shared"] > limit:
@@ -294,13 +304,14 @@ def report(jobs: list[Job], results: list[dict], seconds: float) -> str:
         sources[key].update(s.split(" ")[0] + (" (GPU shape)" if " gpu:" in s else "")
                             for s in job.sources)
     failed = sum(bool(check(j, r)) for j, r in zip(jobs, results))
-    cpu = sum(r["cpu"] for r in results)
+    distinct = {j.identity: r for j, r in zip(jobs, results)}
+    cpu = sum(r["cpu"] for r in distinct.values())
     lines = [f"# Triton compile tier: {', '.join(f'sm_{a}' for a in archs)}",
              "",
              f"`python scripts/check_triton_compile.py` — triton {triton.__version__}, torch "
-             f"{torch.__version__}; {len(jobs)} kernel compilations ({len(rows)} kernel "
-             f"configurations x architectures), {failed} failing; {seconds:.0f} s wall, "
-             f"{cpu:.0f} s CPU in the compiler processes.",
+             f"{torch.__version__}; {len(jobs)} kernel configurations x architectures x dtypes "
+             f"({len(rows)} rows; {len(distinct)} distinct compilations), {failed} failing; "
+             f"{seconds:.0f} s wall, {cpu:.0f} s CPU in the compiler processes.",
              "",
              f"Checks: compiles; shared memory within the device limit (sm_80: A100 "
              f"{SM80.smem_bytes // 1024} KiB, sm_90: H100/H200 {SM90.smem_bytes // 1024} KiB); "
@@ -348,9 +359,11 @@ def main(argv=None) -> int:
             for j in jobs:
                 first.setdefault((j.module, j.kernel, j.arch, j.dtype), j)
             jobs = list(first.values())
-        print(f"{len(jobs)} kernel compilations", flush=True)
+        print(f"{len(jobs)} kernel configurations", flush=True)
+        unique = {job.identity: job for job in reversed(jobs)}
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("fork")) as pool:
-            results = list(pool.map(compile_job, jobs))
+            compiled = dict(zip(unique, pool.map(compile_job, unique.values())))
+        results = [compiled[job.identity] for job in jobs]
     finally:
         shutil.rmtree(_CACHE, ignore_errors=True)
     text = report(jobs, results, time.perf_counter() - start)
