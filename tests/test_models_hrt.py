@@ -288,20 +288,11 @@ def test_swin_parameter_count(variant):
 
 # (name, input size, number of aux outputs in training mode). fcn_hr18 / mit-b1 are left out to
 # save time: their backbones run in ocrnet_hr18 / differ from b0 only in width.
-FORWARD = [
-    ("fcn_hr18s", (64, 48), 0),
-    ("ocrnet_hr18s", (64, 48), 1),
-    ("ocrnet_hr18", (64, 48), 1),
-    ("segformer_mit-b0", (64, 48), 0),
-    ("segformer_mit-b2", (64, 48), 0),
-    ("segmenter_vit-t_mask", (64, 48), 0),
-    ("segmenter_vit-s_mask", (48, 32), 0),
-    ("upernet_swin-t", (64, 64), 1),
-    ("fpn_r50", (64, 64), 0),
-    ("sdn-fpn_r50", (64, 64), 0),
-    ("ocrnet_r101-d8", (32, 32), 1),
-    ("sdn-segmenter_vit-s_mask", (64, 48), 0),
-]
+FORWARD = [("fcn_hr18s", (64, 48), 0), ("ocrnet_hr18s", (64, 48), 1), ("ocrnet_hr18", (64, 48), 1),
+           ("segformer_mit-b0", (64, 48), 0), ("segformer_mit-b2", (64, 48), 0),
+           ("segmenter_vit-t_mask", (64, 48), 0), ("segmenter_vit-s_mask", (48, 32), 0),
+           ("upernet_swin-t", (64, 64), 1), ("fpn_r50", (64, 64), 0), ("sdn-fpn_r50", (64, 64), 0),
+           ("ocrnet_r101-d8", (32, 32), 1), ("sdn-segmenter_vit-s_mask", (64, 48), 0)]
 
 
 @pytest.mark.parametrize("name,size,n_aux", FORWARD)

@@ -298,13 +298,18 @@ def _coefficients(k, device):
     return (2 * i + 1) / (2 * k)
 
 
-def qco_forward(x, num_levels, grid, cooc):
-    n, c, h, w, p, s, bh, bw, r = _geometry(x, grid)
-    k = num_levels
-    dev, f32 = x.device, torch.float32
+def _plan(x, grid):
+    """Geometry, launch config, pixel blocks per region and the grid of the region kernels."""
+    geometry = _geometry(x, grid)
+    n, bh, bw, r = geometry[0], geometry[6], geometry[7], geometry[8]
     cfg = config(x.dtype, target_of(x))
     nb = triton.cdiv(bh * bw, cfg["pixels"]["BLOCK_P"])
-    launch = (n * r, nb)
+    return geometry, cfg, nb, (n * r, nb)
+
+
+def qco_forward(x, num_levels, grid, cooc):
+    (n, c, h, w, p, s, bh, bw, r), cfg, nb, launch = _plan(x, grid)
+    k, dev, f32 = num_levels, x.device, torch.float32
     sums = torch.zeros(n, r, c, device=dev, dtype=f32)
     _region_sum_kernel[launch](x, sums, c, p, r, s, bh, bw, w, **cfg["channels"])
     mean = sums / (bh * bw)
@@ -332,12 +337,8 @@ def qco_forward(x, num_levels, grid, cooc):
 
 def qco_backward(grad_hist, grad_levels, grad_sim, x, hist, sim, rnorm, mean, stats, num_levels,
                  grid, cooc):
-    n, c, h, w, p, s, bh, bw, r = _geometry(x, grid)
-    k = num_levels
-    dev, f32 = x.device, torch.float32
-    cfg = config(x.dtype, target_of(x))
-    nb = triton.cdiv(bh * bw, cfg["pixels"]["BLOCK_P"])
-    launch = (n * r, nb)
+    (n, c, h, w, p, s, bh, bw, r), cfg, nb, launch = _plan(x, grid)
+    k, dev, f32 = num_levels, x.device, torch.float32
     st = stats.reshape(n * r, 3)
     lo, hi, total = st[:, 0], st[:, 1], st[:, 2]
     lohi = st[:, :2].contiguous()
