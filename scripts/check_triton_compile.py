@@ -171,8 +171,8 @@ def _meta(tensors: dict, dtype: torch.dtype) -> dict:
 def _run_fused(spec, call):
     """Run `call` (the public function) with spec's fused step replaced by the Triton forward
     and backward launchers on the same (meta) arguments."""
-    forward = spec.backends.fused["triton"].fn("forward")
-    backward = spec.backends.fused["triton"].fn("backward")
+    forward = spec.backends.fused["triton"].forward
+    backward = spec.backends.fused["triton"].backward
     n_inputs, n_params = len(spec.inputs), len(spec.params)
 
     def fused(backend, *args):

@@ -100,9 +100,6 @@ class FusedBackend:
     kernels: tuple = ()
     module: str | None = None
 
-    def fn(self, which: str) -> Callable:
-        return getattr(self, which)
-
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype | None) -> str | None:
         if self.module is not None and not _module_exists(self.module):
             reason = f"{self.module} is not implemented"

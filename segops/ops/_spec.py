@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -137,13 +137,19 @@ class OpSpec:
         """Results whose gradients the backward receives (None: a slot the op never fills)."""
         return self.grad_of if self.grad_of is not None else self.results[:self.public]
 
+    @property
+    def slots(self) -> Optional[tuple]:
+        """The incoming-gradient slots of the fused backward when the op leaves some unfilled."""
+        return self.incoming if None in self.incoming else None
+
     def compiled_backend(self, library: str, name: str = "cpu", dtypes: tuple = CUDA_DTYPES
                          ) -> FusedBackend:
-        """This op's kernel pair taken from another compiled library (the CUDA emulation)."""
-        slots = self.incoming if None in self.incoming else None
-        return FusedBackend(name, _compiled(self.kernels[0], self.kernel_args, None, library),
-                            _compiled(self.kernels[1], self.kernel_args, slots, library),
-                            dtypes=dtypes, kernels=self.kernels)
+        """This op's kernel pair from a compiled library: segops_C for the cpu and cuda
+        backends, or another build of the same kernels (the CUDA emulation)."""
+        return FusedBackend(
+            name, _implementation(_compiled(library, self.kernels[0]), self.kernel_args),
+            _implementation(_compiled(library, self.kernels[1]), self.kernel_args, self.slots),
+            dtypes=dtypes, kernels=self.kernels)
 
     # -- calling -------------------------------------------------------------------------------
     def select(self, backend: str, like: Tensor) -> str:
@@ -190,26 +196,31 @@ def _fill_slots(args: tuple, slots: Optional[tuple]) -> tuple:
     return tuple(None if s is None else next(it) for s in slots) + tuple(it)
 
 
-def _compiled(kernel: str, kernel_args: tuple, slots: Optional[tuple] = None,
-              library: str = "segops_C") -> Callable:
-    """A compiled kernel as a fused implementation (the dispatcher picks CPU or CUDA)."""
-    def call(*args):
-        return getattr(getattr(torch.ops, library), kernel)(*_fill_slots(args, slots), *kernel_args)
-    call.__name__ = kernel
-    return call
-
-
-def _imported(target: str, kernel_args: tuple, slots: Optional[tuple] = None) -> Callable:
-    """A "module:function" launcher imported on first use (no Triton import at segops import)."""
+def _implementation(resolve: Callable[[], Callable], kernel_args: tuple,
+                    slots: Optional[tuple] = None) -> Callable:
+    """A fused implementation following the calling convention above: `resolve()` finds the
+    kernel or launcher on first use (so nothing is imported or looked up at segops import)."""
     cache = {}
 
     def call(*args):
         if "fn" not in cache:
-            import importlib
-            module, attr = target.split(":")
-            cache["fn"] = getattr(importlib.import_module(module), attr)
+            cache["fn"] = resolve()
         return cache["fn"](*_fill_slots(args, slots), *kernel_args)
     return call
+
+
+def _compiled(library: str, kernel: str) -> Callable[[], Callable]:
+    """Resolver of a compiled kernel (the dispatcher picks its CPU or CUDA implementation)."""
+    return lambda: getattr(getattr(torch.ops, library), kernel)
+
+
+def _imported(target: str) -> Callable[[], Callable]:
+    """Resolver of a "module:function" launcher (no Triton import at segops import)."""
+    def resolve():
+        import importlib
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+    return resolve
 
 
 def define(spec: OpSpec) -> OpSpec:
@@ -218,30 +229,24 @@ def define(spec: OpSpec) -> OpSpec:
     spec.kernels = spec.kernels or (f"{name}_forward", f"{name}_backward")
     spec.triton = spec.triton or (f"segops.triton.{name}:forward", f"segops.triton.{name}:backward")
     spec.backends = backends = op_backends(name)
-    slots = spec.incoming if None in spec.incoming else None
-    fwd_kernel, bwd_kernel = spec.kernels
-    compiled = dict(forward=_compiled(fwd_kernel, spec.kernel_args),
-                    backward=_compiled(bwd_kernel, spec.kernel_args, slots))
-    backends.register(FusedBackend("cpu", compiled["forward"], compiled["backward"],
-                                   dtypes=CPU_DTYPES, kernels=spec.kernels))
-    backends.register(FusedBackend("cuda", compiled["forward"], compiled["backward"],
-                                   dtypes=CUDA_DTYPES, kernels=spec.kernels))
+    backends.register(spec.compiled_backend("segops_C", "cpu", CPU_DTYPES))
+    backends.register(spec.compiled_backend("segops_C", "cuda", CUDA_DTYPES))
     backends.register(FusedBackend(
-        "triton", _imported(spec.triton[0], spec.kernel_args),
-        _imported(spec.triton[1], spec.kernel_args, slots), dtypes=TRITON_DTYPES,
-        module=spec.triton[0].split(":")[0]))
+        "triton", _implementation(_imported(spec.triton[0]), spec.kernel_args),
+        _implementation(_imported(spec.triton[1]), spec.kernel_args, spec.slots),
+        dtypes=TRITON_DTYPES, module=spec.triton[0].split(":")[0]))
 
     n_inputs, n_params = len(spec.inputs), len(spec.params)
 
     def forward_impl(*args):
-        return backends.fused[args[-1]].fn("forward")(*args[:-1])
+        return backends.fused[args[-1]].forward(*args[:-1])
 
     forward_op = torch.library.custom_op(f"segops::{name}", forward_impl, mutates_args=(),
                                          schema=_forward_schema(spec))
     forward_op.register_fake(lambda *args: spec.fake(*args[:-1]))
 
     def backward_impl(*args):
-        return backends.fused[args[-1]].fn("backward")(*args[:-1])
+        return backends.fused[args[-1]].backward(*args[:-1])
 
     backward_op = torch.library.custom_op(f"segops::{name}_backward", backward_impl,
                                           mutates_args=(), schema=_backward_schema(spec))
