@@ -24,7 +24,6 @@ input is an empty tensor.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -32,7 +31,6 @@ import torch
 from torch import Tensor
 
 from segops._backend import FusedBackend, OpBackends, op_backends
-from segops.ops import _validate as V
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -299,32 +297,6 @@ SPECS: dict[str, OpSpec] = {}
 def randn(generator: torch.Generator, *shape: int, scale: float = 1.0, shift: float = 0.0) -> Tensor:
     """fp64 CPU normal samples from `generator` (samples are reproducible on any machine)."""
     return scale * torch.randn(*shape, generator=generator, dtype=torch.float64) + shift
-
-
-def check_finite_number(op: str, name: str, value, positive: bool = False) -> None:
-    """`value` is a real number (not a bool), finite, and > 0 if `positive`."""
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (value > 0 or not positive))
-    if not ok:
-        raise ValueError(f"segops.{op}: `{name}` must be a finite number{' > 0' if positive else ''}, "
-                         f"got {value!r}")
-
-
-def check_int(op: str, name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"segops.{op}: `{name}` must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"segops.{op}: `{name}` must be >= {minimum}, got {value}")
-
-
-def check_qkv(op: str, query: Tensor, key: Tensor, value: Tensor) -> None:
-    """query, key: (N, Ck, H, W) of one shape; value: (N, Cv, H, W); one device and dtype."""
-    for arg, t in (("query", query), ("key", key), ("value", value)):
-        V.check_tensor(op, arg, t, ndim=4)
-    V.check_same_device_dtype(op, query=query, key=key, value=value)
-    V.check_dims(op, "key", key, (0, 1, 2, 3), query.shape, "the shape of `query` (N, Ck, H, W)")
-    V.check_dims(op, "value", value, (0, 2, 3), (query.shape[0],) + tuple(query.shape[2:]),
-                 "(N, H, W) of `query`")
 
 
 def logits_need_a_channel(query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:

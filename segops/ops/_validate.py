@@ -1,6 +1,7 @@
 """Argument checks shared by the operators: clear errors naming the argument (docs/operators.md §1)."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -54,3 +55,28 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels accumulate and save statistics in: fp64 for fp64 inputs, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
+
+def check_finite_number(op: str, name: str, value, positive: bool = False) -> None:
+    """`value` is a real number (not a bool), finite, and > 0 if `positive`."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > 0 or not positive))
+    if not ok:
+        raise ValueError(f"segops.{op}: `{name}` must be a finite number{' > 0' if positive else ''}, "
+                         f"got {value!r}")
+
+
+def check_int(op: str, name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"segops.{op}: `{name}` must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"segops.{op}: `{name}` must be >= {minimum}, got {value}")
+
+
+def check_qkv(op: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """query, key: (N, Ck, H, W) of one shape; value: (N, Cv, H, W); one device and dtype."""
+    for arg, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(op, arg, t, ndim=4)
+    check_same_device_dtype(op, query=query, key=key, value=value)
+    check_dims(op, "key", key, (0, 1, 2, 3), query.shape, "the shape of `query` (N, Ck, H, W)")
+    check_dims(op, "value", value, (0, 2, 3), (query.shape[0],) + tuple(query.shape[2:]),
+               "(N, H, W) of `query`")

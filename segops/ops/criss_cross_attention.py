@@ -63,7 +63,7 @@ def criss_cross_attention(query: Tensor, key: Tensor, value: Tensor, *,
     query, key: (N, Ck, H, W); value: (N, Cv, H, W) -> (N, Cv, H, W). One joint softmax over the
     H + W - 1 positions, no scaling (mmcv/CCNet semantics).
     """
-    _spec.check_qkv(SPEC.name, query, key, value)
+    V.check_qkv(SPEC.name, query, key, value)
     name = SPEC.select(backend, query)
     if name == "reference":
         return _reference(query, key, value)

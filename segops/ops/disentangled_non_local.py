@@ -119,8 +119,8 @@ def _validate(query, key, value, unary, whiten, scale, temperature) -> None:
     if not isinstance(whiten, bool):
         raise TypeError(f"segops.{OP}: `whiten` must be a bool, got {type(whiten).__name__}")
     if scale is not None:
-        _spec.check_finite_number(OP, "scale", scale)
-    _spec.check_finite_number(OP, "temperature", temperature, positive=True)
+        V.check_finite_number(OP, "scale", scale)
+    V.check_finite_number(OP, "temperature", temperature, positive=True)
 
 
 def disentangled_non_local(query: Tensor, key: Tensor, value: Tensor, unary: Optional[Tensor] = None,

@@ -102,7 +102,7 @@ def _block_size(block_size) -> tuple[int, int]:
 
 
 def _validate(query: Tensor, key: Tensor, value: Tensor, block_size, mode, scale):
-    _spec.check_qkv(OP, query, key, value)
+    V.check_qkv(OP, query, key, value)
     ph, pw = _block_size(block_size)
     if mode not in MODES:
         raise ValueError(f"segops.{OP}: `mode` must be 'long' or 'short', got {mode!r}")
@@ -112,7 +112,7 @@ def _validate(query: Tensor, key: Tensor, value: Tensor, block_size, mode, scale
                          f"`block_size` (Ph, Pw) = ({ph}, {pw}); pad the input (the "
                          "InterlacedSparseAttention module does)")
     if scale is not None:
-        _spec.check_finite_number(OP, "scale", scale)
+        V.check_finite_number(OP, "scale", scale)
     return ph, pw
 
 

@@ -215,7 +215,7 @@ def qco_1d(x: Tensor, num_levels: int, *, backend: str = "auto") -> tuple[Tensor
     E = 1 − |L − sim| within one level spacing (each pixel hits at most 2 levels).
     """
     V.check_tensor(QCO_1D.name, "x", x, ndim=4)
-    _spec.check_int(QCO_1D.name, "num_levels", num_levels)
+    V.check_int(QCO_1D.name, "num_levels", num_levels)
     name = QCO_1D.select(backend, x)
     n, _, h, w = x.shape
     if h * w == 0:  # no pixels: an empty histogram
@@ -234,8 +234,8 @@ def qco_2d(x: Tensor, num_levels: int, grid: int, *, backend: str = "auto") -> t
     (pixel at level a, its (+1, +1) neighbour inside the region at level b).
     """
     V.check_tensor(QCO_2D.name, "x", x, ndim=4)
-    _spec.check_int(QCO_2D.name, "num_levels", num_levels)
-    _spec.check_int(QCO_2D.name, "grid", grid)
+    V.check_int(QCO_2D.name, "num_levels", num_levels)
+    V.check_int(QCO_2D.name, "grid", grid)
     h, w = x.shape[2:]
     if h % grid or w % grid:
         raise ValueError(f"segops.qco_2d: the spatial size of `x` must be divisible by grid = {grid}, "

@@ -121,7 +121,7 @@ def _validate(input, guidance, weight, bias, dilation, similarity, sigma) -> Non
     if similarity == "charbonnier" and guidance.shape[1] != cin:
         raise ValueError(f"segops.{OP}: similarity='charbonnier' is per channel and needs "
                          f"`guidance` with Cg == Cin = {cin} channels, got shape {tuple(guidance.shape)}")
-    _spec.check_finite_number(OP, "sigma", sigma, positive=True)
+    V.check_finite_number(OP, "sigma", sigma, positive=True)
 
 
 def semantic_difference_conv2d(input: Tensor, guidance: Tensor, weight: Tensor,
