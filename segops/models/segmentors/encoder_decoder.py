@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 from torch import Tensor, nn
 
 from segops.models.common import resize
+from segops.models.loss_terms import LossTerm, main_and_aux_terms
 
 
 class EncoderDecoder(nn.Module):
@@ -15,11 +16,14 @@ class EncoderDecoder(nn.Module):
     training mode it returns {"out": logits, "aux": [aux logits at the input size, ...]}.
     State-dict keys follow mmseg: `backbone.*`, `neck.*`, `decode_head.*`, `auxiliary_head.*`
     (a ModuleList `auxiliary_head.<i>.*` when there are several).
+    `loss_terms` (see segops.models.loss_terms): cross-entropy on "out" and on each auxiliary
+    output with `aux_weights` (one weight for all, or one per auxiliary output).
     """
 
     def __init__(self, backbone: nn.Module, decode_head: nn.Module, neck: Optional[nn.Module] = None,
-                 auxiliary_head=None, align_corners: bool = False) -> None:
+                 auxiliary_head=None, align_corners: bool = False, aux_weights=0.4) -> None:
         super().__init__()
+        self.aux_weights = aux_weights
         self.backbone = backbone
         if neck is not None:
             self.neck = neck
@@ -42,6 +46,14 @@ class EncoderDecoder(nn.Module):
 
     def _decode(self, x) -> Tensor:
         return self.decode_head(x)
+
+    @property
+    def num_aux_outputs(self) -> int:
+        return len(self._aux_heads())
+
+    @property
+    def loss_terms(self) -> list[LossTerm]:
+        return main_and_aux_terms(self.num_aux_outputs, self.aux_weights)
 
     def _aux_heads(self) -> Sequence[nn.Module]:
         aux = getattr(self, "auxiliary_head", None)
@@ -75,6 +87,10 @@ class CascadeEncoderDecoder(EncoderDecoder):
 
     def _decode(self, x) -> Tensor:
         return self._decode_stages(x)[-1]
+
+    @property
+    def num_aux_outputs(self) -> int:
+        return self.num_stages - 1 + len(self._aux_heads())
 
     def forward(self, img: Tensor):
         """As EncoderDecoder; in training mode "aux" starts with the logits of every stage but
