@@ -1,0 +1,317 @@
+"""Train a segops model: iteration-based, poly learning rate, checkpoints with exact resume.
+
+    python -m segops.train --model NAME --dataset folder --data-root DIR --num-classes N \
+        --iters 400 --batch-size 4 --crop-size 64 64 --work-dir WORK [--resume WORK/latest.pth]
+    torchrun --nproc_per_node=P -m segops.train ...   (DistributedDataParallel, batch P x B)
+
+The loss is the model's own `loss_terms` (segops.models.losses); the optimizer and schedule
+follow the model's reference config (RECIPES). The work dir receives log.jsonl (one JSON object
+per logged iteration), iter_<k>.pth every --checkpoint-interval iterations and at the end, and
+latest.pth. A checkpoint holds the model ("state_dict", loadable by
+`segops.models.build(..., pretrained=PATH)`), the optimizer, the schedule, the loss state (memory
+banks), the iteration and every process's RNG states, so `--resume` continues with the losses an
+uninterrupted run would have had (given the seed; data augmentation is seeded per sample).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from segops import distributed as segdist
+from segops.data import TrainTransform, build_dataset
+from segops.evaluate import add_model_arguments, import_modules
+from segops.models.losses import Criterion
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimizer and learning-rate schedule: linear warmup from lr * warmup_ratio over
+    `warmup_iters`, then poly decay to `min_lr` with `power` (mmseg's PolyLR)."""
+
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: tuple = (0.9, 0.999)
+    power: float = 0.9
+    min_lr: float = 1e-4
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-6
+    head_lr_mult: float = 1.0  # learning-rate multiplier of decode_head.* parameters
+    no_decay_norm: bool = False  # no weight decay on norms, biases and position embeddings
+
+
+# Model-name prefix -> the reference config's optimizer and schedule (mmseg's configs; the
+# dilated-FCN family and anything not listed: SGD 0.01, momentum 0.9, wd 5e-4, poly 0.9).
+RECIPES = {
+    "segformer_": Recipe("adamw", lr=6e-5, weight_decay=0.01, power=1.0, min_lr=0.0,
+                         warmup_iters=1500, head_lr_mult=10.0, no_decay_norm=True),
+    "upernet_swin": Recipe("adamw", lr=6e-5, weight_decay=0.01, power=1.0, min_lr=0.0,
+                           warmup_iters=1500, no_decay_norm=True),
+    "segmenter_": Recipe("sgd", lr=0.001, weight_decay=0.0),
+    "sdn-segmenter_": Recipe("sgd", lr=0.001, weight_decay=0.0),
+}
+
+
+def recipe_for(model_name: str) -> Recipe:
+    for prefix, recipe in RECIPES.items():
+        if model_name.startswith(prefix):
+            return recipe
+    return Recipe()
+
+
+def lr_factor(recipe: Recipe, it: int, total: int) -> float:
+    """The learning rate at iteration `it` divided by recipe.lr."""
+    if it < recipe.warmup_iters:
+        return recipe.warmup_ratio + (1 - recipe.warmup_ratio) * it / recipe.warmup_iters
+    span = max(total - recipe.warmup_iters, 1)
+    progress = min((it - recipe.warmup_iters) / span, 1.0)
+    lr = (recipe.lr - recipe.min_lr) * (1 - progress) ** recipe.power + recipe.min_lr
+    return lr / recipe.lr
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr = recipe.lr * (recipe.head_lr_mult if name.startswith("decode_head.") else 1.0)
+        no_decay = recipe.no_decay_norm and (param.ndim <= 1 or "pos_embed" in name
+                                             or "relative_position_bias_table" in name)
+        wd = 0.0 if no_decay else recipe.weight_decay
+        groups.setdefault((lr, wd), []).append(param)
+    params = [{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()]
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, betas=recipe.betas)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way (after `skip` of this process's
+    samples), so a resumed run sees the batches an uninterrupted one would."""
+
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    random.setstate(_as_tuples(state["python"]))
+
+
+def _as_tuples(x):
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class Progress:
+    """One status line (redrawn on a terminal, printed every `every` iterations otherwise)."""
+
+    def __init__(self, total: int, start: int, every: int) -> None:
+        self.total, self.start, self.every = total, start, every
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, it: int, loss: float, lr: float) -> None:
+        if not self.tty and it % self.every and it != self.total:
+            return
+        done = it - self.start
+        speed = done / max(time.perf_counter() - self.t0, 1e-9)
+        eta = int((self.total - it) / max(speed, 1e-9))
+        bar = "#" * (20 * it // self.total)
+        line = (f"[{bar:<20}] {it}/{self.total} loss {loss:.4f} lr {lr:.3g} "
+                f"{speed:.2f} it/s eta {eta // 60}:{eta % 60:02d}")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+        if self.tty and it == self.total:
+            print(file=sys.stderr)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a segops model.")
+    add_model_arguments(parser)
+    parser.add_argument("--iters", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, default=2, help="per process")
+    parser.add_argument("--crop-size", type=int, nargs=2, required=True, metavar=("H", "W"))
+    parser.add_argument("--lr", type=float, default=None,
+                        help="base learning rate (default: the model's recipe)")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
+                        help="default: the model's recipe")
+    parser.add_argument("--warmup-iters", type=int, default=None)
+    parser.add_argument("--work-dir", required=True)
+    parser.add_argument("--resume", default=None, help="a checkpoint written by segops.train")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="data-loader workers per process")
+    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--checkpoint-interval", type=int, default=1000)
+    return parser.parse_args(argv)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _loader(dataset, sampler, args) -> DataLoader:
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                      num_workers=args.workers, drop_last=True,
+                      pin_memory=torch.cuda.is_available())
+
+
+def train(args: argparse.Namespace) -> list[float]:
+    """Run the training `args` describes; returns the losses of the iterations it ran (this
+    process's, before averaging over processes)."""
+    import_modules(args.imports)
+    from segops.models import build
+
+    info = segdist.setup(args.device)
+    _seed_everything(args.seed)
+    recipe = recipe_for(args.model)
+    overrides = {k: v for k, v in (("lr", args.lr), ("optimizer", args.optimizer),
+                                   ("warmup_iters", args.warmup_iters)) if v is not None}
+    recipe = replace(recipe, **overrides)
+
+    transform = TrainTransform(args.crop_size, seed=args.seed)
+    dataset = build_dataset(args.dataset, args.data_root, "train", args.num_classes, transform)
+    model = build(args.model, num_classes=dataset.num_classes, backend=args.backend)
+    if info.distributed and info.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(info.device)
+    criterion = Criterion(model.loss_terms).to(info.device)
+    optimizer = build_optimizer(model, recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(recipe, it, args.iters))
+    scaler = torch.amp.GradScaler(enabled=args.amp and info.device.type == "cuda")
+
+    sampler = ResumableSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                               shuffle=True, seed=args.seed, drop_last=True)
+    per_epoch = len(sampler) // args.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{len(dataset)} training images are fewer than one batch of "
+                         f"{args.batch_size} on each of {info.world_size} processes")
+
+    start = 0
+    if args.resume:
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        criterion.load_state_dict(ckpt["criterion"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start = ckpt["iter"]
+        states = ckpt["rng"]
+        if len(states) != info.world_size:
+            raise ValueError(f"{args.resume} was written by {len(states)} processes, this run "
+                             f"has {info.world_size}")
+        set_rng_state(states[info.rank])
+
+    net = model
+    if info.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    work_dir = Path(args.work_dir)
+    if info.is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    log = open(work_dir / "log.jsonl", "a") if info.is_main else None
+    progress = Progress(args.iters, start, args.log_interval) if info.is_main else None
+
+    def save(it: int) -> None:
+        states = segdist.all_gather_objects(rng_state())
+        if not info.is_main:
+            return
+        ckpt = {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "criterion": criterion.state_dict(),
+                "scaler": scaler.state_dict(), "iter": it, "rng": states,
+                "model": args.model, "num_classes": dataset.num_classes}
+        torch.save(ckpt, work_dir / f"iter_{it}.pth")
+        torch.save(ckpt, work_dir / "latest.pth")
+
+    losses = []
+    it = start
+    net.train()
+    criterion.train()
+    t_data = time.perf_counter()
+    try:
+        while it < args.iters:
+            epoch, done_in_epoch = divmod(it, per_epoch)
+            sampler.set_epoch(epoch)
+            sampler.skip = done_in_epoch * args.batch_size
+            transform.epoch = epoch
+            for img, label in _loader(dataset, sampler, args):
+                data_time = time.perf_counter() - t_data
+                img = img.to(info.device, non_blocking=True)
+                label = label.to(info.device, non_blocking=True)
+                with torch.autocast(info.device.type, enabled=args.amp):
+                    outputs = net(img)
+                loss, parts = criterion(outputs, label.long())
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                it += 1
+                losses.append(loss.item())
+                if it % args.log_interval == 0 or it == args.iters:
+                    _log(log, progress, it, loss, parts, optimizer, data_time, info)
+                if it % args.checkpoint_interval == 0 or it == args.iters:
+                    save(it)
+                t_data = time.perf_counter()
+                if it >= args.iters:
+                    break
+    finally:
+        if log:
+            log.close()
+        segdist.cleanup()
+    return losses
+
+
+def _log(log, progress, it, loss, parts, optimizer, data_time, info) -> None:
+    values = torch.stack([loss.detach().float()] + [v.float() for v in parts.values()])
+    values = segdist.all_reduce_sum(values) / info.world_size
+    if not info.is_main:
+        return
+    lr = optimizer.param_groups[0]["lr"]
+    record = {"iter": it, "loss": values[0].item(), "lr": lr, "data_time": round(data_time, 4),
+              "time": time.time()}
+    record.update({k: v.item() for k, v in zip(parts, values[1:])})
+    if not math.isfinite(record["loss"]):
+        print(f"warning: loss is {record['loss']} at iteration {it}", file=sys.stderr)
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    progress.update(it, record["loss"], lr)
+
+
+def main(argv=None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
