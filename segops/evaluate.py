@@ -127,12 +127,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--backend", default="auto", choices=("auto",) + tuple(BACKENDS))
     parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per process (torch.set_num_threads)")
     parser.add_argument("--import", dest="imports", action="append", default=[],
                         metavar="MODULE", help="import MODULE first (to register more models)")
 
 
-def import_modules(names: Sequence[str]) -> None:
-    for name in names:
+def prepare(args: argparse.Namespace) -> None:
+    """Apply --threads and --import."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in args.imports:
         importlib.import_module(name)
 
 
@@ -147,7 +152,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"))
     parser.add_argument("--out", help="write the metrics to this JSON file")
     args = parser.parse_args(argv)
-    import_modules(args.imports)
+    prepare(args)
     from segops.models import build
 
     info = segdist.setup(args.device)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from segops import distributed as segdist
 from segops.data import TrainTransform, build_dataset
-from segops.evaluate import add_model_arguments, import_modules
+from segops.evaluate import add_model_arguments, prepare
 from segops.models.losses import Criterion
 
 
@@ -127,6 +127,11 @@ def set_rng_state(state: dict) -> None:
     random.setstate(_as_tuples(state["python"]))
 
 
+def parameter_fingerprint(model: nn.Module) -> list[float]:
+    """The fp64 sum of each parameter: equal on every process of a healthy DDP run."""
+    return [p.detach().double().sum().item() for p in model.parameters()]
+
+
 def _as_tuples(x):
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
@@ -180,16 +185,19 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _loader(dataset, sampler, args) -> DataLoader:
+def _loader(dataset, sampler, args, epoch: int) -> DataLoader:
+    # A generator of its own: creating the loader's iterator must not draw from the global RNG,
+    # or a resumed run (one more iterator) would drift from an uninterrupted one.
+    generator = torch.Generator().manual_seed(args.seed * 100003 + epoch)
     return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                      num_workers=args.workers, drop_last=True,
+                      num_workers=args.workers, drop_last=True, generator=generator,
                       pin_memory=torch.cuda.is_available())
 
 
 def train(args: argparse.Namespace) -> list[float]:
     """Run the training `args` describes; returns the losses of the iterations it ran (this
     process's, before averaging over processes)."""
-    import_modules(args.imports)
+    prepare(args)
     from segops.models import build
 
     info = segdist.setup(args.device)
@@ -245,11 +253,16 @@ def train(args: argparse.Namespace) -> list[float]:
 
     def save(it: int) -> None:
         states = segdist.all_gather_objects(rng_state())
+        fingerprints = segdist.all_gather_objects(parameter_fingerprint(model))
+        if info.is_main and any(f != fingerprints[0] for f in fingerprints):
+            print(f"warning: parameters differ between processes at iteration {it}",
+                  file=sys.stderr)
         if not info.is_main:
             return
         ckpt = {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "criterion": criterion.state_dict(),
                 "scaler": scaler.state_dict(), "iter": it, "rng": states,
+                "parameter_fingerprints": fingerprints,
                 "model": args.model, "num_classes": dataset.num_classes}
         torch.save(ckpt, work_dir / f"iter_{it}.pth")
         torch.save(ckpt, work_dir / "latest.pth")
@@ -265,7 +278,7 @@ def train(args: argparse.Namespace) -> list[float]:
             sampler.set_epoch(epoch)
             sampler.skip = done_in_epoch * args.batch_size
             transform.epoch = epoch
-            for img, label in _loader(dataset, sampler, args):
+            for img, label in _loader(dataset, sampler, args, epoch):
                 data_time = time.perf_counter() - t_data
                 img = img.to(info.device, non_blocking=True)
                 label = label.to(info.device, non_blocking=True)

@@ -301,11 +301,10 @@ class PixelContrastLoss(nn.Module):
             contrast_feat, contrast_label = anchor_feat, anchor_label
         logits = anchor_feat @ contrast_feat.T / self.temperature
         logits = logits - logits.max(1, keepdim=True).values.detach()
-        positive = (anchor_label[:, None] == contrast_label[None]).to(logits)
-        if self.memory_size == 0:
-            positive.fill_diagonal_(0)
+        same_class = (anchor_label[:, None] == contrast_label[None]).to(logits)
         exp = logits.exp()
-        negatives = (exp * (1 - positive)).sum(1, keepdim=True)
+        negatives = (exp * (1 - same_class)).sum(1, keepdim=True)
+        positive = same_class.fill_diagonal_(0) if self.memory_size == 0 else same_class
         log_prob = logits - torch.log(exp + negatives)
         has_positive = positive.sum(1) > 0
         mean_log_prob = (positive * log_prob).sum(1)[has_positive] / positive.sum(1)[has_positive]
