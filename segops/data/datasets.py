@@ -101,7 +101,7 @@ class SegmentationDataset(Dataset):
             label = self.label_map[label]
         bad = (label >= self.num_classes) & (label != IGNORE_INDEX)
         if bad.any():
-            raise ValueError(f"label {label_path} has values {sorted(np.unique(label[bad]))[:5]} "
+            raise ValueError(f"label {label_path} has values {np.unique(label[bad])[:5].tolist()} "
                              f"outside the {self.num_classes} classes (255 = ignore)")
         return image, label
 
@@ -177,6 +177,7 @@ def folder(root: Path, split: str, num_classes: Optional[int] = None, **kw) -> S
 
 
 DATASETS = {"cityscapes": cityscapes, "ade20k": ade20k, "voc": voc, "folder": folder}
+FIXED_NUM_CLASSES = {"cityscapes": 19, "ade20k": 150, "voc": 21}
 
 
 def build_dataset(name: str, root, split: str = "train", num_classes: Optional[int] = None,
@@ -185,11 +186,10 @@ def build_dataset(name: str, root, split: str = "train", num_classes: Optional[i
     the others it must match the dataset's class count when given."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
+    known = FIXED_NUM_CLASSES.get(name)
+    if known is not None and num_classes not in (None, known):
+        raise ValueError(f"{name} has {known} classes, got --num-classes {num_classes}")
     root = _require_dir(Path(root))
     if name == "folder":
         return folder(root, split, num_classes, transform=transform)
-    dataset = DATASETS[name](root, split, transform=transform)
-    if num_classes is not None and num_classes != dataset.num_classes:
-        raise ValueError(f"{name} has {dataset.num_classes} classes, got --num-classes "
-                         f"{num_classes}")
-    return dataset
+    return DATASETS[name](root, split, transform=transform)
