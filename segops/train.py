@@ -49,16 +49,17 @@ class Recipe:
     warmup_iters: int = 0
     warmup_ratio: float = 1e-6
     head_lr_mult: float = 1.0  # learning-rate multiplier of decode_head.* parameters
-    no_decay_norm: bool = False  # no weight decay on norms, biases and position embeddings
+    no_decay_keys: tuple = ()  # no weight decay on parameters whose name contains one of these
 
 
 # Model-name prefix -> the reference config's optimizer and schedule (mmseg's configs; the
 # dilated-FCN family and anything not listed: SGD 0.01, momentum 0.9, wd 5e-4, poly 0.9).
 RECIPES = {
     "segformer_": Recipe("adamw", lr=6e-5, weight_decay=0.01, power=1.0, min_lr=0.0,
-                         warmup_iters=1500, head_lr_mult=10.0, no_decay_norm=True),
+                         warmup_iters=1500, head_lr_mult=10.0, no_decay_keys=("pos_block", "norm")),
     "upernet_swin": Recipe("adamw", lr=6e-5, weight_decay=0.01, power=1.0, min_lr=0.0,
-                           warmup_iters=1500, no_decay_norm=True),
+                           warmup_iters=1500, no_decay_keys=("absolute_pos_embed", "norm",
+                                                             "relative_position_bias_table")),
     "segmenter_": Recipe("sgd", lr=0.001, weight_decay=0.0),
     "sdn-segmenter_": Recipe("sgd", lr=0.001, weight_decay=0.0),
 }
@@ -87,9 +88,7 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
         if not param.requires_grad:
             continue
         lr = recipe.lr * (recipe.head_lr_mult if name.startswith("decode_head.") else 1.0)
-        no_decay = recipe.no_decay_norm and (param.ndim <= 1 or "pos_embed" in name
-                                             or "relative_position_bias_table" in name)
-        wd = 0.0 if no_decay else recipe.weight_decay
+        wd = 0.0 if any(key in name for key in recipe.no_decay_keys) else recipe.weight_decay
         groups.setdefault((lr, wd), []).append(param)
     params = [{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()]
     if recipe.optimizer == "adamw":

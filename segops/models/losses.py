@@ -15,7 +15,8 @@ How the supervision of the papers maps onto these names (each model declares its
   ISNet's coarse soft-region logits: "cross_entropy" on the extra outputs, with the weights of
   the reference configs;
 - STDC's detail head: "detail_aggregation"; DFN's border network: "border_focal";
-- ContrastiveSeg: "pixel_contrast" on the projection-head embedding (see `ProjectionHead`).
+- ContrastiveSeg: "pixel_contrast" on the projection-head embedding (see `ProjectionHead`);
+  its kwargs must give `num_classes` and `embed_dim` (the memory banks' shape).
 
 Reductions: "cross_entropy" averages over the non-ignored pixels, weighted by the class weights
 (PyTorch's `F.cross_entropy`, and the official code of the papers); `avg_non_ignore=False`
@@ -244,14 +245,10 @@ class PixelContrastLoss(nn.Module):
                  base_temperature: float = 0.07, max_samples: int = 1024, max_views: int = 100,
                  ignore_index: int = IGNORE_INDEX, predict_output: str = "out") -> None:
         super().__init__()
-        self.num_classes = num_classes
-        self.memory_size = memory_size
-        self.pixel_update_freq = pixel_update_freq
-        self.temperature = temperature
-        self.base_temperature = base_temperature
-        self.max_samples = max_samples
-        self.max_views = max_views
-        self.ignore_index = ignore_index
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.memory_size, self.pixel_update_freq = memory_size, pixel_update_freq
+        self.temperature, self.base_temperature = temperature, base_temperature
+        self.max_samples, self.max_views = max_samples, max_views
         self.predict_output = predict_output
         if memory_size > 0:
             shape = (num_classes, memory_size, embed_dim)
@@ -381,6 +378,8 @@ class Criterion(nn.Module):
         total, parts = 0.0, {}
         for term, loss_fn in zip(self.terms, self.losses):
             pred = term.select(outputs)
+            if pred.dtype in (torch.float16, torch.bfloat16):  # autocast outputs: loss in fp32
+                pred = pred.float()
             extra = loss_fn.extra_inputs(outputs) if hasattr(loss_fn, "extra_inputs") else {}
             value = loss_fn(pred, resize_label(label, pred.shape[2:]), **extra)
             parts[f"{term.output}:{term.loss}"] = value.detach()
