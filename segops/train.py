@@ -161,6 +161,7 @@ class Progress:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a segops model.")
     add_model_arguments(parser)
+    parser.add_argument("--split", default="train", help="the training split (VOC: a list name)")
     parser.add_argument("--iters", type=int, required=True)
     parser.add_argument("--batch-size", type=int, default=2, help="per process")
     parser.add_argument("--crop-size", type=int, nargs=2, required=True, metavar=("H", "W"))
@@ -207,7 +208,8 @@ def train(args: argparse.Namespace) -> list[float]:
     recipe = replace(recipe, **overrides)
 
     transform = TrainTransform(args.crop_size, seed=args.seed)
-    dataset = build_dataset(args.dataset, args.data_root, "train", args.num_classes, transform)
+    dataset = build_dataset(args.dataset, args.data_root, args.split, args.num_classes,
+                            transform)
     model = build(args.model, num_classes=dataset.num_classes, backend=args.backend)
     if info.distributed and info.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
