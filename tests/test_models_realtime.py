@@ -1,0 +1,132 @@
+"""Real-time model zoo (issue 16): parameter counts at the reference configs, mmseg state_dict
+keys, eval outputs at odd sizes, train-mode auxiliary / detail outputs and their loss terms.
+
+Parameter counts of the mmseg-config models are mmseg 1.2.2's own models built from the named
+configs (`tests/mmseg_reference.build_mmseg`, SyncBN as BN, 19 classes) and counted with
+`sum(p.numel() for p in model.parameters())`; the STDC counts include the detail head's fixed
+3-element `fusion_kernel` parameter, as mmseg's do. The state_dict test rebuilds mmseg's model
+live and compares keys and shapes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from segops import models
+from segops.models.loss_terms import LOSS_NAMES
+
+# name -> (mmseg config, parameter count of mmseg's model from that config).
+MMSEG = {
+    "bisenetv1_r18-d32": ("bisenetv1/bisenetv1_r18-d32_4xb4-160k_cityscapes-1024x1024.py",
+                          13_425_721),
+    "bisenetv2_fcn": ("bisenetv2/bisenetv2_fcn_4xb4-160k_cityscapes-1024x1024.py", 14_804_255),
+    "stdc1": ("stdc/stdc1_4xb12-80k_cityscapes-512x1024.py", 8_573_022),
+    "stdc2": ("stdc/stdc2_4xb12-80k_cityscapes-512x1024.py", 12_603_486),
+    "icnet_r18-d8": ("icnet/icnet_r18-d8_4xb2-80k_cityscapes-832x832.py", 25_174_393),
+    "icnet_r50-d8": ("icnet/icnet_r50-d8_4xb2-80k_cityscapes-832x832.py", 47_827_833),
+}
+
+# name -> (number of "aux" outputs in train mode, extra train-mode outputs).
+TRAIN_OUTPUTS = {
+    "bisenetv1_r18-d32": (2, ()),
+    "bisenetv2_fcn": (4, ()),
+    "stdc1": (2, ("detail",)),
+    "stdc2": (2, ("detail",)),
+    "icnet_r18-d8": (2, ()),
+    "icnet_r50-d8": (2, ()),
+}
+
+# Loss weights of the reference configs: (main, aux...) and the extra outputs' losses.
+LOSS_WEIGHTS = {
+    "bisenetv1_r18-d32": [("out", "cross_entropy", 1.0)] + [(f"aux.{i}", "cross_entropy", 1.0)
+                                                           for i in range(2)],
+    "bisenetv2_fcn": [("out", "cross_entropy", 1.0)] + [(f"aux.{i}", "cross_entropy", 1.0)
+                                                       for i in range(4)],
+    "stdc1": [("out", "ohem_cross_entropy", 1.0), ("aux.0", "ohem_cross_entropy", 1.0),
+              ("aux.1", "ohem_cross_entropy", 1.0), ("detail", "detail_aggregation", 1.0)],
+    "icnet_r50-d8": [("out", "cross_entropy", 1.0), ("aux.0", "cross_entropy", 0.4),
+                     ("aux.1", "cross_entropy", 0.4)],
+}
+
+# Models run forward and backward for real (the larger variants of a family are counted only).
+RUN = ["bisenetv1_r18-d32", "bisenetv2_fcn", "stdc1", "icnet_r18-d8"]
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def meta_build(name, **kw):
+    with torch.device("meta"):
+        return models.build(name, **kw)
+
+
+def test_registry_has_the_real_time_models():
+    assert set(TRAIN_OUTPUTS) <= set(models.list_models())
+
+
+@pytest.mark.parametrize("name", sorted(MMSEG))
+def test_parameter_count_matches_mmseg_config(name):
+    assert n_params(meta_build(name)) == MMSEG[name][1]
+
+
+@pytest.mark.parametrize("name", sorted(MMSEG))
+def test_state_dict_keys_and_shapes_match_mmseg(name):
+    from tests.mmseg_reference import build_mmseg
+    with torch.device("meta"):
+        reference = build_mmseg(MMSEG[name][0])
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in meta_build(name).state_dict().items()}
+    assert got == expected
+
+
+@pytest.mark.parametrize("name", ["bisenetv2_fcn", "stdc1"])
+def test_eval_forward_equals_mmseg_with_the_same_weights(name):
+    """mmseg's checkpoint loads unchanged and gives the same logits (same operations in the same
+    order, so only float reassociation may differ)."""
+    from tests.mmseg_reference import build_mmseg
+    reference = build_mmseg(MMSEG[name][0]).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key, t in reference.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(0.1 * torch.randn(t.shape, generator=g) + (1.0 if "running_var" in key
+                                                                    else 0.0))
+    model = models.build(name).eval()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 3, 65, 97, generator=g)
+    meta = [dict(img_shape=(65, 97), pad_shape=(65, 97), ori_shape=(65, 97))]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference.encode_decode(x, meta))
+
+
+@pytest.mark.parametrize("name", sorted(LOSS_WEIGHTS))
+def test_loss_terms_follow_the_reference_config(name):
+    terms = meta_build(name).loss_terms
+    assert [(t.output, t.loss, t.weight) for t in terms] == LOSS_WEIGHTS[name]
+    assert all(t.loss in LOSS_NAMES for t in terms)
+
+
+@pytest.mark.parametrize("name", RUN)
+def test_forward_backward_and_odd_size_eval(name):
+    torch.manual_seed(0)
+    model = models.build(name)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 97, 131))
+    assert out.shape == (1, 19, 97, 131) and torch.isfinite(out).all()
+
+    model.train()
+    res = model(torch.randn(2, 3, 128, 128))
+    n_aux, extra = TRAIN_OUTPUTS[name]
+    assert set(res) == {"out", "aux", *extra}
+    assert res["out"].shape == (2, 19, 128, 128)
+    assert len(res["aux"]) == n_aux
+    assert all(a.shape == (2, 19, 128, 128) for a in res["aux"])
+    for key in extra:  # STDC's detail logits: one boundary channel at the input size
+        assert res[key].shape == (2, 1, 128, 128)
+    # every loss term's output exists; a stand-in loss (mean logit) reaches every head
+    loss = sum(t.weight * t.select(res).float().mean() for t in model.loss_terms)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
