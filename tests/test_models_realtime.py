@@ -130,3 +130,48 @@ def test_forward_backward_and_odd_size_eval(name):
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def test_summary_macs_match_torchvision_resnet18():
+    """torchvision documents ResNet-18 (ResNet18_Weights.IMAGENET1K_V1) as 11,689,512 parameters
+    and 1.81 "GFLOPS" at 224x224, counted as multiply-accumulates; our backbone is the same
+    network without the 512 -> 1000 fc layer."""
+    from segops.models import summary
+    s = summary("resnet18", (224, 224))
+    fc_params, fc_macs = 512 * 1000 + 1000, 512 * 1000
+    assert s.params + fc_params == 11_689_512
+    assert round((s.macs + fc_macs) / 1e9, 2) == 1.81
+
+
+def test_summary_counts_the_parameters_an_eval_forward_uses():
+    from segops.models import summary
+    s = summary("stdc1", (97, 131))
+    model = meta_build("stdc1")
+    assert s.params == MMSEG["stdc1"][1]
+    # eval mode skips the auxiliary and detail heads, nothing else
+    assert s.params_used == s.params - n_params(model.auxiliary_head)
+    assert s.macs > 0
+
+
+def test_summary_command_line(capsys):
+    from segops.models.__main__ import main
+    main(["bisenetv2_fcn", "--size", "64", "96"])
+    out = capsys.readouterr().out
+    assert out.startswith("bisenetv2_fcn at 64x96: 14,804,255 parameters") and "GMACs" in out
+
+
+# --------------------------------------------------------------------------- backbones
+
+
+@pytest.mark.parametrize("name", __import__("segops.models.backbones",
+                                            fromlist=["list_backbones"]).list_backbones())
+def test_backbone_builds_alone_and_runs(name):
+    from segops.models.backbones import build_backbone
+    with torch.device("meta"):
+        net = build_backbone(name).eval()
+        outs = net(torch.zeros(1, 3, 97, 131))
+    outs = outs if isinstance(outs, (tuple, list)) else [outs]
+    assert outs and all(o.dim() == 4 and o.shape[0] == 1 for o in outs)
