@@ -34,6 +34,7 @@ TRAIN_OUTPUTS = {
     "stdc2": (2, ("detail",)),
     "icnet_r18-d8": (2, ()),
     "icnet_r50-d8": (2, ()),
+    "bisenetv1_xception39": (2, ()),
 }
 
 # Loss weights of the reference configs: (main, aux...) and the extra outputs' losses.
@@ -48,8 +49,56 @@ LOSS_WEIGHTS = {
                      ("aux.1", "cross_entropy", 0.4)],
 }
 
+# ------------------------------------------------ counts re-derived from official code
+
+
+def conv(cin, cout, k=1, bias=False, groups=1):
+    return cout * (cin // groups) * k * k + (cout if bias else 0)
+
+
+def bn(c):
+    return 2 * c
+
+
+def count_xception39():
+    """TorchSeg `furnace/base_model/xception.py` xception39: stem 3x3 3->8, stages of
+    (4, 8, 4) blocks, middle widths (16, 32, 64), expansion 4; a separable conv is a depthwise
+    3x3 (no norm) + pointwise conv + BN; a stage's first block has a separable projection."""
+    def sep(cin, cout):
+        return conv(cin, cin, 3, groups=cin) + conv(cin, cout) + bn(cout)
+
+    n, cin = conv(3, 8, 3) + bn(8), 8
+    for blocks, mid in ((4, 16), (8, 32), (4, 64)):
+        for j in range(blocks):
+            n += (sep(cin, 4 * mid) if j == 0 else 0) + sep(cin, mid) + sep(mid, mid) + sep(mid, 4 * mid)
+            cin = 4 * mid
+    return n
+
+
+def count_bisenet_x39(classes=19):
+    """TorchSeg `model/bisenet/cityscapes.bisenet.X39/network.py` + `seg_opr/seg_oprs.py`."""
+    cbr = lambda i, o, k: conv(i, o, k) + bn(o)  # noqa: E731  (ConvBnRelu, no bias)
+    spatial = cbr(3, 64, 7) + 2 * cbr(64, 64, 3) + cbr(64, 128, 1)
+    arms = sum(cbr(c, 128, 3) + cbr(128, 128, 1) for c in (256, 128))
+    heads = 2 * (cbr(128, 128, 3) + conv(128, classes, 1, bias=True)) + cbr(256, 64, 3) + conv(
+        64, classes, 1, bias=True)
+    ffm = cbr(256, 256, 1) + 2 * conv(256, 256)
+    return (count_xception39() + spatial + cbr(256, 128, 1) + arms + 2 * cbr(128, 128, 3)
+            + heads + ffm)
+
+
+OFFICIAL = {
+    "bisenetv1_xception39": count_bisenet_x39,
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_parameter_count_matches_official_code(name):
+    assert n_params(meta_build(name)) == OFFICIAL[name]()
+
+
 # Models run forward and backward for real (the larger variants of a family are counted only).
-RUN = ["bisenetv1_r18-d32", "bisenetv2_fcn", "stdc1", "icnet_r18-d8"]
+RUN = ["bisenetv1_r18-d32", "bisenetv2_fcn", "stdc1", "icnet_r18-d8", "bisenetv1_xception39"]
 
 
 def n_params(model) -> int:

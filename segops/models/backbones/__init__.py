@@ -14,6 +14,7 @@ _BACKBONES: dict[str, tuple[str, str, dict]] = {
     "resnet18": ("resnet", "ResNet", dict(depth=18)),
     "resnet50-v1c": ("resnet", "ResNetV1c", dict(depth=50)),
     "resnet101-v1c": ("resnet", "ResNetV1c", dict(depth=101)),
+    "xception39": ("xception39", "Xception39", {}),
     "stdc1": ("stdc", "STDCNet", dict(stdc_type="STDCNet1")),
     "stdc2": ("stdc", "STDCNet", dict(stdc_type="STDCNet2")),
 }
