@@ -35,6 +35,10 @@ TRAIN_OUTPUTS = {
     "icnet_r18-d8": (2, ()),
     "icnet_r50-d8": (2, ()),
     "bisenetv1_xception39": (2, ()),
+    "dfnet-df1": (0, ()),
+    "dfnet-df2": (0, ()),
+    "dfanet-a": (0, ()),
+    "dfanet-b": (0, ()),
 }
 
 # Loss weights of the reference configs: (main, aux...) and the extra outputs' losses.
@@ -87,9 +91,52 @@ def count_bisenet_x39(classes=19):
             + heads + ffm)
 
 
+def count_basic_layer(cin, planes, blocks, stride):
+    """A ResNet stage of BasicBlocks (torchvision / torchcv layout)."""
+    n = 0
+    for j in range(blocks):
+        i = cin if j == 0 else planes
+        n += conv(i, planes, 3) + bn(planes) + conv(planes, planes, 3) + bn(planes)
+        if j == 0 and (stride != 1 or cin != planes):
+            n += conv(cin, planes) + bn(planes)
+    return n
+
+
+def count_dfnet(variant):
+    """torchcv / DNL-Semantic-Segmentation `model/backbone/dfnet/dfnet_models.py` (DFNetV1 /
+    DFNetV2 without their unused classifier)."""
+    stages = {"df1": [(64, 3, 2), (128, 3, 2), (256, 3, 2), (512, 1, 1)],
+              "df2": [(64, 2, 2), (128, 1, 1), (128, 10, 2), (256, 1, 1), (256, 4, 2), (512, 2, 1)]}
+    n, cin = conv(3, 32, 3) + bn(32) + conv(32, 64, 3) + bn(64), 64
+    for planes, blocks, stride in stages[variant]:
+        n += count_basic_layer(cin, planes, blocks, stride)
+        cin = planes
+    return n
+
+
+def count_dfseg(variant, classes=19):
+    """SFNet `network/dfnet.py` DFSegnet (inner 128) + `network/nn/operators.py` PSPModule and
+    Aux_Module (256 mid channels)."""
+    reduce = conv(128, 128, 1, True) + conv(256, 128, 1, True) + conv(128, 128, 1, True)
+    ppm = 4 * (conv(512, 128) + bn(128)) + conv(512 + 4 * 128, 128) + bn(128)
+    fusion = 2 * conv(256, 128, 3)
+    classifier = conv(128, 256, 3, True) + bn(256) + conv(256, classes, 1, True)
+    return count_dfnet(variant) + reduce + ppm + fusion + classifier
+
+
 OFFICIAL = {
     "bisenetv1_xception39": count_bisenet_x39,
+    "dfnet-df1": lambda: count_dfseg("df1"),
+    "dfnet-df2": lambda: count_dfseg("df2"),
 }
+
+
+def test_backbone_counts_match_their_references():
+    from segops.models.backbones import build_backbone
+    with torch.device("meta"):
+        assert n_params(build_backbone("xception39")) == count_xception39()
+        assert n_params(build_backbone("df1")) == count_dfnet("df1")
+        assert n_params(build_backbone("df2")) == count_dfnet("df2")
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
@@ -98,7 +145,8 @@ def test_parameter_count_matches_official_code(name):
 
 
 # Models run forward and backward for real (the larger variants of a family are counted only).
-RUN = ["bisenetv1_r18-d32", "bisenetv2_fcn", "stdc1", "icnet_r18-d8", "bisenetv1_xception39"]
+RUN = ["bisenetv1_r18-d32", "bisenetv2_fcn", "stdc1", "icnet_r18-d8", "bisenetv1_xception39",
+       "dfnet-df1", "dfanet-b"]
 
 
 def n_params(model) -> int:

@@ -15,6 +15,10 @@ _BACKBONES: dict[str, tuple[str, str, dict]] = {
     "resnet50-v1c": ("resnet", "ResNetV1c", dict(depth=50)),
     "resnet101-v1c": ("resnet", "ResNetV1c", dict(depth=101)),
     "xception39": ("xception39", "Xception39", {}),
+    "df1": ("dfnet", "DFNet", dict(variant="df1")),
+    "df2": ("dfnet", "DFNet", dict(variant="df2")),
+    "xception-a": ("xception_a", "XceptionA", dict(variant="a")),
+    "xception-b": ("xception_a", "XceptionA", dict(variant="b")),
     "stdc1": ("stdc", "STDCNet", dict(stdc_type="STDCNet1")),
     "stdc2": ("stdc", "STDCNet", dict(stdc_type="STDCNet2")),
 }
