@@ -137,6 +137,10 @@ def test_backbone_counts_match_their_references():
         assert n_params(build_backbone("xception39")) == count_xception39()
         assert n_params(build_backbone("df1")) == count_dfnet("df1")
         assert n_params(build_backbone("df2")) == count_dfnet("df2")
+        # torchvision vgg16_bn: 138,365,992 parameters (its docs), minus the three classifier
+        # layers (25088 -> 4096 -> 4096 -> 1000, with biases)
+        assert n_params(build_backbone("vgg16-bn")) == 138_365_992 - (
+            conv(25088, 4096, bias=True) + conv(4096, 4096, bias=True) + conv(4096, 1000, bias=True))
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))

@@ -19,6 +19,7 @@ _BACKBONES: dict[str, tuple[str, str, dict]] = {
     "df2": ("dfnet", "DFNet", dict(variant="df2")),
     "xception-a": ("xception_a", "XceptionA", dict(variant="a")),
     "xception-b": ("xception_a", "XceptionA", dict(variant="b")),
+    "vgg16-bn": ("vgg", "VGG16BN", {}),
     "stdc1": ("stdc", "STDCNet", dict(stdc_type="STDCNet1")),
     "stdc2": ("stdc", "STDCNet", dict(stdc_type="STDCNet2")),
 }
