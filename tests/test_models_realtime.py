@@ -39,6 +39,8 @@ TRAIN_OUTPUTS = {
     "dfnet-df2": (0, ()),
     "dfanet-a": (0, ()),
     "dfanet-b": (0, ()),
+    "gun": (0, ()),
+    "rgpnet": (0, ()),
 }
 
 # Loss weights of the reference configs: (main, aux...) and the extra outputs' losses.
@@ -64,19 +66,44 @@ def bn(c):
     return 2 * c
 
 
+def separable(cin, cout):
+    """TorchSeg's SeparableConvBnRelu: depthwise 3x3 (no norm) + pointwise conv + BN."""
+    return conv(cin, cin, 3, groups=cin) + conv(cin, cout) + bn(cout)
+
+
+def xception_stage(cin, mid, blocks):
+    """TorchSeg `xception.py` Block x blocks (expansion 4), the first strided with a separable
+    projection."""
+    n = 0
+    for j in range(blocks):
+        n += (separable(cin, 4 * mid) if j == 0 else 0) + separable(cin, mid) + separable(
+            mid, mid) + separable(mid, 4 * mid)
+        cin = 4 * mid
+    return n
+
+
 def count_xception39():
     """TorchSeg `furnace/base_model/xception.py` xception39: stem 3x3 3->8, stages of
-    (4, 8, 4) blocks, middle widths (16, 32, 64), expansion 4; a separable conv is a depthwise
-    3x3 (no norm) + pointwise conv + BN; a stage's first block has a separable projection."""
-    def sep(cin, cout):
-        return conv(cin, cin, 3, groups=cin) + conv(cin, cout) + bn(cout)
+    (4, 8, 4) blocks, middle widths (16, 32, 64)."""
+    return conv(3, 8, 3) + bn(8) + xception_stage(8, 16, 4) + xception_stage(64, 32, 8) + \
+        xception_stage(128, 64, 4)
 
-    n, cin = conv(3, 8, 3) + bn(8), 8
-    for blocks, mid in ((4, 16), (8, 32), (4, 64)):
-        for j in range(blocks):
-            n += (sep(cin, 4 * mid) if j == 0 else 0) + sep(cin, mid) + sep(mid, mid) + sep(mid, 4 * mid)
-            cin = 4 * mid
-    return n
+
+def count_dfanet(variant, classes=19):
+    """No reference code: our documented structure (segmentors/dfanet.py): three XceptionA/B
+    (widths of the paper's Table 1, repeats 4, 6, 4; the later two without stem and with
+    concatenated inputs), fc attention (Linear c4 -> 1000, 1x1 conv-BN back), decoder width 32."""
+    c2, c3, c4 = {"a": (48, 96, 192), "b": (32, 64, 128)}[variant]
+
+    def xception(ins, stem):
+        n = conv(3, 8, 3) + bn(8) if stem else 0
+        n += sum(xception_stage(i, c // 4, r) for i, c, r in zip(ins, (c2, c3, c4), (4, 6, 4)))
+        return n + conv(c4, 1000, bias=True) + conv(1000, c4) + bn(c4)
+
+    wider = (c2 + c4, c2 + c3, c3 + c4)
+    decoder = 3 * (conv(c2, 32) + bn(32)) + 3 * (conv(c4, 32) + bn(32)) + conv(32, 32) + bn(32)
+    return (xception((8, c2, c3), True) + 2 * xception(wider, False) + decoder
+            + conv(32, classes, 1, True))
 
 
 def count_bisenet_x39(classes=19):
@@ -124,7 +151,30 @@ def count_dfseg(variant, classes=19):
     return count_dfnet(variant) + reduce + ppm + fusion + classifier
 
 
-OFFICIAL = {
+# torchvision's published ResNet totals without the fc layer
+RESNET18 = 11_689_512 - conv(512, 1000, bias=True)
+RESNET101 = 44_549_160 - conv(2048, 1000, bias=True)
+
+
+def count_gun(classes=19):
+    """No reference code: our documented structure (segmentors/gun.py)."""
+    return (RESNET18 + conv(128 + 512, 128, 3) + bn(128) + conv(128, classes, 1, True)
+            + conv(64, 32, 3) + bn(32) + conv(32, 2, 1, True))
+
+
+def count_rgpnet(classes=19):
+    """No reference code: our documented structure (segmentors/rgpnet.py), ResNet-101."""
+    adaptor = sum(conv(c, 128) + bn(128) for c in (256, 512, 1024, 2048)) + 3 * (
+        conv(128, 128, 3) + bn(128))
+    return RESNET101 + adaptor + 3 * (conv(128, 128, 3) + bn(128)) + conv(128, classes, 1, True)
+
+
+# name -> parameter count derived independently of our code (each function names its source)
+DERIVED = {
+    "dfanet-a": lambda: count_dfanet("a"),
+    "dfanet-b": lambda: count_dfanet("b"),
+    "gun": count_gun,
+    "rgpnet": count_rgpnet,
     "bisenetv1_xception39": count_bisenet_x39,
     "dfnet-df1": lambda: count_dfseg("df1"),
     "dfnet-df2": lambda: count_dfseg("df2"),
@@ -135,6 +185,9 @@ def test_backbone_counts_match_their_references():
     from segops.models.backbones import build_backbone
     with torch.device("meta"):
         assert n_params(build_backbone("xception39")) == count_xception39()
+        assert n_params(build_backbone("xception-a")) == (
+            conv(3, 8, 3) + bn(8) + xception_stage(8, 12, 4) + xception_stage(48, 24, 6)
+            + xception_stage(96, 48, 4) + conv(192, 1000, bias=True) + conv(1000, 192) + bn(192))
         assert n_params(build_backbone("df1")) == count_dfnet("df1")
         assert n_params(build_backbone("df2")) == count_dfnet("df2")
         # torchvision vgg16_bn: 138,365,992 parameters (its docs), minus the three classifier
@@ -143,14 +196,14 @@ def test_backbone_counts_match_their_references():
             conv(25088, 4096, bias=True) + conv(4096, 4096, bias=True) + conv(4096, 1000, bias=True))
 
 
-@pytest.mark.parametrize("name", sorted(OFFICIAL))
-def test_parameter_count_matches_official_code(name):
-    assert n_params(meta_build(name)) == OFFICIAL[name]()
+@pytest.mark.parametrize("name", sorted(DERIVED))
+def test_parameter_count_matches_the_derived_count(name):
+    assert n_params(meta_build(name)) == DERIVED[name]()
 
 
 # Models run forward and backward for real (the larger variants of a family are counted only).
 RUN = ["bisenetv1_r18-d32", "bisenetv2_fcn", "stdc1", "icnet_r18-d8", "bisenetv1_xception39",
-       "dfnet-df1", "dfanet-b"]
+       "dfnet-df1", "dfanet-b", "gun", ("rgpnet", dict(depth=18))]
 
 
 def n_params(model) -> int:
@@ -208,10 +261,11 @@ def test_loss_terms_follow_the_reference_config(name):
     assert all(t.loss in LOSS_NAMES for t in terms)
 
 
-@pytest.mark.parametrize("name", RUN)
+@pytest.mark.parametrize("name", RUN, ids=lambda n: n if isinstance(n, str) else n[0])
 def test_forward_backward_and_odd_size_eval(name):
+    name, kw = (name, {}) if isinstance(name, str) else name
     torch.manual_seed(0)
-    model = models.build(name)
+    model = models.build(name, **kw)
     model.eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 97, 131))
@@ -276,3 +330,18 @@ def test_backbone_builds_alone_and_runs(name):
         outs = net(torch.zeros(1, 3, 97, 131))
     outs = outs if isinstance(outs, (tuple, list)) else [outs]
     assert outs and all(o.dim() == 4 and o.shape[0] == 1 for o in outs)
+
+
+def test_guided_upsampling_is_bilinear_without_offsets_and_follows_them():
+    import torch.nn.functional as F
+    from segops.nn import GuidedUpsampling
+    gum = GuidedUpsampling()
+    x = torch.randn(2, 3, 7, 9, dtype=torch.float64)
+    zero = torch.zeros(2, 2, 28, 36, dtype=torch.float64)
+    torch.testing.assert_close(gum(x, zero), F.interpolate(x, size=(28, 36), mode="bilinear"))
+    # at the same size, an offset of one pixel in x reads the right-hand neighbour
+    shift = torch.zeros(2, 2, 7, 9, dtype=torch.float64)
+    shift[:, 0] = 1.0
+    torch.testing.assert_close(gum(x, shift)[..., :-1], x[..., 1:])
+    with pytest.raises(ValueError, match="offsets"):
+        gum(x, zero[:, :1])
