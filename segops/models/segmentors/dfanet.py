@@ -10,8 +10,8 @@ classifier; bilinear upsampling to the input (align_corners=True). The decoder w
 our choice (the paper gives none). Widths of A and B: Table 1 (see backbones/xception_a.py).
 Cross-entropy on the output only (the paper names no auxiliary loss). Cityscapes, 19 classes.
 This structure has 1.83M (A) / 1.10M (B) parameters and 2.95 / 1.57 GMACs at 1024x1024;
-the paper reports 7.8M / 4.8M and 3.4 / 2.1 GFLOPs (its comparison with other methods), so its block
-internals, which it does not publish, must be wider than the ones assumed here.
+the paper reports 7.8M / 4.8M and 3.4 / 2.1 GFLOPs (its comparison with other methods), so
+its block internals, which it does not publish, must be wider than the ones assumed here.
 """
 from __future__ import annotations
 
