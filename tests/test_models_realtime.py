@@ -41,6 +41,8 @@ TRAIN_OUTPUTS = {
     "dfanet-b": (0, ()),
     "gun": (0, ()),
     "rgpnet": (0, ()),
+    "hyperseg-m": (0, ()),
+    "hyperseg-s": (0, ()),
 }
 
 # Loss weights of the reference configs: (main, aux...) and the extra outputs' losses.
@@ -169,8 +171,60 @@ def count_rgpnet(classes=19):
     return RESNET101 + adaptor + 3 * (conv(128, 128, 3) + bn(128)) + conv(128, classes, 1, True)
 
 
+# EfficientNet-PyTorch (lukemelas) published totals, 1000-class fc included
+EFFICIENTNET_TOTAL = {"b1": 7_794_184, "b3": 12_233_232}
+EFFICIENTNET_FEATURES = {"b1": (16, 24, 40, 112, 320), "b3": (24, 32, 48, 136, 384)}
+EFFICIENTNET_HEAD = {"b1": 1280, "b3": 1536}
+
+
+def count_efficientnet_hyperseg(variant, scales):
+    """HyperSeg `hyperseg/models/backbones/efficientnet.py`: EfficientNet without its fc, plus a
+    1x1 conv + BN narrowing each resolution's last feature whose scale is not 1."""
+    n = EFFICIENTNET_TOTAL[variant] - conv(EFFICIENTNET_HEAD[variant], 1000, bias=True)
+    for c, s in zip(EFFICIENTNET_FEATURES[variant], scales):
+        if s != 1:
+            n += conv(c, round(c * s)) + bn(round(c * s))
+    return n
+
+
+def count_hyperseg(scales, widths, shares, groups, classes=19):
+    """HyperSeg `hyperseg/models/hyperseg_v1_0.py` (and `models/hyperseg_v1_0_unify.py`, whose
+    unified weight layer has the summed size): decoder levels of kernel sizes (1, 1, 1, 3, 3),
+    inputs = 2 coordinates + encoder feature + previous level; a 1x1 level has BN(out) and
+    in*out weights, an inverted residual (expansion 2) BN(hidden) x 2 + BN(out) and
+    in*hidden + 9*hidden + hidden*out weights. `shares` are the signal channels the
+    reference's divide_feature gives each weight layer (1280 channels in units of 32; worked
+    by hand in the comments of DERIVED); a weight layer is a grouped 1x1 conv
+    from its share to ceil(weights / groups) * groups channels. Weight mapper (2 levels):
+    1x1 1280->640 + BN, 2x2 640->640 + BN, 1x1 1280->640 + BN."""
+    feats = [round(c * s) for c, s in zip(EFFICIENTNET_FEATURES["b1"], scales)][::-1]
+    n, prev, weights = 0, 0, []
+    for level, (k, width) in enumerate(zip((1, 1, 1, 3, 3), widths)):
+        cin = prev + feats[level] + 2
+        cout = classes if level == 4 else width
+        if k == 1:
+            n += bn(cout)
+            weights.append(cin * cout)
+        else:
+            hidden = 2 * cin
+            n += 2 * bn(hidden) + bn(cout)
+            weights.append(cin * hidden + 9 * hidden + hidden * cout)
+        prev = cout
+    if len(shares) < len(weights):  # unified tail
+        weights = weights[:len(shares) - 1] + [sum(weights[len(shares) - 1:])]
+    n += sum(share // g * (-(-w // g) * g) for w, share, g in zip(weights, shares, groups))
+    mapper = conv(1280, 640) + bn(640) + conv(640, 640, 2) + bn(640) + conv(1280, 640) + bn(640)
+    return count_efficientnet_hyperseg("b1", scales) + n + mapper
+
+
 # name -> parameter count derived independently of our code (each function names its source)
 DERIVED = {
+    # -m: weights per layer (5248, 3008, 704, 2352, 4216), 40 units of 32 -> (13, 7, 4, 6, 10)
+    "hyperseg-m": lambda: count_hyperseg((1, .25, .25, .25, .25), (64, 32, 16, 16, 16),
+                                         (416, 224, 128, 192, 320), (32, 16, 8, 16, 4)),
+    # -s: (4160, 992, 208, 868 + 2808 unified) -> units (18, 4, 2, 16)
+    "hyperseg-s": lambda: count_hyperseg((1, .166, .2, .25, .4), (32, 16, 8, 8, 8),
+                                         (576, 128, 64, 512), (32, 16, 8, 16)),
     "dfanet-a": lambda: count_dfanet("a"),
     "dfanet-b": lambda: count_dfanet("b"),
     "gun": count_gun,
@@ -190,6 +244,9 @@ def test_backbone_counts_match_their_references():
             + xception_stage(96, 48, 4) + conv(192, 1000, bias=True) + conv(1000, 192) + bn(192))
         assert n_params(build_backbone("df1")) == count_dfnet("df1")
         assert n_params(build_backbone("df2")) == count_dfnet("df2")
+        for v in ("b1", "b3"):
+            assert n_params(build_backbone(f"efficientnet-{v}-hyperseg")) == \
+                count_efficientnet_hyperseg(v, [0.25] * 5)
         # torchvision vgg16_bn: 138,365,992 parameters (its docs), minus the three classifier
         # layers (25088 -> 4096 -> 4096 -> 1000, with biases)
         assert n_params(build_backbone("vgg16-bn")) == 138_365_992 - (
@@ -203,7 +260,7 @@ def test_parameter_count_matches_the_derived_count(name):
 
 # Models run forward and backward for real (the larger variants of a family are counted only).
 RUN = ["bisenetv1_r18-d32", "bisenetv2_fcn", "stdc1", "icnet_r18-d8", "bisenetv1_xception39",
-       "dfnet-df1", "dfanet-b", "gun", ("rgpnet", dict(depth=18))]
+       "dfnet-df1", "dfanet-b", "gun", ("rgpnet", dict(depth=18)), "hyperseg-s"]
 
 
 def n_params(model) -> int:
