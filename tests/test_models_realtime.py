@@ -250,7 +250,8 @@ def test_backbone_counts_match_their_references():
         # torchvision vgg16_bn: 138,365,992 parameters (its docs), minus the three classifier
         # layers (25088 -> 4096 -> 4096 -> 1000, with biases)
         assert n_params(build_backbone("vgg16-bn")) == 138_365_992 - (
-            conv(25088, 4096, bias=True) + conv(4096, 4096, bias=True) + conv(4096, 1000, bias=True))
+            conv(25088, 4096, bias=True) + conv(4096, 4096, bias=True)
+            + conv(4096, 1000, bias=True))
 
 
 @pytest.mark.parametrize("name", sorted(DERIVED))

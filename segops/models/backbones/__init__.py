@@ -20,8 +20,10 @@ _BACKBONES: dict[str, tuple[str, str, dict]] = {
     "xception-a": ("xception_a", "XceptionA", dict(variant="a")),
     "xception-b": ("xception_a", "XceptionA", dict(variant="b")),
     "vgg16-bn": ("vgg", "VGG16BN", {}),
-    "efficientnet-b1-hyperseg": ("efficientnet_hyperseg", "EfficientNetHyperSeg", dict(variant="b1")),
-    "efficientnet-b3-hyperseg": ("efficientnet_hyperseg", "EfficientNetHyperSeg", dict(variant="b3")),
+    "efficientnet-b1-hyperseg": ("efficientnet_hyperseg", "EfficientNetHyperSeg",
+                                 dict(variant="b1")),
+    "efficientnet-b3-hyperseg": ("efficientnet_hyperseg", "EfficientNetHyperSeg",
+                                 dict(variant="b3")),
     "stdc1": ("stdc", "STDCNet", dict(stdc_type="STDCNet1")),
     "stdc2": ("stdc", "STDCNet", dict(stdc_type="STDCNet2")),
 }

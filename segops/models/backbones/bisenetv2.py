@@ -47,7 +47,8 @@ class StemBlock(nn.Module):
         super().__init__()
         half = out_channels // 2
         self.conv_first = _conv3x3(in_channels, out_channels, 2)
-        self.convs = nn.Sequential(ConvModule(out_channels, half, 1), _conv3x3(half, out_channels, 2))
+        self.convs = nn.Sequential(ConvModule(out_channels, half, 1),
+                                   _conv3x3(half, out_channels, 2))
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.fuse_last = _conv3x3(out_channels * 2, out_channels)
 

@@ -56,7 +56,8 @@ class MBConvBlock(nn.Module):
         if expand != 1:
             self._expand_conv = SameConv2d(cin, mid, 1, image_size=image_size)
             self._bn0 = nn.BatchNorm2d(mid, **BN)
-        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid, image_size=image_size)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid,
+                                          image_size=image_size)
         self._bn1 = nn.BatchNorm2d(mid, **BN)
         squeezed = max(1, int(cin * 0.25))
         self._se_reduce = nn.Conv2d(mid, squeezed, 1)

@@ -21,7 +21,8 @@ class VGG16BN(nn.Module):
             if layers:
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             for c in widths:
-                layers += [nn.Conv2d(cin, c, 3, padding=1), make_norm(norm, c), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(cin, c, 3, padding=1), make_norm(norm, c),
+                           nn.ReLU(inplace=True)]
                 cin = c
             self.block_ends.append(len(layers) - 1)
         layers.append(nn.MaxPool2d(kernel_size=2, stride=2))

@@ -29,7 +29,8 @@ class DFANet(nn.Module):
     """Keys: `backbone` (XceptionA with stem), `backbone2`, `backbone3` (no stem, widened
     inputs), `enc2_reduce.{0,1,2}`, `fca_reduce.{0,1,2}`, `conv_fusion`, `conv_out`."""
 
-    def __init__(self, variant: str = "a", num_classes: int = 19, decoder_channels: int = 32) -> None:
+    def __init__(self, variant: str = "a", num_classes: int = 19,
+                 decoder_channels: int = 32) -> None:
         super().__init__()
         self.backbone = XceptionA(variant)
         c2, c3, c4 = self.backbone.out_channels

@@ -29,7 +29,8 @@ class PSPModule(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, sizes=(1, 2, 3, 6)) -> None:
         super().__init__()
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.Sequential(nn.AdaptiveAvgPool2d(s),
+                          nn.Conv2d(in_channels, out_channels, 1, bias=False),
                           make_norm("bn", out_channels)) for s in sizes)
         self.bottleneck = nn.Sequential(
             nn.Conv2d(in_channels + len(sizes) * out_channels, out_channels, 1, bias=False),

@@ -30,7 +30,8 @@ from segops.nn import ConvModule, GuidedUpsampling
 class GUN(nn.Module):
     """Keys: `backbone.*` (ResNet-18), `fusion`, `conv_seg`, `guidance.{0,1}`."""
 
-    def __init__(self, num_classes: int = 19, channels: int = 128, guidance_channels: int = 32) -> None:
+    def __init__(self, num_classes: int = 19, channels: int = 128,
+                 guidance_channels: int = 32) -> None:
         super().__init__()
         self.backbone = ResNet(18, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))
         c1, c2, _, c4 = self.backbone.out_channels

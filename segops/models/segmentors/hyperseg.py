@@ -1,6 +1,7 @@
 """`hyperseg-m`, `hyperseg-s`: HyperSeg (Nirkin et al., "HyperSeg: Patch-wise Hypernetwork for
 Real-time Semantic Segmentation", CVPR 2021) as YuvalNirkin/hyperseg builds them, with its
-module names. Cityscapes, 19 classes, EfficientNet-B1 encoder (`backbones/efficientnet_hyperseg.py`).
+module names. Cityscapes, 19 classes, EfficientNet-B1 encoder
+(`backbones/efficientnet_hyperseg.py`).
 
 - `hyperseg-m`: `hyperseg/models/hyperseg_v1_0.py` with `configs/train/
   cityscapes_efficientnet_b1_hyperseg-m.py`: weight mapper with 2 levels, feature scales
@@ -110,13 +111,14 @@ def _patches(x: Tensor, grid, border: int):
 
 
 def _unpatch(y: Tensor, n: int, grid, size) -> Tensor:
-    """Inverse of `_patches` (borders already consumed): (N * fh * fw, C, ph, pw) -> (N, C, H, W)."""
+    """Inverse of `_patches` (borders consumed): (N * fh * fw, C, ph, pw) -> (N, C, H, W)."""
     (fh, fw), (ph, pw) = grid, y.shape[2:]
     y = y.reshape(n, fh, fw, -1, ph, pw).permute(0, 3, 1, 4, 2, 5)
     return y.reshape(n, -1, fh * ph, fw * pw)[:, :, :size[0], :size[1]]
 
 
-def _patch_conv(x: Tensor, weights: Tensor, cout: int, k: int = 1, depthwise: bool = False) -> Tensor:
+def _patch_conv(x: Tensor, weights: Tensor, cout: int, k: int = 1,
+                depthwise: bool = False) -> Tensor:
     """Each patch (batch entry of x) convolved with its own weights (rows of `weights`)."""
     p, c = x.shape[:2]
     shape = (p * cout, 1, k, k) if depthwise else (p * cout, c, k, k)
@@ -208,7 +210,8 @@ class HyperSeg(nn.Module):
     layer (the unify version; keys `decoder.level_blocks.<l>`, `decoder.weight_blocks.<i>`)."""
 
     def __init__(self, num_classes: int = 19, variant: str = "b1", levels: int = 2,
-                 out_feat_scale=0.25, kernel_sizes=(1, 1, 1, 3, 3), level_channels=(64, 32, 16, 16, 16),
+                 out_feat_scale=0.25, kernel_sizes=(1, 1, 1, 3, 3),
+                 level_channels=(64, 32, 16, 16, 16),
                  expand_ratio: int = 2, weight_groups=(32, 16, 8, 16, 4), unify_level=None) -> None:
         super().__init__()
         self.backbone = EfficientNetHyperSeg(variant, out_feat_scale)
@@ -223,13 +226,13 @@ class HyperSeg(nn.Module):
             layers.append(HyperPatchInvertedResidual(prev + 2, cout, k, expand_ratio) if k > 1
                           else HyperPatchConv(prev + 2, cout))
             prev = cout
-        levels_ = [_Level(layer) for layer in layers]
+        decoder_levels = [_Level(layer) for layer in layers]
         if unify_level is None:
-            for level, block in enumerate(levels_):
+            for level, block in enumerate(decoder_levels):
                 self.decoder.add_module(f"level_{level}", block)
             weight_layers = layers
         else:
-            self.decoder.level_blocks = nn.ModuleList(levels_)
+            self.decoder.level_blocks = nn.ModuleList(decoder_levels)
             shared = sum(layer.params for layer in layers[unify_level - 1:])
             weight_layers = [WeightLayer(layer.params) for layer in layers[:unify_level - 1]]
             weight_layers.append(WeightLayer(shared))
@@ -239,7 +242,7 @@ class HyperSeg(nn.Module):
         for layer, share, groups in zip(weight_layers, shares, weight_groups):
             layer.init_signal(share, start, groups)
             start += share
-        self.levels = levels_
+        self.decoder_levels = decoder_levels
         self.layers = layers
         self.weight_layers = weight_layers
         self.weight_mapper = WeightMapper(signal, levels)
@@ -258,7 +261,7 @@ class HyperSeg(nn.Module):
         *feats, last = self.backbone(img)
         weights = self._level_weights(self.weight_mapper(last))
         p = None
-        for level, feat, w in zip(self.levels, reversed(feats), weights):
+        for level, feat, w in zip(self.decoder_levels, reversed(feats), weights):
             p = feat if p is None else torch.cat([feat, resize(p, feat.shape[2:])], dim=1)
             p = level(torch.cat([_coordinates(p), p], dim=1), w)
         out = resize(p, img.shape[2:])
