@@ -43,6 +43,7 @@ TRAIN_OUTPUTS = {
     "rgpnet": (0, ()),
     "hyperseg-m": (0, ()),
     "hyperseg-s": (0, ()),
+    "hyperseg-l": (0, ()),
 }
 
 # Loss weights of the reference configs: (main, aux...) and the extra outputs' losses.
@@ -187,21 +188,23 @@ def count_efficientnet_hyperseg(variant, scales):
     return n
 
 
-def count_hyperseg(scales, widths, shares, groups, classes=19):
+def count_hyperseg(scales, widths, shares, groups, classes=19, variant="b1",
+                   kernels=(1, 1, 1, 3, 3), mapper_levels=2):
     """HyperSeg `hyperseg/models/hyperseg_v1_0.py` (and `models/hyperseg_v1_0_unify.py`, whose
-    unified weight layer has the summed size): decoder levels of kernel sizes (1, 1, 1, 3, 3),
-    inputs = 2 coordinates + encoder feature + previous level; a 1x1 level has BN(out) and
+    unified weight layer has the summed size): level l's input = 2 coordinates + encoder
+    feature l (coarsest first, the image last) + previous level; a 1x1 level has BN(out) and
     in*out weights, an inverted residual (expansion 2) BN(hidden) x 2 + BN(out) and
-    in*hidden + 9*hidden + hidden*out weights. `shares` are the signal channels the
-    reference's divide_feature gives each weight layer (1280 channels in units of 32; worked
-    by hand in the comments of DERIVED); a weight layer is a grouped 1x1 conv
-    from its share to ceil(weights / groups) * groups channels. Weight mapper (2 levels):
-    1x1 1280->640 + BN, 2x2 640->640 + BN, 1x1 1280->640 + BN."""
-    feats = [round(c * s) for c, s in zip(EFFICIENTNET_FEATURES["b1"], scales)][::-1]
+    in*hidden + 9*hidden + hidden*out weights; `widths` None: each level as wide as its
+    feature. `shares` are the signal channels the reference's divide_feature gives each weight
+    layer (worked by hand in the comments of DERIVED); a weight layer is a grouped 1x1 conv from
+    its share to ceil(weights / groups) * groups channels. Weight mapper on the C-channel
+    signal: 1x1 C->C/2 + BN, then per extra level a 2x2 C/2->C/2 + BN and a 1x1 C->C/2 + BN."""
+    feats = ([3] + [round(c * s) for c, s in zip(EFFICIENTNET_FEATURES[variant], scales)])[::-1]
+    widths = widths or feats
     n, prev, weights = 0, 0, []
-    for level, (k, width) in enumerate(zip((1, 1, 1, 3, 3), widths)):
+    for level, k in enumerate(kernels):
         cin = prev + feats[level] + 2
-        cout = classes if level == 4 else width
+        cout = classes if level == len(kernels) - 1 else widths[level]
         if k == 1:
             n += bn(cout)
             weights.append(cin * cout)
@@ -213,8 +216,10 @@ def count_hyperseg(scales, widths, shares, groups, classes=19):
     if len(shares) < len(weights):  # unified tail
         weights = weights[:len(shares) - 1] + [sum(weights[len(shares) - 1:])]
     n += sum(share // g * (-(-w // g) * g) for w, share, g in zip(weights, shares, groups))
-    mapper = conv(1280, 640) + bn(640) + conv(640, 640, 2) + bn(640) + conv(1280, 640) + bn(640)
-    return count_efficientnet_hyperseg("b1", scales) + n + mapper
+    c = EFFICIENTNET_HEAD[variant]
+    mapper = conv(c, c // 2) + bn(c // 2) + (mapper_levels - 1) * (
+        conv(c // 2, c // 2, 2) + bn(c // 2) + conv(c, c // 2) + bn(c // 2))
+    return count_efficientnet_hyperseg(variant, scales) + n + mapper
 
 
 # name -> parameter count derived independently of our code (each function names its source)
@@ -225,6 +230,9 @@ DERIVED = {
     # -s: (4160, 992, 208, 868 + 2808 unified) -> units (18, 4, 2, 16)
     "hyperseg-s": lambda: count_hyperseg((1, .166, .2, .25, .4), (32, 16, 8, 8, 8),
                                          (576, 128, 64, 512), (32, 16, 8, 16)),
+    # -l: (9408, 4488, 6624, 1716, 992, 902), 96 units of 16 -> (37, 17, 26, 6, 3, 7)
+    "hyperseg-l": lambda: count_hyperseg([.25] * 5, None, (592, 272, 416, 96, 48, 112),
+                                         [16] * 6, 21, "b3", (1, 1, 3, 3, 3, 3), 3),
     "dfanet-a": lambda: count_dfanet("a"),
     "dfanet-b": lambda: count_dfanet("b"),
     "gun": count_gun,
@@ -388,6 +396,15 @@ def test_backbone_builds_alone_and_runs(name):
         outs = net(torch.zeros(1, 3, 97, 131))
     outs = outs if isinstance(outs, (tuple, list)) else [outs]
     assert outs and all(o.dim() == 4 and o.shape[0] == 1 for o in outs)
+
+
+def test_hyperseg_l_eval_at_an_odd_size():
+    """hyperseg-l's structure differs from -s (six levels, the last on the image, a 3-level
+    weight mapper), so it gets its own (eval-only) run."""
+    model = models.build("hyperseg-l").eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 97, 131))
+    assert out.shape == (1, 21, 97, 131) and torch.isfinite(out).all()
 
 
 def test_guided_upsampling_is_bilinear_without_offsets_and_follows_them():

@@ -29,7 +29,7 @@ MODEL_OPS = {"ccnet_r50-d8": "criss_cross_attention", "dnl_r50-d8": "disentangle
              "sdn-fcn_r50-d8": "semantic_difference_conv2d", "stlnet_r101-d8": "qco_1d"}
 LATENCY_MODELS = ("bisenetv1_r18-d32", "bisenetv1_xception39", "bisenetv2_fcn", "stdc1", "stdc2",
                   "icnet_r18-d8", "icnet_r50-d8", "dfanet-a", "dfanet-b", "dfnet-df1",
-                  "dfnet-df2", "hyperseg-m", "hyperseg-s", "gun", "rgpnet")
+                  "dfnet-df2", "hyperseg-m", "hyperseg-s", "hyperseg-l", "gun", "rgpnet")
 LATENCY_INPUT = (1, 3, 512, 1024)
 INPUT = (1, 3, 256, 512)
 QUICK_INPUT = (1, 3, 64, 64)

@@ -1,15 +1,23 @@
-"""`hyperseg-m`, `hyperseg-s`: HyperSeg (Nirkin et al., "HyperSeg: Patch-wise Hypernetwork for
-Real-time Semantic Segmentation", CVPR 2021) as YuvalNirkin/hyperseg builds them, with its
-module names. Cityscapes, 19 classes, EfficientNet-B1 encoder
-(`backbones/efficientnet_hyperseg.py`).
+"""`hyperseg-m`, `hyperseg-s`, `hyperseg-l`: HyperSeg (Nirkin et al., "HyperSeg: Patch-wise
+Hypernetwork for Real-time Semantic Segmentation", CVPR 2021) as YuvalNirkin/hyperseg builds
+them, with its module names; encoders in `backbones/efficientnet_hyperseg.py`.
 
-- `hyperseg-m`: `hyperseg/models/hyperseg_v1_0.py` with `configs/train/
-  cityscapes_efficientnet_b1_hyperseg-m.py`: weight mapper with 2 levels, feature scales
-  (1, 0.25, 0.25, 0.25, 0.25), decoder kernel sizes (1, 1, 1, 3, 3), level widths
-  (64, 32, 16, 16, 16), expansion 2, weight groups (32, 16, 8, 16, 4).
-- `hyperseg-s`: `models/hyperseg_v1_0_unify.py` with `configs/train/
-  cityscapes_efficientnet_b1_hyperseg-s.py`: feature scales (1, 0.166, 0.2, 0.25, 0.4), level
-  widths (32, 16, 8, 8, 8), one weight layer shared by levels 4 and 5 (`unify_level=4`).
+- `hyperseg-m` (Cityscapes, 19 classes, EfficientNet-B1): `hyperseg/models/hyperseg_v1_0.py`
+  with `configs/train/cityscapes_efficientnet_b1_hyperseg-m.py`: weight mapper with 2 levels,
+  feature scales (1, 0.25, 0.25, 0.25, 0.25), decoder kernel sizes (1, 1, 1, 3, 3), level
+  widths (64, 32, 16, 16, 16), expansion 2, weight groups (32, 16, 8, 16, 4).
+- `hyperseg-s` (Cityscapes, EfficientNet-B1): `models/hyperseg_v1_0_unify.py` with
+  `configs/train/cityscapes_efficientnet_b1_hyperseg-s.py`: feature scales
+  (1, 0.166, 0.2, 0.25, 0.4), level widths (32, 16, 8, 8, 8), one weight layer shared by
+  levels 4 and 5 (`unify_level=4`).
+- `hyperseg-l` (PASCAL VOC, 21 classes, EfficientNet-B3): `configs/train/
+  vocsbd_efficientnet_b3_hyperseg-l.py` (weight mapper with 3 levels, feature scale 0.25,
+  kernel sizes (1, 1, 3, 3, 3, 3): six levels, the last on the image itself, weight groups 16)
+  built as its arguments evidently intend: that config raises a TypeError with every
+  published model file (`level_channels=None` reaches a `len()`, an integer `weight_groups` a
+  `max()`), so each level here is as wide as its input feature, which is what the
+  reference's `level_channels=None` branch means, and every layer has 16 weight groups. Its
+  count is therefore of this reading, not of the released (pickled) model.
 
 The encoder's last feature goes through the weight mapper ("context head", a small U-Net) to a
 signal at 1/32 of the input; 1x1 grouped convs (`signal2weights`) turn slices of it into the
@@ -17,15 +25,15 @@ weights of every decoder layer, one set per signal pixel, i.e. per image patch. 
 level concatenates the image coordinates, the encoder feature of its resolution and the
 upsampled previous level, and applies its layer patch by patch (a 1x1 conv-BN-ReLU, or an
 inverted residual block: 1x1, depthwise 3x3 over the patch with a 1-pixel reflected border,
-1x1, BN and ReLU6). Loss: bootstrapped cross-entropy (the config's
-BootstrappedCrossEntropyLoss, declared as OHEM cross-entropy).
+1x1, BN and ReLU6). Loss: -m and -s bootstrapped cross-entropy (their configs'
+BootstrappedCrossEntropyLoss, declared as OHEM cross-entropy), -l the trainer's default
+cross-entropy.
 
 Differences from the reference: its cached coordinate buffers (`coord<h>_<w>`, deterministic)
 are not stored; when a level's size is not a multiple of the patch grid the feature is padded
 by replication to the next multiple and the output cropped (the reference requires
-multiples), and the weight mapper's x2 upsampling is to the exact skip size.
-`hyperseg-l` (VOC, EfficientNet-B3) is not provided: its published train config does not build
-with either published model file (level_channels=None, integer weight_groups).
+multiples), the weight mapper's x2 upsampling is to the exact skip size and a map smaller
+than its 2x2 down-convolution is first padded by replication.
 """
 from __future__ import annotations
 
@@ -188,7 +196,11 @@ class WeightMapper(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         feats = [self.in_conv(x)]
         for down in self.down_blocks:
-            feats.append(down(feats[-1]))
+            x = feats[-1]
+            h, w = x.shape[2:]
+            if h < 2 or w < 2:  # too small for the 2x2 conv (tiny inputs only)
+                x = F.pad(x, (0, max(0, 2 - w), 0, max(0, 2 - h)), mode="replicate")
+            feats.append(down(x))
         x = F.adaptive_avg_pool2d(feats[-1], 1).expand_as(feats[-1])
         for up in reversed(self.up_blocks):
             x = up(torch.cat([feats.pop(), x], dim=1))
@@ -212,11 +224,18 @@ class HyperSeg(nn.Module):
     def __init__(self, num_classes: int = 19, variant: str = "b1", levels: int = 2,
                  out_feat_scale=0.25, kernel_sizes=(1, 1, 1, 3, 3),
                  level_channels=(64, 32, 16, 16, 16),
-                 expand_ratio: int = 2, weight_groups=(32, 16, 8, 16, 4), unify_level=None) -> None:
+                 expand_ratio: int = 2, weight_groups=(32, 16, 8, 16, 4), unify_level=None,
+                 loss: str = "ohem_cross_entropy") -> None:
         super().__init__()
+        self.loss_terms = [LossTerm("out", loss)]
         self.backbone = EfficientNetHyperSeg(variant, out_feat_scale)
         signal = self.backbone.feat_channels[-1]
-        feats = self.backbone.feat_channels[:-1][::-1]
+        # level inputs, coarsest first; the image itself is the finest
+        feats = ([3] + self.backbone.feat_channels[:-1])[::-1]
+        if level_channels is None:  # each level as wide as its input (the reference's default)
+            level_channels = feats[:len(kernel_sizes)]
+        if isinstance(weight_groups, int):
+            weight_groups = (weight_groups,) * len(kernel_sizes)
         self.decoder = nn.Module()
         self.unify_level = unify_level
         layers, prev = [], 0
@@ -247,8 +266,6 @@ class HyperSeg(nn.Module):
         self.weight_layers = weight_layers
         self.weight_mapper = WeightMapper(signal, levels)
 
-    loss_terms = [LossTerm("out", "ohem_cross_entropy")]
-
     def _level_weights(self, signal: Tensor) -> list:
         if self.unify_level is None:
             return [w.weights(signal) for w in self.weight_layers]
@@ -261,7 +278,7 @@ class HyperSeg(nn.Module):
         *feats, last = self.backbone(img)
         weights = self._level_weights(self.weight_mapper(last))
         p = None
-        for level, feat, w in zip(self.decoder_levels, reversed(feats), weights):
+        for level, feat, w in zip(self.decoder_levels, reversed([img] + feats), weights):
             p = feat if p is None else torch.cat([feat, resize(p, feat.shape[2:])], dim=1)
             p = level(torch.cat([_coordinates(p), p], dim=1), w)
         out = resize(p, img.shape[2:])
@@ -284,5 +301,8 @@ class _Level(nn.Module):
 
 
 register_model("hyperseg-m", HyperSeg, out_feat_scale=(1.0, 0.25, 0.25, 0.25, 0.25))
+register_model("hyperseg-l", HyperSeg, num_classes=21, variant="b3", levels=3,
+               kernel_sizes=(1, 1, 3, 3, 3, 3), level_channels=None, weight_groups=16,
+               loss="cross_entropy")
 register_model("hyperseg-s", HyperSeg, out_feat_scale=(1.0, 0.166, 0.2, 0.25, 0.4),
                level_channels=(32, 16, 8, 8, 8), unify_level=4)
