@@ -26,25 +26,13 @@ MMSEG = {
     "icnet_r50-d8": ("icnet/icnet_r50-d8_4xb2-80k_cityscapes-832x832.py", 47_827_833),
 }
 
-# name -> (number of "aux" outputs in train mode, extra train-mode outputs).
-TRAIN_OUTPUTS = {
-    "bisenetv1_r18-d32": (2, ()),
-    "bisenetv2_fcn": (4, ()),
-    "stdc1": (2, ("detail",)),
-    "stdc2": (2, ("detail",)),
-    "icnet_r18-d8": (2, ()),
-    "icnet_r50-d8": (2, ()),
-    "bisenetv1_xception39": (2, ()),
-    "dfnet-df1": (0, ()),
-    "dfnet-df2": (0, ()),
-    "dfanet-a": (0, ()),
-    "dfanet-b": (0, ()),
-    "gun": (0, ()),
-    "rgpnet": (0, ()),
-    "hyperseg-m": (0, ()),
-    "hyperseg-s": (0, ()),
-    "hyperseg-l": (0, ()),
-}
+REAL_TIME_MODELS = ("bisenetv1_r18-d32", "bisenetv1_xception39", "bisenetv2_fcn", "stdc1", "stdc2",
+                    "icnet_r18-d8", "icnet_r50-d8", "dfanet-a", "dfanet-b", "dfnet-df1",
+                    "dfnet-df2", "hyperseg-m", "hyperseg-s", "hyperseg-l", "gun", "rgpnet")
+# name -> number of "aux" outputs in train mode (others: none); STDC also returns "detail".
+N_AUX = {"bisenetv1_r18-d32": 2, "bisenetv1_xception39": 2, "bisenetv2_fcn": 4, "stdc1": 2,
+         "stdc2": 2, "icnet_r18-d8": 2, "icnet_r50-d8": 2}
+EXTRA_OUTPUTS = {"stdc1": ("detail",), "stdc2": ("detail",)}
 
 # Loss weights of the reference configs: (main, aux...) and the extra outputs' losses.
 LOSS_WEIGHTS = {
@@ -282,7 +270,9 @@ def meta_build(name, **kw):
 
 
 def test_registry_has_the_real_time_models():
-    assert set(TRAIN_OUTPUTS) <= set(models.list_models())
+    assert set(REAL_TIME_MODELS) <= set(models.list_models())
+    from benchmarks.cases.models import LATENCY_MODELS  # every one gets a latency row
+    assert set(LATENCY_MODELS) == set(REAL_TIME_MODELS)
 
 
 @pytest.mark.parametrize("name", sorted(MMSEG))
@@ -339,7 +329,7 @@ def test_forward_backward_and_odd_size_eval(name):
 
     model.train()
     res = model(torch.randn(2, 3, 128, 128))
-    n_aux, extra = TRAIN_OUTPUTS[name]
+    n_aux, extra = N_AUX.get(name, 0), EXTRA_OUTPUTS.get(name, ())
     assert set(res) == {"out", "aux", *extra}
     assert res["out"].shape == (2, 19, 128, 128)
     assert len(res["aux"]) == n_aux
