@@ -13,6 +13,10 @@ statistics, as when fine-tuning with small batches).
 the shapes and arguments the model fed them (captured from one forward), forward for `eval`,
 forward+backward for `train`; `op_fraction` = op_ms / the model's time. FLOPs: counted on the
 reference provider (torch.utils.flop_counter: matrix products and convolutions).
+
+LATENCY_MODELS, the real-time models (issue 16), get eval-mode rows only, at their usual
+latency setting LATENCY_INPUT (batch 1, 512x1024), on the reference backend alone, without an
+operator fraction: their time is the number of interest, not a segops operator's share of it.
 """
 import torch
 import torch.nn.functional as F
@@ -23,13 +27,17 @@ from benchmarks.common import Case, fused_backends
 MODEL_OPS = {"ccnet_r50-d8": "criss_cross_attention", "dnl_r50-d8": "disentangled_non_local",
              "isanet_r50-d8": "interlaced_sparse_attention",
              "sdn-fcn_r50-d8": "semantic_difference_conv2d", "stlnet_r101-d8": "qco_1d"}
+LATENCY_MODELS = ("bisenetv1_r18-d32", "bisenetv1_xception39", "bisenetv2_fcn", "stdc1", "stdc2",
+                  "icnet_r18-d8", "icnet_r50-d8", "dfanet-a", "dfanet-b", "dfnet-df1",
+                  "dfnet-df2", "hyperseg-m", "hyperseg-s", "hyperseg-l", "gun", "rgpnet")
+LATENCY_INPUT = (1, 3, 512, 1024)
 INPUT = (1, 3, 256, 512)
 QUICK_INPUT = (1, 3, 64, 64)
 MODES = ("eval", "train")
 AUX_WEIGHT = 0.4
 
 
-def _provider(name: str, backend: str):
+def _provider(name: str, backend: str, latency_only: bool = False):
     cache = {}
 
     def run(img):
@@ -39,6 +47,7 @@ def _provider(name: str, backend: str):
             cache["model"] = models.build(name, backend=backend).to(img.device, img.dtype)
         return cache["model"]
     run.backend = backend
+    run.latency_only = latency_only
     return run
 
 
@@ -109,7 +118,10 @@ def _captured_calls(step) -> list:
 
 
 def op_time(provider, kwargs: dict, mode: str, device: str, min_run_time: float) -> float:
-    """ms the model's operator calls take alone on the provider's backend (see the docstring)."""
+    """ms the model's operator calls take alone on the provider's backend (see the docstring);
+    None for the latency-only models."""
+    if provider.latency_only:
+        return None
     from benchmarks.measure import first_floating, time_step
     calls = _captured_calls(make_step(provider, kwargs, "eval" if mode == "eval" else "train"))
     total = 0.0
@@ -133,6 +145,13 @@ def op_time(provider, kwargs: dict, mode: str, device: str, min_run_time: float)
     return total
 
 
+def _image(shape):
+    def make(dev, dt):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        return dict(img=torch.randn(*shape, generator=g).to(dev, dt))
+    return make
+
+
 def cases(device: str, dtype: torch.dtype, quick: bool = False):
     from segops import models
     known = set(models.list_models())
@@ -141,12 +160,15 @@ def cases(device: str, dtype: torch.dtype, quick: bool = False):
     for name, op in MODEL_OPS.items():
         if name not in known:
             continue
-
-        def make(dev, dt, shape=shape):
-            g = torch.Generator(device="cpu").manual_seed(0)
-            return dict(img=torch.randn(*shape, generator=g).to(dev, dt))
         providers = {"reference": _provider(name, "reference")}
         providers.update({b: _provider(name, b) for b in fused_backends(op, device, dtype)})
-        out.append(Case(name, "x".join(map(str, shape)), make, (), providers,
+        out.append(Case(name, "x".join(map(str, shape)), _image(shape), (), providers,
                         params=dict(input=shape, op=op), modes=MODES, step=make_step))
+    shape = QUICK_INPUT if quick else LATENCY_INPUT
+    for name in LATENCY_MODELS:
+        if name not in known:
+            continue
+        out.append(Case(name, "x".join(map(str, shape)), _image(shape), (),
+                        {"reference": _provider(name, "reference", latency_only=True)},
+                        params=dict(input=shape), modes=("eval",), step=make_step))
     return out

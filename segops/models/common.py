@@ -12,24 +12,35 @@ from segops.nn import ConvModule
 
 class DepthwiseSeparableConvModule(nn.Module):
     """mmcv's DepthwiseSeparableConvModule: `depthwise_conv` (k x k, groups=in_channels, norm,
-    act) then `pointwise_conv` (1x1, norm, act), both ConvModules."""
+    act) then `pointwise_conv` (1x1, norm, act), both ConvModules. `dw_norm`/`dw_act` and
+    `pw_norm`/`pw_act` override `norm`/`act` for one of the two (mmcv's dw_/pw_ cfgs)."""
+
+    _SAME = object()
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                  padding: int = 0, dilation: int = 1, norm: Optional[str] = "bn",
-                 act: Optional[str] = "relu") -> None:
+                 act: Optional[str] = "relu", dw_norm=_SAME, dw_act=_SAME, pw_norm=_SAME,
+                 pw_act=_SAME) -> None:
         super().__init__()
+        same = DepthwiseSeparableConvModule._SAME
         self.depthwise_conv = ConvModule(in_channels, in_channels, kernel_size, stride, padding,
-                                         dilation, groups=in_channels, norm=norm, act=act)
-        self.pointwise_conv = ConvModule(in_channels, out_channels, 1, norm=norm, act=act)
+                                         dilation, groups=in_channels,
+                                         norm=norm if dw_norm is same else dw_norm,
+                                         act=act if dw_act is same else dw_act)
+        self.pointwise_conv = ConvModule(in_channels, out_channels, 1,
+                                         norm=norm if pw_norm is same else pw_norm,
+                                         act=act if pw_act is same else pw_act)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pointwise_conv(self.depthwise_conv(x))
 
 
-def resize(x: Tensor, size, align_corners: bool = False) -> Tensor:
+def resize(x: Tensor, size, align_corners: bool = False, mode: str = "bilinear") -> Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode=mode)
+    return F.interpolate(x, size=size, mode=mode, align_corners=align_corners)
 
 
 class BaseDecodeHead(nn.Module):
