@@ -126,14 +126,25 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                     help="parallel compile jobs (MAX_JOBS of the build)")
     ap.add_argument("--skip", nargs="*", default=[], help="steps to leave out")
+    ap.add_argument("--timeout", nargs="*", default=[], metavar="STEP=SECONDS",
+                    help="change steps' timeouts (--budget still bounds the whole run)")
     ap.add_argument("--dry-run", action="store_true", help="print the steps and exit")
     args = ap.parse_args(argv)
     out = Path(args.out) if args.out else None
-    plan = steps(out or Path("<results>"), args.jobs)
-    unknown = set(args.skip) - {s.name for s in plan}
-    if unknown:
-        ap.error(f"unknown step(s) {sorted(unknown)}; steps: {[s.name for s in plan]}")
-    plan = [s for s in plan if s.name not in args.skip]
+    names = [s.name for s in steps(Path("<results>"), args.jobs)]
+    timeouts = dict(t.split("=", 1) for t in args.timeout if "=" in t)
+    unknown = (set(args.skip) | set(timeouts)) - set(names)
+    if unknown or len(timeouts) != len(args.timeout) or not all(
+            t.isdigit() for t in timeouts.values()):
+        ap.error(f"unknown step(s) {sorted(unknown)} or not STEP=SECONDS; steps: {names}")
+
+    def chosen(out_dir: Path) -> list[Step]:
+        plan = [s for s in steps(out_dir, args.jobs) if s.name not in args.skip]
+        for s in plan:
+            s.timeout = int(timeouts.get(s.name, s.timeout))
+        return plan
+
+    plan = chosen(out or Path("<results>"))
     if args.dry_run:
         for s in plan:
             env = " ".join(f"{k}={v}" for k, v in (s.env or {}).items())
@@ -147,7 +158,7 @@ def main(argv=None) -> int:
     if out is None:
         out = ROOT / "benchmarks" / "results" / f"gpu-{device_slug()}_{datetime.date.today()}"
     out.mkdir(parents=True, exist_ok=True)
-    plan = [s for s in steps(out.resolve(), args.jobs) if s.name not in args.skip]
+    plan = chosen(out.resolve())
     deadline = time.perf_counter() + args.budget
     rows = []
     for step in plan:

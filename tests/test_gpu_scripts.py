@@ -22,6 +22,7 @@ def _script(name):
 
 
 resources = _script("check_cuda_resources")
+validate = _script("gpu_validate")
 
 # Captured from `nvcc -Xptxas -v` (nvcc 13.0) on csrc/cuda/qco.cu and criss_cross_attention.cu,
 # names shortened; the sm_90 entry of region_grad_kernel has its numbers changed to differ from
@@ -120,3 +121,17 @@ def test_gpu_validate_dry_run_lists_the_steps(tmp_path):
         assert f"\n{step} (" in "\n" + proc.stdout
     assert "SEGOPS_BUILD_CUDA=1" in proc.stdout
     assert not (tmp_path / "results").exists()
+
+
+def test_gpu_validate_steps_report_failure_and_timeout(tmp_path):
+    def step(name, code, timeout=30):
+        return validate.Step(name, [sys.executable, "-c", code], timeout)
+
+    results = [(s.name, *validate.run_step(s, tmp_path, s.timeout)) for s in (
+        step("passes", "print('fine')"), step("fails", "raise SystemExit(3)"),
+        step("hangs", "import time; time.sleep(60)", timeout=1))]
+    assert [(name, status) for name, status, _ in results] == [
+        ("passes", "ok"), ("fails", "failed (exit 3)"), ("hangs", "timeout (1 s)")]
+    assert results[2][2] < 30
+    assert "fine" in (tmp_path / "passes.log").read_text()
+    assert "| fails | failed (exit 3) |" in validate.table(results)
