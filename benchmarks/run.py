@@ -291,6 +291,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
     p.add_argument("--full", action="store_true", help="every shape of docs/operators.md §4 (default on CPU: the "
                    "first shape of each op, to stay within 10 minutes on 2 cores)")
+    p.add_argument("--headline", action="store_true", help="only each op's headline cases (its "
+                   "first shape: what a CPU run picks by default), on any device")
     p.add_argument("--models", action="store_true", help="benchmark whole models instead of ops "
                    "(256x512 input, eval forward and a train step)")
     p.add_argument("--out", help="JSON path (default: benchmarks/out/<device>_<date>.json)")
@@ -326,7 +328,7 @@ def main(argv=None) -> int:
             module = cases_mod.load(op)
             for dt in dtypes:
                 op_cases = module.cases(device, getattr(torch, dt), args.quick)
-                if device == "cpu" and not (args.full or args.quick):
+                if (device == "cpu" or args.headline) and not (args.full or args.quick):
                     op_cases = op_cases[:getattr(module, "DEFAULT_CPU_CASES", 1)]
                 for i, case in enumerate(op_cases):
                     groups.append((case, dict(kind="op", op=op, index=i, dtype=dt)))

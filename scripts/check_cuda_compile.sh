@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Compile-check every CUDA kernel file (csrc/cuda/*.cu) with nvcc for sm_80 and sm_90, without a
 # GPU and without torch: kernel files include only CUDA headers and csrc/include.
+# Compile only; CI runs scripts/check_cuda_resources.py instead, which compiles the
+# same files once and also checks registers, spills and shared memory.
 # Usage: scripts/check_cuda_compile.sh [extra nvcc flags]. Exits 0 with a note when nvcc is absent
 # unless SEGOPS_REQUIRE_NVCC=1.
 set -euo pipefail

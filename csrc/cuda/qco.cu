@@ -412,9 +412,11 @@ region_hist_kernel(const A* __restrict__ sim, A* __restrict__ hist, A* __restric
 // One block per (n, r): each pixel's d(sim) through E (and, for qco_2d, through both pairs it is
 // part of), the levels' gradient (bins, shared memory or gbins), the ties at min/max; writes the
 // per-pixel coefficients coef[n, 0, i] = a = gsim·r and coef[n, 1, i] = b = gsim·r²·sim (0 where
-// the norm was clamped).
+// the norm was clamped). The grid (N·R blocks) is usually smaller than the GPU, so a second
+// resident block per SM gains nothing: asking for one lets ptxas use the registers it needs
+// (88 for fp32) instead of spilling 48-56 B at the 64 its own choice allowed.
 template <typename A, int NT>
-__global__ void __launch_bounds__(NT)
+__global__ void __launch_bounds__(NT, 1)
 region_grad_kernel(const A* __restrict__ grad_hist, const A* __restrict__ grad_levels,
                    const A* __restrict__ grad_sim, const A* __restrict__ hist,
                    const A* __restrict__ sim, const A* __restrict__ rnorm,
