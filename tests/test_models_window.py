@@ -1,0 +1,110 @@
+"""Model zoo part 4: window-attention transformers (SeMask-FPN, UperNet-Focal, LG).
+
+Expected parameter counts are never taken from the code under test:
+  * SeMask-FPN: counted by a scratch script that instantiated the official module definitions of
+    Picsart-AI-Research/SeMask-Segmentation `SeMask-FPN/mmseg/models/backbones/
+    semask_swin_transformer.py` (SeMaskSwinTransformer with the ADE20K configs
+    `configs/semask_swin/ade20k/semfpn_semask_swin_{tiny,small,base,large}_*.py`: num_cls 150,
+    sem_window_size = window_size, num_sem_blocks 1 per stage, drop_path 0.3) plus mmseg's
+    FPNHead with the config's widths (BranchFPNHead adds no parameters). They agree with the
+    SeMask paper's table (SeMask-T/S/B/L FPN: 35M / 56M / 96M / 211M).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from segops.models import build
+from segops.models.loss_terms import LossTerm
+
+ODD_SIZE = (97, 131)
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def meta_build(name: str):
+    with torch.device("meta"):
+        return build(name)
+
+
+def check_eval_odd_size(model, num_classes: int) -> None:
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, *ODD_SIZE))
+    assert out.shape == (1, num_classes, *ODD_SIZE)
+    assert torch.isfinite(out).all()
+
+
+def check_train_step(model, num_classes: int, size, extra=()) -> dict:
+    """Train-mode forward at batch 2 (every supervised output at the input size) and one
+    backward; every backbone parameter gets a finite gradient."""
+    model.train()
+    res = model(torch.randn(2, 3, *size))
+    assert set(res) == {"out", "aux", *extra}
+    supervised = [term.select(res) for term in model.loss_terms]
+    for out in supervised:
+        assert out.shape == (2, num_classes, *size)
+    sum(o.square().mean() for o in supervised).backward()
+    grads = [p.grad for p in model.backbone.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    return res
+
+
+# ------------------------------------------------------------------------------------- SeMask
+
+SEMASK_PARAMS = {"t": 34_655_748, "s": 55_973_652, "b": 96_485_826, "l": 210_791_934}
+
+
+@pytest.mark.parametrize("variant", sorted(SEMASK_PARAMS))
+def test_semask_fpn_parameter_count(variant):
+    assert n_params(meta_build(f"semask-fpn_swin-{variant}")) == SEMASK_PARAMS[variant]
+
+
+def test_semask_fpn_semantic_layers_follow_the_reference_layout():
+    """Official keys for the semantic layers; windowed in stages 1-2 and global in 3-4 for T, S
+    and L at 150 classes, windowed everywhere for B (and at 19 classes or fewer)."""
+    model = meta_build("semask-fpn_swin-t")
+    keys = model.state_dict()
+    prefix = "backbone.stages.3.semantic_layer."
+    for name in ("norm1.weight", "class_injection.0.mlp_cls_q.weight",
+                 "class_injection.0.mlp_cls_k.bias", "class_injection.0.mlp_v.weight",
+                 "class_injection.0.mlp_res.weight", "class_injection.0.gamma"):
+        assert prefix + name in keys
+    windows = {v: [s.semantic_layer.window_size for s in meta_build(f"semask-fpn_swin-{v}")
+                   .backbone.stages] for v in "tb"}
+    assert windows == {"t": [7, 7, None, None], "b": [12, 12, 12, 12]}
+    with torch.device("meta"):
+        few = build("semask-fpn_swin-t", num_classes=19)
+    assert [s.semantic_layer.window_size for s in few.backbone.stages] == [7] * 4
+
+
+def test_semask_windowed_semantic_layer_is_per_window_attention():
+    from segops.models.backbones.semask_swin import SemanticLayer
+    torch.manual_seed(0)
+    windowed = SemanticLayer(8, 5, window_size=4).double()
+    for block in windowed.class_injection:
+        torch.nn.init.normal_(block.gamma)
+        torch.nn.init.normal_(block.mlp_res.weight)
+    whole = SemanticLayer(8, 5, window_size=None).double()
+    whole.load_state_dict(windowed.state_dict())
+    x = torch.randn(2, 8 * 4, 8, dtype=torch.float64)  # an 8x4 map: two 4x4 windows
+    prior, out = windowed.eval()(x, (8, 4))
+    for rows in (slice(0, 16), slice(16, 32)):
+        p, o = whole.eval()(x[:, rows], (4, 4))
+        torch.testing.assert_close(prior[:, rows], p)
+        torch.testing.assert_close(out[:, rows], o)
+
+
+def test_semask_fpn_forward_backward():
+    model = build("semask-fpn_swin-t")
+    assert model.loss_terms == [LossTerm("out"), LossTerm("semantic_prior", weight=0.4)]
+    check_eval_odd_size(model, 150)
+    check_train_step(model, 150, (64, 64), extra=("semantic_prior",))
+
+
+def test_semask_fpn_l_uses_ohem_on_the_main_output():
+    terms = meta_build("semask-fpn_swin-l").loss_terms
+    assert terms[0] == LossTerm("out", "ohem_cross_entropy", kwargs={"min_kept": 100000})
+    assert terms[1] == LossTerm("semantic_prior", weight=0.4)
