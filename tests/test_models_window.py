@@ -8,6 +8,16 @@ Expected parameter counts are never taken from the code under test:
     sem_window_size = window_size, num_sem_blocks 1 per stage, drop_path 0.3) plus mmseg's
     FPNHead with the config's widths (BranchFPNHead adds no parameters). They agree with the
     SeMask paper's table (SeMask-T/S/B/L FPN: 35M / 56M / 96M / 211M).
+  * UperNet-Focal: the official segmentation code is unreleased. Counted by a scratch script that
+    instantiated microsoft/Focal-Transformer `classification/focal_transformer.py`
+    FocalTransformer with `configs/focal_{tiny,small,base}_patch4_window7_224.yaml` (fc pooling,
+    focal levels 2, focal windows 7/5/3/1, expand 3) built for 512x512 inputs, without its
+    classifier (`norm`, `head`), plus four output LayerNorms and mmseg's UPerHead (512 channels)
+    and FCNHead auxiliary (256 channels) at 150 classes. The README's ADE20K table says 62M / 85M /
+    126M: 1.2M / 1.9M / 2.3M more than this count, a difference the released code does not explain
+    (no option of the released class closes it for all three). The same scratch script checked
+    FocalTransformerBlock against the official block (same state_dict, fp64, sizes 10x17, 9x8,
+    14x21, 21x14, 14x14, focal windows 1-7): identical outputs.
 """
 from __future__ import annotations
 
@@ -108,3 +118,38 @@ def test_semask_fpn_l_uses_ohem_on_the_main_output():
     terms = meta_build("semask-fpn_swin-l").loss_terms
     assert terms[0] == LossTerm("out", "ohem_cross_entropy", kwargs={"min_kept": 100000})
     assert terms[1] == LossTerm("semantic_prior", weight=0.4)
+
+
+# -------------------------------------------------------------------------------------- Focal
+
+FOCAL_PARAMS = {"t": 60_844_352, "s": 83_105_912, "b": 123_740_844}
+
+
+@pytest.mark.parametrize("variant", sorted(FOCAL_PARAMS))
+def test_upernet_focal_parameter_count(variant):
+    assert n_params(meta_build(f"upernet_focal-{variant}")) == FOCAL_PARAMS[variant]
+
+
+def test_upernet_focal_forward_backward():
+    model = build("upernet_focal-t")
+    assert model.loss_terms == [LossTerm("out"), LossTerm("aux.0", weight=0.4)]
+    check_eval_odd_size(model, 150)
+    check_train_step(model, 150, (64, 64))
+
+
+def test_focal_ring_and_pooled_windows_reach_outside_the_window():
+    """A query window's output depends on tokens of the 3-token ring (rolled cyclically, so also
+    across the map's border, as the reference) and, through the pooled windows, on tokens
+    further away; with expand 0 and one focal level it is plain window attention."""
+    from segops.models.backbones.focal import FocalTransformerBlock
+    torch.manual_seed(0)
+    x = torch.randn(1, 21 * 21, 8, dtype=torch.float64, requires_grad=True)
+
+    def reach(block):
+        out = block.double().eval()(x, (21, 21)).view(21, 21, 8)
+        grad, = torch.autograd.grad(out[7:14, 7:14].sum(), x)
+        return grad.view(21, 21, 8).abs().sum(-1) > 0
+    full = reach(FocalTransformerBlock(8, 2, 7, expand_size=3, focal_window=3, focal_level=2))
+    assert full.all()  # the centre window sees its ring and the 3x3 pooled windows around it
+    local = reach(FocalTransformerBlock(8, 2, 7, expand_size=0, focal_window=3, focal_level=1))
+    assert local[7:14, 7:14].all() and local.sum() == 49

@@ -44,6 +44,17 @@ def window_reverse(windows: Tensor, window_size: int, h: int, w: int) -> Tensor:
     return x.reshape(-1, h, w, c)
 
 
+def relative_position_index(query_window: int, key_window: int) -> Tensor:
+    """(q*q, k*k) indices into a ((q + k - 1)**2)-entry bias table for a q x q query window
+    against a k x k key window: index[(y1,x1),(y2,x2)] = (y1 - y2 + k - 1) * (q + k - 1) +
+    (x1 - x2 + k - 1)."""
+    def coords(n: int) -> Tensor:
+        ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        return torch.stack([ys.flatten(), xs.flatten()])
+    rel = coords(query_window)[:, :, None] - coords(key_window)[:, None, :] + (key_window - 1)
+    return rel[0] * (query_window + key_window - 1) + rel[1]
+
+
 class WindowMSA(nn.Module):
     """Multi-head self-attention inside one window, with a learned relative position bias."""
 
@@ -56,11 +67,7 @@ class WindowMSA(nn.Module):
         w = window_size
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * w - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        # index[(y1,x1),(y2,x2)] = (y1 - y2 + w - 1) * (2w - 1) + (x1 - x2 + w - 1)
-        ys, xs = torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")
-        coords = torch.stack([ys.flatten(), xs.flatten()])
-        rel = coords[:, :, None] - coords[:, None, :] + (w - 1)
-        self.register_buffer("relative_position_index", rel[0] * (2 * w - 1) + rel[1])
+        self.register_buffer("relative_position_index", relative_position_index(w, w))
         self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(embed_dims, embed_dims)
