@@ -18,6 +18,10 @@ Expected parameter counts are never taken from the code under test:
     (no option of the released class closes it for all three). The same scratch script checked
     FocalTransformerBlock against the official block (same state_dict, fp64, sizes 10x17, 9x8,
     14x21, 21x14, 14x14, focal windows 1-7): identical outputs.
+  * LG-T: no code and no published figure checked (the paper's text was not available): mmseg's
+    UPerNet-Swin-T (`configs/swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-
+    512x512.py`, counted live with build_mmseg) plus the closed-form size of the added paths
+    described in `segops/models/backbones/lg.py`.
 """
 from __future__ import annotations
 
@@ -130,8 +134,9 @@ def test_upernet_focal_parameter_count(variant):
     assert n_params(meta_build(f"upernet_focal-{variant}")) == FOCAL_PARAMS[variant]
 
 
-def test_upernet_focal_forward_backward():
-    model = build("upernet_focal-t")
+@pytest.mark.parametrize("name", ["upernet_focal-t", "lg-t"])
+def test_upernet_forward_backward(name):
+    model = build(name)
     assert model.loss_terms == [LossTerm("out"), LossTerm("aux.0", weight=0.4)]
     check_eval_odd_size(model, 150)
     check_train_step(model, 150, (64, 64))
@@ -153,3 +158,27 @@ def test_focal_ring_and_pooled_windows_reach_outside_the_window():
     assert full.all()  # the centre window sees its ring and the 3x3 pooled windows around it
     local = reach(FocalTransformerBlock(8, 2, 7, expand_size=0, focal_window=3, focal_level=1))
     assert local[7:14, 7:14].all() and local.sum() == 49
+
+
+# ----------------------------------------------------------------------------------------- LG
+
+def test_lg_t_parameter_count():
+    swin_upernet = 59_941_862  # mmseg upernet swin-tiny, counted with tests/mmseg_reference.py
+    paths = 0
+    for dims, heads, depth, n_paths in ((96, 3, 2, 2), (192, 6, 2, 2), (384, 12, 6, 2),
+                                        (768, 24, 2, 1)):
+        qkv_proj = dims * 3 * dims + 3 * dims + dims * dims + dims
+        paths += depth * n_paths * (qkv_proj + (2 * 7 - 1) ** 2 * heads)
+    assert n_params(meta_build("lg-t")) == swin_upernet + paths == 72_543_338
+
+
+def test_lg_global_path_sees_the_whole_map():
+    from segops.models.backbones.lg import PooledWindowPath
+    torch.manual_seed(0)
+    x = torch.randn(1, 30 * 20, 8, dtype=torch.float64, requires_grad=True)
+    for ratio, whole in ((None, True), (2, False)):
+        path = PooledWindowPath(8, 2, 7, ratio).double()
+        out = path(x, (30, 20))
+        assert out.shape == x.shape
+        grad, = torch.autograd.grad(out[:, 0].sum(), x)
+        assert bool((grad.abs().sum(-1) > 0).all()) == whole
