@@ -145,7 +145,8 @@ class FocalWindowAttention(nn.Module):
         ws, heads = self.window_size, self.num_heads
         q, k, v = self.qkv(x).view(b, hp, wp, 3, c).unbind(3)
         q = self._heads(window_partition(q, ws)) * self.scale
-        keys, values = [self._heads(window_partition(k, ws))], [self._heads(window_partition(v, ws))]
+        keys = [self._heads(window_partition(k, ws))]
+        values = [self._heads(window_partition(v, ws))]
         n = ws * ws
         bias = [self.relative_position_bias_table[self.relative_position_index.view(-1)]
                 .view(n, n, heads).permute(2, 0, 1)]
@@ -202,7 +203,8 @@ class FocalTransformerBlock(nn.Module):
         b, length, c = x.shape
         h, w = hw
         ws = self.window_size
-        y = F.pad(self.norm1(x).view(b, h, w, c), (0, 0, 0, (ws - w % ws) % ws, 0, (ws - h % ws) % ws))
+        y = F.pad(self.norm1(x).view(b, h, w, c),
+                  (0, 0, 0, (ws - w % ws) % ws, 0, (ws - h % ws) % ws))
         hp, wp = y.shape[1], y.shape[2]
         pooled = None
         if len(self.pool_layers):
