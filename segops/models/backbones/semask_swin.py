@@ -95,10 +95,13 @@ class SeMaskSwinTransformer(SwinTransformer):
     index)."""
 
     def __init__(self, num_classes: int = 150, sem_window_size: int = 7,
-                 num_sem_blocks=(1, 1, 1, 1), **swin_kwargs) -> None:
+                 num_sem_blocks=(1, 1, 1, 1), global_late_stages=None, **swin_kwargs) -> None:
+        """global_late_stages: global semantic attention in stages 3 and 4; None picks the
+        SeMask-FPN rule (embed dims 96 or 192 with more than 19 classes). SeMask-Mask2Former's
+        backbone always uses them."""
         super().__init__(stage_cls=SeMaskStage, **swin_kwargs)
-        embed_dims = self.num_features[0]
-        global_late_stages = embed_dims in (96, 192) and num_classes > 19
+        if global_late_stages is None:
+            global_late_stages = self.num_features[0] in (96, 192) and num_classes > 19
         for i, (stage, dims) in enumerate(zip(self.stages, self.num_features)):
             window = None if global_late_stages and i >= 2 else sem_window_size
             stage.semantic_layer = SemanticLayer(dims, num_classes, window, num_sem_blocks[i])
@@ -120,7 +123,8 @@ def semask_swin(variant: str, num_classes: int = 150, **kwargs) -> SeMaskSwinTra
     heads and window (semantic windows the same size), drop path 0.3, one semantic attention per
     stage."""
     if variant not in SWIN_VARIANTS:
-        raise ValueError(f"unknown Swin variant {variant!r} (expected one of {sorted(SWIN_VARIANTS)})")
+        raise ValueError(f"unknown Swin variant {variant!r} "
+                         f"(expected one of {sorted(SWIN_VARIANTS)})")
     cfg = dict(SWIN_VARIANTS[variant], drop_path_rate=0.3)
     cfg["sem_window_size"] = cfg["window_size"]
     cfg.update(kwargs)
