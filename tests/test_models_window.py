@@ -38,11 +38,15 @@ Expected parameter counts are never taken from the code under test:
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+import segops
 from segops.models import build
 from segops.models.loss_terms import LossTerm
+from tests.utils import assert_close_to_reference, require_backend
 
 ODD_SIZE = (97, 131)
 
@@ -129,6 +133,41 @@ def test_semask_fpn_forward_backward():
     assert model.loss_terms == [LossTerm("out"), LossTerm("semantic_prior", weight=0.4)]
     check_eval_odd_size(model, 150)
     check_train_step(model, 150, (64, 64), extra=("semantic_prior",))
+
+
+def test_semask_backend_switch_equivalence():
+    """semask-fpn_swin-t built with backend="cpu" (its semantic attention on the fused
+    interlaced-attention kernel, fp32) against the same weights in fp64 on the reference backend,
+    output and gradients of the semantic layers, under the fp64 tolerance rule. gamma and the
+    residual projection start at zero, so they are randomised to make the attention count; the
+    class projections get small weights (logits of a few units rather than the tens of the
+    Kaiming init, whose near-one-hot softmaxes would measure conditioning, not the kernels)."""
+    require_backend("interlaced_sparse_attention", "cpu", "cpu", torch.float32)
+    torch.manual_seed(0)
+    model = build("semask-fpn_swin-t").eval()
+    for name, p in model.named_parameters():
+        if "class_injection" in name and ("gamma" in name or "mlp_res" in name):
+            torch.nn.init.normal_(p, std=0.5)
+        if "mlp_cls_q.weight" in name or "mlp_cls_k.weight" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    fused = build("semask-fpn_swin-t", backend="cpu").eval()
+    fused.load_state_dict(model.state_dict())
+    model64 = copy.deepcopy(model).double()
+    names = [n for n, _ in model.named_parameters() if "semantic_layer" in n]
+
+    def output_and_grads(m, img):
+        out = m(img)
+        params = dict(m.named_parameters())
+        return out.detach(), torch.autograd.grad(out.square().mean(), [params[n] for n in names])
+
+    img = torch.randn(1, 3, 40, 56, dtype=torch.float64)
+    with segops.use_backend("reference"):
+        ref64 = output_and_grads(model64, img)
+        ref32 = output_and_grads(model, img.float())
+    got = output_and_grads(fused, img.float())
+    assert_close_to_reference("semask-fpn_swin-t", got[0], ref64[0], ref32[0], torch.float32)
+    for name, g, r64, r32 in zip(names, got[1], ref64[1], ref32[1]):
+        assert_close_to_reference(f"grad of {name}", g, r64, r32, torch.float32)
 
 
 def test_semask_fpn_l_uses_ohem_on_the_main_output():

@@ -14,6 +14,11 @@ reference. The attention runs inside non-overlapping windows of `sem_window_size
 bottom/right, padding tokens not masked, as the reference) or, in the reference's "large" setting
 (embed dims 96 or 192 with more than 19 classes: the T, S and L ADE20K models), over the whole map
 in stages 3 and 4.
+
+The semantic attention is `segops.interlaced_sparse_attention` in "short" mode with scale 1: its
+groups are the windows (block = the window, or the whole map for the global stages) with members
+in the window partition's row-major order, query = the class logits, key = Linear_k, value =
+Linear_v; so it runs on the fused backends (`segops.use_backend`, or `build(..., backend=)`).
 """
 from __future__ import annotations
 
@@ -22,11 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segops.models.backbones._transformer import nlc_to_nchw
-from segops.models.backbones.swin import (SWIN_VARIANTS, SwinBlockSequence, SwinTransformer,
-                                          window_partition, window_reverse)
+from segops.models.backbones.swin import SWIN_VARIANTS, SwinBlockSequence, SwinTransformer
+from segops.ops.interlaced_sparse_attention import interlaced_sparse_attention
 
 
 class SemanticAttention(nn.Module):
+    """Attention within groups of tokens whose logits are class scores: runs through
+    `segops.interlaced_sparse_attention` in "short" mode (the groups are the contiguous
+    `block_size` blocks of the map, members row-major, as Swin's window partition) with scale 1."""
+
     def __init__(self, dims: int, num_classes: int) -> None:
         super().__init__()
         self.mlp_cls_q = nn.Linear(dims, num_classes)
@@ -41,16 +50,19 @@ class SemanticAttention(nn.Module):
         nn.init.zeros_(self.mlp_res.weight)
         nn.init.zeros_(self.mlp_res.bias)
 
-    def forward(self, x: Tensor):
-        """x (B, N, C) -> (class logits (B, N, K), re-weighted features (B, N, C))."""
+    def forward(self, x: Tensor, block_size):
+        """x (B, H, W, C), H and W multiples of block_size -> (class logits (B, H, W, K),
+        re-weighted features (B, H, W, C))."""
         prior = self.mlp_cls_q(x)
-        weights = (prior @ self.mlp_cls_k(x).transpose(-2, -1)).softmax(dim=-1)
-        feats = self.proj_drop(self.mlp_res(weights @ self.mlp_v(x)))
+        maps = [t.permute(0, 3, 1, 2) for t in (prior, self.mlp_cls_k(x), self.mlp_v(x))]
+        attended = interlaced_sparse_attention(*maps, block_size, "short", scale=1.0)
+        feats = self.proj_drop(self.mlp_res(attended.permute(0, 2, 3, 1)))
         return prior, self.gamma * feats + x
 
 
 class SemanticLayer(nn.Module):
-    """Official `SWSeMaskBlock` (window_size set) / `SeMaskBlock` (window_size None)."""
+    """Official `SWSeMaskBlock` (window_size set: attention inside windows, the map zero-padded
+    bottom/right to whole windows) / `SeMaskBlock` (window_size None: over the whole map)."""
 
     def __init__(self, dims: int, num_classes: int, window_size, num_blocks: int = 1) -> None:
         super().__init__()
@@ -60,23 +72,18 @@ class SemanticLayer(nn.Module):
                                               for _ in range(num_blocks)])
 
     def forward(self, x: Tensor, hw):
-        x = self.norm1(x)
-        if self.window_size is None:
-            return self._attend(x)
         b, length, c = x.shape
         h, w = hw
-        ws = self.window_size
-        x = F.pad(x.view(b, h, w, c), (0, 0, 0, (ws - w % ws) % ws, 0, (ws - h % ws) % ws))
-        hp, wp = x.shape[1], x.shape[2]
-        prior, x = self._attend(window_partition(x, ws))
-        prior, x = (window_reverse(t, ws, hp, wp)[:, :h, :w].reshape(b, h * w, -1)
-                    for t in (prior, x))
-        return prior, x
-
-    def _attend(self, x: Tensor):
-        for block in self.class_injection:
-            prior, x = block(x)
-        return prior, x
+        x = self.norm1(x).view(b, h, w, c)
+        if self.window_size is None:
+            block = (h, w)
+        else:
+            ws = self.window_size
+            x = F.pad(x, (0, 0, 0, (ws - w % ws) % ws, 0, (ws - h % ws) % ws))
+            block = (ws, ws)
+        for attention in self.class_injection:
+            prior, x = attention(x, block)
+        return tuple(t[:, :h, :w].reshape(b, h * w, -1) for t in (prior, x))
 
 
 class SeMaskStage(SwinBlockSequence):
