@@ -17,13 +17,19 @@ Loss names (implemented in `segops.models.losses`):
   label's class boundaries.
 - "pixel_contrast": pixel-wise contrastive loss on an embedding output (kwargs as
   ContrastiveSeg: temperature, memory sizes, ...).
+- "mask_classification": Mask2Former's set loss on a {"pred_logits" (N, Q, K+1), "pred_masks"
+  (N, Q, h, w), "aux_outputs": [same, per decoder layer]} output: Hungarian matching of queries
+  to the label's class regions, cross-entropy on the classes (no-object weight), sigmoid BCE and
+  Dice on point-sampled masks, every aux output supervised alike (kwargs: class_weight,
+  mask_weight, dice_weight, no_object_weight, num_points, oversample_ratio,
+  importance_sample_ratio).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 LOSS_NAMES = ("cross_entropy", "ohem_cross_entropy", "detail_aggregation", "border_focal",
-              "pixel_contrast")
+              "pixel_contrast", "mask_classification")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,33 @@ SWIN_VARIANTS = {
 }
 
 
+def window_partition(x: Tensor, window_size: int) -> Tensor:
+    """(B, H, W, C), H and W multiples of the window -> (B * windows, window_size**2, C), windows in
+    row-major order per image."""
+    b, h, w, c = x.shape
+    ws = window_size
+    x = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, ws * ws, c)
+
+
+def window_reverse(windows: Tensor, window_size: int, h: int, w: int) -> Tensor:
+    """Inverse of window_partition: (B * windows, window_size**2, C) -> (B, H, W, C)."""
+    ws, c = window_size, windows.shape[-1]
+    x = windows.view(-1, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, h, w, c)
+
+
+def relative_position_index(query_window: int, key_window: int) -> Tensor:
+    """(q*q, k*k) indices into a ((q + k - 1)**2)-entry bias table for a q x q query window
+    against a k x k key window: index[(y1,x1),(y2,x2)] = (y1 - y2 + k - 1) * (q + k - 1) +
+    (x1 - x2 + k - 1)."""
+    def coords(n: int) -> Tensor:
+        ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        return torch.stack([ys.flatten(), xs.flatten()])
+    rel = coords(query_window)[:, :, None] - coords(key_window)[:, None, :] + (key_window - 1)
+    return rel[0] * (query_window + key_window - 1) + rel[1]
+
+
 class WindowMSA(nn.Module):
     """Multi-head self-attention inside one window, with a learned relative position bias."""
 
@@ -40,11 +67,7 @@ class WindowMSA(nn.Module):
         w = window_size
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * w - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        # index[(y1,x1),(y2,x2)] = (y1 - y2 + w - 1) * (2w - 1) + (x1 - x2 + w - 1)
-        ys, xs = torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")
-        coords = torch.stack([ys.flatten(), xs.flatten()])
-        rel = coords[:, :, None] - coords[:, None, :] + (w - 1)
-        self.register_buffer("relative_position_index", rel[0] * (2 * w - 1) + rel[1])
+        self.register_buffer("relative_position_index", relative_position_index(w, w))
         self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(embed_dims, embed_dims)
@@ -78,12 +101,6 @@ class ShiftWindowMSA(nn.Module):
         self.w_msa = WindowMSA(embed_dims, num_heads, window_size, qkv_bias, attn_drop, proj_drop)
         self.drop = DropPath(drop_path)
 
-    def _partition(self, x: Tensor) -> Tensor:
-        b, h, w, c = x.shape
-        ws = self.window_size
-        x = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(-1, ws * ws, c)
-
     def _mask(self, hp: int, wp: int, device) -> Tensor:
         ws, s = self.window_size, self.shift_size
         img = torch.zeros(1, hp, wp, 1, device=device)
@@ -92,7 +109,7 @@ class ShiftWindowMSA(nn.Module):
             for wsl in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
                 img[:, hs, wsl, :] = cnt
                 cnt += 1
-        win = self._partition(img).squeeze(-1)
+        win = window_partition(img, ws).squeeze(-1)
         mask = win.unsqueeze(1) - win.unsqueeze(2)
         return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
 
@@ -108,8 +125,7 @@ class ShiftWindowMSA(nn.Module):
         if self.shift_size > 0:
             x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
             mask = self._mask(hp, wp, x.device).to(x.dtype)
-        out = self.w_msa(self._partition(x), mask=mask)
-        out = out.view(b, hp // ws, wp // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
+        out = window_reverse(self.w_msa(window_partition(x, ws), mask=mask), ws, hp, wp)
         if self.shift_size > 0:
             out = torch.roll(out, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
         out = out[:, :h, :w, :].reshape(b, h * w, c)
@@ -171,8 +187,12 @@ class SwinBlockSequence(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: Tensor, hw):
+        """-> (input of the next stage, its token grid, this stage's output, its token grid)."""
         for block in self.blocks:
             x = block(x, hw)
+        return self._with_downsampled(x, hw)
+
+    def _with_downsampled(self, x: Tensor, hw):
         if self.downsample is not None:
             down, down_hw = self.downsample(x, hw)
             return down, down_hw, x, hw
@@ -184,7 +204,8 @@ class SwinTransformer(nn.Module):
                  window_size: int = 7, mlp_ratio: int = 4, depths=(2, 2, 6, 2),
                  num_heads=(3, 6, 12, 24), strides=(4, 2, 2, 2), out_indices=(0, 1, 2, 3),
                  qkv_bias: bool = True, patch_norm: bool = True, drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1) -> None:
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
+                 stage_cls=SwinBlockSequence) -> None:
         super().__init__()
         if strides[0] != patch_size:
             raise ValueError(f"strides[0] ({strides[0]}) must equal patch_size ({patch_size})")
@@ -198,9 +219,8 @@ class SwinTransformer(nn.Module):
         self.num_features = []
         for i, depth in enumerate(depths):
             down = PatchMerging(c, 2 * c, strides[i + 1]) if i < len(depths) - 1 else None
-            self.stages.append(SwinBlockSequence(c, num_heads[i], mlp_ratio * c, depth,
-                                                 window_size, qkv_bias, drop_rate, attn_drop_rate,
-                                                 dpr[:depth], down))
+            self.stages.append(stage_cls(c, num_heads[i], mlp_ratio * c, depth, window_size,
+                                         qkv_bias, drop_rate, attn_drop_rate, dpr[:depth], down))
             dpr = dpr[depth:]
             self.num_features.append(c)
             if down is not None:
@@ -215,10 +235,13 @@ class SwinTransformer(nn.Module):
         for i, stage in enumerate(self.stages):
             x, hw, out, out_hw = stage(x, hw)
             if i in self.out_indices:
-                out = getattr(self, f"norm{i}")(out)
-                outs.append(out.view(-1, out_hw[0], out_hw[1], self.num_features[i])
-                            .permute(0, 3, 1, 2).contiguous())
+                outs.append(self._output_map(i, out, out_hw))
         return outs
+
+    def _output_map(self, index: int, out: Tensor, hw) -> Tensor:
+        """Stage `index`'s tokens through its output norm, as an (N, C, H, W) map."""
+        out = getattr(self, f"norm{index}")(out)
+        return out.view(-1, hw[0], hw[1], self.num_features[index]).permute(0, 3, 1, 2).contiguous()
 
 
 def swin(variant: str, **kwargs) -> SwinTransformer:

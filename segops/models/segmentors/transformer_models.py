@@ -47,7 +47,12 @@ def segmenter(variant: str, num_classes: int = 150, sdn: bool = False) -> Encode
 
 def upernet_swin(variant: str, num_classes: int = 150, norm: str = "bn") -> EncoderDecoder:
     """mmseg UPerNet with Swin (ADE20K, 150 classes)."""
-    backbone = swin(variant)
+    return upernet(swin(variant), num_classes, norm)
+
+
+def upernet(backbone, num_classes: int = 150, norm: str = "bn") -> EncoderDecoder:
+    """mmseg's UPerNet configs for 4-stage transformer backbones (`num_features` widths): UPerHead
+    (512 channels, pool scales 1, 2, 3, 6) + FCN auxiliary head on stage 3 (256 channels)."""
     widths = backbone.num_features
     head = UPerHead(in_channels=widths, in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3, 6),
                     channels=512, dropout_ratio=0.1, num_classes=num_classes, norm=norm,
