@@ -5,6 +5,23 @@ Expected parameter counts never come from the code under test:
 - psanet_r{50,101}-d8: mmseg 1.2.2 `configs/psanet/psanet_r{50,101}-d8_4xb2-40k_cityscapes-
   512x1024.py` built live (tests/mmseg_reference.py, meta device) and counted: 59,138,694 and
   78,130,822; the test also compares the state_dict keys and shapes with mmseg's live.
+- The other counts were summed by hand from the reference code's layer shapes (conv
+  k*k*Cin*Cout [+Cout bias where the reference's conv keeps it], BN 2*C); backbones: mmseg
+  ResNetV1c-101 42,519,392 (stem 64), openseg deep-base ResNet-101 42,623,936 (stem 128), as
+  in tests/test_models_cnn.py.
+  * ocnet-asp_r101-d8: openseg.pytorch `lib/models/nets/ocnet.py` AspOCNet +
+    `modules/asp_oc_block.py`, `base_oc_block.py` (BaseOC_Context_Module, scale 2): backbone +
+    3x3 2048->512 (bias) 9,438,720 + context 3x3 512->256 (bias) 1,180,416 + object context
+    (key/value 128) 165,760 + BN 512 + 1x1 131,584 + 3 dilated 3,540,480 + fuse 1280->512
+    656,384 + cls 9,747 + dsn 4,729,875 = 62,477,414.
+  * ocnet-pyramid_r101-d8: OCNet.pytorch `ResNet101PyramidOC` + `pyramid_oc_block.py`
+    (up_dr): backbone + 3x3 9,438,720 + 4 stages x 921,600 (key 256, value 512, W 512->512) +
+    up_dr 512->2048 1,054,720 + fuse 4096->512 2,098,688 + cls 9,747 + dsn 4,729,875
+    = 63,642,086.
+  * isnet_r101-d8: sssegmentation `segmentors/isnet/*.py`, `base/selfattention.py`,
+    `configs/isnet/base_cfg.py` (backbone ResNetV1c-101, stem 64): bottleneck 9,438,208 + ILC
+    (attention 921,088 + 3x3 1024->512 4,719,616) + SLC (658,944 + 4,719,616) + decoder_stage1
+    272,915 + cls 9,747 + auxiliary 3x3 1024->512 + cls 4,729,363 = 67,988,889.
 """
 from __future__ import annotations
 
@@ -18,6 +35,9 @@ from tests.utils import assert_fused_model_close, require_backend
 REFERENCE_PARAMS = {
     "psanet_r50-d8": 59_138_694,
     "psanet_r101-d8": 78_130_822,
+    "ocnet-asp_r101-d8": 62_477_414,
+    "ocnet-pyramid_r101-d8": 63_642_086,
+    "isnet_r101-d8": 67_988_889,
 }
 
 # config name -> mmseg config (relative to mmseg's bundled configs) for the key comparison.
@@ -27,13 +47,20 @@ MMSEG_CONFIGS = {
 }
 
 # segops operators each model runs (for the backend-switch test); models not listed run none.
-MODEL_OPS: dict[str, tuple] = {}
+MODEL_OPS = {
+    "ocnet-asp_r101-d8": ("disentangled_non_local",),
+    "ocnet-pyramid_r101-d8": ("interlaced_sparse_attention",),
+    "isnet_r101-d8": ("disentangled_non_local",),
+}
 
 # Forward/backward configurations: the smallest variant of each model (`depth` overrides).
 SMALL = {
     "psanet_r50-d8": dict(depth=18),
+    "ocnet-asp_r101-d8": dict(depth=18),
+    "ocnet-pyramid_r101-d8": dict(depth=18),
+    "isnet_r101-d8": dict(depth=18),
 }
-N_AUX: dict[str, int] = {}
+N_AUX = {"isnet_r101-d8": 2}
 EXTRA_OUTPUTS: dict[str, tuple] = {}
 
 
@@ -115,6 +142,59 @@ def test_psanet_head_matches_mmseg():
             got = ours(x)
         assert expected.std() > 0
         torch.testing.assert_close(got, expected)
+
+
+# ----------------------------------------------------------------------------- head parts
+
+
+def _softmax_attention(q, k, v, scale):
+    """(C, L) query/key, (Cv, L) value -> (Cv, L)."""
+    return v @ torch.softmax(scale * q.t() @ k, dim=-1).t()
+
+
+@pytest.mark.parametrize("size", [(13, 17), (4, 9)])
+@pytest.mark.parametrize("regions", [1, 3, 6])
+def test_pyramid_region_attention_matches_openseg_cells(size, regions):
+    """openseg's _PyramidSelfAttentionBlock loop: cells of floor(H/s) x floor(W/s), the last
+    row and column taking the remainder (4 < 6 rows: all rows in the last cell row)."""
+    from segops.nn.interlaced_sparse_attention import pyramid_region_attention
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, *size, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 5, *size, generator=g, dtype=torch.float64)
+    got = pyramid_region_attention(q, k, v, regions, scale=0.7, backend="reference")
+    h, w = size
+    sh, sw = h // regions, w // regions
+    expected = torch.empty_like(got)
+    for i in range(regions):
+        for j in range(regions):
+            rows = slice(i * sh, h if i == regions - 1 else (i + 1) * sh)
+            cols = slice(j * sw, w if j == regions - 1 else (j + 1) * sw)
+            for b in range(2):
+                cell = [t[b, :, rows, cols] for t in (q, k, v)]
+                if cell[0].numel() == 0:
+                    continue
+                flat = [t.reshape(t.shape[0], -1) for t in cell]
+                expected[b, :, rows, cols] = _softmax_attention(*flat, 0.7).reshape(cell[2].shape)
+    torch.testing.assert_close(got, expected)
+
+
+def test_isnet_class_centres_match_sssegmentation_loop():
+    from segops.models.heads.isnet_head import class_centres_per_pixel
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 4, 5, 7, generator=g, dtype=torch.float64)
+    logits = torch.randn(2, 6, 5, 7, generator=g, dtype=torch.float64)
+    logits[1, 3] = -10.0  # a class no pixel takes
+    expected = torch.zeros(2, 35, 4, dtype=torch.float64)
+    for b in range(2):
+        f, p = feats[b].reshape(4, -1).t(), logits[b].reshape(6, -1).t()
+        label = p.argmax(1)
+        for cls in range(6):
+            mask = label == cls
+            if mask.any():
+                weight = torch.softmax(p[:, cls][mask], dim=0)
+                expected[b][mask] = (f[mask] * weight[:, None]).sum(0)
+    expected = expected.reshape(2, 5, 7, 4).permute(0, 3, 1, 2)
+    torch.testing.assert_close(class_centres_per_pixel(feats, logits), expected)
 
 
 # ----------------------------------------------------------------------------- the zoo

@@ -4,9 +4,14 @@ the reference it follows and says which segops operator, if any, its head runs o
 """
 from __future__ import annotations
 
+from segops.models.backbones.resnet import resnet_v1c_d8
+from segops.models.heads.fcn_head import FCNHead
+from segops.models.heads.isnet_head import ISNetHead
+from segops.models.heads.ocnet_head import ASPOCHead, PyramidOCHead
 from segops.models.heads.psa_head import PSAHead
 from segops.models.registry import register_model
-from segops.models.segmentors.dilated_fcn import d8_segmentor
+from segops.models.segmentors.dilated_fcn import (WIDTHS, MultiOutputEncoderDecoder,
+                                                  d8_segmentor, openseg_segmentor)
 
 
 def psanet(depth: int, **kw):
@@ -15,6 +20,64 @@ def psanet(depth: int, **kw):
     return d8_segmentor(depth, PSAHead, mask_size=(97, 97), shrink_factor=2,
                         normalization_factor=1.0, psa_softmax=True, **kw)
 
+
+def ocnet_asp(depth: int = 101, **kw):
+    """OCNet ASP-OC: openseg.pytorch `lib/models/nets/ocnet.py` `AspOCNet` and
+    `lib/models/modules/asp_oc_block.py` (ASP_OC_Module(512, 256), dropout 0.1) on
+    `openseg_segmentor`. The object context is `segops.nn.SelfAttentionBlock` (the
+    disentangled_non_local operator without whitening)."""
+    kw.setdefault("dropout_ratio", 0.1)
+    return openseg_segmentor(depth, ASPOCHead, dilations=(12, 24, 36), **kw)
+
+
+def ocnet_pyramid(depth: int = 101, **kw):
+    """OCNet Pyramid-OC: OCNet.pytorch / openseg `ResNet101PyramidOC` with
+    `pyramid_oc_block.py` (Pyramid_OC_Module(512, 512, sizes 1, 2, 3, 6), dropout 0.05) on
+    `openseg_segmentor`; the regional attention runs on the interlaced_sparse_attention
+    operator (see `PyramidObjectContextAttention`)."""
+    return openseg_segmentor(depth, PyramidOCHead, sizes=(1, 2, 3, 6), **kw)
+
+
+def sssegmentation_aux_head(depth: int, num_classes: int, norm: str = "bn",
+                            align_corners: bool = False) -> FCNHead:
+    """sssegmentation's auxiliary decoder: 3x3 conv 1024 -> 512 + BN + ReLU, dropout 0.1,
+    classifier (R18 override: 256 -> 128)."""
+    aux_in = WIDTHS[depth][2]
+    return FCNHead(aux_in, aux_in // 2, num_classes, num_convs=1, concat_input=False, in_index=2,
+                   dropout_ratio=0.1, norm=norm, align_corners=align_corners)
+
+
+class StagedEncoderDecoder(MultiOutputEncoderDecoder):
+    """MultiOutputEncoderDecoder whose decode head returns `head_aux_outputs` supervised
+    logits besides the final one in training mode (ISNet's stage-1 prediction, ...); they come
+    first in "aux" and `loss_terms` covers them (cross-entropy, `aux_weights`)."""
+
+    def __init__(self, *args, head_aux_outputs: int = 1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.head_aux_outputs = head_aux_outputs
+
+    @property
+    def num_aux_outputs(self) -> int:
+        return self.head_aux_outputs + len(self._aux_heads())
+
+
+def isnet(depth: int = 101, *, num_classes: int = 19, norm: str = "bn",
+          align_corners: bool = False, aux: bool = True):
+    """ISNet: sssegmentation `configs/isnet/isnet_resnet101os8_cityscapes.py` (ResNet-101 V1c
+    output stride 8, stem 64; head feats 512, transform 256, concat_input, no shortcut, dropout
+    0.1; auxiliary decoder on stage 3; losses: final 1.0, stage 1 0.4, auxiliary 0.4). "aux" is
+    [stage-1 logits, auxiliary logits]."""
+    in_ch, ch, _, _ = WIDTHS[depth]
+    head = ISNetHead(in_ch, ch, num_classes, transform_channels=256, in_index=3,
+                     dropout_ratio=0.1, norm=norm, align_corners=align_corners)
+    auxiliary = sssegmentation_aux_head(depth, num_classes, norm, align_corners) if aux else None
+    return StagedEncoderDecoder(resnet_v1c_d8(depth, norm=norm), head, auxiliary_head=auxiliary,
+                                align_corners=align_corners)
+
+
+for _name, _factory in (("ocnet-asp_r101-d8", ocnet_asp), ("ocnet-pyramid_r101-d8", ocnet_pyramid),
+                        ("isnet_r101-d8", isnet)):
+    register_model(_name, _factory, depth=101)
 
 for _method, _factory, _depths in (("psanet", psanet, (50, 101)),):
     for _depth in _depths:
