@@ -55,21 +55,31 @@ class ObjectContextAttention(SelfAttentionBlock):
         return context
 
 
-class BaseOCModule(nn.Module):
+class _ObjectContextStages(nn.Module):
+    """`stages`: one ObjectContextAttention per pooling size, their outputs summed."""
+
+    def __init__(self, in_channels: int, stage_channels: int, key_channels: int,
+                 value_channels: int, sizes, norm) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(
+            ObjectContextAttention(in_channels, key_channels, value_channels, stage_channels, s,
+                                   norm) for s in sizes)
+
+    def context(self, feats: Tensor) -> Tensor:
+        return sum(stage(feats) for stage in self.stages)
+
+
+class BaseOCModule(_ObjectContextStages):
     """Sum of the object-context stages, concatenated with the input, 1x1 conv(bias)+BN+ReLU.
     (openseg's trailing Dropout2d is the decode head's dropout here.)"""
 
     def __init__(self, in_channels: int, out_channels: int, key_channels: int,
                  value_channels: int, sizes=(1,), norm="bn") -> None:
-        super().__init__()
-        self.stages = nn.ModuleList(
-            ObjectContextAttention(in_channels, key_channels, value_channels, in_channels, s,
-                                   norm) for s in sizes)
+        super().__init__(in_channels, in_channels, key_channels, value_channels, sizes, norm)
         self.conv_bn = ConvModule(2 * in_channels, out_channels, 1, bias=True, norm=norm)
 
     def forward(self, feats: Tensor) -> Tensor:
-        context = sum(stage(feats) for stage in self.stages)
-        return self.conv_bn(torch.cat([context, feats], dim=1))
+        return self.conv_bn(torch.cat([self.context(feats), feats], dim=1))
 
 
 class PyramidObjectContextAttention(ObjectContextAttention):
@@ -107,21 +117,18 @@ class PyramidOCModule(nn.Module):
         return self.conv_bn(torch.cat([self.up_dr(x)] + [stage(x) for stage in self.stages], 1))
 
 
-class ObjectContextOnly(nn.Module):
+class ObjectContextOnly(_ObjectContextStages):
     """openseg's BaseOC_Context_Module: the sum of the object-context stages, BN, ReLU (no
     concatenation with the input)."""
 
     def __init__(self, in_channels: int, out_channels: int, key_channels: int,
                  value_channels: int, sizes=(2,), norm="bn") -> None:
-        super().__init__()
-        self.stages = nn.ModuleList(
-            ObjectContextAttention(in_channels, key_channels, value_channels, out_channels, s,
-                                   norm) for s in sizes)
+        super().__init__(in_channels, out_channels, key_channels, value_channels, sizes, norm)
         self.bn = make_norm(norm, out_channels)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.relu(self.bn(sum(stage(x) for stage in self.stages)))
+        return self.relu(self.bn(self.context(x)))
 
 
 class ASPOCModule(nn.Module):
