@@ -22,6 +22,11 @@ Expected parameter counts never come from the code under test:
     `configs/isnet/base_cfg.py` (backbone ResNetV1c-101, stem 64): bottleneck 9,438,208 + ILC
     (attention 921,088 + 3x3 1024->512 4,719,616) + SLC (658,944 + 4,719,616) + decoder_stage1
     272,915 + cls 9,747 + auxiliary 3x3 1024->512 + cls 4,729,363 = 67,988,889.
+  * gald_r101-d8 / dgcnet_r101-d8: lxtGH/GALD-DGCNet `libs/models/GALDNet.py`,
+    `DualGCNNet.py` (deep stem 128, so the openseg backbone count): conva 9,438,208 + convb
+    2,360,320 + bottleneck 2560->512 11,797,504 + cls 9,747 + dsn 4,729,875, with GALDBlock
+    (down 6,144 + CGNL 410,624 + local 18,432) = 71,394,790, and DualGCN 1,547,008 (SpatialGCN
+    592,640, local 16,896, final 525,312, phi/theta/adj/wg/conv3 412,160) = 72,506,598.
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ REFERENCE_PARAMS = {
     "ocnet-asp_r101-d8": 62_477_414,
     "ocnet-pyramid_r101-d8": 63_642_086,
     "isnet_r101-d8": 67_988_889,
+    "gald_r101-d8": 71_394_790,
+    "dgcnet_r101-d8": 72_506_598,
 }
 
 # config name -> mmseg config (relative to mmseg's bundled configs) for the key comparison.
@@ -59,7 +66,11 @@ SMALL = {
     "ocnet-asp_r101-d8": dict(depth=18),
     "ocnet-pyramid_r101-d8": dict(depth=18),
     "isnet_r101-d8": dict(depth=18),
+    "gald_r101-d8": dict(depth=18),
+    "dgcnet_r101-d8": dict(depth=18),
 }
+# GALD's unpadded stride-2 depthwise convs need a stage-4 map of at least 15 x 15.
+EVAL_SIZE = {"gald_r101-d8": (121, 153)}
 N_AUX = {"isnet_r101-d8": 2}
 EXTRA_OUTPUTS: dict[str, tuple] = {}
 
@@ -231,10 +242,11 @@ def _loss(res, model):
 def test_eval_odd_size_and_train_step(name):
     model = models.build(name, **SMALL[name])
     model.eval()
+    size = EVAL_SIZE.get(name, (97, 131))
     with torch.no_grad():
-        out = model(torch.randn(1, 3, 97, 131))
+        out = model(torch.randn(1, 3, *size))
     classes = model.decode_head.conv_seg.out_channels
-    assert out.shape == (1, classes, 97, 131) and torch.isfinite(out).all()
+    assert out.shape == (1, classes, *size) and torch.isfinite(out).all()
 
     model.train()
     res = model(torch.randn(2, 3, 128, 128))

@@ -4,12 +4,16 @@ the reference it follows and says which segops operator, if any, its head runs o
 """
 from __future__ import annotations
 
-from segops.models.backbones.resnet import resnet_v1c_d8
+from torch import nn
+
+from segops.models.backbones.resnet import ResNetV1c, resnet_v1c_d8
 from segops.models.heads.fcn_head import FCNHead
+from segops.models.heads.gald_head import DualGCNHead, GALDHead
 from segops.models.heads.isnet_head import ISNetHead
 from segops.models.heads.ocnet_head import ASPOCHead, PyramidOCHead
 from segops.models.heads.psa_head import PSAHead
 from segops.models.registry import register_model
+from segops.models.segmentors.encoder_decoder import EncoderDecoder
 from segops.models.segmentors.dilated_fcn import (WIDTHS, MultiOutputEncoderDecoder,
                                                   d8_segmentor, openseg_segmentor)
 
@@ -75,8 +79,46 @@ def isnet(depth: int = 101, *, num_classes: int = 19, norm: str = "bn",
                                 align_corners=align_corners)
 
 
+def gald_backbone(depth: int, norm: str = "bn") -> ResNetV1c:
+    """lxtGH/GALD-DGCNet's ResNet: deep stem 64-64-128, output stride 8, stage 3 dilation 2 in
+    every block (no contraction), stage 4 dilations 4 x multi-grid (1, 2, 4), ceil-mode max-pool."""
+    blocks = ResNetV1c.arch_settings[depth][1][3]
+    backbone = ResNetV1c(depth, stem_channels=128, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4),
+                         multi_grid=[4 * (1, 2, 4)[i % 3] for i in range(blocks)], norm=norm)
+    backbone.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+    return backbone
+
+
+def _gald_family(head_cls, aux_act, depth: int, *, num_classes: int = 19, norm: str = "bn",
+                 align_corners: bool = True, aux: bool = True):
+    in_ch, ch, aux_in, _ = WIDTHS[depth]
+    head = head_cls(in_ch, ch, num_classes, in_index=3, norm=norm, align_corners=align_corners)
+    auxiliary = (FCNHead(aux_in, 512, num_classes, num_convs=1, concat_input=False, in_index=2,
+                         dropout_ratio=0.1, conv_bias=True, norm=norm, act=aux_act,
+                         align_corners=align_corners) if aux else None)
+    return EncoderDecoder(gald_backbone(depth, norm), head, auxiliary_head=auxiliary,
+                          align_corners=align_corners)
+
+
+def gald(depth: int = 101, **kw):
+    """GALD-Net: lxtGH/GALD-DGCNet `libs/models/GALDNet.py` `GALD_res101` (GALDHead(2048, 512);
+    "dsn" auxiliary head: 3x3 conv(bias) 1024 -> 512 + BN + ReLU, dropout 0.1, classifier;
+    `libs/core/loss.py` CriterionDSN weight 0.4). Outputs are upsampled with align_corners=True,
+    as its loss does. The reference's depthwise convs are unpadded and stride 2: the stage-4
+    map must be at least 15 x 15 (inputs of about 113 x 113 and up)."""
+    return _gald_family(GALDHead, "relu", depth, **kw)
+
+
+def dgcnet(depth: int = 101, **kw):
+    """DGCNet: lxtGH/GALD-DGCNet `libs/models/DualGCNNet.py` `DualSeg_res101` (DualGCNHead(2048,
+    512); "dsn": 3x3 conv(bias) 1024 -> 512 + BN without ReLU, dropout 0.1, classifier; loss
+    weight 0.4)."""
+    return _gald_family(DualGCNHead, None, depth, **kw)
+
+
 for _name, _factory in (("ocnet-asp_r101-d8", ocnet_asp), ("ocnet-pyramid_r101-d8", ocnet_pyramid),
-                        ("isnet_r101-d8", isnet)):
+                        ("isnet_r101-d8", isnet), ("gald_r101-d8", gald),
+                        ("dgcnet_r101-d8", dgcnet)):
     register_model(_name, _factory, depth=101)
 
 for _method, _factory, _depths in (("psanet", psanet, (50, 101)),):
