@@ -27,6 +27,11 @@ Expected parameter counts never come from the code under test:
     2,360,320 + bottleneck 2560->512 11,797,504 + cls 9,747 + dsn 4,729,875, with GALDBlock
     (down 6,144 + CGNL 410,624 + local 18,432) = 71,394,790, and DualGCN 1,547,008 (SpatialGCN
     592,640, local 16,896, final 525,312, phi/theta/adj/wg/conv3 412,160) = 72,506,598.
+  * dfn_r101: TorchSeg `model/dfn/voc.dfn.R101_v1c/network.py`, `furnace/seg_opr/seg_oprs.py`
+    (ResNet-101, deep stem 128: 42,623,936): RRB(cin, c) = cin*c + 18c^2 + 2c; smooth pre-RRBs
+    20,844,544, aft-RRBs 19,927,040, CABs 4 x 787,456, heads 4 x 617,500 (RRB 512 -> 171, 1x1
+    171 -> 19), global context 1,049,600, border pre-RRBs 112,560, aft-RRBs 33,684, heads
+    6,700 = 90,217,888.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ REFERENCE_PARAMS = {
     "isnet_r101-d8": 67_988_889,
     "gald_r101-d8": 71_394_790,
     "dgcnet_r101-d8": 72_506_598,
+    "dfn_r101": 90_217_888,
 }
 
 # config name -> mmseg config (relative to mmseg's bundled configs) for the key comparison.
@@ -68,11 +74,14 @@ SMALL = {
     "isnet_r101-d8": dict(depth=18),
     "gald_r101-d8": dict(depth=18),
     "dgcnet_r101-d8": dict(depth=18),
+    "dfn_r101": dict(depth=18),
 }
 # GALD's unpadded stride-2 depthwise convs need a stage-4 map of at least 15 x 15.
 EVAL_SIZE = {"gald_r101-d8": (121, 153)}
-N_AUX = {"isnet_r101-d8": 2}
-EXTRA_OUTPUTS: dict[str, tuple] = {}
+N_AUX = {"isnet_r101-d8": 2, "dfn_r101": 3}
+CLASSES: dict[str, int] = {}
+# parameters the reference builds but never uses (kept for its keys)
+UNUSED_PARAMETERS = {"dfn_r101": ("decode_head.border_aft_rrbs.0.",)}
 
 
 def n_params(model) -> int:
@@ -230,35 +239,43 @@ def test_state_dict_matches_mmseg(name):
     assert got == expected
 
 
-def _loss(res, model):
-    loss = 0.0
-    for term in model.loss_terms:
-        out = term.select(res)
-        loss = loss + term.weight * out.float().square().mean()
-    return loss
+def _flat_outputs(res: dict) -> dict:
+    """{"out": t, "aux.0": t, ..., "border.0": t, ...} of a train-mode output dict."""
+    flat = {}
+    for key, value in res.items():
+        if isinstance(value, (list, tuple)):
+            flat.update({f"{key}.{i}": v for i, v in enumerate(value)})
+        else:
+            flat[key] = value
+    return flat
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_eval_odd_size_and_train_step(name):
     model = models.build(name, **SMALL[name])
+    classes = CLASSES.get(name, 19)
     model.eval()
     size = EVAL_SIZE.get(name, (97, 131))
     with torch.no_grad():
         out = model(torch.randn(1, 3, *size))
-    classes = model.decode_head.conv_seg.out_channels
     assert out.shape == (1, classes, *size) and torch.isfinite(out).all()
 
     model.train()
     res = model(torch.randn(2, 3, 128, 128))
     assert res["out"].shape == (2, classes, 128, 128)
     assert len(res["aux"]) == N_AUX.get(name, 1)
-    for key in EXTRA_OUTPUTS.get(name, ()):
-        assert res[key].shape[-2:] == (128, 128)
-    outputs = {t.output for t in model.loss_terms}
-    assert outputs == {"out", *(f"aux.{i}" for i in range(len(res["aux"]))),
-                       *EXTRA_OUTPUTS.get(name, ())}
-    _loss(res, model).backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    outputs = _flat_outputs(res)
+    terms = model.loss_terms
+    # every output is supervised, and every term selects a logit map at the input size
+    assert {t.output for t in terms} == set(outputs)
+    loss = 0.0
+    for term in terms:
+        selected = term.select(res)
+        assert selected.shape[0] == 2 and selected.shape[2:] == (128, 128)
+        loss = loss + term.weight * selected.square().mean()
+    loss.backward()
+    unused = UNUSED_PARAMETERS.get(name, ())
+    grads = [p.grad for n, p in model.named_parameters() if not n.startswith(unused)]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model.backbone.stem[0].weight.grad.abs().sum() > 0
 

@@ -29,7 +29,8 @@ LOSS_NAMES = ("cross_entropy", "ohem_cross_entropy", "detail_aggregation", "bord
 @dataclass(frozen=True)
 class LossTerm:
     """`weight * loss(outputs[output], label, **kwargs)`. `output` names an entry of the
-    train-mode output dict; "aux.<i>" is the i-th auxiliary output."""
+    train-mode output dict; "<name>.<i>" is the i-th element of a list entry ("aux.<i>": the
+    i-th auxiliary output)."""
 
     output: str
     loss: str = "cross_entropy"
@@ -42,9 +43,8 @@ class LossTerm:
 
     def select(self, outputs: dict):
         """The output this term supervises."""
-        if self.output.startswith("aux."):
-            return outputs["aux"][int(self.output[4:])]
-        return outputs[self.output]
+        name, _, index = self.output.partition(".")
+        return outputs[name][int(index)] if index else outputs[name]
 
 
 def main_and_aux_terms(num_aux: int, aux_weights=0.4) -> list[LossTerm]:

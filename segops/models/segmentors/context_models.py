@@ -7,11 +7,13 @@ from __future__ import annotations
 from torch import nn
 
 from segops.models.backbones.resnet import ResNetV1c, resnet_v1c_d8
+from segops.models.heads.dfn_head import DFNDecoder
 from segops.models.heads.fcn_head import FCNHead
 from segops.models.heads.gald_head import DualGCNHead, GALDHead
 from segops.models.heads.isnet_head import ISNetHead
 from segops.models.heads.ocnet_head import ASPOCHead, PyramidOCHead
 from segops.models.heads.psa_head import PSAHead
+from segops.models.loss_terms import LossTerm
 from segops.models.registry import register_model
 from segops.models.segmentors.encoder_decoder import EncoderDecoder
 from segops.models.segmentors.dilated_fcn import (WIDTHS, MultiOutputEncoderDecoder,
@@ -116,9 +118,44 @@ def dgcnet(depth: int = 101, **kw):
     return _gald_family(DualGCNHead, None, depth, **kw)
 
 
+class DFN(nn.Module):
+    """DFN segmentor: backbone -> DFNDecoder. Eval: the last (stride-4) smooth prediction.
+    Train: {"out": that prediction, "aux": the three coarser smooth predictions, "border": the
+    four border logit maps}; TorchSeg's loss: cross-entropy on every smooth prediction (weight
+    1) plus `border_weight` x the sigmoid focal loss on every border map."""
+
+    def __init__(self, backbone: nn.Module, decode_head: DFNDecoder,
+                 border_weight: float = 0.1) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.decode_head = decode_head
+        self.border_weight = border_weight
+
+    def forward(self, img):
+        smooth, border = self.decode_head(self.backbone(img), img.shape[2:])
+        if not self.training:
+            return smooth[-1]
+        return {"out": smooth[-1], "aux": smooth[:-1], "border": border}
+
+    @property
+    def loss_terms(self) -> list[LossTerm]:
+        n_smooth = len(self.decode_head.smooth_heads)
+        return ([LossTerm("out")] + [LossTerm(f"aux.{i}") for i in range(n_smooth - 1)]
+                + [LossTerm(f"border.{i}", "border_focal", self.border_weight)
+                   for i in range(len(self.decode_head.border_heads))])
+
+
+def dfn(depth: int = 101, *, num_classes: int = 19, norm: str = "bn"):
+    """DFN: TorchSeg `model/dfn/voc.dfn.R101_v1c/network.py` (ResNet-101 with TorchSeg's deep
+    stem 64-64-128, output stride 32; smooth network 512 channels, border network 21 channels;
+    `config.py` aux_loss_alpha 0.1 for the border loss)."""
+    backbone = ResNetV1c(depth, stem_channels=128, norm=norm)
+    return DFN(backbone, DFNDecoder(backbone.out_channels, num_classes, norm=norm))
+
+
 for _name, _factory in (("ocnet-asp_r101-d8", ocnet_asp), ("ocnet-pyramid_r101-d8", ocnet_pyramid),
                         ("isnet_r101-d8", isnet), ("gald_r101-d8", gald),
-                        ("dgcnet_r101-d8", dgcnet)):
+                        ("dgcnet_r101-d8", dgcnet), ("dfn_r101", dfn)):
     register_model(_name, _factory, depth=101)
 
 for _method, _factory, _depths in (("psanet", psanet, (50, 101)),):
