@@ -32,6 +32,14 @@ Expected parameter counts never come from the code under test:
     20,844,544, aft-RRBs 19,927,040, CABs 4 x 787,456, heads 4 x 617,500 (RRB 512 -> 171, 1x1
     171 -> 19), global context 1,049,600, border pre-RRBs 112,560, aft-RRBs 33,684, heads
     6,700 = 90,217,888.
+  * gatenet_r50 / gatenet_vgg16: GateNet-RGB-Saliency `model_GateNet_ResNet.py`,
+    `model_GateNet_vgg16.py`, `multi_scale_module.py` (FoldConv_aspp). Encoders: torchvision
+    ResNet-50 25,557,032 - fc 2,049,000 = 23,508,032; torchvision VGG16-BN 138,365,992 -
+    classifier 123,642,856 = 14,723,136. ResNet decoder: gates 16,417,168, dem1 (Fold-ASPP
+    81,026,055 + BN/PReLU 1,025) + dem2..5 3,134,980, outputs 1,587,269, out_res (1025 -> 256)
+    2,955,267 = 128,629,796. VGG decoder: gates 7,790,416, dem1 73,949,192 + dem2..5
+    1,568,164, outputs 1,568,453, dem*_1 286,181, out_res (161 -> 64) 130,563
+    = 100,016,105.
 """
 from __future__ import annotations
 
@@ -51,6 +59,8 @@ REFERENCE_PARAMS = {
     "gald_r101-d8": 71_394_790,
     "dgcnet_r101-d8": 72_506_598,
     "dfn_r101": 90_217_888,
+    "gatenet_r50": 128_629_796,
+    "gatenet_vgg16": 100_016_105,
 }
 
 # config name -> mmseg config (relative to mmseg's bundled configs) for the key comparison.
@@ -75,11 +85,13 @@ SMALL = {
     "gald_r101-d8": dict(depth=18),
     "dgcnet_r101-d8": dict(depth=18),
     "dfn_r101": dict(depth=18),
+    "gatenet_r50": dict(depth=18),
+    "gatenet_vgg16": {},
 }
 # GALD's unpadded stride-2 depthwise convs need a stage-4 map of at least 15 x 15.
 EVAL_SIZE = {"gald_r101-d8": (121, 153)}
 N_AUX = {"isnet_r101-d8": 2, "dfn_r101": 3}
-CLASSES: dict[str, int] = {}
+CLASSES = {"gatenet_r50": 1, "gatenet_vgg16": 1}  # saliency
 # parameters the reference builds but never uses (kept for its keys)
 UNUSED_PARAMETERS = {"dfn_r101": ("decode_head.border_aft_rrbs.0.",)}
 
@@ -217,6 +229,35 @@ def test_isnet_class_centres_match_sssegmentation_loop():
     torch.testing.assert_close(class_centres_per_pixel(feats, logits), expected)
 
 
+def test_pafem_matches_reference_formula():
+    """Each dilated branch of PAFEM is `y + gamma * (v softmax(q^T k)^T)` (the reference's
+    bmm formulation), computed here from the layer's own weights."""
+    import torch.nn.functional as F
+    from segops.nn import PAFEM
+    g = torch.Generator().manual_seed(0)
+    layer = PAFEM(6, 32).double().eval()
+    with torch.no_grad():
+        for attention in layer.attentions:
+            attention.gamma.scale.fill_(0.7)
+    x = torch.randn(2, 6, 5, 7, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        got = layer(x)
+        down = layer.down_conv(x)
+        branches = [layer.conv1(down)]
+        for conv, att in zip(layer.dilated, layer.attentions):
+            y = conv(down)
+            n, c, h, w = y.shape
+            q = att.query_conv(y).view(n, -1, h * w).permute(0, 2, 1)
+            k = att.key_conv(y).view(n, -1, h * w)
+            v = att.value_conv(y).view(n, -1, h * w)
+            out = torch.bmm(v, torch.softmax(torch.bmm(q, k), dim=-1).permute(0, 2, 1))
+            branches.append(0.7 * out.view(n, c, h, w) + y)
+        pooled = F.interpolate(layer.conv5(F.adaptive_avg_pool2d(down, 1)), size=(5, 7),
+                               mode="bilinear")
+        expected = layer.fuse(torch.cat(branches + [pooled], dim=1))
+    torch.testing.assert_close(got, expected)
+
+
 # ----------------------------------------------------------------------------- the zoo
 
 
@@ -277,13 +318,19 @@ def test_eval_odd_size_and_train_step(name):
     unused = UNUSED_PARAMETERS.get(name, ())
     grads = [p.grad for n, p in model.named_parameters() if not n.startswith(unused)]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert model.backbone.stem[0].weight.grad.abs().sum() > 0
+    assert next(model.backbone.parameters()).grad.abs().sum() > 0  # the first conv
 
 
-@pytest.mark.parametrize("name", sorted(n for n in SMALL if n in MODEL_OPS))
-def test_backend_reference_vs_fused_cpu(name):
+# (model, build kwargs, segops operators it runs): the smallest variant of each model with a
+# fused layer; GateNet only has one with context="pafem".
+BACKEND_CASES = [(n, SMALL[n], ops) for n, ops in sorted(MODEL_OPS.items())] + [
+    ("gatenet_r50", dict(depth=18, context="pafem"), ("disentangled_non_local",))]
+
+
+@pytest.mark.parametrize("name,kw,ops", BACKEND_CASES, ids=[c[0] for c in BACKEND_CASES])
+def test_backend_reference_vs_fused_cpu(name, kw, ops):
     """backend="cpu" (fused kernels, fp32) against the same weights in fp64 on the reference
     backend, under the tolerance rule of tests/utils.py."""
-    for op in MODEL_OPS[name]:
+    for op in ops:
         require_backend(op, "cpu", "cpu", torch.float32)
-    assert_fused_model_close(models.build, name, size=(65, 65), **SMALL[name])
+    assert_fused_model_close(models.build, name, size=(65, 65), **kw)

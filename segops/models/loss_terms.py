@@ -15,6 +15,8 @@ Loss names (implemented in `segops.models.losses`):
   multi-scale Laplacian boundary target computed from the label.
 - "border_focal": DFN's border network loss: focal loss on a 1-channel logit map against the
   label's class boundaries.
+- "binary_cross_entropy": sigmoid cross-entropy of a 1-channel logit map against a binary
+  (saliency) mask (GateNet's BCEWithLogitsLoss).
 - "pixel_contrast": pixel-wise contrastive loss on an embedding output (kwargs as
   ContrastiveSeg: temperature, memory sizes, ...).
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 LOSS_NAMES = ("cross_entropy", "ohem_cross_entropy", "detail_aggregation", "border_focal",
-              "pixel_contrast")
+              "pixel_contrast", "binary_cross_entropy")
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from segops.models.backbones.resnet import ResNetV1c, resnet_v1c_d8
+from segops.models.backbones.resnet import ResNet, ResNetV1c, resnet_v1c_d8
+from segops.models.backbones.vgg import VGG16BN
 from segops.models.heads.dfn_head import DFNDecoder
 from segops.models.heads.fcn_head import FCNHead
 from segops.models.heads.gald_head import DualGCNHead, GALDHead
+from segops.models.heads.gatenet_head import GateNetDecoder
 from segops.models.heads.isnet_head import ISNetHead
 from segops.models.heads.ocnet_head import ASPOCHead, PyramidOCHead
 from segops.models.heads.psa_head import PSAHead
@@ -153,10 +155,58 @@ def dfn(depth: int = 101, *, num_classes: int = 19, norm: str = "bn"):
     return DFN(backbone, DFNDecoder(backbone.out_channels, num_classes, norm=norm))
 
 
-for _name, _factory in (("ocnet-asp_r101-d8", ocnet_asp), ("ocnet-pyramid_r101-d8", ocnet_pyramid),
-                        ("isnet_r101-d8", isnet), ("gald_r101-d8", gald),
-                        ("dgcnet_r101-d8", dgcnet), ("dfn_r101", dfn)):
-    register_model(_name, _factory, depth=101)
+class GateNet(nn.Module):
+    """GateNet saliency segmentor: encoder levels E1..E5 -> GateNetDecoder. Eval: the final
+    1-channel logits. Train: {"out": final, "aux": [FPN-branch logits]}; the reference's
+    loss is BCE-with-logits on both, weight 1 each (`train.py`)."""
+
+    def __init__(self, backbone: nn.Module, decode_head: GateNetDecoder) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.decode_head = decode_head
+
+    def encode(self, img):
+        if isinstance(self.backbone, VGG16BN):
+            return self.backbone(img)
+        b = self.backbone  # ResNet: E1 is the stem output before the max-pool
+        stem = b.relu(getattr(b, b.norm1_name)(b.conv1(img)))
+        return (stem,) + tuple(b(img))
+
+    def forward(self, img):
+        final, fpn = self.decode_head(self.encode(img), img.shape[2:])
+        return {"out": final, "aux": [fpn]} if self.training else final
+
+    @property
+    def loss_terms(self) -> list[LossTerm]:
+        return [LossTerm("out", "binary_cross_entropy"),
+                LossTerm("aux.0", "binary_cross_entropy")]
+
+
+def gatenet_resnet(depth: int = 50, *, context: str = "fold_aspp", norm: str = "bn"):
+    """GateNet-ResNet50: GateNet-RGB-Saliency `model_GateNet_ResNet.py` (torchvision ResNet,
+    7x7 stem, stage 4 at stride 1, so output stride 16; Fold-ASPP on stage 4). `context="pafem"`
+    puts `segops.nn.PAFEM` (position attention per dilated branch) in Fold-ASPP's place."""
+    backbone = ResNet(depth, strides=(1, 2, 2, 1), norm=norm)
+    encoder = (backbone.conv1.out_channels,) + backbone.out_channels
+    return GateNet(backbone, GateNetDecoder(encoder, context=context))
+
+
+def gatenet_vgg16(*, context: str = "fold_aspp"):
+    """GateNet-VGG16: GateNet-RGB-Saliency `model_GateNet_vgg16.py` (torchvision VGG-16-BN
+    features without the last pool; transitions 32..512, 32-channel parallel branch)."""
+    backbone = VGG16BN()
+    decoder = GateNetDecoder(backbone.out_channels, (32, 64, 128, 256, 512),
+                             parallel_channels=32, context=context)
+    return GateNet(backbone, decoder)
+
+
+for _name, _factory, _preset in (
+        ("ocnet-asp_r101-d8", ocnet_asp, {"depth": 101}),
+        ("ocnet-pyramid_r101-d8", ocnet_pyramid, {"depth": 101}),
+        ("isnet_r101-d8", isnet, {"depth": 101}), ("gald_r101-d8", gald, {"depth": 101}),
+        ("dgcnet_r101-d8", dgcnet, {"depth": 101}), ("dfn_r101", dfn, {"depth": 101}),
+        ("gatenet_r50", gatenet_resnet, {"depth": 50}), ("gatenet_vgg16", gatenet_vgg16, {})):
+    register_model(_name, _factory, **_preset)
 
 for _method, _factory, _depths in (("psanet", psanet, (50, 101)),):
     for _depth in _depths:
