@@ -40,6 +40,9 @@ Expected parameter counts never come from the code under test:
     2,955,267 = 128,629,796. VGG decoder: gates 7,790,416, dem1 73,949,192 + dem2..5
     1,568,164, outputs 1,568,453, dem*_1 286,181, out_res (161 -> 64) 130,563
     = 100,016,105.
+  * deeplabv3-sd_r101-d8: mmseg deeplabv3_r101-d8 (87,105,158, tests/test_models_cnn.py) plus
+    (2r-1)^2 per dilated conv (Wang & Ji, KDD 2018, separable-and-shared smoothing): stage 3
+    22 x 3^2, stage 4 3^2 + 2 x 7^2, ASPP 23^2 + 47^2 + 71^2 = 8,084 -> 87,113,242.
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ REFERENCE_PARAMS = {
     "dfn_r101": 90_217_888,
     "gatenet_r50": 128_629_796,
     "gatenet_vgg16": 100_016_105,
+    "deeplabv3-sd_r101-d8": 87_113_242,
 }
 
 # config name -> mmseg config (relative to mmseg's bundled configs) for the key comparison.
@@ -87,6 +91,7 @@ SMALL = {
     "dfn_r101": dict(depth=18),
     "gatenet_r50": dict(depth=18),
     "gatenet_vgg16": {},
+    "deeplabv3-sd_r101-d8": dict(depth=18),
 }
 # GALD's unpadded stride-2 depthwise convs need a stage-4 map of at least 15 x 15.
 EVAL_SIZE = {"gald_r101-d8": (121, 153)}
@@ -256,6 +261,25 @@ def test_pafem_matches_reference_formula():
                                mode="bilinear")
         expected = layer.fuse(torch.cat(branches + [pooled], dim=1))
     torch.testing.assert_close(got, expected)
+
+
+def test_smoothed_dilated_conv():
+    """Identity-initialised it is the plain dilated conv; with any smoothing kernel it is a
+    depthwise conv with that one kernel on every channel, then the dilated conv."""
+    import torch.nn.functional as F
+    from segops.nn import SmoothedDilatedConv2d, smooth_dilated_convs
+    g = torch.Generator().manual_seed(0)
+    plain = torch.nn.Conv2d(4, 6, 3, padding=3, dilation=3).double()
+    net = smooth_dilated_convs(torch.nn.Sequential(plain, torch.nn.Conv2d(6, 2, 1)).double())
+    conv = net[0]
+    assert isinstance(conv, SmoothedDilatedConv2d) and conv.smooth.shape == (5, 5)
+    assert type(net[1]) is torch.nn.Conv2d  # not dilated: left alone
+    x = torch.randn(2, 4, 11, 9, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(conv(x), plain(x))
+    with torch.no_grad():
+        conv.smooth.copy_(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    depthwise = F.conv2d(x, conv.smooth.expand(4, 1, 5, 5), padding=2, groups=4)
+    torch.testing.assert_close(conv(x), plain(depthwise))
 
 
 # ----------------------------------------------------------------------------- the zoo

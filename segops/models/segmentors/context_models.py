@@ -19,7 +19,8 @@ from segops.models.loss_terms import LossTerm
 from segops.models.registry import register_model
 from segops.models.segmentors.encoder_decoder import EncoderDecoder
 from segops.models.segmentors.dilated_fcn import (WIDTHS, MultiOutputEncoderDecoder,
-                                                  d8_segmentor, openseg_segmentor)
+                                                  d8_segmentor, deeplabv3, openseg_segmentor)
+from segops.nn import smooth_dilated_convs
 
 
 def psanet(depth: int, **kw):
@@ -200,12 +201,20 @@ def gatenet_vgg16(*, context: str = "fold_aspp"):
     return GateNet(backbone, decoder)
 
 
+def deeplabv3_smoothed(depth: int = 101, **kw):
+    """DeepLabV3 with smoothed dilated convolutions: mmseg's deeplabv3_r{depth}-d8 with every
+    dilated conv (backbone stages 3-4, ASPP branches 12/24/36) a `segops.nn.SmoothedDilatedConv2d`
+    (separable-and-shared smoothing, Wang & Ji, KDD 2018; +(2r-1)^2 parameters per layer)."""
+    return smooth_dilated_convs(deeplabv3(depth, **kw))
+
+
 for _name, _factory, _preset in (
         ("ocnet-asp_r101-d8", ocnet_asp, {"depth": 101}),
         ("ocnet-pyramid_r101-d8", ocnet_pyramid, {"depth": 101}),
         ("isnet_r101-d8", isnet, {"depth": 101}), ("gald_r101-d8", gald, {"depth": 101}),
         ("dgcnet_r101-d8", dgcnet, {"depth": 101}), ("dfn_r101", dfn, {"depth": 101}),
-        ("gatenet_r50", gatenet_resnet, {"depth": 50}), ("gatenet_vgg16", gatenet_vgg16, {})):
+        ("gatenet_r50", gatenet_resnet, {"depth": 50}), ("gatenet_vgg16", gatenet_vgg16, {}),
+        ("deeplabv3-sd_r101-d8", deeplabv3_smoothed, {"depth": 101})):
     register_model(_name, _factory, **_preset)
 
 for _method, _factory, _depths in (("psanet", psanet, (50, 101)),):
