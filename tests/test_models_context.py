@@ -43,6 +43,19 @@ Expected parameter counts never come from the code under test:
   * deeplabv3-sd_r101-d8: mmseg deeplabv3_r101-d8 (87,105,158, tests/test_models_cnn.py) plus
     (2r-1)^2 per dilated conv (Wang & Ji, KDD 2018, separable-and-shared smoothing): stage 3
     22 x 3^2, stage 4 3^2 + 2 x 7^2, ASPP 23^2 + 47^2 + 71^2 = 8,084 -> 87,113,242.
+- Paper-only models (no reference code: the counts are of our documented structure in
+  segops/models/heads/paper_heads.py), each = mmseg ResNetV1c-101 + auxiliary FCN head
+  (44,884,083) + head (classifier and coarse classifier 9,747 each):
+  * acfnet: mmseg ASPP 42,211,328 + coarse + acf_reduce 131,584 + 3x3 fuse 768->512 3,539,968
+    + cls = 90,786,457.
+  * hmanet: in_conv 9,438,208 + class attention 658,944 + ISA 1,842,176 + fuse 1536->512
+    787,456 + cls + coarse = 57,630,361.
+  * reconet: in_conv + 1x1 fuse 525,312 + channel generator 512 -> 64 x 512 16,809,984 +
+    H/W generators 65,664 + lambdas 64 + cls = 71,733,062.
+  * ordnet: in_conv + 3x3 fuse 4,719,616 + middle-range ISA relation 921,088 + NonLocal2d
+    526,080 + reweight 513 + cls = 60,499,335.
+  * gpsnet: in_conv + 3x3 fuse + 6 dense dilated paths 5,752,320 + gate 3,078 + path fuse
+    656,384 + cls = 65,463,436.
 """
 from __future__ import annotations
 
@@ -65,6 +78,11 @@ REFERENCE_PARAMS = {
     "gatenet_r50": 128_629_796,
     "gatenet_vgg16": 100_016_105,
     "deeplabv3-sd_r101-d8": 87_113_242,
+    "acfnet_r101-d8": 90_786_457,
+    "hmanet_r101-d8": 57_630_361,
+    "reconet_r101-d8": 71_733_062,
+    "ordnet_r101-d8": 60_499_335,
+    "gpsnet_r101-d8": 65_463_436,
 }
 
 # config name -> mmseg config (relative to mmseg's bundled configs) for the key comparison.
@@ -78,24 +96,18 @@ MODEL_OPS = {
     "ocnet-asp_r101-d8": ("disentangled_non_local",),
     "ocnet-pyramid_r101-d8": ("interlaced_sparse_attention",),
     "isnet_r101-d8": ("disentangled_non_local",),
+    "acfnet_r101-d8": ("disentangled_non_local",),
+    "hmanet_r101-d8": ("disentangled_non_local", "interlaced_sparse_attention"),
+    "ordnet_r101-d8": ("interlaced_sparse_attention", "disentangled_non_local"),
 }
 
-# Forward/backward configurations: the smallest variant of each model (`depth` overrides).
-SMALL = {
-    "psanet_r50-d8": dict(depth=18),
-    "ocnet-asp_r101-d8": dict(depth=18),
-    "ocnet-pyramid_r101-d8": dict(depth=18),
-    "isnet_r101-d8": dict(depth=18),
-    "gald_r101-d8": dict(depth=18),
-    "dgcnet_r101-d8": dict(depth=18),
-    "dfn_r101": dict(depth=18),
-    "gatenet_r50": dict(depth=18),
-    "gatenet_vgg16": {},
-    "deeplabv3-sd_r101-d8": dict(depth=18),
-}
+# Forward/backward configurations: one variant per model (psanet at R50), with `depth=18`
+# (ResNet-18 widths, same head structure) wherever the factory takes a depth.
+SMALL = {name: ({} if name == "gatenet_vgg16" else dict(depth=18))
+         for name in REFERENCE_PARAMS if name != "psanet_r101-d8"}
 # GALD's unpadded stride-2 depthwise convs need a stage-4 map of at least 15 x 15.
 EVAL_SIZE = {"gald_r101-d8": (121, 153)}
-N_AUX = {"isnet_r101-d8": 2, "dfn_r101": 3}
+N_AUX = {"isnet_r101-d8": 2, "dfn_r101": 3, "acfnet_r101-d8": 2, "hmanet_r101-d8": 2}
 CLASSES = {"gatenet_r50": 1, "gatenet_vgg16": 1}  # saliency
 # parameters the reference builds but never uses (kept for its keys)
 UNUSED_PARAMETERS = {"dfn_r101": ("decode_head.border_aft_rrbs.0.",)}
@@ -261,6 +273,19 @@ def test_pafem_matches_reference_formula():
                                mode="bilinear")
         expected = layer.fuse(torch.cat(branches + [pooled], dim=1))
     torch.testing.assert_close(got, expected)
+
+
+def test_class_centres_and_context_match_formulas():
+    from segops.models.heads.paper_heads import class_centres, class_context
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 6, 7, generator=g, dtype=torch.float64)
+    feats = torch.randn(2, 3, 6, 7, generator=g, dtype=torch.float64)
+    z, f = logits.flatten(2), feats.flatten(2)
+    centres = torch.einsum("nkl,ncl->nck", torch.softmax(z, dim=2), f)  # spatial softmax
+    torch.testing.assert_close(class_centres(logits, feats, "reference")[..., 0], centres)
+    context = torch.einsum("nkl,nck->ncl", torch.softmax(z, dim=1), centres)  # class softmax
+    got = class_context(logits, centres[..., None], "reference")
+    torch.testing.assert_close(got, context.view(2, 3, 6, 7))
 
 
 def test_smoothed_dilated_conv():

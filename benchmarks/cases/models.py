@@ -22,7 +22,13 @@ from benchmarks.common import Case, fused_backends
 
 MODEL_OPS = {"ccnet_r50-d8": "criss_cross_attention", "dnl_r50-d8": "disentangled_non_local",
              "isanet_r50-d8": "interlaced_sparse_attention",
-             "sdn-fcn_r50-d8": "semantic_difference_conv2d", "stlnet_r101-d8": "qco_1d"}
+             "sdn-fcn_r50-d8": "semantic_difference_conv2d", "stlnet_r101-d8": "qco_1d",
+             "ocnet-asp_r101-d8": "disentangled_non_local",
+             "ocnet-pyramid_r101-d8": "interlaced_sparse_attention",
+             "isnet_r101-d8": "disentangled_non_local",
+             "acfnet_r101-d8": "disentangled_non_local",
+             "hmanet_r101-d8": "interlaced_sparse_attention",
+             "ordnet_r101-d8": "interlaced_sparse_attention"}
 INPUT = (1, 3, 256, 512)
 QUICK_INPUT = (1, 3, 64, 64)
 MODES = ("eval", "train")

@@ -37,16 +37,17 @@ class ISASelfAttentionBlock(SelfAttentionBlock):
         return self.output_project(super().forward(x, x))
 
 
-def interlaced_relations(x: Tensor, global_relation: ISASelfAttentionBlock,
-                         local_relation: ISASelfAttentionBlock) -> Tensor:
-    """Zero-pad `x` to a multiple of the block size (floor(pad/2) before, the rest after; padded
-    positions are not masked), apply `global_relation` then `local_relation`, crop back."""
+def interlaced_relations(x: Tensor, *relations: ISASelfAttentionBlock) -> Tensor:
+    """Zero-pad `x` to a multiple of the first relation's block size (floor(pad/2) before, the
+    rest after; padded positions are not masked), apply the relations in order (ISA: the
+    global then the local one), crop back."""
     h, w = x.shape[2:]
-    ph, pw = global_relation.block_size
+    ph, pw = relations[0].block_size
     pad_h, pad_w = -h % ph, -w % pw
     if pad_h or pad_w:
         x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-    x = local_relation(global_relation(x))
+    for relation in relations:
+        x = relation(x)
     if pad_h or pad_w:
         x = x[:, :, pad_h // 2:pad_h // 2 + h, pad_w // 2:pad_w // 2 + w]
     return x

@@ -14,6 +14,7 @@ from segops.models.heads.gald_head import DualGCNHead, GALDHead
 from segops.models.heads.gatenet_head import GateNetDecoder
 from segops.models.heads.isnet_head import ISNetHead
 from segops.models.heads.ocnet_head import ASPOCHead, PyramidOCHead
+from segops.models.heads.paper_heads import ACFHead, GPSHead, HMAHead, OrdHead, RecoHead
 from segops.models.heads.psa_head import PSAHead
 from segops.models.loss_terms import LossTerm
 from segops.models.registry import register_model
@@ -208,13 +209,48 @@ def deeplabv3_smoothed(depth: int = 101, **kw):
     return smooth_dilated_convs(deeplabv3(depth, **kw))
 
 
+def acfnet(depth: int = 101, **kw):
+    """ACFNet (paper only, see `segops.models.heads.paper_heads.ACFHead`): mmseg's ASPP
+    (dilations 1, 12, 24, 36), coarse prediction supervised with weight 0.4 (our choice), class
+    centres and attentional class features on the non-local operator."""
+    return d8_segmentor(depth, ACFHead, dilations=(1, 12, 24, 36), acf_channels=256,
+                        segmentor=StagedEncoderDecoder, **kw)
+
+
+def hmanet(depth: int = 101, **kw):
+    """HMANet (paper only, `HMAHead`): class-augmented attention (SelfAttentionBlock over
+    class centres) and region shuffle attention (InterlacedSparseAttention, 8 x 8 regions);
+    coarse prediction supervised with weight 0.4 (our choice)."""
+    return d8_segmentor(depth, HMAHead, key_channels=256, region_size=(8, 8),
+                        segmentor=StagedEncoderDecoder, **kw)
+
+
+def reconet(depth: int = 101, **kw):
+    """RecoNet (paper only, `RecoHead`): rank-64 tensor generation and reconstruction."""
+    return d8_segmentor(depth, RecoHead, rank=64, **kw)
+
+
+def ordnet(depth: int = 101, **kw):
+    """OrdNet (paper only, `OrdHead`): middle-range attention in 8 x 8 patches (interlaced
+    attention operator, short mode), reweighted long-range non-local block."""
+    return d8_segmentor(depth, OrdHead, key_channels=256, patch_size=(8, 8), **kw)
+
+
+def gpsnet(depth: int = 101, **kw):
+    """GPSNet (paper only, `GPSHead`): gated dense dilated paths (rates 1, 2, 4, 8, 12, 16)."""
+    return d8_segmentor(depth, GPSHead, dilations=(1, 2, 4, 8, 12, 16), growth=128, **kw)
+
+
 for _name, _factory, _preset in (
         ("ocnet-asp_r101-d8", ocnet_asp, {"depth": 101}),
         ("ocnet-pyramid_r101-d8", ocnet_pyramid, {"depth": 101}),
         ("isnet_r101-d8", isnet, {"depth": 101}), ("gald_r101-d8", gald, {"depth": 101}),
         ("dgcnet_r101-d8", dgcnet, {"depth": 101}), ("dfn_r101", dfn, {"depth": 101}),
         ("gatenet_r50", gatenet_resnet, {"depth": 50}), ("gatenet_vgg16", gatenet_vgg16, {}),
-        ("deeplabv3-sd_r101-d8", deeplabv3_smoothed, {"depth": 101})):
+        ("deeplabv3-sd_r101-d8", deeplabv3_smoothed, {"depth": 101}),
+        ("acfnet_r101-d8", acfnet, {"depth": 101}), ("hmanet_r101-d8", hmanet, {"depth": 101}),
+        ("reconet_r101-d8", reconet, {"depth": 101}), ("ordnet_r101-d8", ordnet, {"depth": 101}),
+        ("gpsnet_r101-d8", gpsnet, {"depth": 101})):
     register_model(_name, _factory, **_preset)
 
 for _method, _factory, _depths in (("psanet", psanet, (50, 101)),):
