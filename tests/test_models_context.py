@@ -382,4 +382,4 @@ def test_backend_reference_vs_fused_cpu(name, kw, ops):
     backend, under the tolerance rule of tests/utils.py."""
     for op in ops:
         require_backend(op, "cpu", "cpu", torch.float32)
-    assert_fused_model_close(models.build, name, size=(65, 65), **kw)
+    assert_fused_model_close(models.build, name, size=(49, 49), **kw)
