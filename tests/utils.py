@@ -190,3 +190,36 @@ def check_against_reference(fn: Callable, reference: Callable, inputs64: Mapping
             assert_close_to_reference(f"output {i}", g, r64, rs, dtype)
     for k in grad_names:
         assert_close_to_reference(f"grad of {k}", got_grads[k], grads64[k], ref_grads[k], dtype)
+
+
+def randomize_zero_parameters(model: torch.nn.Module, generator: torch.Generator,
+                              std: float = 0.2) -> None:
+    """Give every all-zero parameter random values: zero-initialised parts (attention gammas,
+    output projections, residual BN) would otherwise hide the attention path."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(std * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
+def assert_fused_model_close(build: Callable, name: str, size=(64, 64), backend: str = "cpu",
+                             **build_kw) -> None:
+    """Model `name` built with `backend` (fused kernels, fp32) against the same weights run in
+    fp64 on the reference backend, under the fp64 tolerance rule (the yardstick is the error of
+    the reference backend itself in fp32). `build` is `segops.models.build`."""
+    import copy
+
+    import segops
+    model = build(name, **build_kw).eval()
+    g = torch.Generator().manual_seed(1)
+    randomize_zero_parameters(model, g)
+    fused = build(name, backend=backend, **build_kw).eval()
+    fused.load_state_dict(model.state_dict())
+    model64 = copy.deepcopy(model).double()
+    x = torch.randn(1, 3, *size, dtype=torch.float64, generator=g)
+    with torch.no_grad(), segops.use_backend("reference"):
+        ref64 = model64(x)
+        ref32 = model(x.float())
+    with torch.no_grad():
+        got = fused(x.float())
+    assert_close_to_reference(name, got, ref64, ref32, torch.float32)

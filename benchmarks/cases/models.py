@@ -27,7 +27,13 @@ from benchmarks.common import Case, fused_backends
 MODEL_OPS = {"ccnet_r50-d8": "criss_cross_attention", "dnl_r50-d8": "disentangled_non_local",
              "isanet_r50-d8": "interlaced_sparse_attention",
              "sdn-fcn_r50-d8": "semantic_difference_conv2d", "stlnet_r101-d8": "qco_1d",
-             "semask-fpn_swin-t": "interlaced_sparse_attention"}
+             "semask-fpn_swin-t": "interlaced_sparse_attention",
+             "ocnet-asp_r101-d8": "disentangled_non_local",
+             "ocnet-pyramid_r101-d8": "interlaced_sparse_attention",
+             "isnet_r101-d8": "disentangled_non_local",
+             "acfnet_r101-d8": "disentangled_non_local",
+             "hmanet_r101-d8": "interlaced_sparse_attention",
+             "ordnet_r101-d8": "interlaced_sparse_attention"}
 LATENCY_MODELS = ("bisenetv1_r18-d32", "bisenetv1_xception39", "bisenetv2_fcn", "stdc1", "stdc2",
                   "icnet_r18-d8", "icnet_r50-d8", "dfanet-a", "dfanet-b", "dfnet-df1",
                   "dfnet-df2", "hyperseg-m", "hyperseg-s", "hyperseg-l", "gun", "rgpnet")

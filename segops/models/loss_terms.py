@@ -15,6 +15,8 @@ Loss names (implemented in `segops.models.losses`):
   multi-scale Laplacian boundary target computed from the label.
 - "border_focal": DFN's border network loss: focal loss on a 1-channel logit map against the
   label's class boundaries.
+- "binary_cross_entropy": sigmoid cross-entropy of a 1-channel logit map against a binary
+  (saliency) mask (GateNet's BCEWithLogitsLoss).
 - "pixel_contrast": pixel-wise contrastive loss on an embedding output (kwargs as
   ContrastiveSeg: temperature, memory sizes, ...).
 - "mask_classification": Mask2Former's set loss on a {"pred_logits" (N, Q, K+1), "pred_masks"
@@ -29,13 +31,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 LOSS_NAMES = ("cross_entropy", "ohem_cross_entropy", "detail_aggregation", "border_focal",
-              "pixel_contrast", "mask_classification")
+              "pixel_contrast", "mask_classification", "binary_cross_entropy")
 
 
 @dataclass(frozen=True)
 class LossTerm:
     """`weight * loss(outputs[output], label, **kwargs)`. `output` names an entry of the
-    train-mode output dict; "aux.<i>" is the i-th auxiliary output."""
+    train-mode output dict; "<name>.<i>" is the i-th element of a list entry ("aux.<i>": the
+    i-th auxiliary output)."""
 
     output: str
     loss: str = "cross_entropy"
@@ -48,9 +51,8 @@ class LossTerm:
 
     def select(self, outputs: dict):
         """The output this term supervises."""
-        if self.output.startswith("aux."):
-            return outputs["aux"][int(self.output[4:])]
-        return outputs[self.output]
+        name, _, index = self.output.partition(".")
+        return outputs[name][int(index)] if index else outputs[name]
 
 
 def main_and_aux_terms(num_aux: int, aux_weights=0.4) -> list[LossTerm]:

@@ -7,6 +7,9 @@ from segops.nn.semantic_difference_conv2d import SemanticDifferenceConv2d, Seman
 from segops.nn.qco import QCO1d, QCO2d, STL, PyramidTextureExtraction, TextureEnhance
 from segops.nn.disentangled_non_local import DisentangledNonLocal2d, NonLocal2d
 from segops.nn.guided_upsampling import GuidedUpsampling
+from segops.nn.psa_mask import PSAMask
+from segops.nn.pafem import PAFEM
+from segops.nn.smoothed_dilated_conv import SmoothedDilatedConv2d, smooth_dilated_convs
 
 # Every public callable imported above (derived, so each operator only adds its import line).
 __all__ = sorted(name for name, obj in list(globals().items())

@@ -37,16 +37,17 @@ class ISASelfAttentionBlock(SelfAttentionBlock):
         return self.output_project(super().forward(x, x))
 
 
-def interlaced_relations(x: Tensor, global_relation: ISASelfAttentionBlock,
-                         local_relation: ISASelfAttentionBlock) -> Tensor:
-    """Zero-pad `x` to a multiple of the block size (floor(pad/2) before, the rest after; padded
-    positions are not masked), apply `global_relation` then `local_relation`, crop back."""
+def interlaced_relations(x: Tensor, *relations: ISASelfAttentionBlock) -> Tensor:
+    """Zero-pad `x` to a multiple of the first relation's block size (floor(pad/2) before, the
+    rest after; padded positions are not masked), apply the relations in order (ISA: the
+    global then the local one), crop back."""
     h, w = x.shape[2:]
-    ph, pw = global_relation.block_size
+    ph, pw = relations[0].block_size
     pad_h, pad_w = -h % ph, -w % pw
     if pad_h or pad_w:
         x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-    x = local_relation(global_relation(x))
+    for relation in relations:
+        x = relation(x)
     if pad_h or pad_w:
         x = x[:, :, pad_h // 2:pad_h // 2 + h, pad_w // 2:pad_w // 2 + w]
     return x
@@ -87,3 +88,27 @@ class InterlacedSparseAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, channels={self.channels}, block_size={self.block_size}"
+
+
+def pyramid_region_attention(query: Tensor, key: Tensor, value: Tensor, regions: int, *,
+                             scale: Optional[float] = None, backend: str = "auto") -> Tensor:
+    """Dense attention inside each cell of a `regions` x `regions` partition of the map, as
+    OCNet's Pyramid-OC splits it: cells of floor(H / regions) x floor(W / regions), the last
+    row and column of cells taking the remainder.
+
+    Runs on `segops.interlaced_sparse_attention` in "short" mode: the map splits into at most
+    four rectangles (inner cells, last column, last row, corner), each tiled by equal
+    contiguous blocks, so each is one call with that block size.
+    """
+    h, w = query.shape[2:]
+    step_h, step_w = h // regions, w // regions
+    split_h, split_w = step_h * (regions - 1), step_w * (regions - 1)
+    out = value.new_empty(value.shape[:2] + (h, w))
+    for rows, block_h in ((slice(0, split_h), step_h), (slice(split_h, h), h - split_h)):
+        for cols, block_w in ((slice(0, split_w), step_w), (slice(split_w, w), w - split_w)):
+            if block_h == 0 or block_w == 0 or rows.start == rows.stop or cols.start == cols.stop:
+                continue
+            out[:, :, rows, cols] = interlaced_sparse_attention(
+                query[:, :, rows, cols], key[:, :, rows, cols], value[:, :, rows, cols],
+                (block_h, block_w), "short", scale=scale, backend=backend)
+    return out

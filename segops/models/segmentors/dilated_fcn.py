@@ -138,22 +138,30 @@ def ann(depth: int, **kw):
                         **kw)
 
 
-def ocnet(depth: int = 101, *, num_classes: int = 19, norm: str = "bn",
-          align_corners: bool = True, aux: bool = True):
-    """OCNet (Base-OC): openseg.pytorch `lib/models/nets/ocnet.py` `BaseOCNet` with its
-    `deepbase_resnet101_dilated8` backbone, i.e. ResNetV1c-D8 with a 128-channel deep stem
-    (64, 64, 128); head: 3x3 conv to 512, Base-OC block (key/value 256, dropout 0.05), classifier;
-    auxiliary "dsn" head on stage 3: 3x3 conv (bias) 1024 -> 512 + BN + ReLU, classifier, no
-    dropout. Outputs are upsampled with align_corners=True, as openseg does."""
+def openseg_segmentor(depth: int, head_fn: Callable, *, num_classes: int = 19,
+                      norm: str = "bn", align_corners: bool = True, aux: bool = True,
+                      dropout_ratio: float = 0.05, **head_kw) -> EncoderDecoder:
+    """openseg.pytorch's dilated nets: its `deepbase_resnet101_dilated8` backbone, i.e.
+    ResNetV1c-D8 with a 128-channel deep stem (64, 64, 128); `head_fn(2048, 512, num_classes,
+    ...)` on stage 4; auxiliary "dsn" head on stage 3: 3x3 conv (bias) 1024 -> 512 + BN + ReLU,
+    classifier, no dropout. Outputs are upsampled with align_corners=True, as openseg does."""
     backbone = ResNetV1c(depth, stem_channels=128, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4),
                          contract_dilation=True, norm=norm)
     in_ch, ch, aux_in, _ = WIDTHS[depth]
-    head = BaseOCHead(in_ch, ch, num_classes, key_channels=256, value_channels=256, sizes=(1,),
-                      in_index=3, dropout_ratio=0.05, norm=norm, align_corners=align_corners)
+    head = head_fn(in_ch, ch, num_classes, in_index=3, dropout_ratio=dropout_ratio, norm=norm,
+                   align_corners=align_corners, **head_kw)
     auxiliary = (FCNHead(aux_in, 512, num_classes, num_convs=1, concat_input=False, in_index=2,
                          dropout_ratio=0.0, conv_bias=True, norm=norm,
                          align_corners=align_corners) if aux else None)
     return EncoderDecoder(backbone, head, auxiliary_head=auxiliary, align_corners=align_corners)
+
+
+def ocnet(depth: int = 101, **kw):
+    """OCNet (Base-OC): openseg.pytorch `lib/models/nets/ocnet.py` `BaseOCNet` on
+    `openseg_segmentor`; head: 3x3 conv to 512, Base-OC block (key/value 256, dropout 0.05),
+    classifier."""
+    return openseg_segmentor(depth, BaseOCHead, key_channels=256, value_channels=256,
+                             sizes=(1,), **kw)
 
 
 def stlnet(depth: int = 101, **kw):
