@@ -189,6 +189,26 @@ def test_pixel_contrast_sampling_and_queues():
         assert torch.cdist(queued, members).min(1).values.max() < 1e-12
 
 
+def test_binary_cross_entropy_on_a_saliency_mask():
+    torch.manual_seed(0)
+    label = torch.randint(0, 2, (2, 5, 6))
+    label[0, 0] = 255
+    logits = torch.randn(2, 1, 5, 6, dtype=torch.float64)
+    total, count = 0.0, 0
+    for n in range(2):
+        for i in range(5):
+            for j in range(6):
+                if label[n, i, j] == 255:
+                    continue
+                p = 1 / (1 + math.exp(-logits[n, 0, i, j].item()))
+                total -= math.log(p) if label[n, i, j] == 1 else math.log(1 - p)
+                count += 1
+    assert math.isclose(losses.BinaryCrossEntropyLoss()(logits, label).item(), total / count,
+                        rel_tol=1e-9)
+    with pytest.raises(ValueError, match="0, 1 or the ignore index"):
+        losses.BinaryCrossEntropyLoss()(logits, label + 1)
+
+
 def test_every_loss_name_builds_and_total_loss_resizes_the_label():
     kwargs = {"pixel_contrast": dict(num_classes=C, embed_dim=8, memory_size=4, max_views=2)}
     for name in LOSS_NAMES:

@@ -202,6 +202,25 @@ class BorderFocalLoss(nn.Module):
         return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
+class BinaryCrossEntropyLoss(nn.Module):
+    """Sigmoid cross-entropy of a 1-channel logit map against a binary mask (saliency: the
+    label holds 0 / 1, ignore_index excluded), averaged over the valid pixels (GateNet's
+    BCEWithLogitsLoss)."""
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: Tensor, label: Tensor) -> Tensor:
+        valid = label != self.ignore_index
+        if bool((label[valid] > 1).any()):
+            raise ValueError("binary_cross_entropy: the label must hold 0, 1 or the ignore index, "
+                             f"got values up to {int(label[valid].max())}")
+        target = (label == 1).to(logits.dtype)
+        loss = F.binary_cross_entropy_with_logits(logits[:, 0], target, reduction="none")
+        return (loss * valid).sum() / valid.sum().clamp(min=1)
+
+
 class ProjectionHead(nn.Module):
     """ContrastiveSeg's projection head ("convmlp"): 1x1 conv, BN, ReLU, 1x1 conv to
     `proj_dim`, L2-normalized over channels ("linear": one 1x1 conv)."""
@@ -353,7 +372,7 @@ def _all_gather_cat(t: Tensor) -> Tensor:
 
 _LOSSES = {"cross_entropy": CrossEntropyLoss, "ohem_cross_entropy": OhemCrossEntropyLoss,
            "detail_aggregation": DetailAggregationLoss, "border_focal": BorderFocalLoss,
-           "pixel_contrast": PixelContrastLoss}
+           "pixel_contrast": PixelContrastLoss, "binary_cross_entropy": BinaryCrossEntropyLoss}
 assert set(_LOSSES) == set(LOSS_NAMES)
 
 
