@@ -57,20 +57,6 @@ def sssegmentation_aux_head(depth: int, num_classes: int, norm: str = "bn",
                    dropout_ratio=0.1, norm=norm, align_corners=align_corners)
 
 
-class StagedEncoderDecoder(MultiOutputEncoderDecoder):
-    """MultiOutputEncoderDecoder whose decode head returns `head_aux_outputs` supervised
-    logits besides the final one in training mode (ISNet's stage-1 prediction, ...); they come
-    first in "aux" and `loss_terms` covers them (cross-entropy, `aux_weights`)."""
-
-    def __init__(self, *args, head_aux_outputs: int = 1, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.head_aux_outputs = head_aux_outputs
-
-    @property
-    def num_aux_outputs(self) -> int:
-        return self.head_aux_outputs + len(self._aux_heads())
-
-
 def isnet(depth: int = 101, *, num_classes: int = 19, norm: str = "bn",
           align_corners: bool = False, aux: bool = True):
     """ISNet: sssegmentation `configs/isnet/isnet_resnet101os8_cityscapes.py` (ResNet-101 V1c
@@ -81,7 +67,7 @@ def isnet(depth: int = 101, *, num_classes: int = 19, norm: str = "bn",
     head = ISNetHead(in_ch, ch, num_classes, transform_channels=256, in_index=3,
                      dropout_ratio=0.1, norm=norm, align_corners=align_corners)
     auxiliary = sssegmentation_aux_head(depth, num_classes, norm, align_corners) if aux else None
-    return StagedEncoderDecoder(resnet_v1c_d8(depth, norm=norm), head, auxiliary_head=auxiliary,
+    return MultiOutputEncoderDecoder(resnet_v1c_d8(depth, norm=norm), head, auxiliary_head=auxiliary,
                                 align_corners=align_corners)
 
 
@@ -214,7 +200,7 @@ def acfnet(depth: int = 101, **kw):
     (dilations 1, 12, 24, 36), coarse prediction supervised with weight 0.4 (our choice), class
     centres and attentional class features on the non-local operator."""
     return d8_segmentor(depth, ACFHead, dilations=(1, 12, 24, 36), acf_channels=256,
-                        segmentor=StagedEncoderDecoder, **kw)
+                        segmentor=MultiOutputEncoderDecoder, **kw)
 
 
 def hmanet(depth: int = 101, **kw):
@@ -222,7 +208,7 @@ def hmanet(depth: int = 101, **kw):
     class centres) and region shuffle attention (InterlacedSparseAttention, 8 x 8 regions);
     coarse prediction supervised with weight 0.4 (our choice)."""
     return d8_segmentor(depth, HMAHead, key_channels=256, region_size=(8, 8),
-                        segmentor=StagedEncoderDecoder, **kw)
+                        segmentor=MultiOutputEncoderDecoder, **kw)
 
 
 def reconet(depth: int = 101, **kw):

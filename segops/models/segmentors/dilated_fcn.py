@@ -9,6 +9,8 @@ factory's docstring names the reference it follows. A factory takes `depth`, `nu
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Callable
 
 from segops.models.backbones.resnet import ResNetV1c, resnet_v1c_d8
@@ -23,6 +25,7 @@ from segops.models.heads.nl_head import DNLHead, NLHead
 from segops.models.heads.ocnet_head import BaseOCHead
 from segops.models.heads.psp_head import PSPHead
 from segops.models.heads.stl_head import STLHead
+from segops.models.loss_terms import main_and_aux_terms
 from segops.models.necks.sdn import SDNNeck
 from segops.models.registry import register_model
 from segops.models.segmentors.encoder_decoder import EncoderDecoder
@@ -35,7 +38,22 @@ class MultiOutputEncoderDecoder(EncoderDecoder):
     """EncoderDecoder for decode heads that return several logits in training mode (DANet: the
     PAM+CAM, PAM-only and CAM-only predictions, each supervised). In training mode the first is
     "out" and the others come first in "aux", before the auxiliary heads' outputs; eval mode is
-    unchanged (the head returns one tensor)."""
+    unchanged (the head returns one tensor). `head_aux_weights`: the loss weight of each extra
+    head output (`loss_terms`); the auxiliary heads keep `aux_weights`."""
+
+    def __init__(self, *args, head_aux_weights=(0.4,), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.head_aux_weights = tuple(head_aux_weights)
+
+    @property
+    def num_aux_outputs(self) -> int:
+        return len(self.head_aux_weights) + len(self._aux_heads())
+
+    @property
+    def loss_terms(self):
+        aux = self.aux_weights
+        aux = [aux] * len(self._aux_heads()) if isinstance(aux, (int, float)) else list(aux)
+        return main_and_aux_terms(self.num_aux_outputs, list(self.head_aux_weights) + aux)
 
     def forward(self, img):
         if not self.training:
@@ -124,7 +142,9 @@ def isanet(depth: int, **kw):
 def danet(depth: int, **kw):
     """DANet: mmseg `configs/_base_/models/danet_r50-d8.py` (DAHead: pam_channels 64); PAM is
     `segops.nn.SelfAttentionBlock` without scaling."""
-    return d8_segmentor(depth, DAHead, pam_channels=64, segmentor=MultiOutputEncoderDecoder, **kw)
+    # mmseg's DAHead supervises its PAM-only and CAM-only predictions like the main one (weight 1)
+    segmentor = functools.partial(MultiOutputEncoderDecoder, head_aux_weights=(1.0, 1.0))
+    return d8_segmentor(depth, DAHead, pam_channels=64, segmentor=segmentor, **kw)
 
 
 def ann(depth: int, **kw):
