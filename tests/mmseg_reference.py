@@ -7,6 +7,7 @@ model the zoo compares against has a pure-PyTorch path.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -66,3 +67,27 @@ def model_config(relpath: str, **overrides):
 def build_mmseg(relpath: str, **overrides):
     """mmseg's model for config `relpath`, on CPU (weights as mmseg initialises them)."""
     return _registry().build(model_config(relpath, **overrides))
+
+
+@contextlib.contextmanager
+def on_meta():
+    """Every parameter and buffer registered inside lives on the meta device: builds a model's
+    state_dict layout (keys and shapes) without allocating or initialising its weights. Unlike
+    `with torch.device("meta")`, constructors that read values (mmseg's `linspace(...).item()`
+    drop-path schedules) still run on CPU."""
+    from torch import nn
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter_on_meta(module, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def buffer_on_meta(module, name, tensor, persistent=True):
+        register_buffer(module, name, None if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter_on_meta, buffer_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
