@@ -10,15 +10,17 @@ strictly by `segops.models.build(name, pretrained=path)`. Then:
 * full comparison (the smallest variant of every family, `Parity.full`): eval logits at an odd
   input size (33x45) against mmseg's `encode_decode(img, [{"img_shape": (H, W)}])`, on the
   reference backend and on every fused backend the model's operators have here (the compiled
-  cpu kernels; Triton, under the interpreter on CPU, only where `Parity.triton` asks); then in
-  training mode (batch 2 at 17x23, dropout and drop-path off) the main logits and every auxiliary output
-  (auxiliary heads, OCRNet's FCN stage, DANet's PAM / CAM logits) against mmseg's heads'
-  `forward` on the backbone features, upsampled as segops does. CCNet, NonLocal, DNL, ISANet,
-  DANet and ANN have no r18 config in mmseg: their full comparison runs at mmseg's r18-d8 widths
-  (`at_r18_widths`), and their registered widths get the strict load below.
-* the larger variants (r50 where an r18 exists, r101, hr18/hr48, mit-b1..b5, vit-s/b/l,
-  swin-s/b/l): the strict load of mmseg's state_dict (every key and shape) on the meta device,
-  no forward (a forward of these is not affordable in the tier's 240 s).
+  cpu kernels; Triton, under the interpreter on CPU, only where `Parity.triton` asks: CCNet,
+  DNL); then in training mode (batch 2, dropout and drop-path off) the main logits and every
+  auxiliary output (auxiliary heads, OCRNet's FCN stage, DANet's PAM / CAM logits) against
+  mmseg's heads' `forward` on the backbone features, upsampled as segops does. CCNet, NonLocal,
+  DNL, ISANet, DANet and ANN have no r18 config in mmseg: their full comparison runs at the
+  widths of mmseg's r18-d8 configs (`at_r18_widths`), their registered widths get the strict
+  load below.
+* the larger variants (r50 where an r18 exists, r101, hr18, hr48, mit-b1..b5, vit-s/b/l,
+  swin-s/b/l) and fcn_hr18s (ocrnet_hr18s's first stage, compared there): the strict load of
+  mmseg's state_dict (every key and shape) on the meta device, no forward (forwards of these
+  do not fit in the tier's 240 s on a 2-core machine).
 
 Tolerance rule (tests/utils.py, flash-attention's): mmseg's model run in fp64 is the reference;
 our fp32 logits may differ from it by at most twice mmseg's own fp32 error plus a floor of
@@ -48,7 +50,6 @@ from tests.utils import assert_close_to_reference
 pytestmark = pytest.mark.parity
 
 ODD_SIZE = (33, 45)
-TRAIN_SIZE = (17, 23)  # batch 2
 
 
 @dataclass(frozen=True)
@@ -101,13 +102,14 @@ MMSEG_CONFIGS = {
     "nonlocal_r101-d8": Parity(f"nonlocal_net/nonlocal_r101-d8_{_CITY}", full=False),
     "dnl_r50-d8": at_r18_widths(f"dnlnet/dnl_r50-d8_{_CITY}", triton=True),
     "dnl_r101-d8": Parity(f"dnlnet/dnl_r101-d8_{_CITY}", full=False),
-    "isanet_r50-d8": at_r18_widths(f"isanet/isanet_r50-d8_{_CITY}", triton=True),
+    "isanet_r50-d8": at_r18_widths(f"isanet/isanet_r50-d8_{_CITY}"),
     "isanet_r101-d8": Parity(f"isanet/isanet_r101-d8_{_CITY}", full=False),
     "danet_r50-d8": at_r18_widths(f"danet/danet_r50-d8_{_CITY}"),
     "danet_r101-d8": Parity(f"danet/danet_r101-d8_{_CITY}", full=False),
     "ann_r50-d8": at_r18_widths(f"ann/ann_r50-d8_{_CITY}", decode_in=[256, 512]),
     "ann_r101-d8": Parity(f"ann/ann_r101-d8_{_CITY}", full=False),
-    "fcn_hr18s": Parity(f"hrnet/fcn_hr18s_{_CITY}"),
+    # fcn_hr18s is ocrnet_hr18s's first stage, compared there in training mode
+    "fcn_hr18s": Parity(f"hrnet/fcn_hr18s_{_CITY}", full=False),
     "fcn_hr18": Parity(f"hrnet/fcn_hr18_{_CITY}", full=False),
     "fcn_hr48": Parity(f"hrnet/fcn_hr48_{_CITY}", full=False),
     "ocrnet_hr18s": Parity(f"ocrnet/ocrnet_hr18s_{_CITY}"),
@@ -153,9 +155,8 @@ def _perturb_(model: nn.Module, seed: int) -> None:
         for key, t in model.state_dict(keep_vars=True).items():
             if not t.is_floating_point():
                 continue
-            start = int(torch.randint(bank.numel(), (1,), generator=gen))
-            noise = bank.roll(-start).repeat(t.numel() // bank.numel() + 1)[:t.numel()]
-            noise = noise.view(t.shape).to(t.dtype)
+            start = torch.randint(bank.numel(), (1,), generator=gen)
+            noise = bank[(start + torch.arange(t.numel())) % bank.numel()].view(t.shape)
             if key.endswith("running_var"):
                 t.mul_(0.5 + torch.special.ndtr(noise))  # ndtr: the normal CDF, U(0, 1)
                 continue
@@ -263,7 +264,9 @@ def test_mmseg_checkpoint_gives_mmseg_logits(name, tmp_path):
               f"(mmseg fp32: {_relative(want32, want64):.2e})")
     if not ours.num_aux_outputs:
         return
-    img = _input(TRAIN_SIZE, batch=2)  # BN on 1x1 pooled maps needs 2 values per channel
+    # batch 2: BN on 1x1 pooled maps needs 2 values per channel (and at smaller sizes HRNet's
+    # 1/32 branch normalises 2 values, which makes the comparison ill-conditioned)
+    img = _input(case.size, batch=2)
     with torch.no_grad():  # (training mode updates the BN statistics: the eval runs come first)
         main64, aux64 = _mmseg_train_outputs(_no_dropout(ref), img)
         main32, aux32 = _mmseg_train_outputs(ref.float(), img.float())
@@ -272,7 +275,8 @@ def test_mmseg_checkpoint_gives_mmseg_logits(name, tmp_path):
     assert_close_to_reference(f"{name} train", got["out"], main64, main32, torch.float32)
     for i, (g, w64, w32) in enumerate(zip(got["aux"], aux64, aux32)):
         assert_close_to_reference(f"{name} train aux {i}", g, w64, w32, torch.float32)
-        print(f"{name} train aux {i}: relative difference {_relative(g, w64):.2e}")
+        print(f"{name} train aux {i}: relative difference {_relative(g, w64):.2e} "
+              f"(mmseg fp32: {_relative(w32, w64):.2e})")
 
 
 @pytest.mark.parametrize("name", _params(lambda case: not case.full or case.segops_kwargs))
