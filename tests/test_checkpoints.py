@@ -152,3 +152,11 @@ def test_load_pretrained_is_strict_but_tolerates_missing_bn_counters():
         load_pretrained(model, {k: v for k, v in state.items() if k != "0.bias"})
     renamed = {k.replace("1.", "bn."): v for k, v in state.items()}
     load_pretrained(model, renamed, KeyMap("test", ((r"^bn\.", "1."),)))
+
+
+def test_segmenter_patch_embedding_bias_is_an_option():
+    """mmseg's ViT has no patch-embedding bias; the official Segmenter's (timm's) has one."""
+    with torch.device("meta"):
+        keys = set(models.build("segmenter_vit-t_mask").state_dict())
+        official = set(models.build("segmenter_vit-t_mask", patch_bias=True).state_dict())
+    assert official - keys == {"backbone.patch_embed.projection.bias"}

@@ -83,50 +83,32 @@ _CITY = "4xb2-80k_cityscapes-512x1024.py"
 _ADE = "ade20k-512x512.py"
 _SWIN_ADE = "upernet_8xb2-160k_ade20k-512x512.py"
 
+# The D8 attention heads mmseg has no r18 config for: segops name -> mmseg config folder.
+_ATTENTION_D8 = {"ccnet": "ccnet", "nonlocal": "nonlocal_net", "dnl": "dnlnet", "isanet": "isanet",
+                 "danet": "danet", "ann": "ann"}
+_SWIN = {"t": "tiny-patch4-window7-in1k-pre", "s": "small-patch4-window7-in1k-pre",
+         "b": "base-patch4-window12-in22k-384x384-pre",
+         "l": "large-patch4-window12-in22k-384x384-pre"}
+
 MMSEG_CONFIGS = {
-    "fcn_r18-d8": Parity(f"fcn/fcn_r18-d8_{_CITY}"),
-    "fcn_r50-d8": Parity(f"fcn/fcn_r50-d8_{_CITY}", full=False),
-    "fcn_r101-d8": Parity(f"fcn/fcn_r101-d8_{_CITY}", full=False),
-    "pspnet_r18-d8": Parity(f"pspnet/pspnet_r18-d8_{_CITY}"),
-    "pspnet_r50-d8": Parity(f"pspnet/pspnet_r50-d8_{_CITY}", full=False),
-    "pspnet_r101-d8": Parity(f"pspnet/pspnet_r101-d8_{_CITY}", full=False),
-    "deeplabv3_r18-d8": Parity(f"deeplabv3/deeplabv3_r18-d8_{_CITY}"),
-    "deeplabv3_r50-d8": Parity(f"deeplabv3/deeplabv3_r50-d8_{_CITY}", full=False),
-    "deeplabv3_r101-d8": Parity(f"deeplabv3/deeplabv3_r101-d8_{_CITY}", full=False),
-    "deeplabv3plus_r18-d8": Parity(f"deeplabv3plus/deeplabv3plus_r18-d8_{_CITY}"),
-    "deeplabv3plus_r50-d8": Parity(f"deeplabv3plus/deeplabv3plus_r50-d8_{_CITY}", full=False),
-    "deeplabv3plus_r101-d8": Parity(f"deeplabv3plus/deeplabv3plus_r101-d8_{_CITY}", full=False),
-    "ccnet_r50-d8": at_r18_widths(f"ccnet/ccnet_r50-d8_{_CITY}", triton=True),
-    "ccnet_r101-d8": Parity(f"ccnet/ccnet_r101-d8_{_CITY}", full=False),
-    "nonlocal_r50-d8": at_r18_widths(f"nonlocal_net/nonlocal_r50-d8_{_CITY}"),
-    "nonlocal_r101-d8": Parity(f"nonlocal_net/nonlocal_r101-d8_{_CITY}", full=False),
-    "dnl_r50-d8": at_r18_widths(f"dnlnet/dnl_r50-d8_{_CITY}", triton=True),
-    "dnl_r101-d8": Parity(f"dnlnet/dnl_r101-d8_{_CITY}", full=False),
-    "isanet_r50-d8": at_r18_widths(f"isanet/isanet_r50-d8_{_CITY}"),
-    "isanet_r101-d8": Parity(f"isanet/isanet_r101-d8_{_CITY}", full=False),
-    "danet_r50-d8": at_r18_widths(f"danet/danet_r50-d8_{_CITY}"),
-    "danet_r101-d8": Parity(f"danet/danet_r101-d8_{_CITY}", full=False),
-    "ann_r50-d8": at_r18_widths(f"ann/ann_r50-d8_{_CITY}", decode_in=[256, 512]),
-    "ann_r101-d8": Parity(f"ann/ann_r101-d8_{_CITY}", full=False),
+    **{f"{m}_r{d}-d8": Parity(f"{m}/{m}_r{d}-d8_{_CITY}", full=d == 18)
+       for m in ("fcn", "pspnet", "deeplabv3", "deeplabv3plus") for d in (18, 50, 101)},
+    **{f"{m}_r50-d8": at_r18_widths(f"{folder}/{m}_r50-d8_{_CITY}", triton=m in ("ccnet", "dnl"),
+                                    decode_in=[256, 512] if m == "ann" else 512)
+       for m, folder in _ATTENTION_D8.items()},
+    **{f"{m}_r101-d8": Parity(f"{folder}/{m}_r101-d8_{_CITY}", full=False)
+       for m, folder in _ATTENTION_D8.items()},
     # fcn_hr18s is ocrnet_hr18s's first stage, compared there in training mode
-    "fcn_hr18s": Parity(f"hrnet/fcn_hr18s_{_CITY}", full=False),
-    "fcn_hr18": Parity(f"hrnet/fcn_hr18_{_CITY}", full=False),
-    "fcn_hr48": Parity(f"hrnet/fcn_hr48_{_CITY}", full=False),
-    "ocrnet_hr18s": Parity(f"ocrnet/ocrnet_hr18s_{_CITY}"),
-    "ocrnet_hr18": Parity(f"ocrnet/ocrnet_hr18_{_CITY}", full=False),
-    "ocrnet_hr48": Parity(f"ocrnet/ocrnet_hr48_{_CITY}", full=False),
+    **{f"{m}_{v}": Parity(f"{folder}/{m}_{v}_{_CITY}", full=(m, v) == ("ocrnet", "hr18s"))
+       for m, folder in (("fcn", "hrnet"), ("ocrnet", "ocrnet")) for v in ("hr18s", "hr18", "hr48")},
     "ocrnet_r101-d8": Parity("ocrnet/ocrnet_r101-d8_8xb2-80k_cityscapes-512x1024.py", full=False),
     "fpn_r50": Parity(f"sem_fpn/fpn_r50_{_CITY}"),
     **{f"segformer_mit-b{i}": Parity(f"segformer/segformer_mit-b{i}_8xb2-160k_{_ADE}",
                                      full=i == 0) for i in range(6)},
     **{f"segmenter_vit-{v}_mask": Parity(f"segmenter/segmenter_vit-{v}_mask_8xb1-160k_{_ADE}",
                                          full=v == "t") for v in "tsbl"},
-    "upernet_swin-t": Parity(f"swin/swin-tiny-patch4-window7-in1k-pre_{_SWIN_ADE}"),
-    "upernet_swin-s": Parity(f"swin/swin-small-patch4-window7-in1k-pre_{_SWIN_ADE}", full=False),
-    "upernet_swin-b": Parity(f"swin/swin-base-patch4-window12-in22k-384x384-pre_{_SWIN_ADE}",
-                             full=False),
-    "upernet_swin-l": Parity(f"swin/swin-large-patch4-window12-in22k-384x384-pre_{_SWIN_ADE}",
-                             full=False),
+    **{f"upernet_swin-{v}": Parity(f"swin/swin-{_SWIN[v]}_{_SWIN_ADE}", full=v == "t")
+       for v in _SWIN},
 }
 
 # The zoo models that follow another official repository (their key maps are in
