@@ -3,7 +3,8 @@
 mmseg 1.2.2 is installed with mmcv-lite (pinned in requirements.txt), which has no compiled
 operators: `mmcv._ext` is replaced by a stand-in before mmseg is imported, so building a model
 works and only a call into a compiled mmcv operator fails (with NotImplementedError). Every
-model the zoo compares against has a pure-PyTorch path.
+model the zoo compares against has a pure-PyTorch path, except PSANet's point-wise spatial
+attention mask, which the stand-in computes in PyTorch (`psamask_forward`, forward only).
 """
 from __future__ import annotations
 
@@ -14,7 +15,31 @@ import sys
 import types
 
 
+def psamask_forward(input, output, *, psa_type, num_, h_feature, w_feature, h_mask, w_mask,
+                    half_h_mask, half_w_mask):
+    """mmcv's PSAMask (psa_type 0: collect, 1: distribute) into the zeroed `output`
+    (N, H*W, H, W): the mask entry (i, j) of the (h_mask, w_mask) window centred on feature
+    pixel (h, w) belongs to pixel (h + i - half_h_mask, w + j - half_w_mask) when that lies in
+    the feature map; "collect" stores it at [that pixel, (h, w)], "distribute" at [(h, w), that
+    pixel]."""
+    out = output.view(num_, h_feature, w_feature, h_feature, w_feature)
+    masks = input.view(num_, h_mask, w_mask, h_feature, w_feature)
+    for h in range(h_feature):
+        i0, i1 = max(0, half_h_mask - h), min(h_mask, h_feature + half_h_mask - h)
+        for w in range(w_feature):
+            j0, j1 = max(0, half_w_mask - w), min(w_mask, w_feature + half_w_mask - w)
+            window = masks[:, i0:i1, j0:j1, h, w]
+            rows = slice(i0 + h - half_h_mask, i1 + h - half_h_mask)
+            cols = slice(j0 + w - half_w_mask, j1 + w - half_w_mask)
+            if psa_type == 0:
+                out[:, rows, cols, h, w] = window
+            else:
+                out[:, h, w, rows, cols] = window
+
+
 class _MissingMmcvOps(types.ModuleType):
+    psamask_forward = staticmethod(psamask_forward)
+
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
