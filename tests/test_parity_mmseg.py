@@ -11,12 +11,12 @@ strictly by `segops.models.build(name, pretrained=path)`. Then:
   input size (33x45) against mmseg's `encode_decode(img, [{"img_shape": (H, W)}])`, on the
   reference backend and on every fused backend the model's operators have here (the compiled
   cpu kernels; Triton, under the interpreter on CPU, only where `Parity.triton` asks: CCNet,
-  DNL); then in training mode (batch 2, dropout and drop-path off) the main logits and every
-  auxiliary output (auxiliary heads, OCRNet's FCN stage, DANet's PAM / CAM logits) against
-  mmseg's heads' `forward` on the backbone features, upsampled as segops does. CCNet, NonLocal,
-  DNL, ISANet, DANet and ANN have no r18 config in mmseg: their full comparison runs at the
-  widths of mmseg's r18-d8 configs (`at_r18_widths`), their registered widths get the strict
-  load below.
+  DNL); then in training mode (batch 2, dropout and drop-path off, the default backend: the
+  cpu kernels where they exist) the main logits and every auxiliary output (auxiliary heads,
+  OCRNet's FCN stage, DANet's PAM / CAM logits) against mmseg's heads' `forward` on the
+  backbone features, upsampled as segops does. CCNet, NonLocal, DNL, ISANet, DANet and ANN
+  have no r18 config in mmseg: their full comparison runs at the widths of mmseg's r18-d8
+  configs (`at_r18_widths`), their registered widths get the strict load below.
 * the larger variants (r50 where an r18 exists, r101, hr18, hr48, mit-b1..b5, vit-s/b/l,
   swin-s/b/l) and fcn_hr18s (ocrnet_hr18s's first stage, compared there): the strict load of
   mmseg's state_dict (every key and shape) on the meta device, no forward (forwards of these
