@@ -106,9 +106,9 @@ def _vit_layer(d):
 VIT = {"t": (192, 12, 512), "s": (384, 12, 512), "b": (768, 12, 512), "l": (1024, 24, 640)}
 
 
-def _count_vit(v):
+def _count_vit(v, patch_bias=False):
     d, depth, img = VIT[v]
-    return (conv(3, d, 16, bias=True) + d + ((img // 16) ** 2 + 1) * d + depth * _vit_layer(d)
+    return (conv(3, d, 16, bias=patch_bias) + d + ((img // 16) ** 2 + 1) * d + depth * _vit_layer(d)
             + ln(d))
 
 
@@ -241,11 +241,11 @@ def test_analytic_counts_agree_with_published_totals():
                   - conv(3, 64, 7) - bn(64))
     for depth, tv in ((50, 25_557_032), (101, 44_549_160)):
         assert _count_resnet_v1c(depth) == tv - linear(2048, 1000) + stem_delta, depth
-    # timm ViT-*/16 at 224 (197 position tokens, 1000-class head): mmseg has no head and
-    # position tokens for its img_size.
+    # timm ViT-*/16 at 224 (197 position tokens, 1000-class head, patch-embedding bias): mmseg
+    # has no head, position tokens for its img_size and no patch-embedding bias.
     for v, timm in (("t", 5_717_416), ("s", 22_050_664), ("b", 86_567_656), ("l", 304_326_632)):
         d, _, img = VIT[v]
-        assert _count_vit(v) == timm - linear(d, 1000) + ((img // 16) ** 2 - 196) * d, v
+        assert _count_vit(v, patch_bias=True) == timm - linear(d, 1000) + ((img // 16) ** 2 - 196) * d, v
 
 
 # ------------------------------------------------------------------------- parameter counts

@@ -35,8 +35,10 @@ def build(name: str, num_classes: int | None = None, backend: str = "auto",
 
     `backend` other than "auto" makes the model's forward run under
     `segops.use_backend(backend)` (see `run_on_backend`); with "auto" the segops layers follow
-    the caller's `segops.use_backend` / SEGOPS_BACKEND. `pretrained` is a path to a state_dict
-    (or an mmseg checkpoint with a "state_dict" entry) to load.
+    the caller's `segops.use_backend` / SEGOPS_BACKEND. `pretrained` is a checkpoint path (or
+    dict), loaded strictly by `segops.models.checkpoints.load_pretrained`: mmseg's checkpoints
+    (a "state_dict" entry) for the models with an mmseg config, and for the models that follow
+    another official repository also that repository's key layout (see `OFFICIAL_KEY_MAPS`).
     """
     _import_all()
     if name not in _MODELS:
@@ -49,10 +51,8 @@ def build(name: str, num_classes: int | None = None, backend: str = "auto",
     if backend != "auto":
         run_on_backend(model, backend)
     if pretrained is not None:
-        import torch
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-        model.load_state_dict(state)
+        from segops.models.checkpoints import load_pretrained, official_key_map
+        load_pretrained(model, pretrained, official_key_map(name))
     return model
 
 

@@ -44,7 +44,8 @@ class PatchEmbed(nn.Module):
     AdaptivePadding); an int padding is passed to the conv."""
 
     def __init__(self, in_channels: int, embed_dims: int, kernel_size: int, stride: int,
-                 padding="corner", norm: bool = False, norm_eps: float = 1e-5) -> None:
+                 padding="corner", norm: bool = False, norm_eps: float = 1e-5,
+                 bias: bool = True) -> None:
         super().__init__()
         self.kernel_size = kernel_size
         self.stride = stride
@@ -52,7 +53,7 @@ class PatchEmbed(nn.Module):
         if isinstance(padding, str) and not self.adaptive:
             raise ValueError(f"PatchEmbed padding must be an int or 'corner', got {padding!r}")
         self.projection = nn.Conv2d(in_channels, embed_dims, kernel_size, stride,
-                                    0 if self.adaptive else padding)
+                                    0 if self.adaptive else padding, bias=bias)
         self.norm = nn.LayerNorm(embed_dims, eps=norm_eps) if norm else None
 
     def forward(self, x: Tensor):

@@ -1,6 +1,7 @@
 """Vision Transformer backbone as mmseg's `VisionTransformer` (the Segmenter configs).
 
-State-dict keys as mmseg: `patch_embed.projection`, `cls_token`, `pos_embed`, `layers.<i>.{ln1,
+State-dict keys as mmseg: `patch_embed.projection` (no bias, as mmseg's `patch_bias=False`;
+`patch_bias=True` adds the bias the official Segmenter / timm ViT has), `cls_token`, `pos_embed`, `layers.<i>.{ln1,
 attn.attn.*, ln2, ffn.layers.*}`, and the final norm `ln1` (final_norm=True). The position
 embedding is stored for `img_size` and resized bicubically to the token grid of the input, as
 mmseg does. Returns a tuple with one (N, C, H/16, W/16) map per `out_indices` entry (the class
@@ -31,7 +32,8 @@ class VisionTransformer(nn.Module):
                  mlp_ratio: int = 4, out_indices=-1, qkv_bias: bool = True,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  with_cls_token: bool = True, final_norm: bool = False, norm_eps: float = 1e-5,
-                 patch_norm: bool = False, interpolate_mode: str = "bicubic") -> None:
+                 patch_norm: bool = False, patch_bias: bool = False,
+                 interpolate_mode: str = "bicubic") -> None:
         super().__init__()
         if isinstance(img_size, int):
             img_size = (img_size, img_size)
@@ -40,7 +42,7 @@ class VisionTransformer(nn.Module):
         self.interpolate_mode = interpolate_mode
         self.with_cls_token = with_cls_token
         self.patch_embed = PatchEmbed(in_channels, embed_dims, patch_size, patch_size, "corner",
-                                      norm=patch_norm, norm_eps=norm_eps)
+                                      norm=patch_norm, norm_eps=norm_eps, bias=patch_bias)
         num_patches = (self.img_size[0] // patch_size) * (self.img_size[1] // patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dims))

@@ -33,16 +33,18 @@ def segformer(variant: str, num_classes: int = 150, norm: str = "bn",
     return EncoderDecoder(backbone, head)
 
 
-def segmenter(variant: str, num_classes: int = 150, sdn: bool = False) -> EncoderDecoder:
+def segmenter(variant: str, num_classes: int = 150, sdn: bool = False,
+              patch_bias: bool = False) -> EncoderDecoder:
     """mmseg segmenter_vit-*_mask (ADE20K, 150 classes); with `sdn`, the single-scale SDN neck
-    on the ViT map."""
+    on the ViT map. The patch embedding has no bias, as mmseg's ViT; `patch_bias=True` gives it
+    the bias of the official Segmenter (timm's ViT), for checkpoints converted from there."""
     d = VIT_VARIANTS[variant]
     head = SegmenterMaskTransformerHead(in_channels=d["embed_dims"], channels=d["embed_dims"],
                                         num_classes=num_classes, num_layers=2,
                                         num_heads=d["num_heads"], embed_dims=d["embed_dims"],
                                         dropout_ratio=0.0)
     neck = SDNNeck(d["embed_dims"]) if sdn else None
-    return EncoderDecoder(vit(variant), head, neck=neck)
+    return EncoderDecoder(vit(variant, patch_bias=patch_bias), head, neck=neck)
 
 
 def upernet_swin(variant: str, num_classes: int = 150, norm: str = "bn") -> EncoderDecoder:
