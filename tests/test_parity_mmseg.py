@@ -109,12 +109,32 @@ MMSEG_CONFIGS = {
                                          full=v == "t") for v in "tsbl"},
     **{f"upernet_swin-{v}": Parity(f"swin/swin-{_SWIN[v]}_{_SWIN_ADE}", full=v == "t")
        for v in _SWIN},
+    "psanet_r50-d8": at_r18_widths(f"psanet/psanet_r50-d8_{_CITY}"),
+    "psanet_r101-d8": Parity(f"psanet/psanet_r101-d8_{_CITY}", full=False),
+    "bisenetv1_r18-d32": Parity("bisenetv1/bisenetv1_r18-d32_4xb4-160k_cityscapes-1024x1024.py"),
+    "bisenetv2_fcn": Parity("bisenetv2/bisenetv2_fcn_4xb4-160k_cityscapes-1024x1024.py"),
+    "stdc1": Parity("stdc/stdc1_4xb12-80k_cityscapes-512x1024.py"),
+    "stdc2": Parity("stdc/stdc2_4xb12-80k_cityscapes-512x1024.py", full=False),
+    "icnet_r18-d8": Parity("icnet/icnet_r18-d8_4xb2-80k_cityscapes-832x832.py", size=(65, 97)),
+    "icnet_r50-d8": Parity("icnet/icnet_r50-d8_4xb2-80k_cityscapes-832x832.py", full=False),
 }
 
 # The zoo models that follow another official repository (their key maps are in
 # segops.models.checkpoints) or have no public code at all.
-NO_MMSEG_CONFIG = {"ocnet_r101-d8", "stlnet_r101-d8", "sdn-fcn_r50-d8", "sdn-fpn_r50",
-                   "sdn-segmenter_vit-s_mask"}
+NO_MMSEG_CONFIG = {
+    # openseg.pytorch, sssegmentation, GALD-DGCNet, TorchSeg, GateNet, the SeMask, Focal and
+    # HyperSeg repositories, DF-Seg
+    "ocnet_r101-d8", "ocnet-asp_r101-d8", "ocnet-pyramid_r101-d8", "stlnet_r101-d8",
+    "isnet_r101-d8", "gald_r101-d8", "dgcnet_r101-d8", "dfn_r101", "gatenet_r50",
+    "gatenet_vgg16", "bisenetv1_xception39", "dfnet-df1", "dfnet-df2", "hyperseg-m",
+    "hyperseg-s", "hyperseg-l", "semask-fpn_swin-t", "semask-fpn_swin-s", "semask-fpn_swin-b",
+    "semask-fpn_swin-l", "semask-mask2former-msfapn_swin-l", "upernet_focal-t",
+    "upernet_focal-s", "upernet_focal-b",
+    # no public code: from the papers
+    "sdn-fcn_r50-d8", "sdn-fpn_r50", "sdn-segmenter_vit-s_mask", "acfnet_r101-d8",
+    "hmanet_r101-d8", "reconet_r101-d8", "ordnet_r101-d8", "gpsnet_r101-d8",
+    "deeplabv3-sd_r101-d8", "dfanet-a", "dfanet-b", "gun", "rgpnet", "lg-t",
+}
 
 
 def _params(keep):
@@ -207,10 +227,13 @@ def _mmseg_train_outputs(ref, img):
         main, extra = (out[0], list(out[1:])) if isinstance(out, (tuple, list)) else (out, [])
     aux = getattr(ref, "auxiliary_head", None)
     heads = [] if aux is None else list(aux) if isinstance(aux, nn.ModuleList) else [aux]
-    extra += [head.forward(x) for head in heads]
-    up = [resize(o, size=img.shape[2:], mode="bilinear", align_corners=ref.align_corners)
-          for o in [main] + extra]
-    return up[0], up[1:]
+
+    def up(out, head):  # as each head's loss resizes its logits
+        return resize(out, size=img.shape[2:], mode="bilinear",
+                      align_corners=getattr(head, "align_corners", ref.align_corners))
+    last = ref.decode_head[-1] if isinstance(ref.decode_head, nn.ModuleList) else ref.decode_head
+    first = ref.decode_head[0] if isinstance(ref.decode_head, nn.ModuleList) else ref.decode_head
+    return up(main, last), [up(o, first) for o in extra] + [up(h.forward(x), h) for h in heads]
 
 
 def _relative(got, ref64):
@@ -253,6 +276,10 @@ def test_mmseg_checkpoint_gives_mmseg_logits(name, tmp_path):
         main64, aux64 = _mmseg_train_outputs(_no_dropout(ref), img)
         main32, aux32 = _mmseg_train_outputs(ref.float(), img.float())
         got = _no_dropout(ours)(img.float())
+    if "detail" in got:  # STDC: mmseg's last auxiliary head is the 2-class detail head, whose
+        # boundary channel segops returns as "detail"
+        got["aux"].append(got.pop("detail"))
+        aux64[-1], aux32[-1] = aux64[-1][:, 1:], aux32[-1][:, 1:]
     assert len(got["aux"]) == len(aux64), f"{name}: {len(got['aux'])} auxiliary outputs, mmseg {len(aux64)}"
     assert_close_to_reference(f"{name} train", got["out"], main64, main32, torch.float32)
     for i, (g, w64, w32) in enumerate(zip(got["aux"], aux64, aux32)):

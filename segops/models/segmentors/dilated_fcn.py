@@ -10,8 +10,9 @@ factory's docstring names the reference it follows. A factory takes `depth`, `nu
 from __future__ import annotations
 
 import functools
-
 from typing import Callable
+
+from torch import nn
 
 from segops.models.backbones.resnet import ResNetV1c, resnet_v1c_d8
 from segops.models.common import resize
@@ -164,9 +165,11 @@ def openseg_segmentor(depth: int, head_fn: Callable, *, num_classes: int = 19,
     """openseg.pytorch's dilated nets: its `deepbase_resnet101_dilated8` backbone, i.e.
     ResNetV1c-D8 with a 128-channel deep stem (64, 64, 128); `head_fn(2048, 512, num_classes,
     ...)` on stage 4; auxiliary "dsn" head on stage 3: 3x3 conv (bias) 1024 -> 512 + BN + ReLU,
-    classifier, no dropout. Outputs are upsampled with align_corners=True, as openseg does."""
+    classifier, no dropout. Outputs are upsampled with align_corners=True, and the stem's
+    max-pool rounds up (ceil_mode), as openseg does."""
     backbone = ResNetV1c(depth, stem_channels=128, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4),
                          contract_dilation=True, norm=norm)
+    backbone.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True)
     in_ch, ch, aux_in, _ = WIDTHS[depth]
     head = head_fn(in_ch, ch, num_classes, in_index=3, dropout_ratio=dropout_ratio, norm=norm,
                    align_corners=align_corners, **head_kw)
