@@ -107,10 +107,7 @@ SMALL = {name: ({} if name == "gatenet_vgg16" else dict(depth=18))
          for name in REFERENCE_PARAMS if name != "psanet_r101-d8"}
 # GALD's unpadded stride-2 depthwise convs need a stage-4 map of at least 15 x 15.
 EVAL_SIZE = {"gald_r101-d8": (121, 153)}
-# Train step: batch 2 at 128 x 128, but at 64 x 64 for the models whose full-width decoders
-# run at stride 2 or 4 (DFN's 512-channel smooth network, GateNet's stride-2 fusion), which at
-# 128 x 128 alone would cost more than the file's time budget allows.
-TRAIN_SIZE = {"dfn_r101": 64, "gatenet_r50": 64, "gatenet_vgg16": 64}
+TRAIN_SIDE = 128  # the train step: batch 2 at 128 x 128
 N_AUX = {"isnet_r101-d8": 2, "dfn_r101": 3, "acfnet_r101-d8": 2, "hmanet_r101-d8": 2}
 CLASSES = {"gatenet_r50": 1, "gatenet_vgg16": 1}  # saliency
 # parameters the reference builds but never uses (kept for its keys)
@@ -355,7 +352,7 @@ def test_eval_odd_size_and_train_step(name):
     assert out.shape == (1, classes, *size) and torch.isfinite(out).all()
 
     model.train()
-    side = TRAIN_SIZE.get(name, 128)
+    side = TRAIN_SIDE
     res = model(torch.randn(2, 3, side, side))
     assert res["out"].shape == (2, classes, side, side)
     assert len(res["aux"]) == N_AUX.get(name, 1)
