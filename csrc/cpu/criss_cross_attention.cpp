@@ -15,7 +15,8 @@
 // Saved statistics (N, 2, H, W): the maximum energy m[u] and log l[u], l[u] = sum exp(e - m),
 // so P = exp((e - m) - log l): the energies are recomputed bit-identically in the backward,
 // and e - m stays exact where a single log-sum-exp would lose digits for large energies.
-// Each pass is three parallel regions, their tasks handed out dynamically (parallel_tasks):
+// Each pass is one parallel region of three stages of tasks, handed out in order
+// (parallel_stages):
 // Forward:  column energies (lane GEMM tasks); per (n, y): row energies, row and column
 //           statistics merged into the joint ones, both probability blocks; per (n, block of
 //           channels): out = column part (lane GEMM) + row part (one GEMM per row).
@@ -39,8 +40,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -165,53 +168,101 @@ struct LaneKernel {
     for (; n < g.N; ++n) block<RM, 1>(g, apack, bpack + n, kc, c + n * g.C.col, own, accumulate);
   }
 
-  // Rows [m0, m1) of C for the lanes [x, x + kWidth). The operands are packed per K tile into
-  // aligned vectors (BLAS-style), so the inner loop streams them from L1/L2 without split loads.
+  // First lane of lane vector `index` and the first of its lanes that it owns: the last,
+  // partial vector is shifted back to end at L, overlapping the one before.
+  static void lane_start(const LaneGemm<T>& g, int64_t index, int64_t& x, int64_t& own) {
+    x = index * kWidth;
+    own = 0;
+    if (x + kWidth > g.L) {
+      own = x + kWidth - g.L;
+      x = g.L - kWidth;
+    }
+  }
+
+  // Rows [m0, m1) of C for the lane vectors [v0, v1). The operands are packed per K tile into
+  // aligned vectors (BLAS-style), so the inner loop streams them from L1/L2 without split loads;
+  // every lane vector's B tile is packed first, so that each block of rows of C is finished
+  // for all lanes while it is in cache.
   __attribute__((always_inline)) static inline void run(const LaneGemm<T>& g, int64_t b,
-                                                        int64_t m0, int64_t m1, int64_t x,
-                                                        int64_t own) {
+                                                        int64_t m0, int64_t m1, int64_t v0,
+                                                        int64_t v1) {
+    const int64_t vectors = v1 - v0, tile = kTileK * g.N;
     // Aligned to 64 bytes by hand: the AVX-512 clone loads these with aligned moves, while
     // alignof(V) follows the baseline target (16).
-    std::unique_ptr<T[]> buffer(new T[kTileK * (g.N + kBlockM) * kWidth + 64 / sizeof(T)]);
+    std::unique_ptr<T[]> buffer(
+        new T[(vectors * tile + kTileK * kBlockM) * kWidth + 64 / sizeof(T)]);
     const auto base = reinterpret_cast<std::uintptr_t>(buffer.get());
     V* bpack = reinterpret_cast<V*>((base + 63) / 64 * 64);
-    V* apack = bpack + kTileK * g.N;
+    V* apack = bpack + vectors * tile;
     // At least one tile, so that K == 0 still overwrites C with zeros.
     for (int64_t k0 = 0; k0 == 0 || k0 < g.K; k0 += kTileK) {
       const int64_t kc = std::min(kTileK, g.K - k0);
       const bool accumulate = g.accumulate || k0 > 0;
-      const T* bsrc = g.B.p + b * g.B.sample + k0 * g.B.row + x;
-      for (int64_t k = 0; k < kc; ++k)
-        for (int64_t n = 0; n < g.N; ++n)
-          std::memcpy(&bpack[k * g.N + n], bsrc + k * g.B.row + n * g.B.col, sizeof(V));
-      int64_t m = m0;
-      for (; m + kBlockM <= m1; m += kBlockM)
-        rows<kBlockM>(g, b, m, k0, kc, x, own, accumulate, bpack, apack);
-      for (; m < m1; ++m) rows<1>(g, b, m, k0, kc, x, own, accumulate, bpack, apack);
+      for (int64_t v = 0; v < vectors; ++v) {
+        int64_t x, own;
+        lane_start(g, v0 + v, x, own);
+        const T* bsrc = g.B.p + b * g.B.sample + k0 * g.B.row + x;
+        V* bv = bpack + v * tile;
+        for (int64_t k = 0; k < kc; ++k)
+          for (int64_t n = 0; n < g.N; ++n)
+            std::memcpy(&bv[k * g.N + n], bsrc + k * g.B.row + n * g.B.col, sizeof(V));
+      }
+      for (int64_t m = m0; m < m1; m += kBlockM) {
+        for (int64_t v = 0; v < vectors; ++v) {
+          int64_t x, own;
+          lane_start(g, v0 + v, x, own);
+          if (m + kBlockM <= m1) {
+            rows<kBlockM>(g, b, m, k0, kc, x, own, accumulate, bpack + v * tile, apack);
+          } else {
+            for (int64_t r = m; r < m1; ++r)
+              rows<1>(g, b, r, k0, kc, x, own, accumulate, bpack + v * tile, apack);
+          }
+        }
+      }
     }
   }
 };
 
 SEGOPS_LANE_CLONES void lane_gemm_vec(const LaneGemm<float>& g, int64_t b, int64_t m0,
-                                      int64_t m1, int64_t x, int64_t own) {
-  LaneKernel<float, LaneVec<float>>::run(g, b, m0, m1, x, own);
+                                      int64_t m1, int64_t v0, int64_t v1) {
+  LaneKernel<float, LaneVec<float>>::run(g, b, m0, m1, v0, v1);
 }
 SEGOPS_LANE_CLONES void lane_gemm_vec(const LaneGemm<double>& g, int64_t b, int64_t m0,
-                                      int64_t m1, int64_t x, int64_t own) {
-  LaneKernel<double, LaneVec<double>>::run(g, b, m0, m1, x, own);
+                                      int64_t m1, int64_t v0, int64_t v1) {
+  LaneKernel<double, LaneVec<double>>::run(g, b, m0, m1, v0, v1);
 }
 
-// Runs task(t) for every t < count on all threads, handing the tasks out one at a time: on a
-// busy machine a thread that loses its core holds the others up by one task, not by a fixed
-// share of the work.
+// Runs task(stage, t) for every t < counts[stage] of every stage, in one parallel region:
+// the tasks are handed out one at a time and in order, and those of a stage start once every
+// task of the stages before it has finished. On a busy machine a thread that loses its core
+// holds the others up by one task, not by a fixed share of the work, and a pass wakes its
+// threads once, not once per stage.
 template <typename F>
-void parallel_tasks(int64_t count, const F& task) {
-  if (count <= 0) return;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1,
-                   [&](int64_t, int64_t) {
-                     for (int64_t t = next++; t < count; t = next++) task(t);
-                   });
+void parallel_stages(std::initializer_list<int64_t> counts, const F& task) {
+  std::vector<int64_t> ends;  // ends[s]: one past the last task of stage s, counted overall
+  for (const int64_t count : counts) ends.push_back((ends.empty() ? 0 : ends.back()) + count);
+  const int64_t total = ends.back();
+  // Tasks are taken in order, so all tasks below index i have finished when `finished` >= i:
+  // a task of stage s only finishes after `finished` has reached the start of stage s.
+  std::atomic<int64_t> next{0}, finished{0};
+  std::atomic<bool> failed{false};
+  at::parallel_for(0, std::min<int64_t>(total, at::get_num_threads()), 1, [&](int64_t,
+                                                                             int64_t) {
+    for (int64_t t = next++; t < total && !failed; t = next++) {
+      const int64_t stage = std::upper_bound(ends.begin(), ends.end(), t) - ends.begin();
+      const int64_t begin = stage == 0 ? 0 : ends[stage - 1];
+      while (finished.load(std::memory_order_acquire) < begin && !failed) {
+        std::this_thread::yield();
+      }
+      try {
+        task(static_cast<int>(stage), t - begin);
+      } catch (...) {
+        failed = true;  // the other threads stop waiting for this task
+        throw;
+      }
+      finished.fetch_add(1, std::memory_order_release);
+    }
+  });
 }
 
 // Lane vectors of a lane GEMM: whole vectors, or single lanes for maps narrower than one.
@@ -221,26 +272,14 @@ int64_t lane_vectors(const LaneGemm<T>& g) {
   return g.L < kVecWidth ? g.L : (g.L + kVecWidth - 1) / kVecWidth;
 }
 
-// Rows [m0, m1) of C in sample b, for the lanes of lane vector `index`.
+// Rows [m0, m1) of C in sample b, for the lane vectors [v0, v1).
 template <typename T>
-void lane_gemm_vector(const LaneGemm<T>& g, int64_t b, int64_t m0, int64_t m1, int64_t index) {
-  constexpr int64_t kVecWidth = LaneKernel<T, LaneVec<T>>::kWidth;
-  if (g.L < kVecWidth) {
-    LaneKernel<T, T>::run(g, b, m0, m1, index, 0);
-    return;
+void lane_gemm(const LaneGemm<T>& g, int64_t b, int64_t m0, int64_t m1, int64_t v0, int64_t v1) {
+  if (g.L < LaneKernel<T, LaneVec<T>>::kWidth) {
+    LaneKernel<T, T>::run(g, b, m0, m1, v0, v1);
+  } else {
+    lane_gemm_vec(g, b, m0, m1, v0, v1);
   }
-  int64_t x = index * kVecWidth, own = 0;
-  if (x + kVecWidth > g.L) {  // last, partial vector: shifted back to end at L
-    own = x + kVecWidth - g.L;
-    x = g.L - kVecWidth;
-  }
-  lane_gemm_vec(g, b, m0, m1, x, own);
-}
-
-// Rows [m0, m1) of C in sample b, all lanes.
-template <typename T>
-void lane_gemm_rows(const LaneGemm<T>& g, int64_t b, int64_t m0, int64_t m1) {
-  for (int64_t v = 0; v < lane_vectors(g); ++v) lane_gemm_vector(g, b, m0, m1, v);
 }
 
 // A whole lane GEMM over `batch` samples as tasks (sample, lane vector, block of rows of C).
@@ -254,8 +293,9 @@ struct LaneTasks {
   void run(int64_t t) const {
     const int64_t blocks = row_blocks(), vectors = lane_vectors(g);
     const int64_t block = t % blocks;
-    lane_gemm_vector(g, t / (blocks * vectors), block * g.M / blocks,
-                     (block + 1) * g.M / blocks, t / blocks % vectors);
+    const int64_t v = t / blocks % vectors;
+    lane_gemm(g, t / (blocks * vectors), block * g.M / blocks, (block + 1) * g.M / blocks, v,
+              v + 1);
   }
 };
 
@@ -334,7 +374,7 @@ void row_task_probabilities(const Dims<T>& d, const T* q, const T* k, int64_t n,
 template <typename T>
 void channel_block(const Dims<T>& d, const LaneGemm<T>& column, const T* rows, bool transposed,
                    int64_t n, int64_t c0, int64_t c1) {
-  lane_gemm_rows(column, n, c0, c1);
+  lane_gemm(column, n, c0, c1, 0, lane_vectors(column));
   for (int64_t y = 0; y < d.H; ++y) {
     const int64_t a = n * column.A.sample + c0 * d.HW + y * d.W;
     const int64_t c = n * column.C.sample + c0 * d.HW + y * d.W;
@@ -352,22 +392,25 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
   const int64_t H = d.H, W = d.W, HW = d.HW, Cv = d.Cv;
   std::vector<T> pcol(d.N * d.col_block()), prow(d.N * H * d.row_block());
   const LaneTasks<T> energies = col_energies(d, q, k, pcol.data());
-  parallel_tasks(energies.count(), [&](int64_t t) { energies.run(t); });
-  parallel_tasks(d.N * H, [&](int64_t t) {
-    const int64_t n = t / H, y = t % H;
-    std::vector<T> scratch(2 * W);
-    T* sm = st + 2 * n * HW + y * W;
-    row_task_probabilities(d, q, k, n, y, prow.data() + t * d.row_block(),
-                           pcol.data() + n * d.col_block() + y * H * W, sm, sm + HW, true,
-                           scratch.data());
-  });
   // out[c, y, x] = sum_i v[c, i, x] P[y, i, x] + sum_j v[c, y, j] P[y, x, j]
   const int64_t sv = Cv * HW, blocks = channel_blocks(Cv);
   const LaneGemm<T> column{Cv, H, H, W, {v, sv, HW, W}, {pcol.data(), d.col_block(), W, H * W},
                            {out, sv, HW, W}, false};
-  parallel_tasks(d.N * blocks, [&](int64_t t) {
-    const int64_t c0 = t % blocks * kChannelBlock;
-    channel_block(d, column, prow.data(), true, t / blocks, c0, std::min(Cv, c0 + kChannelBlock));
+  parallel_stages({energies.count(), d.N * H, d.N * blocks}, [&](int stage, int64_t t) {
+    if (stage == 0) {
+      energies.run(t);
+    } else if (stage == 1) {
+      const int64_t n = t / H, y = t % H;
+      std::vector<T> scratch(2 * W);
+      T* sm = st + 2 * n * HW + y * W;
+      row_task_probabilities(d, q, k, n, y, prow.data() + t * d.row_block(),
+                             pcol.data() + n * d.col_block() + y * H * W, sm, sm + HW, true,
+                             scratch.data());
+    } else {
+      const int64_t c0 = t % blocks * kChannelBlock;
+      channel_block(d, column, prow.data(), true, t / blocks, c0,
+                    std::min(Cv, c0 + kChannelBlock));
+    }
   });
 }
 
@@ -384,15 +427,8 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
   const LaneTasks<T> dp_col{{H, H, Cv, W, {go, sv, W, HW}, {v, sv, HW, W}, {dsc, cb, HWc, W},
                              false},
                             d.N};
-  parallel_tasks(dp_col.count() + energies.count(), [&](int64_t t) {
-    if (t < dp_col.count()) {
-      dp_col.run(t);
-    } else {
-      energies.run(t - dp_col.count());
-    }
-  });
   // Row tasks: both probability blocks, row dP, D, and dS = P * (dP - D) of both.
-  parallel_tasks(d.N * H, [&](int64_t t) {
+  auto row_task = [&](int64_t t) {
     const int64_t n = t / H, y = t % H, vo = n * sv + y * W;
     T* sm = const_cast<T*>(st) + 2 * n * HW + y * W;  // only read: finish_stats is false
     T* p = prow.data() + t * rb;
@@ -416,7 +452,7 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
     for (int64_t i = 0; i < H * W; i += W) {
       for (int64_t x = 0; x < W; ++x) dscy[i + x] = pcy[i + x] * (dscy[i + x] - D[x]);
     }
-  });
+  };
   // Per block of channels, column then row parts:
   // dv[c, i] = sum_y go[c, y] P[y, i];  dq[c, y] = sum_i k[c, i] dS[y, i];
   // dk[c, i] = sum_y q[c, y] dS[y, i]  (per lane x; the row parts alike along the rows)
@@ -424,18 +460,28 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
   const LaneGemm<T> dq_col{Ck, H, H, W, {k, sk, HW, W}, {dsc, cb, W, HWc}, {dq, sk, HW, W}, false};
   const LaneGemm<T> dk_col{Ck, H, H, W, {q, sk, HW, W}, {dsc, cb, HWc, W}, {dk, sk, HW, W}, false};
   const int64_t vblocks = channel_blocks(Cv), kblocks = channel_blocks(Ck);
-  parallel_tasks(d.N * (vblocks + 2 * kblocks), [&](int64_t t) {
-    if (t < d.N * vblocks) {
+  const int64_t column_tasks = dp_col.count() + energies.count();
+  const int64_t value_tasks = d.N * vblocks, key_tasks = 2 * d.N * kblocks;
+  parallel_stages({column_tasks, d.N * H, value_tasks + key_tasks}, [&](int stage, int64_t t) {
+    if (stage == 0) {
+      if (t < dp_col.count()) {
+        dp_col.run(t);
+      } else {
+        energies.run(t - dp_col.count());
+      }
+    } else if (stage == 1) {
+      row_task(t);
+    } else if (t < value_tasks) {
       const int64_t c0 = t % vblocks * kChannelBlock;
       channel_block(d, dv_col, prow.data(), false, t / vblocks, c0,
                     std::min(Cv, c0 + kChannelBlock));
-      return;
+    } else {
+      t -= value_tasks;
+      const int64_t c0 = t % kblocks * kChannelBlock, n = t / kblocks % d.N;
+      const bool grad_q = t < d.N * kblocks;
+      channel_block(d, grad_q ? dq_col : dk_col, dsrow.data(), grad_q, n, c0,
+                    std::min(Ck, c0 + kChannelBlock));
     }
-    t -= d.N * vblocks;
-    const int64_t c0 = t % kblocks * kChannelBlock, n = t / kblocks % d.N;
-    const bool grad_q = t < d.N * kblocks;
-    channel_block(d, grad_q ? dq_col : dk_col, dsrow.data(), grad_q, n, c0,
-                  std::min(Ck, c0 + kChannelBlock));
   });
 }
 
