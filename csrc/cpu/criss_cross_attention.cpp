@@ -18,12 +18,12 @@
 // Each pass is one parallel region of three stages of tasks, handed out in order
 // (parallel_stages):
 // Forward:  column energies (lane GEMM tasks); per (n, y): row energies, row and column
-//           statistics merged into the joint ones, both probability blocks; per (n, block of
-//           channels): out = column part (lane GEMM) + row part (one GEMM per row).
+//           statistics merged into the joint ones, both probability blocks, and out = the row
+//           part (one GEMM); per (n, block of channels): out += column part (lane GEMM).
 // Backward: column energies and column dP (lane GEMM tasks); per (n, y): the probabilities,
 //           row dP = <dout[:, u], value[:, j]>, D[u] = sum over the keys of P dP (which is
-//           <dout[:, u], out[:, u]>), and dS = P * (dP - D) of both branches; per (n, block
-//           of channels) of dv, dq and dk: column part, then row part, as in the forward.
+//           <dout[:, u], out[:, u]>), dS = P * (dP - D) of both branches, and the row parts of
+//           dq, dk and dv; per (n, block of channels) of dv, dq and dk: += column part.
 #include "segops/cpu/gemm.h"
 #include "segops/cpu/guards.h"
 #include "segops/cpu/softmax_rows.h"
@@ -84,7 +84,7 @@ constexpr int kBlockM = 4;      // register block: kBlockM x kBlockN vectors of 
 constexpr int kBlockN = 6;
 constexpr int64_t kTileK = 64;  // K is walked in tiles so that a B tile stays in L2
 constexpr int64_t kTaskM = 32;  // rows of C per task of a whole lane GEMM
-constexpr int64_t kChannelBlock = 64;  // channels per task of the output and gradient products
+constexpr int64_t kChannelBlock = 64;  // channels per task of the column parts of out, dq, dk, dv
 
 // One lane vector: 64 bytes (an AVX-512 register; two or four on narrower targets), or a plain
 // scalar for maps narrower than a vector.
@@ -186,7 +186,7 @@ struct LaneKernel {
   __attribute__((always_inline)) static inline void run(const LaneGemm<T>& g, int64_t b,
                                                         int64_t m0, int64_t m1, int64_t v0,
                                                         int64_t v1) {
-    const int64_t vectors = v1 - v0, tile = kTileK * g.N;
+    const int64_t vectors = v1 - v0, tile = std::min(kTileK, g.K) * g.N;
     // Aligned to 64 bytes by hand: the AVX-512 clone loads these with aligned moves, while
     // alignof(V) follows the baseline target (16).
     std::unique_ptr<T[]> buffer(
@@ -368,19 +368,11 @@ void row_task_probabilities(const Dims<T>& d, const T* q, const T* k, int64_t n,
   for (int64_t i = 0; i < H; ++i) cpu::exp_shifted(pc + i * W, W, sm, sl);
 }
 
-// Rows [c0, c1) (channels) of sample n of an output or gradient C: the column part, a lane GEMM
-// that overwrites C, then the row part of every row y: C[c, y, :] += A[c, y, :] op(R[n][y]),
-// with A the column part's A and R the (W x W) row blocks, op transposing when transposed.
+// Rows [c0, c1) (channels) of sample n of C: the column part of an output or gradient, added to
+// the row part that the row tasks wrote.
 template <typename T>
-void channel_block(const Dims<T>& d, const LaneGemm<T>& column, const T* rows, bool transposed,
-                   int64_t n, int64_t c0, int64_t c1) {
-  lane_gemm(column, n, c0, c1, 0, lane_vectors(column));
-  for (int64_t y = 0; y < d.H; ++y) {
-    const int64_t a = n * column.A.sample + c0 * d.HW + y * d.W;
-    const int64_t c = n * column.C.sample + c0 * d.HW + y * d.W;
-    gemm_rm<T>(false, transposed, c1 - c0, d.W, d.W, T(1), column.A.p + a, d.HW,
-               rows + (n * d.H + y) * d.row_block(), d.W, T(1), column.C.p + c, d.HW);
-  }
+void add_column_part(const LaneGemm<T>& column, int64_t n, int64_t c0, int64_t c1) {
+  lane_gemm(column, n, c0, std::min(column.M, c1), 0, lane_vectors(column));
 }
 
 inline int64_t channel_blocks(int64_t channels) {
@@ -389,27 +381,27 @@ inline int64_t channel_blocks(int64_t channels) {
 
 template <typename T>
 void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, T* st) {
-  const int64_t H = d.H, W = d.W, HW = d.HW, Cv = d.Cv;
-  std::vector<T> pcol(d.N * d.col_block()), prow(d.N * H * d.row_block());
+  const int64_t H = d.H, W = d.W, HW = d.HW, Cv = d.Cv, sv = Cv * HW;
+  std::vector<T> pcol(d.N * d.col_block());
   const LaneTasks<T> energies = col_energies(d, q, k, pcol.data());
-  // out[c, y, x] = sum_i v[c, i, x] P[y, i, x] + sum_j v[c, y, j] P[y, x, j]
-  const int64_t sv = Cv * HW, blocks = channel_blocks(Cv);
+  // out[c, y, x] = sum_j v[c, y, j] P[y, x, j] (row tasks) + sum_i v[c, i, x] P[y, i, x]
   const LaneGemm<T> column{Cv, H, H, W, {v, sv, HW, W}, {pcol.data(), d.col_block(), W, H * W},
-                           {out, sv, HW, W}, false};
+                           {out, sv, HW, W}, true};
+  const int64_t blocks = channel_blocks(Cv);
   parallel_stages({energies.count(), d.N * H, d.N * blocks}, [&](int stage, int64_t t) {
     if (stage == 0) {
       energies.run(t);
     } else if (stage == 1) {
-      const int64_t n = t / H, y = t % H;
-      std::vector<T> scratch(2 * W);
+      const int64_t n = t / H, y = t % H, o = n * sv + y * W;
+      std::vector<T> prow(d.row_block()), scratch(2 * W);
       T* sm = st + 2 * n * HW + y * W;
-      row_task_probabilities(d, q, k, n, y, prow.data() + t * d.row_block(),
+      row_task_probabilities(d, q, k, n, y, prow.data(),
                              pcol.data() + n * d.col_block() + y * H * W, sm, sm + HW, true,
                              scratch.data());
+      gemm_rm<T>(false, true, Cv, W, W, T(1), v + o, HW, prow.data(), W, T(0), out + o, HW);
     } else {
       const int64_t c0 = t % blocks * kChannelBlock;
-      channel_block(d, column, prow.data(), true, t / blocks, c0,
-                    std::min(Cv, c0 + kChannelBlock));
+      add_column_part(column, t / blocks, c0, c0 + kChannelBlock);
     }
   });
 }
@@ -419,7 +411,7 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
                    const T* st, T* dq, T* dk, T* dv) {
   const int64_t H = d.H, W = d.W, HW = d.HW, Ck = d.Ck, Cv = d.Cv;
   const int64_t sk = Ck * HW, sv = Cv * HW, cb = d.col_block(), rb = d.row_block(), HWc = H * W;
-  std::vector<T> pcol(d.N * cb), dscol(d.N * cb), prow(d.N * H * rb), dsrow(d.N * H * rb);
+  std::vector<T> pcol(d.N * cb), dscol(d.N * cb);
   T* pc = pcol.data();
   T* dsc = dscol.data();
   // The column energies, and the column dP[y, i, x] = sum_c go[c, y, x] v[c, i, x].
@@ -427,17 +419,18 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
   const LaneTasks<T> dp_col{{H, H, Cv, W, {go, sv, W, HW}, {v, sv, HW, W}, {dsc, cb, HWc, W},
                              false},
                             d.N};
-  // Row tasks: both probability blocks, row dP, D, and dS = P * (dP - D) of both.
+  // Row tasks: both probability blocks, row dP, D, dS = P * (dP - D) of both, and the row parts
+  // of dq, dk and dv (written, not added).
   auto row_task = [&](int64_t t) {
-    const int64_t n = t / H, y = t % H, vo = n * sv + y * W;
+    const int64_t n = t / H, y = t % H, ko = n * sk + y * W, vo = n * sv + y * W;
     T* sm = const_cast<T*>(st) + 2 * n * HW + y * W;  // only read: finish_stats is false
-    T* p = prow.data() + t * rb;
+    std::vector<T> p(rb), ds(rb);
     T* pcy = pc + t * HWc;  // t = n * H + y
     T* dscy = dsc + t * HWc;
-    row_task_probabilities(d, q, k, n, y, p, pcy, sm, sm + HW, false, static_cast<T*>(nullptr));
+    row_task_probabilities(d, q, k, n, y, p.data(), pcy, sm, sm + HW, false,
+                           static_cast<T*>(nullptr));
     // dP[x, j] = sum_c go[c, x] v[c, j]
-    T* ds = dsrow.data() + t * rb;
-    gemm_rm<T>(true, false, W, W, Cv, T(1), go + vo, HW, v + vo, HW, T(0), ds, W);
+    gemm_rm<T>(true, false, W, W, Cv, T(1), go + vo, HW, v + vo, HW, T(0), ds.data(), W);
     // D[x] = sum over the keys of P dP, which is <dout[:, u], out[:, u]> without reading out.
     std::vector<T> D(W, T(0));
     for (int64_t x = 0; x < W; ++x) {
@@ -452,13 +445,18 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
     for (int64_t i = 0; i < H * W; i += W) {
       for (int64_t x = 0; x < W; ++x) dscy[i + x] = pcy[i + x] * (dscy[i + x] - D[x]);
     }
+    // dq[c, x] = sum_j k[c, j] dS[x, j];  dk[c, j] = sum_x q[c, x] dS[x, j];
+    // dv[c, j] = sum_x go[c, x] P[x, j]
+    gemm_rm<T>(false, true, Ck, W, W, T(1), k + ko, HW, ds.data(), W, T(0), dq + ko, HW);
+    gemm_rm<T>(false, false, Ck, W, W, T(1), q + ko, HW, ds.data(), W, T(0), dk + ko, HW);
+    gemm_rm<T>(false, false, Cv, W, W, T(1), go + vo, HW, p.data(), W, T(0), dv + vo, HW);
   };
-  // Per block of channels, column then row parts:
-  // dv[c, i] = sum_y go[c, y] P[y, i];  dq[c, y] = sum_i k[c, i] dS[y, i];
-  // dk[c, i] = sum_y q[c, y] dS[y, i]  (per lane x; the row parts alike along the rows)
-  const LaneGemm<T> dv_col{Cv, H, H, W, {go, sv, HW, W}, {pc, cb, HWc, W}, {dv, sv, HW, W}, false};
-  const LaneGemm<T> dq_col{Ck, H, H, W, {k, sk, HW, W}, {dsc, cb, W, HWc}, {dq, sk, HW, W}, false};
-  const LaneGemm<T> dk_col{Ck, H, H, W, {q, sk, HW, W}, {dsc, cb, HWc, W}, {dk, sk, HW, W}, false};
+  // Column parts, per block of channels (per lane x):
+  // dv[c, i] += sum_y go[c, y] P[y, i];  dq[c, y] += sum_i k[c, i] dS[y, i];
+  // dk[c, i] += sum_y q[c, y] dS[y, i]
+  const LaneGemm<T> dv_col{Cv, H, H, W, {go, sv, HW, W}, {pc, cb, HWc, W}, {dv, sv, HW, W}, true};
+  const LaneGemm<T> dq_col{Ck, H, H, W, {k, sk, HW, W}, {dsc, cb, W, HWc}, {dq, sk, HW, W}, true};
+  const LaneGemm<T> dk_col{Ck, H, H, W, {q, sk, HW, W}, {dsc, cb, HWc, W}, {dk, sk, HW, W}, true};
   const int64_t vblocks = channel_blocks(Cv), kblocks = channel_blocks(Ck);
   const int64_t column_tasks = dp_col.count() + energies.count();
   const int64_t value_tasks = d.N * vblocks, key_tasks = 2 * d.N * kblocks;
@@ -473,14 +471,11 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
       row_task(t);
     } else if (t < value_tasks) {
       const int64_t c0 = t % vblocks * kChannelBlock;
-      channel_block(d, dv_col, prow.data(), false, t / vblocks, c0,
-                    std::min(Cv, c0 + kChannelBlock));
+      add_column_part(dv_col, t / vblocks, c0, c0 + kChannelBlock);
     } else {
       t -= value_tasks;
       const int64_t c0 = t % kblocks * kChannelBlock, n = t / kblocks % d.N;
-      const bool grad_q = t < d.N * kblocks;
-      channel_block(d, grad_q ? dq_col : dk_col, dsrow.data(), grad_q, n, c0,
-                    std::min(Ck, c0 + kChannelBlock));
+      add_column_part(t < d.N * kblocks ? dq_col : dk_col, n, c0, c0 + kChannelBlock);
     }
   });
 }
