@@ -83,7 +83,7 @@ struct LaneGemm {
 constexpr int kBlockM = 4;      // register block: kBlockM x kBlockN vectors of accumulators
 constexpr int kBlockN = 6;
 constexpr int64_t kTileK = 64;  // K is walked in tiles so that a B tile stays in L2
-constexpr int64_t kTaskM = 32;  // rows of C per task of a whole lane GEMM
+constexpr int64_t kTaskM = 64;  // rows of C per task of a whole lane GEMM
 constexpr int64_t kChannelBlock = 64;  // channels per task of the column parts of out, dq, dk, dv
 
 // One lane vector: 64 bytes (an AVX-512 register; two or four on narrower targets), or a plain
