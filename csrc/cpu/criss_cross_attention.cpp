@@ -7,7 +7,7 @@
 //   * the column x is strided in both directions, but the W columns of a map are W independent
 //     products whose operands sit side by side in memory (x is the contiguous index). The
 //     column branch therefore runs as "lane GEMMs": one product per column x, vectorised across
-//     the columns, register-blocked like a GEMM microkernel (lane_gemm below).
+//     the columns, register-blocked like a GEMM microkernel (LaneKernel below).
 // The column probabilities are kept as (N, H, H, W) = [n][y][i][x] and the row ones as
 // (N, H, W, W) = [n][y][x][j]: a few MiB at most, never the (N, H, W, H+W) attention of the
 // reference, and the softmax passes over them run on whole vectors (per-lane statistics).
@@ -15,11 +15,15 @@
 // Saved statistics (N, 2, H, W): the maximum energy m[u] and log l[u], l[u] = sum exp(e - m),
 // so P = exp((e - m) - log l): the energies are recomputed bit-identically in the backward,
 // and e - m stays exact where a single log-sum-exp would lose digits for large energies.
-// Forward:  column energies; per (n, y): row energies, row and column statistics merged into
-//           the joint ones, both probability blocks; out = column part + row part.
-// Backward: the same probabilities; D[u] = <dout[:, u], out[:, u]>; dS = P * (dP - D) with
-//           dP = <dout[:, u], value[:, i]>; row tasks write dq, dk, dv (row parts), then the
-//           column parts are added by lane GEMMs.
+// Each pass is one parallel region of three stages of tasks, handed out in order
+// (parallel_stages):
+// Forward:  column energies (lane GEMM tasks); per (n, y): row energies, row and column
+//           statistics merged into the joint ones, both probability blocks, and out = the row
+//           part (one GEMM); per (n, block of channels): out += column part (lane GEMM).
+// Backward: column energies and column dP (lane GEMM tasks); per (n, y): the probabilities,
+//           row dP = <dout[:, u], value[:, j]>, D[u] = sum over the keys of P dP (which is
+//           <dout[:, u], out[:, u]>), dS = P * (dP - D) of both branches, and the row parts of
+//           dq, dk and dv; per (n, block of channels) of dv, dq and dk: += column part.
 #include "segops/cpu/gemm.h"
 #include "segops/cpu/guards.h"
 #include "segops/cpu/softmax_rows.h"
@@ -32,10 +36,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
+#include <memory>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -75,7 +83,8 @@ struct LaneGemm {
 constexpr int kBlockM = 4;      // register block: kBlockM x kBlockN vectors of accumulators
 constexpr int kBlockN = 6;
 constexpr int64_t kTileK = 64;  // K is walked in tiles so that a B tile stays in L2
-constexpr int64_t kTaskM = 128; // rows of C per parallel task
+constexpr int64_t kTaskM = 64;  // rows of C per task of a whole lane GEMM
+constexpr int64_t kChannelBlock = 64;  // channels per task of the column parts of out, dq, dk, dv
 
 // One lane vector: 64 bytes (an AVX-512 register; two or four on narrower targets), or a plain
 // scalar for maps narrower than a vector.
@@ -159,66 +168,136 @@ struct LaneKernel {
     for (; n < g.N; ++n) block<RM, 1>(g, apack, bpack + n, kc, c + n * g.C.col, own, accumulate);
   }
 
-  // Rows [m0, m1) of C for the lanes [x, x + kWidth). The operands are packed per K tile into
-  // aligned vectors (BLAS-style), so the inner loop streams them from L1/L2 without split loads.
+  // First lane of lane vector `index` and the first of its lanes that it owns: the last,
+  // partial vector is shifted back to end at L, overlapping the one before.
+  static void lane_start(const LaneGemm<T>& g, int64_t index, int64_t& x, int64_t& own) {
+    x = index * kWidth;
+    own = 0;
+    if (x + kWidth > g.L) {
+      own = x + kWidth - g.L;
+      x = g.L - kWidth;
+    }
+  }
+
+  // Rows [m0, m1) of C for the lane vectors [v0, v1). The operands are packed per K tile into
+  // aligned vectors (BLAS-style), so the inner loop streams them from L1/L2 without split loads;
+  // every lane vector's B tile is packed first, so that each block of rows of C is finished
+  // for all lanes while it is in cache.
   __attribute__((always_inline)) static inline void run(const LaneGemm<T>& g, int64_t b,
-                                                        int64_t m0, int64_t m1, int64_t x,
-                                                        int64_t own) {
+                                                        int64_t m0, int64_t m1, int64_t v0,
+                                                        int64_t v1) {
+    const int64_t vectors = v1 - v0, tile = std::min(kTileK, g.K) * g.N;
     // Aligned to 64 bytes by hand: the AVX-512 clone loads these with aligned moves, while
     // alignof(V) follows the baseline target (16).
-    std::vector<T> buffer(kTileK * (g.N + kBlockM) * kWidth + 64 / sizeof(T));
-    const auto base = reinterpret_cast<std::uintptr_t>(buffer.data());
+    std::unique_ptr<T[]> buffer(
+        new T[(vectors * tile + kTileK * kBlockM) * kWidth + 64 / sizeof(T)]);
+    const auto base = reinterpret_cast<std::uintptr_t>(buffer.get());
     V* bpack = reinterpret_cast<V*>((base + 63) / 64 * 64);
-    V* apack = bpack + kTileK * g.N;
+    V* apack = bpack + vectors * tile;
     // At least one tile, so that K == 0 still overwrites C with zeros.
     for (int64_t k0 = 0; k0 == 0 || k0 < g.K; k0 += kTileK) {
       const int64_t kc = std::min(kTileK, g.K - k0);
       const bool accumulate = g.accumulate || k0 > 0;
-      const T* bsrc = g.B.p + b * g.B.sample + k0 * g.B.row + x;
-      for (int64_t k = 0; k < kc; ++k)
-        for (int64_t n = 0; n < g.N; ++n)
-          std::memcpy(&bpack[k * g.N + n], bsrc + k * g.B.row + n * g.B.col, sizeof(V));
-      int64_t m = m0;
-      for (; m + kBlockM <= m1; m += kBlockM)
-        rows<kBlockM>(g, b, m, k0, kc, x, own, accumulate, bpack, apack);
-      for (; m < m1; ++m) rows<1>(g, b, m, k0, kc, x, own, accumulate, bpack, apack);
+      for (int64_t v = 0; v < vectors; ++v) {
+        int64_t x, own;
+        lane_start(g, v0 + v, x, own);
+        const T* bsrc = g.B.p + b * g.B.sample + k0 * g.B.row + x;
+        V* bv = bpack + v * tile;
+        for (int64_t k = 0; k < kc; ++k)
+          for (int64_t n = 0; n < g.N; ++n)
+            std::memcpy(&bv[k * g.N + n], bsrc + k * g.B.row + n * g.B.col, sizeof(V));
+      }
+      for (int64_t m = m0; m < m1; m += kBlockM) {
+        for (int64_t v = 0; v < vectors; ++v) {
+          int64_t x, own;
+          lane_start(g, v0 + v, x, own);
+          if (m + kBlockM <= m1) {
+            rows<kBlockM>(g, b, m, k0, kc, x, own, accumulate, bpack + v * tile, apack);
+          } else {
+            for (int64_t r = m; r < m1; ++r)
+              rows<1>(g, b, r, k0, kc, x, own, accumulate, bpack + v * tile, apack);
+          }
+        }
+      }
     }
   }
 };
 
 SEGOPS_LANE_CLONES void lane_gemm_vec(const LaneGemm<float>& g, int64_t b, int64_t m0,
-                                      int64_t m1, int64_t x, int64_t own) {
-  LaneKernel<float, LaneVec<float>>::run(g, b, m0, m1, x, own);
+                                      int64_t m1, int64_t v0, int64_t v1) {
+  LaneKernel<float, LaneVec<float>>::run(g, b, m0, m1, v0, v1);
 }
 SEGOPS_LANE_CLONES void lane_gemm_vec(const LaneGemm<double>& g, int64_t b, int64_t m0,
-                                      int64_t m1, int64_t x, int64_t own) {
-  LaneKernel<double, LaneVec<double>>::run(g, b, m0, m1, x, own);
+                                      int64_t m1, int64_t v0, int64_t v1) {
+  LaneKernel<double, LaneVec<double>>::run(g, b, m0, m1, v0, v1);
 }
 
-// The lane GEMMs of all `batch` samples, parallel over (sample, vector of lanes, rows of C).
-template <typename T>
-void lane_gemm(const LaneGemm<T>& g, int64_t batch) {
-  constexpr int64_t kVecWidth = LaneKernel<T, LaneVec<T>>::kWidth;
-  const int64_t width = g.L >= kVecWidth ? kVecWidth : 1;
-  const int64_t lane_tasks = (g.L + width - 1) / width, row_tasks = (g.M + kTaskM - 1) / kTaskM;
-  if (g.M == 0 || g.N == 0 || lane_tasks == 0) return;
-  at::parallel_for(0, batch * lane_tasks * row_tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / (lane_tasks * row_tasks), lt = t / row_tasks % lane_tasks;
-      const int64_t m0 = t % row_tasks * kTaskM, m1 = std::min(g.M, m0 + kTaskM);
-      int64_t x = lt * width, own = 0;
-      if (x + width > g.L) {  // last, partial vector: shifted back to end at L
-        own = x + width - g.L;
-        x = g.L - width;
+// Runs task(stage, t) for every t < counts[stage] of every stage, in one parallel region:
+// the tasks are handed out one at a time and in order, and those of a stage start once every
+// task of the stages before it has finished. On a busy machine a thread that loses its core
+// holds the others up by one task, not by a fixed share of the work, and a pass wakes its
+// threads once, not once per stage.
+template <typename F>
+void parallel_stages(std::initializer_list<int64_t> counts, const F& task) {
+  std::vector<int64_t> ends;  // ends[s]: one past the last task of stage s, counted overall
+  for (const int64_t count : counts) ends.push_back((ends.empty() ? 0 : ends.back()) + count);
+  const int64_t total = ends.back();
+  // Tasks are taken in order, so all tasks below index i have finished when `finished` >= i:
+  // a task of stage s only finishes after `finished` has reached the start of stage s.
+  std::atomic<int64_t> next{0}, finished{0};
+  std::atomic<bool> failed{false};
+  at::parallel_for(0, std::min<int64_t>(total, at::get_num_threads()), 1, [&](int64_t,
+                                                                             int64_t) {
+    for (int64_t t = next++; t < total && !failed; t = next++) {
+      const int64_t stage = std::upper_bound(ends.begin(), ends.end(), t) - ends.begin();
+      const int64_t begin = stage == 0 ? 0 : ends[stage - 1];
+      while (finished.load(std::memory_order_acquire) < begin && !failed) {
+        std::this_thread::yield();
       }
-      if (width == 1) {
-        LaneKernel<T, T>::run(g, b, m0, m1, x, own);
-      } else {
-        lane_gemm_vec(g, b, m0, m1, x, own);
+      try {
+        task(static_cast<int>(stage), t - begin);
+      } catch (...) {
+        failed = true;  // the other threads stop waiting for this task
+        throw;
       }
+      finished.fetch_add(1, std::memory_order_release);
     }
   });
 }
+
+// Lane vectors of a lane GEMM: whole vectors, or single lanes for maps narrower than one.
+template <typename T>
+int64_t lane_vectors(const LaneGemm<T>& g) {
+  constexpr int64_t kVecWidth = LaneKernel<T, LaneVec<T>>::kWidth;
+  return g.L < kVecWidth ? g.L : (g.L + kVecWidth - 1) / kVecWidth;
+}
+
+// Rows [m0, m1) of C in sample b, for the lane vectors [v0, v1).
+template <typename T>
+void lane_gemm(const LaneGemm<T>& g, int64_t b, int64_t m0, int64_t m1, int64_t v0, int64_t v1) {
+  if (g.L < LaneKernel<T, LaneVec<T>>::kWidth) {
+    LaneKernel<T, T>::run(g, b, m0, m1, v0, v1);
+  } else {
+    lane_gemm_vec(g, b, m0, m1, v0, v1);
+  }
+}
+
+// A whole lane GEMM over `batch` samples as tasks (sample, lane vector, block of rows of C).
+template <typename T>
+struct LaneTasks {
+  LaneGemm<T> g;
+  int64_t batch;
+
+  int64_t row_blocks() const { return (g.M + kTaskM - 1) / kTaskM; }
+  int64_t count() const { return g.N == 0 ? 0 : batch * lane_vectors(g) * row_blocks(); }
+  void run(int64_t t) const {
+    const int64_t blocks = row_blocks(), vectors = lane_vectors(g);
+    const int64_t block = t % blocks;
+    const int64_t v = t / blocks % vectors;
+    lane_gemm(g, t / (blocks * vectors), block * g.M / blocks, (block + 1) * g.M / blocks, v,
+              v + 1);
+  }
+};
 
 // ---- Softmax statistics ----
 
@@ -253,11 +332,11 @@ struct Dims {
 // pcol[n][y][i][x] = <q[n, :, y, x], k[n, :, i, x]> for all n, y, i, x (the diagonal is masked
 // later, per row task).
 template <typename T>
-void col_energies(const Dims<T>& d, const T* q, const T* k, T* pcol) {
+LaneTasks<T> col_energies(const Dims<T>& d, const T* q, const T* k, T* pcol) {
   const int64_t s = d.Ck * d.HW;
-  lane_gemm<T>({d.H, d.H, d.Ck, d.W, {q, s, d.W, d.HW}, {k, s, d.HW, d.W},
-                {pcol, d.col_block(), d.H * d.W, d.W}, false},
-               d.N);
+  return {{d.H, d.H, d.Ck, d.W, {q, s, d.W, d.HW}, {k, s, d.HW, d.W},
+           {pcol, d.col_block(), d.H * d.W, d.W}, false},
+          d.N};
 }
 
 // Row task (n, y) of both passes: the row probabilities prow (W x W, [x][j]) from the row
@@ -289,95 +368,116 @@ void row_task_probabilities(const Dims<T>& d, const T* q, const T* k, int64_t n,
   for (int64_t i = 0; i < H; ++i) cpu::exp_shifted(pc + i * W, W, sm, sl);
 }
 
+// Rows [c0, c1) (channels) of sample n of C: the column part of an output or gradient, added to
+// the row part that the row tasks wrote.
+template <typename T>
+void add_column_part(const LaneGemm<T>& column, int64_t n, int64_t c0, int64_t c1) {
+  lane_gemm(column, n, c0, std::min(column.M, c1), 0, lane_vectors(column));
+}
+
+inline int64_t channel_blocks(int64_t channels) {
+  return (channels + kChannelBlock - 1) / kChannelBlock;
+}
+
 template <typename T>
 void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, T* st) {
-  const int64_t H = d.H, W = d.W, HW = d.HW, Cv = d.Cv;
-  std::vector<T> pcol(d.N * d.col_block()), prow(d.N * H * d.row_block());
-  col_energies(d, q, k, pcol.data());
-  at::parallel_for(0, d.N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(2 * W);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / H, y = t % H;
+  const int64_t H = d.H, W = d.W, HW = d.HW, Cv = d.Cv, sv = Cv * HW;
+  std::vector<T> pcol(d.N * d.col_block());
+  const LaneTasks<T> energies = col_energies(d, q, k, pcol.data());
+  // out[c, y, x] = sum_j v[c, y, j] P[y, x, j] (row tasks) + sum_i v[c, i, x] P[y, i, x]
+  const LaneGemm<T> column{Cv, H, H, W, {v, sv, HW, W}, {pcol.data(), d.col_block(), W, H * W},
+                           {out, sv, HW, W}, true};
+  const int64_t blocks = channel_blocks(Cv);
+  parallel_stages({energies.count(), d.N * H, d.N * blocks}, [&](int stage, int64_t t) {
+    if (stage == 0) {
+      energies.run(t);
+    } else if (stage == 1) {
+      const int64_t n = t / H, y = t % H, o = n * sv + y * W;
+      std::vector<T> prow(d.row_block()), scratch(2 * W);
       T* sm = st + 2 * n * HW + y * W;
-      row_task_probabilities(d, q, k, n, y, prow.data() + t * d.row_block(),
+      row_task_probabilities(d, q, k, n, y, prow.data(),
                              pcol.data() + n * d.col_block() + y * H * W, sm, sm + HW, true,
                              scratch.data());
-    }
-  });
-  // out[c, y, x] = sum_i v[c, i, x] P[y, i, x]  (column part)
-  const int64_t sv = Cv * HW;
-  lane_gemm<T>({Cv, H, H, W, {v, sv, HW, W}, {pcol.data(), d.col_block(), W, H * W},
-                {out, sv, HW, W}, false},
-               d.N);
-  // out[c, y, x] += sum_j v[c, y, j] P[y, x, j]  (row part)
-  at::parallel_for(0, d.N * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t o = t / H * sv + t % H * W;
-      gemm_rm<T>(false, true, Cv, W, W, T(1), v + o, HW, prow.data() + t * d.row_block(), W,
-                 T(1), out + o, HW);
+      gemm_rm<T>(false, true, Cv, W, W, T(1), v + o, HW, prow.data(), W, T(0), out + o, HW);
+    } else {
+      const int64_t c0 = t % blocks * kChannelBlock;
+      add_column_part(column, t / blocks, c0, c0 + kChannelBlock);
     }
   });
 }
 
 template <typename T>
 void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const T* v,
-                   const T* out, const T* st, T* dq, T* dk, T* dv) {
+                   const T* st, T* dq, T* dk, T* dv) {
   const int64_t H = d.H, W = d.W, HW = d.HW, Ck = d.Ck, Cv = d.Cv;
-  std::vector<T> Dbuf(d.N * HW), pcol(d.N * d.col_block()), dscol(d.N * d.col_block());
-  T* D = Dbuf.data();
-  col_energies(d, q, k, pcol.data());
-  // Row tasks: the probabilities, D, then the row parts of dq, dk, dv (written, not added).
-  at::parallel_for(0, d.N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> p(d.row_block()), ds(d.row_block());
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / H, y = t % H;
-      const int64_t ko = n * Ck * HW + y * W, vo = n * Cv * HW + y * W;
-      T* sm = const_cast<T*>(st) + 2 * n * HW + y * W;  // only read: finish_stats is false
-      row_task_probabilities(d, q, k, n, y, p.data(), pcol.data() + n * d.col_block() + y * H * W,
-                             sm, sm + HW, false, static_cast<T*>(nullptr));
-      T* Dy = D + n * HW + y * W;
-      std::fill(Dy, Dy + W, T(0));
-      for (int64_t c = 0; c < Cv; ++c) {
-        const T* a = go + vo + c * HW;
-        const T* b = out + vo + c * HW;
-        for (int64_t x = 0; x < W; ++x) Dy[x] += a[x] * b[x];
-      }
-      // dP[x, j] = sum_c go[c, x] v[c, j]
-      gemm_rm<T>(true, false, W, W, Cv, T(1), go + vo, HW, v + vo, HW, T(0), ds.data(), W);
-      for (int64_t x = 0; x < W; ++x) {
-        const T dx = Dy[x];
-        T* s = ds.data() + x * W;
-        const T* pp = p.data() + x * W;
-        for (int64_t j = 0; j < W; ++j) s[j] = pp[j] * (s[j] - dx);
-      }
-      // dq[c, x] = sum_j k[c, j] dS[x, j];  dk[c, j] = sum_x q[c, x] dS[x, j]
-      gemm_rm<T>(false, true, Ck, W, W, T(1), k + ko, HW, ds.data(), W, T(0), dq + ko, HW);
-      gemm_rm<T>(false, false, Ck, W, W, T(1), q + ko, HW, ds.data(), W, T(0), dk + ko, HW);
-      // dv[c, j] = sum_x go[c, x] p[x, j]
-      gemm_rm<T>(false, false, Cv, W, W, T(1), go + vo, HW, p.data(), W, T(0), dv + vo, HW);
-    }
-  });
-  // Column parts, as lane GEMMs over [n][y][i][x] blocks.
-  const int64_t sk = Ck * HW, sv = Cv * HW, cb = d.col_block(), HWc = H * W;
+  const int64_t sk = Ck * HW, sv = Cv * HW, cb = d.col_block(), rb = d.row_block(), HWc = H * W;
+  std::vector<T> pcol(d.N * cb), dscol(d.N * cb);
   T* pc = pcol.data();
   T* dsc = dscol.data();
-  // dP[y, i, x] = sum_c go[c, y, x] v[c, i, x], then dS = P * (dP - D[y, x]).
-  lane_gemm<T>({H, H, Cv, W, {go, sv, W, HW}, {v, sv, HW, W}, {dsc, cb, HWc, W}, false}, d.N);
-  at::parallel_for(0, d.N * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const T* Dy = D + t * W;  // t = n * H + y
-      for (int64_t i = 0; i < H; ++i) {
-        T* s = dsc + (t * H + i) * W;
-        const T* pp = pc + (t * H + i) * W;
-        for (int64_t x = 0; x < W; ++x) s[x] = pp[x] * (s[x] - Dy[x]);
+  // The column energies, and the column dP[y, i, x] = sum_c go[c, y, x] v[c, i, x].
+  const LaneTasks<T> energies = col_energies(d, q, k, pc);
+  const LaneTasks<T> dp_col{{H, H, Cv, W, {go, sv, W, HW}, {v, sv, HW, W}, {dsc, cb, HWc, W},
+                             false},
+                            d.N};
+  // Row tasks: both probability blocks, row dP, D, dS = P * (dP - D) of both, and the row parts
+  // of dq, dk and dv (written, not added).
+  auto row_task = [&](int64_t t) {
+    const int64_t n = t / H, y = t % H, ko = n * sk + y * W, vo = n * sv + y * W;
+    T* sm = const_cast<T*>(st) + 2 * n * HW + y * W;  // only read: finish_stats is false
+    std::vector<T> p(rb), ds(rb);
+    T* pcy = pc + t * HWc;  // t = n * H + y
+    T* dscy = dsc + t * HWc;
+    row_task_probabilities(d, q, k, n, y, p.data(), pcy, sm, sm + HW, false,
+                           static_cast<T*>(nullptr));
+    // dP[x, j] = sum_c go[c, x] v[c, j]
+    gemm_rm<T>(true, false, W, W, Cv, T(1), go + vo, HW, v + vo, HW, T(0), ds.data(), W);
+    // D[x] = sum over the keys of P dP, which is <dout[:, u], out[:, u]> without reading out.
+    std::vector<T> D(W, T(0));
+    for (int64_t x = 0; x < W; ++x) {
+      for (int64_t j = 0; j < W; ++j) D[x] += p[x * W + j] * ds[x * W + j];
+    }
+    for (int64_t i = 0; i < H * W; i += W) {
+      for (int64_t x = 0; x < W; ++x) D[x] += pcy[i + x] * dscy[i + x];
+    }
+    for (int64_t x = 0; x < W; ++x) {
+      for (int64_t j = 0; j < W; ++j) ds[x * W + j] = p[x * W + j] * (ds[x * W + j] - D[x]);
+    }
+    for (int64_t i = 0; i < H * W; i += W) {
+      for (int64_t x = 0; x < W; ++x) dscy[i + x] = pcy[i + x] * (dscy[i + x] - D[x]);
+    }
+    // dq[c, x] = sum_j k[c, j] dS[x, j];  dk[c, j] = sum_x q[c, x] dS[x, j];
+    // dv[c, j] = sum_x go[c, x] P[x, j]
+    gemm_rm<T>(false, true, Ck, W, W, T(1), k + ko, HW, ds.data(), W, T(0), dq + ko, HW);
+    gemm_rm<T>(false, false, Ck, W, W, T(1), q + ko, HW, ds.data(), W, T(0), dk + ko, HW);
+    gemm_rm<T>(false, false, Cv, W, W, T(1), go + vo, HW, p.data(), W, T(0), dv + vo, HW);
+  };
+  // Column parts, per block of channels (per lane x):
+  // dv[c, i] += sum_y go[c, y] P[y, i];  dq[c, y] += sum_i k[c, i] dS[y, i];
+  // dk[c, i] += sum_y q[c, y] dS[y, i]
+  const LaneGemm<T> dv_col{Cv, H, H, W, {go, sv, HW, W}, {pc, cb, HWc, W}, {dv, sv, HW, W}, true};
+  const LaneGemm<T> dq_col{Ck, H, H, W, {k, sk, HW, W}, {dsc, cb, W, HWc}, {dq, sk, HW, W}, true};
+  const LaneGemm<T> dk_col{Ck, H, H, W, {q, sk, HW, W}, {dsc, cb, HWc, W}, {dk, sk, HW, W}, true};
+  const int64_t vblocks = channel_blocks(Cv), kblocks = channel_blocks(Ck);
+  const int64_t column_tasks = dp_col.count() + energies.count();
+  const int64_t value_tasks = d.N * vblocks, key_tasks = 2 * d.N * kblocks;
+  parallel_stages({column_tasks, d.N * H, value_tasks + key_tasks}, [&](int stage, int64_t t) {
+    if (stage == 0) {
+      if (t < dp_col.count()) {
+        dp_col.run(t);
+      } else {
+        energies.run(t - dp_col.count());
       }
+    } else if (stage == 1) {
+      row_task(t);
+    } else if (t < value_tasks) {
+      const int64_t c0 = t % vblocks * kChannelBlock;
+      add_column_part(dv_col, t / vblocks, c0, c0 + kChannelBlock);
+    } else {
+      t -= value_tasks;
+      const int64_t c0 = t % kblocks * kChannelBlock, n = t / kblocks % d.N;
+      add_column_part(t < d.N * kblocks ? dq_col : dk_col, n, c0, c0 + kChannelBlock);
     }
   });
-  // dv[c, i] += sum_y go[c, y] P[y, i];  dq[c, y] += sum_i k[c, i] dS[y, i];
-  // dk[c, i] += sum_y q[c, y] dS[y, i]  (per lane x)
-  lane_gemm<T>({Cv, H, H, W, {go, sv, HW, W}, {pc, cb, HWc, W}, {dv, sv, HW, W}, true}, d.N);
-  lane_gemm<T>({Ck, H, H, W, {k, sk, HW, W}, {dsc, cb, W, HWc}, {dq, sk, HW, W}, true}, d.N);
-  lane_gemm<T>({Ck, H, H, W, {q, sk, HW, W}, {dsc, cb, HWc, W}, {dk, sk, HW, W}, true}, d.N);
 }
 
 // query, key (N, Ck, H, W) and value (N, Cv, H, W).
@@ -427,9 +527,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward_cpu(
     Dims<scalar_t> d{N, Ck, Cv, H, W, H * W};
     backward_impl<scalar_t>(d, grad_out.const_data_ptr<scalar_t>(),
                             query.const_data_ptr<scalar_t>(), key.const_data_ptr<scalar_t>(),
-                            value.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
-                            stats.const_data_ptr<scalar_t>(), dq.mutable_data_ptr<scalar_t>(),
-                            dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
+                            value.const_data_ptr<scalar_t>(), stats.const_data_ptr<scalar_t>(),
+                            dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
+                            dv.mutable_data_ptr<scalar_t>());
   });
   return {dq, dk, dv};
 }
