@@ -404,14 +404,11 @@ class MaskClassificationLoss(nn.Module):
                  importance_sample_ratio: float = 0.75, size_divisibility: int = 1,
                  ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
-        self.class_weight, self.mask_weight, self.dice_weight = (class_weight, mask_weight,
-                                                                 dice_weight)
-        self.no_object_weight = no_object_weight
-        self.num_points = num_points
-        self.oversample_ratio = oversample_ratio
+        self.class_weight, self.mask_weight = class_weight, mask_weight
+        self.dice_weight, self.no_object_weight = dice_weight, no_object_weight
+        self.num_points, self.oversample_ratio = num_points, oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
-        self.size_divisibility = size_divisibility
-        self.ignore_index = ignore_index
+        self.size_divisibility, self.ignore_index = size_divisibility, ignore_index
 
     def targets(self, label: Tensor, dtype: torch.dtype) -> list:
         """Per image: (classes (T,), masks (T, H', W') of `dtype`), H', W' padded."""
