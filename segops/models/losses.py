@@ -127,6 +127,11 @@ class OhemCrossEntropyLoss(CrossEntropyLoss):
         return loss.sum() / total.to(loss).clamp(min=1e-12)
 
 
+def _dice(prob: Tensor, targets: Tensor) -> Tensor:
+    """1 - (2 |p t| + 1) / (|p| + |t| + 1) of matching rows: (M,)."""
+    return 1 - (2 * (prob * targets).sum(1) + 1) / (prob.sum(1) + targets.sum(1) + 1)
+
+
 def _binarize(x: Tensor, threshold: float) -> Tensor:
     return (x > threshold).to(x.dtype)
 
@@ -164,9 +169,7 @@ class DetailAggregationLoss(nn.Module):
     def forward(self, logits: Tensor, label: Tensor) -> Tensor:
         target = detail_boundary_target(label, self.boundary_threshold).to(logits)
         bce = F.binary_cross_entropy_with_logits(logits, target)
-        prob = logits.sigmoid().flatten(1)
-        target = target.flatten(1)
-        dice = 1 - (2 * (prob * target).sum(1) + 1) / (prob.sum(1) + target.sum(1) + 1)
+        dice = _dice(logits.sigmoid().flatten(1), target.flatten(1))
         return self.bce_weight * bce + self.dice_weight * dice.mean()
 
 
@@ -365,11 +368,6 @@ def _pairwise_sigmoid_bce(logits: Tensor, targets: Tensor) -> Tensor:
     negative = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits),
                                                   reduction="none")
     return (positive @ targets.T + negative @ (1 - targets).T) / logits.shape[1]
-
-
-def _dice(prob: Tensor, targets: Tensor) -> Tensor:
-    """1 - (2 |p t| + 1) / (|p| + |t| + 1) of matching rows: (M,)."""
-    return 1 - (2 * (prob * targets).sum(1) + 1) / (prob.sum(1) + targets.sum(1) + 1)
 
 
 def _pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:
