@@ -49,19 +49,41 @@ class Recipe:
     warmup_iters: int = 0
     warmup_ratio: float = 1e-6
     head_lr_mult: float = 1.0  # learning-rate multiplier of decode_head.* parameters
+    backbone_lr_mult: float = 1.0  # learning-rate multiplier of backbone.* parameters
     no_decay_keys: tuple = ()  # no weight decay on parameters whose name contains one of these
 
 
+# Swin-style backbones with UperNet / FPN heads (Swin's segmentation configs, which Focal
+# Transformer and the Local-to-Global paper follow): no weight decay on these parameters.
+_WINDOW_NO_DECAY = ("absolute_pos_embed", "norm", "relative_position_bias_table")
+_SWIN_UPERNET = Recipe("adamw", lr=6e-5, weight_decay=0.01, power=1.0, min_lr=0.0,
+                       warmup_iters=1500, no_decay_keys=_WINDOW_NO_DECAY)
+# mmseg's real-time configs: linear warmup from 0.1 x lr over 1000 iterations, then poly 0.9.
+_REALTIME_WARMUP = dict(warmup_iters=1000, warmup_ratio=0.1)
+
 # Model-name prefix -> the reference config's optimizer and schedule (mmseg's configs; the
-# dilated-FCN family and anything not listed: SGD 0.01, momentum 0.9, wd 5e-4, poly 0.9).
+# dilated-FCN family, ICNet and anything not listed: SGD 0.01, momentum 0.9, wd 5e-4, poly 0.9).
 RECIPES = {
     "segformer_": Recipe("adamw", lr=6e-5, weight_decay=0.01, power=1.0, min_lr=0.0,
                          warmup_iters=1500, head_lr_mult=10.0, no_decay_keys=("pos_block", "norm")),
-    "upernet_swin": Recipe("adamw", lr=6e-5, weight_decay=0.01, power=1.0, min_lr=0.0,
-                           warmup_iters=1500, no_decay_keys=("absolute_pos_embed", "norm",
-                                                             "relative_position_bias_table")),
+    "upernet_swin": _SWIN_UPERNET,
+    "upernet_focal": _SWIN_UPERNET,
+    "lg-": _SWIN_UPERNET,
     "segmenter_": Recipe("sgd", lr=0.001, weight_decay=0.0),
     "sdn-segmenter_": Recipe("sgd", lr=0.001, weight_decay=0.0),
+    "bisenetv1_r18-d32": Recipe("sgd", lr=0.025, **_REALTIME_WARMUP),
+    "bisenetv2_": Recipe("sgd", lr=0.05, **_REALTIME_WARMUP),
+    "stdc": Recipe("sgd", lr=0.01, **_REALTIME_WARMUP),
+    # SeMask-FPN's configs (SeMask-Segmentation/SeMask-FPN/configs/semask_swin/ade20k)
+    "semask-fpn_": Recipe("adamw", lr=1e-4, weight_decay=1e-4, power=1.0, min_lr=0.0,
+                          warmup_iters=1500, no_decay_keys=_WINDOW_NO_DECAY),
+    # Mask2Former's ADE20K solver (WarmupPolyLR without warmup, backbone multiplier 0.1, no decay
+    # on normalization layers, embeddings and Swin's position tables); its full-model gradient
+    # clipping (0.01) is not part of a Recipe.
+    "semask-mask2former": Recipe("adamw", lr=1e-4, weight_decay=0.05, power=0.9, min_lr=0.0,
+                                 backbone_lr_mult=0.1,
+                                 no_decay_keys=_WINDOW_NO_DECAY + ("query_feat", "query_embed",
+                                                                   "predictor.level_embed")),
 }
 
 
@@ -87,7 +109,8 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        lr = recipe.lr * (recipe.head_lr_mult if name.startswith("decode_head.") else 1.0)
+        lr = recipe.lr * (recipe.head_lr_mult if name.startswith("decode_head.") else
+                          recipe.backbone_lr_mult if name.startswith("backbone.") else 1.0)
         wd = 0.0 if any(key in name for key in recipe.no_decay_keys) else recipe.weight_decay
         groups.setdefault((lr, wd), []).append(param)
     params = [{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()]

@@ -2,6 +2,7 @@
 STDC boundary target."""
 from __future__ import annotations
 
+import itertools
 import math
 from types import SimpleNamespace
 from unittest import mock
@@ -239,3 +240,114 @@ def test_model_loss_terms_give_a_finite_differentiable_loss():
     loss = losses.total_loss(model, model(img), label)
     loss.backward()
     assert torch.isfinite(loss) and model.decode_head.conv_seg.weight.grad.abs().sum() > 0
+
+
+def _pixel_centres(h, w):
+    """(1, h * w, 2) points at the pixel centres: point-sampling them reads the pixels."""
+    def centres(n):
+        return (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    ys, xs = torch.meshgrid(centres(h), centres(w), indexing="ij")
+    return torch.stack((xs, ys), -1).reshape(1, -1, 2)
+
+
+def _read_every_pixel(loss, h, w):
+    """Make `loss` sample each pixel once, for matching and for the loss."""
+    loss.matching_points = lambda count, device: _pixel_centres(h, w)
+    loss.loss_points = lambda logits: _pixel_centres(h, w).expand(len(logits), -1, -1)
+    return loss
+
+
+def _direct_mask_terms(mask, target):
+    """Mean sigmoid BCE and Dice of one mask's logits against a binary target, pixel by pixel."""
+    bce, inter, p_sum, t_sum = 0.0, 0.0, 0.0, 0.0
+    for x, t in zip(mask.flatten().tolist(), target.flatten().tolist()):
+        p = 1 / (1 + math.exp(-x))
+        bce += -(t * math.log(p) + (1 - t) * math.log(1 - p))
+        inter, p_sum, t_sum = inter + p * t, p_sum + p, t_sum + t
+    return bce / mask.numel(), 1 - (2 * inter + 1) / (p_sum + t_sum + 1)
+
+
+def _direct_mask_classification(class_logits, mask_logits, label, weights):
+    """Mask2Former's set loss by brute force: every assignment of an image's classes to distinct
+    queries is tried, the cheapest kept; then the class, BCE and Dice terms, summed by hand."""
+    w_class, w_mask, w_dice, w_none = weights
+    num_queries, num_labels = class_logits.shape[1:]
+    class_loss, class_norm, mask_loss, dice_loss, num_masks = 0.0, 0.0, 0.0, 0.0, 0
+    for logits, masks, lab in zip(class_logits, mask_logits, label):
+        classes = sorted(c for c in lab.unique().tolist() if c != 255)
+        targets = [(lab == c).double() for c in classes]
+        prob = logits.softmax(-1)
+        terms = {(q, t): _direct_mask_terms(masks[q], targets[t])
+                 for q in range(num_queries) for t in range(len(classes))}
+
+        def cost(queries):
+            return sum(-w_class * prob[q, classes[t]].item() + w_mask * terms[q, t][0]
+                       + w_dice * terms[q, t][1] for t, q in enumerate(queries))
+        best = min(itertools.permutations(range(num_queries), len(classes)), key=cost)
+        assigned = {q: classes[t] for t, q in enumerate(best)}
+        for q in range(num_queries):
+            y = assigned.get(q, num_labels - 1)
+            wy = 1.0 if y in classes else w_none
+            class_loss += -wy * torch.log_softmax(logits[q], 0)[y].item()
+            class_norm += wy
+        for t, q in enumerate(best):
+            mask_loss, dice_loss = mask_loss + terms[q, t][0], dice_loss + terms[q, t][1]
+        num_masks += len(classes)
+    return (w_class * class_loss / class_norm
+            + (w_mask * mask_loss + w_dice * dice_loss) / max(num_masks, 1))
+
+
+def test_mask_classification_matches_brute_force():
+    h, w = 4, 5
+    class_logits = torch.randn(2, 3, 3, dtype=torch.float64)  # 3 queries, 2 classes + no-object
+    mask_logits = torch.randn(2, 3, h, w, dtype=torch.float64, requires_grad=True)
+    label = torch.tensor([[[0, 0, 1, 1, 1]] * 2 + [[255, 0, 0, 1, 1]] * 2,
+                          [[1, 1, 255, 255, 1]] * 4])
+    weights = (2.0, 5.0, 3.0, 0.1)
+    loss = _read_every_pixel(losses.MaskClassificationLoss(
+        class_weight=2.0, mask_weight=5.0, dice_weight=3.0, no_object_weight=0.1,
+        num_points=h * w), h, w)
+    outputs = {"pred_logits": class_logits, "pred_masks": mask_logits}
+    expected = _direct_mask_classification(class_logits, mask_logits.detach(), label, weights)
+    got = loss(outputs, label)
+    assert math.isclose(got.item(), expected, rel_tol=1e-9)
+    got.backward()
+    assert torch.isfinite(mask_logits.grad).all() and mask_logits.grad.abs().sum() > 0
+    # every intermediate prediction is matched and supervised alike
+    with_aux = dict(outputs, aux_outputs=[dict(outputs), dict(outputs)])
+    assert math.isclose(loss(with_aux, label).item(), 3 * expected, rel_tol=1e-9)
+
+
+def test_mask_classification_sampling_and_padding():
+    loss = losses.MaskClassificationLoss(num_points=50, oversample_ratio=3.0,
+                                         importance_sample_ratio=1.0, size_divisibility=8)
+    # importance sampling keeps the most uncertain points: |logit| is small on the left half only
+    logits = torch.full((4, 16, 16), 10.0)
+    logits[..., :8] = 0.01
+    assert (loss.loss_points(logits)[..., 0] < 0.5).all()
+    classes, masks = loss.targets(torch.tensor([[[0, 255, 2], [2, 2, 255]]]), torch.float32)[0]
+    assert classes.tolist() == [0, 2] and masks.shape == (2, 8, 8)
+    assert masks.sum((1, 2)).tolist() == [1.0, 3.0]
+    outputs = {"pred_logits": torch.randn(2, 4, 4), "pred_masks": torch.randn(2, 4, 6, 6)}
+    label = torch.randint(0, 3, (2, 12, 12))
+    label[1] = 255  # an image without any class: every query is no-object
+    first = loss(outputs, label)
+    torch.manual_seed(0)
+    again = loss(outputs, label)
+    torch.manual_seed(0)
+    assert torch.isfinite(first) and loss(outputs, label).item() == again.item()
+
+
+def test_total_loss_hands_a_dict_output_the_full_label():
+    class Model(torch.nn.Module):
+        loss_terms = [LossTerm("masks", "mask_classification", kwargs=dict(num_points=16)),
+                      LossTerm("out", weight=0.4)]
+
+    logits, label = _inputs(h=16, w=16)
+    masks = {"pred_logits": torch.randn(2, 3, C + 1), "pred_masks": torch.randn(2, 3, 4, 4)}
+    torch.manual_seed(0)
+    total = losses.total_loss(Model(), {"out": logits, "aux": [], "masks": masks}, label)
+    torch.manual_seed(0)
+    expected = (losses.MaskClassificationLoss(num_points=16)(masks, label)
+                + 0.4 * losses.CrossEntropyLoss()(logits, label))
+    assert math.isclose(total.item(), expected.item(), rel_tol=1e-12)

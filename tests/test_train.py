@@ -156,3 +156,34 @@ def test_torchrun_two_processes_gloo(toy_root, tmp_path, one_thread):
 def _ignored(root: Path) -> int:
     from segops.data.datasets import read_label
     return sum(int((read_label(p) == 255).sum()) for p in (root / "ann_dir" / "val").iterdir())
+
+
+# The models without an explicit recipe: mmseg's default SGD schedule is their reference
+# (ICNet, the dilated-FCN family, ...) or the only one documented for them.
+DEFAULT_RECIPE_MODELS = ("ann_", "bisenetv1_xception39", "ccnet_", "danet_", "deeplabv3",
+                         "dfanet-", "dfnet-", "dnl_", "fcn_", "fpn_", "gun", "hyperseg-",
+                         "icnet_", "isanet_", "nonlocal_", "ocnet_", "ocrnet_", "pspnet_",
+                         "rgpnet", "sdn-fcn_", "sdn-fpn_", "stlnet_")
+
+
+def test_every_model_gets_a_recipe():
+    from segops.models import list_models
+    names = [name for name in list_models() if name != "toy_fcn"]  # toy_fcn: tests' own
+    for prefix in seg_train.RECIPES:
+        assert any(name.startswith(prefix) for name in names), f"no model for {prefix!r}"
+    for name in names:
+        explicit = [prefix for prefix in seg_train.RECIPES if name.startswith(prefix)]
+        assert len(explicit) <= 1, (name, explicit)
+        if not explicit:
+            assert name.startswith(DEFAULT_RECIPE_MODELS), f"{name}: no recipe"
+            assert seg_train.recipe_for(name) == seg_train.Recipe()
+
+
+def test_mask2former_recipe_scales_the_backbone_lr():
+    model = nn.ModuleDict({"backbone": nn.ModuleDict({"proj": nn.Linear(2, 2),
+                                                      "norm": nn.LayerNorm(2)}),
+                           "sem_seg_head": nn.Linear(2, 2)})
+    recipe = seg_train.recipe_for("semask-mask2former-msfapn_swin-l")
+    groups = {(g["lr"], g["weight_decay"]): len(g["params"])
+              for g in seg_train.build_optimizer(model, recipe).param_groups}
+    assert groups == {(1e-5, 0.05): 2, (1e-5, 0.0): 2, (1e-4, 0.05): 2}

@@ -24,7 +24,7 @@ Loss names (implemented in `segops.models.losses`):
   to the label's class regions, cross-entropy on the classes (no-object weight), sigmoid BCE and
   Dice on point-sampled masks, every aux output supervised alike (kwargs: class_weight,
   mask_weight, dice_weight, no_object_weight, num_points, oversample_ratio,
-  importance_sample_ratio).
+  importance_sample_ratio, size_divisibility: the multiple the model pads its input to).
 """
 from __future__ import annotations
 

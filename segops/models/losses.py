@@ -6,7 +6,8 @@ with the checkpoint) and `total_loss(model, outputs, label)` sums the weighted t
 reusing one Criterion per model.
 
 Label convention: (N, H, W) int64 class indices, 255 = ignore. When an output is not at the
-label's size, the label is resized to the output's size with nearest interpolation.
+label's size, the label is resized to the output's size with nearest interpolation; a dict output
+("mask_classification") gets the label at full resolution.
 
 How the supervision of the papers maps onto these names (each model declares its terms):
 - auxiliary FCN heads (mmseg configs: weight 0.4): "cross_entropy" on "aux.<i>";
@@ -15,6 +16,7 @@ How the supervision of the papers maps onto these names (each model declares its
   ISNet's coarse soft-region logits: "cross_entropy" on the extra outputs, with the weights of
   the reference configs;
 - STDC's detail head: "detail_aggregation"; DFN's border network: "border_focal";
+- Mask2Former's query predictions: "mask_classification" (`MaskClassificationLoss`);
 - ContrastiveSeg: "pixel_contrast" on the projection-head embedding (see `ProjectionHead`);
   its kwargs must give `num_classes` and `embed_dim` (the memory banks' shape).
 
@@ -125,6 +127,11 @@ class OhemCrossEntropyLoss(CrossEntropyLoss):
         return loss.sum() / total.to(loss).clamp(min=1e-12)
 
 
+def _dice(prob: Tensor, targets: Tensor) -> Tensor:
+    """1 - (2 |p t| + 1) / (|p| + |t| + 1) of matching rows: (M,)."""
+    return 1 - (2 * (prob * targets).sum(1) + 1) / (prob.sum(1) + targets.sum(1) + 1)
+
+
 def _binarize(x: Tensor, threshold: float) -> Tensor:
     return (x > threshold).to(x.dtype)
 
@@ -162,9 +169,7 @@ class DetailAggregationLoss(nn.Module):
     def forward(self, logits: Tensor, label: Tensor) -> Tensor:
         target = detail_boundary_target(label, self.boundary_threshold).to(logits)
         bce = F.binary_cross_entropy_with_logits(logits, target)
-        prob = logits.sigmoid().flatten(1)
-        target = target.flatten(1)
-        dice = 1 - (2 * (prob * target).sum(1) + 1) / (prob.sum(1) + target.sum(1) + 1)
+        dice = _dice(logits.sigmoid().flatten(1), target.flatten(1))
         return self.bce_weight * bce + self.dice_weight * dice.mean()
 
 
@@ -364,6 +369,149 @@ class PixelContrastLoss(nn.Module):
         return loss
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
+    """maps (R, H, W) sampled bilinearly at coords (R, P, 2), (x, y) in [0, 1] over the whole map
+    (pixel centres at (j + 0.5) / W): (R, P)."""
+    grid = 2 * coords[:, :, None] - 1
+    return F.grid_sample(maps[:, None], grid, align_corners=False)[:, 0, :, 0]
+
+
+def _pairwise_sigmoid_bce(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over the points of BCE(logits[i], targets[j]), for every pair: (Q, T)."""
+    positive = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits),
+                                                  reduction="none")
+    negative = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits),
+                                                  reduction="none")
+    return (positive @ targets.T + negative @ (1 - targets).T) / logits.shape[1]
+
+
+def _pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:
+    prob = logits.sigmoid()
+    overlap = 2 * prob @ targets.T
+    return 1 - (overlap + 1) / (prob.sum(1)[:, None] + targets.sum(1)[None] + 1)
+
+
+class MaskClassificationLoss(nn.Module):
+    """Mask2Former's set criterion (facebookresearch/Mask2Former `SetCriterion` with its
+    `HungarianMatcher`) on {"pred_logits" (N, Q, K+1), "pred_masks" (N, Q, h, w),
+    "aux_outputs": [same, per decoder layer]} against the full-resolution label.
+
+    Targets: per image, one binary mask per class present in the label (ignored pixels belong to
+    no mask), zero-padded bottom/right to a multiple of `size_divisibility` (the model pads its
+    input so; the mask logits cover the padded image). Each prediction (final and every aux) is
+    matched on its own: per image, the assignment minimizing class_weight * -p(class) +
+    mask_weight * BCE + dice_weight * Dice over `num_points` uniform random points shared by
+    predictions and targets. Loss of one prediction: class_weight * cross-entropy of every query
+    (unmatched ones to the no-object class, weighted `no_object_weight`) + mask_weight * BCE +
+    dice_weight * Dice of the matched masks on `num_points` points per mask, of which
+    `importance_sample_ratio` are the most uncertain (|logit| smallest) of
+    `oversample_ratio * num_points` random ones, the rest uniform; BCE and Dice are summed over
+    the matched masks and divided by their number in the batch (averaged over processes under
+    torch.distributed). The points come from torch's generator, so the loss is deterministic
+    given the seed. Returns the sum over the final and the aux predictions.
+    """
+
+    def __init__(self, class_weight: float = 2.0, mask_weight: float = 5.0,
+                 dice_weight: float = 5.0, no_object_weight: float = 0.1,
+                 num_points: int = 12544, oversample_ratio: float = 3.0,
+                 importance_sample_ratio: float = 0.75, size_divisibility: int = 1,
+                 ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__()
+        self.class_weight, self.mask_weight = class_weight, mask_weight
+        self.dice_weight, self.no_object_weight = dice_weight, no_object_weight
+        self.num_points, self.oversample_ratio = num_points, oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.size_divisibility, self.ignore_index = size_divisibility, ignore_index
+
+    def targets(self, label: Tensor, dtype: torch.dtype) -> list:
+        """Per image: (classes (T,), masks (T, H', W') of `dtype`), H', W' padded."""
+        d = self.size_divisibility
+        h, w = label.shape[-2:]
+        padded = F.pad(label, [0, (d - w % d) % d, 0, (d - h % d) % d], value=self.ignore_index)
+        out = []
+        for lab in padded:
+            classes = lab.unique()
+            classes = classes[classes != self.ignore_index]
+            out.append((classes, (lab[None] == classes[:, None, None]).to(dtype)))
+        return out
+
+    def matching_points(self, count: int, device) -> Tensor:
+        """(1, count, 2) uniform random points shared by the queries and targets of an image."""
+        return torch.rand(1, count, 2, device=device)
+
+    def loss_points(self, mask_logits: Tensor) -> Tensor:
+        """(M, num_points, 2): PointRend's importance sampling on the uncertainty -|logit|."""
+        num_masks = mask_logits.shape[0]
+        num_sampled = int(self.num_points * self.oversample_ratio)
+        num_uncertain = int(self.importance_sample_ratio * self.num_points)
+        coords = torch.rand(num_masks, num_sampled, 2, device=mask_logits.device)
+        uncertainty = -point_sample(mask_logits, coords).abs()
+        chosen = uncertainty.topk(num_uncertain, dim=1).indices
+        coords = coords.gather(1, chosen[..., None].expand(-1, -1, 2))
+        uniform = torch.rand(num_masks, self.num_points - num_uncertain, 2,
+                             device=mask_logits.device)
+        return torch.cat((coords, uniform.to(coords)), 1)
+
+    @torch.no_grad()
+    def match(self, class_logits: Tensor, mask_logits: Tensor, targets: list) -> list:
+        """Per image: (query indices, target indices) of the minimum-cost assignment."""
+        from scipy.optimize import linear_sum_assignment
+
+        indices = []
+        for logits, masks, (classes, target_masks) in zip(class_logits, mask_logits, targets):
+            coords = self.matching_points(self.num_points, masks.device).to(masks)
+            pred = point_sample(masks, coords.expand(len(masks), -1, -1))
+            target = point_sample(target_masks, coords.expand(len(target_masks), -1, -1))
+            cost = (-self.class_weight * logits.softmax(-1)[:, classes]
+                    + self.mask_weight * _pairwise_sigmoid_bce(pred, target)
+                    + self.dice_weight * _pairwise_dice(pred, target))
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.long, device=masks.device),
+                            torch.as_tensor(cols, dtype=torch.long, device=masks.device)))
+        return indices
+
+    def _prediction_loss(self, class_logits: Tensor, mask_logits: Tensor, targets: list,
+                         num_masks: float) -> Tensor:
+        class_logits, mask_logits = _at_least_fp32(class_logits), _at_least_fp32(mask_logits)
+        indices = self.match(class_logits, mask_logits, targets)
+        n, q, k = class_logits.shape
+        target_classes = torch.full((n, q), k - 1, dtype=torch.long, device=class_logits.device)
+        for b, (rows, cols) in enumerate(indices):
+            target_classes[b, rows] = targets[b][0][cols]
+        weight = class_logits.new_ones(k)
+        weight[-1] = self.no_object_weight
+        loss_class = F.cross_entropy(class_logits.transpose(1, 2), target_classes, weight)
+        pred = torch.cat([masks[rows] for masks, (rows, _) in zip(mask_logits, indices)])
+        target = torch.cat([t[1][cols] for t, (_, cols) in zip(targets, indices)])
+        if len(pred) == 0:
+            return self.class_weight * loss_class + mask_logits.sum() * 0
+        with torch.no_grad():
+            coords = self.loss_points(pred.detach())
+            point_target = point_sample(target.to(pred), coords)
+        point_logits = point_sample(pred, coords)
+        loss_mask = F.binary_cross_entropy_with_logits(point_logits, point_target,
+                                                       reduction="none").mean(1).sum()
+        loss_dice = _dice(point_logits.sigmoid(), point_target).sum()
+        return (self.class_weight * loss_class
+                + (self.mask_weight * loss_mask + self.dice_weight * loss_dice) / num_masks)
+
+    def forward(self, outputs: dict, label: Tensor) -> Tensor:
+        targets = self.targets(label, _at_least_fp32(outputs["pred_masks"]).dtype)
+        num_masks = torch.tensor(float(sum(len(c) for c, _ in targets)))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            num_masks = num_masks.to(outputs["pred_masks"].device)
+            torch.distributed.all_reduce(num_masks)
+            num_masks = num_masks / torch.distributed.get_world_size()
+        num_masks = max(num_masks.item(), 1.0)
+        predictions = [outputs] + list(outputs.get("aux_outputs", ()))
+        return sum(self._prediction_loss(p["pred_logits"], p["pred_masks"], targets, num_masks)
+                   for p in predictions)
+
+
 def _all_gather_cat(t: Tensor) -> Tensor:
     parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(parts, t.contiguous())
@@ -372,7 +520,8 @@ def _all_gather_cat(t: Tensor) -> Tensor:
 
 _LOSSES = {"cross_entropy": CrossEntropyLoss, "ohem_cross_entropy": OhemCrossEntropyLoss,
            "detail_aggregation": DetailAggregationLoss, "border_focal": BorderFocalLoss,
-           "pixel_contrast": PixelContrastLoss, "binary_cross_entropy": BinaryCrossEntropyLoss}
+           "pixel_contrast": PixelContrastLoss, "binary_cross_entropy": BinaryCrossEntropyLoss,
+           "mask_classification": MaskClassificationLoss}
 assert set(_LOSSES) == set(LOSS_NAMES)
 
 
@@ -397,10 +546,13 @@ class Criterion(nn.Module):
         total, parts = 0.0, {}
         for term, loss_fn in zip(self.terms, self.losses):
             pred = term.select(outputs)
-            if pred.dtype in (torch.float16, torch.bfloat16):  # autocast outputs: loss in fp32
-                pred = pred.float()
+            term_label = label  # a dict output (mask classification) takes the full label
+            if isinstance(pred, Tensor):
+                if pred.dtype in (torch.float16, torch.bfloat16):  # autocast: loss in fp32
+                    pred = pred.float()
+                term_label = resize_label(label, pred.shape[2:])
             extra = loss_fn.extra_inputs(outputs) if hasattr(loss_fn, "extra_inputs") else {}
-            value = loss_fn(pred, resize_label(label, pred.shape[2:]), **extra)
+            value = loss_fn(pred, term_label, **extra)
             parts[f"{term.output}:{term.loss}"] = value.detach()
             total = total + term.weight * value
         return total, parts

@@ -32,7 +32,7 @@ from segops.models.registry import register_model
 SIZE_DIVISIBILITY = 32
 MASK_CLASSIFICATION = dict(class_weight=2.0, mask_weight=5.0, dice_weight=5.0,
                            no_object_weight=0.1, num_points=12544, oversample_ratio=3.0,
-                           importance_sample_ratio=0.75)
+                           importance_sample_ratio=0.75, size_divisibility=SIZE_DIVISIBILITY)
 
 
 class SeMaskMaskFormer(nn.Module):
