@@ -223,3 +223,10 @@ def assert_fused_model_close(build: Callable, name: str, size=(64, 64), backend:
     with torch.no_grad():
         got = fused(x.float())
     assert_close_to_reference(name, got, ref64, ref32, torch.float32)
+
+
+def zoo_models() -> list[str]:
+    """The registered models, less those the tests register themselves (tests/train_toy.py)."""
+    from segops.models import list_models, registry
+    return [name for name in list_models()
+            if not registry._MODELS[name][0].__module__.startswith("tests.")]
