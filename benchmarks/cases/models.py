@@ -3,11 +3,11 @@ on segops operators, at a 256x512 input (batch 1), the reference backend against
 backend of their operator.
 
 Modes: `eval`, the model in eval mode, forward under torch.no_grad (inference); `train`, one
-training step: train mode (auxiliary heads on), forward, cross-entropy against a fixed random
-label map on the main and auxiliary logits (weight 0.4), backward into every parameter (no
-optimizer update). Batch 1 leaves the image-pooling branches' BatchNorm with one value per
-channel, which has no batch statistics, so the train step keeps BatchNorm in eval mode (frozen
-statistics, as when fine-tuning with small batches).
+training step: train mode (auxiliary heads on), forward, the model's own training loss
+(`segops.models.losses.total_loss` of its `loss_terms`) against a fixed random label map,
+backward into every parameter (no optimizer update). Batch 1 leaves the image-pooling
+branches' BatchNorm with one value per channel, which has no batch statistics, so the train step
+keeps BatchNorm in eval mode (frozen statistics, as when fine-tuning with small batches).
 
 `op_ms` of a row: the time of the model's segops operator calls alone, on the same backend, at
 the shapes and arguments the model fed them (captured from one forward), forward for `eval`,
@@ -19,10 +19,10 @@ latency setting LATENCY_INPUT (batch 1, 512x1024), on the reference backend alon
 operator fraction: their time is the number of interest, not a segops operator's share of it.
 """
 import torch
-import torch.nn.functional as F
 
 import segops
 from benchmarks.common import Case, fused_backends
+from segops.models.losses import total_loss
 
 MODEL_OPS = {"ccnet_r50-d8": "criss_cross_attention", "dnl_r50-d8": "disentangled_non_local",
              "isanet_r50-d8": "interlaced_sparse_attention",
@@ -41,7 +41,6 @@ LATENCY_INPUT = (1, 3, 512, 1024)
 INPUT = (1, 3, 256, 512)
 QUICK_INPUT = (1, 3, 64, 64)
 MODES = ("eval", "train")
-AUX_WEIGHT = 0.4
 
 
 def _provider(name: str, backend: str, latency_only: bool = False):
@@ -84,11 +83,7 @@ def make_step(provider, kwargs: dict, mode: str):
 
     def step():
         model.zero_grad(set_to_none=True)
-        out = model(img)
-        loss = F.cross_entropy(out["out"], label)
-        for aux in out["aux"]:
-            loss = loss + AUX_WEIGHT * F.cross_entropy(aux, label)
-        loss.backward()
+        total_loss(model, model(img), label).backward()
     return step
 
 
