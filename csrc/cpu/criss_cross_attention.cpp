@@ -84,7 +84,6 @@ constexpr int kBlockM = 4;      // register block: kBlockM x kBlockN vectors of 
 constexpr int kBlockN = 6;
 constexpr int64_t kTileK = 64;  // K is walked in tiles so that a B tile stays in L2
 constexpr int64_t kTaskM = 64;  // rows of C per task of a whole lane GEMM
-constexpr int64_t kChannelBlock = 64;  // channels per task of the column parts of out, dq, dk, dv
 
 // One lane vector: 64 bytes (an AVX-512 register; two or four on narrower targets), or a plain
 // scalar for maps narrower than a vector.
@@ -375,9 +374,18 @@ void add_column_part(const LaneGemm<T>& column, int64_t n, int64_t c0, int64_t c
   lane_gemm(column, n, c0, std::min(column.M, c1), 0, lane_vectors(column));
 }
 
-inline int64_t channel_blocks(int64_t channels) {
-  return (channels + kChannelBlock - 1) / kChannelBlock;
-}
+// The channels of one sample's column part (of out, dq, dk or dv) split into tasks. Every task
+// packs the sample's whole B operand (probabilities or dS, all lanes) once, so the blocks are as
+// large as load balance allows: about two tasks per thread over the batch.
+struct ChannelBlocks {
+  int64_t size, count;
+  ChannelBlocks(int64_t channels, int64_t batch) {
+    const int64_t wanted = (2 * at::get_num_threads() + batch - 1) / std::max<int64_t>(batch, 1);
+    const int64_t blocks = std::max<int64_t>(1, std::min(wanted, (channels + 15) / 16));
+    size = std::max<int64_t>(1, (channels + blocks - 1) / blocks);
+    count = channels == 0 ? 0 : (channels + size - 1) / size;
+  }
+};
 
 template <typename T>
 void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, T* st) {
@@ -387,8 +395,8 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
   // out[c, y, x] = sum_j v[c, y, j] P[y, x, j] (row tasks) + sum_i v[c, i, x] P[y, i, x]
   const LaneGemm<T> column{Cv, H, H, W, {v, sv, HW, W}, {pcol.data(), d.col_block(), W, H * W},
                            {out, sv, HW, W}, true};
-  const int64_t blocks = channel_blocks(Cv);
-  parallel_stages({energies.count(), d.N * H, d.N * blocks}, [&](int stage, int64_t t) {
+  const ChannelBlocks blocks(Cv, d.N);
+  parallel_stages({energies.count(), d.N * H, d.N * blocks.count}, [&](int stage, int64_t t) {
     if (stage == 0) {
       energies.run(t);
     } else if (stage == 1) {
@@ -400,8 +408,8 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
                              scratch.data());
       gemm_rm<T>(false, true, Cv, W, W, T(1), v + o, HW, prow.data(), W, T(0), out + o, HW);
     } else {
-      const int64_t c0 = t % blocks * kChannelBlock;
-      add_column_part(column, t / blocks, c0, c0 + kChannelBlock);
+      const int64_t c0 = t % blocks.count * blocks.size;
+      add_column_part(column, t / blocks.count, c0, c0 + blocks.size);
     }
   });
 }
@@ -457,9 +465,9 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
   const LaneGemm<T> dv_col{Cv, H, H, W, {go, sv, HW, W}, {pc, cb, HWc, W}, {dv, sv, HW, W}, true};
   const LaneGemm<T> dq_col{Ck, H, H, W, {k, sk, HW, W}, {dsc, cb, W, HWc}, {dq, sk, HW, W}, true};
   const LaneGemm<T> dk_col{Ck, H, H, W, {q, sk, HW, W}, {dsc, cb, HWc, W}, {dk, sk, HW, W}, true};
-  const int64_t vblocks = channel_blocks(Cv), kblocks = channel_blocks(Ck);
+  const ChannelBlocks vblocks(Cv, d.N), kblocks(Ck, d.N);
   const int64_t column_tasks = dp_col.count() + energies.count();
-  const int64_t value_tasks = d.N * vblocks, key_tasks = 2 * d.N * kblocks;
+  const int64_t value_tasks = d.N * vblocks.count, key_tasks = 2 * d.N * kblocks.count;
   parallel_stages({column_tasks, d.N * H, value_tasks + key_tasks}, [&](int stage, int64_t t) {
     if (stage == 0) {
       if (t < dp_col.count()) {
@@ -470,12 +478,12 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
     } else if (stage == 1) {
       row_task(t);
     } else if (t < value_tasks) {
-      const int64_t c0 = t % vblocks * kChannelBlock;
-      add_column_part(dv_col, t / vblocks, c0, c0 + kChannelBlock);
+      const int64_t c0 = t % vblocks.count * vblocks.size;
+      add_column_part(dv_col, t / vblocks.count, c0, c0 + vblocks.size);
     } else {
       t -= value_tasks;
-      const int64_t c0 = t % kblocks * kChannelBlock, n = t / kblocks % d.N;
-      add_column_part(t < d.N * kblocks ? dq_col : dk_col, n, c0, c0 + kChannelBlock);
+      const int64_t c0 = t % kblocks.count * kblocks.size, n = t / kblocks.count % d.N;
+      add_column_part(t < d.N * kblocks.count ? dq_col : dk_col, n, c0, c0 + kblocks.size);
     }
   });
 }
