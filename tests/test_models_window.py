@@ -24,7 +24,8 @@ Expected parameter counts are never taken from the code under test:
     state_dict, fp64, sizes 10x17, 9x8, 14x21, 21x14, 14x14, focal windows 1-7): identical
     outputs; and the whole backbone with `ape` (depths 2/2/2/2, 256x256, the official weights
     loaded into ours): identical stage outputs.
-  * LG-T: no code and no published figure checked (the paper's text was not available): mmseg's
+  * LG-T: no code (announced, never released) and no published figure checked (only the paper's
+    abstract is available, see `segops/models/backbones/lg.py`): mmseg's
     UPerNet-Swin-T (`configs/swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-
     512x512.py`, counted live with build_mmseg) plus the closed-form size of the added paths
     described in `segops/models/backbones/lg.py`.
