@@ -26,8 +26,7 @@ class ICNet(nn.Module):
                  align_corners: bool = False) -> None:
         super().__init__()
         self.align_corners = align_corners
-        self.backbone = resnet_v1c_d8(depth, norm=norm)
-        self.backbone.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+        self.backbone = resnet_v1c_d8(depth, norm=norm, stem_pool_ceil_mode=True)
         self.psp_modules = PPM(pool_scales, layer_channels[1], psp_out_channels, norm,
                                align_corners=align_corners)
         self.psp_bottleneck = ConvModule(layer_channels[1] + len(pool_scales) * psp_out_channels,

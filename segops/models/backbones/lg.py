@@ -1,10 +1,22 @@
 """Local-to-Global Transformer backbone (Li et al., "Local-to-Global Self-Attention in Vision
 Transformers", arXiv 2107.04735), built on Swin.
 
-No code of the paper is available, and its text was not at hand here either: this follows the
-summary of the model zoo issue ("multi-path local windows plus global pooled attention") and is
-our reading, not a reproduction. Every Swin block's attention gets parallel paths whose outputs
-are summed (one stochastic-depth mask for the sum):
+What could be checked, and against what: only the paper's abstract is available (arXiv
+2107.04735 abstract pages). Its body (the method's equations, the LG-T configuration, the
+ImageNet and ADE20K tables) is in no stored source, and the code its abstract announces
+(github.com/ljpadam/LG-Transformer) was never released (the repository's issue #1, "where is
+your code?", is open). The abstract says: a multi-path structure in each stage of a hierarchical
+window-attention Transformer, local-to-global reasoning at multiple granularities, a marginal
+increase in computation. The structure below agrees with that and with the model zoo issue
+("multi-path local windows plus global pooled attention"), and its compute does: 953.6 GMACs
+for UperNet at 512x2048 against Swin-T's 944.4 (+1%). Its size is our choice, not checked: the
+paths have their own projections, so the backbone has 40.1M parameters against Swin-T's 27.5M
+(UperNet: 72.5M against 59.9M); paths sharing the local projections would add only their bias
+tables; a third-party digest of the paper's conclusion speaks of a "limited sacrifice in model
+parameters", which the +46% here may not be. This is our reading, not a reproduction.
+
+Every Swin block's attention gets parallel paths whose outputs are summed (one stochastic-depth
+mask for the sum):
   * `attn.local`: Swin's (shifted) window attention on the full-resolution map (mmseg's
     ShiftWindowMSA, unchanged);
   * `attn.paths.<k>` for each ratio r of the stage's `pool_ratios`: the map average-pooled by r

@@ -107,7 +107,8 @@ class ResLayer(nn.Sequential):
 
 class ResNet(nn.Module):
     """mmseg's ResNet (V1b when `deep_stem=False`, V1c when True). Returns the outputs of the
-    stages in `out_indices` as a tuple."""
+    stages in `out_indices` as a tuple. `stem_pool_ceil_mode` rounds the stem max-pool's output
+    size up, as mmseg's ICNet and the openseg / GALD ResNets do."""
 
     arch_settings = {
         18: (BasicBlock, (2, 2, 2, 2)),
@@ -121,7 +122,8 @@ class ResNet(nn.Module):
                  base_channels: int = 64, num_stages: int = 4, strides=(1, 2, 2, 2),
                  dilations=(1, 1, 1, 1), out_indices=(0, 1, 2, 3), deep_stem: bool = False,
                  norm: str = "bn", multi_grid: Optional[Sequence[int]] = None,
-                 contract_dilation: bool = False, zero_init_residual: bool = True) -> None:
+                 contract_dilation: bool = False, zero_init_residual: bool = True,
+                 stem_pool_ceil_mode: bool = False) -> None:
         super().__init__()
         if depth not in self.arch_settings:
             raise ValueError(f"ResNet depth must be one of {sorted(self.arch_settings)}, got {depth}")
@@ -156,7 +158,8 @@ class ResNet(nn.Module):
             self.norm1_name = _norm_name(norm, 1)
             self.add_module(self.norm1_name, make_norm(norm, stem_channels))
             self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1,
+                                    ceil_mode=stem_pool_ceil_mode)
 
         inplanes = stem_channels
         self.res_layers = []

@@ -76,8 +76,8 @@ def gald_backbone(depth: int, norm: str = "bn") -> ResNetV1c:
     every block (no contraction), stage 4 dilations 4 x multi-grid (1, 2, 4), ceil-mode max-pool."""
     blocks = ResNetV1c.arch_settings[depth][1][3]
     backbone = ResNetV1c(depth, stem_channels=128, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4),
-                         multi_grid=[4 * (1, 2, 4)[i % 3] for i in range(blocks)], norm=norm)
-    backbone.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+                         multi_grid=[4 * (1, 2, 4)[i % 3] for i in range(blocks)], norm=norm,
+                         stem_pool_ceil_mode=True)
     return backbone
 
 

@@ -9,9 +9,29 @@ fc-attention outputs, each 1x1 conv-BN-ReLU to 32 and upsampled to 1/4, added; a
 classifier; bilinear upsampling to the input (align_corners=True). The decoder width 32 is
 our choice (the paper gives none). Widths of A and B: Table 1 (see backbones/xception_a.py).
 Cross-entropy on the output only (the paper names no auxiliary loss). Cityscapes, 19 classes.
-This structure has 1.83M (A) / 1.10M (B) parameters and 2.95 / 1.57 GMACs at 1024x1024;
-the paper reports 7.8M / 4.8M and 3.4 / 2.1 GFLOPs (its comparison with other methods), so
-its block internals, which it does not publish, must be wider than the ones assumed here.
+
+Size against the paper. This structure has 1,829,715 (A) / 1,099,011 (B) parameters, of which
+the three fc attentions hold 3 x (c4*1000 + 1000 + 1000*c4 + 2*c4) = 1,156,152 / 771,768. The
+paper reports 7.8M / 4.8M (its comparison table), and no reading of Table 1 reaches that:
+B's widths are 2/3 of A's wherever the table scales them (stage outputs, in-block widths, the
+concatenated inputs), while the stem (8), the fc layer (1000), the decoder (32) and the class
+count are the same for both. So any reading has K + L*w + Q*w^2 parameters, w = 1 (B) or 1.5
+(A), with Q in layers between two scaled widths (whatever the block internals are) and L in
+layers between a fixed and a scaled width. 7.8M and 4.8M (each +-0.05M) force
+Q_B = (P_A - 1.5 P_B) / 0.75 <= 0.97M and so K + L_B >= 4.75M - 0.97M = 3.78M. Here
+K = 5,475, L_B = 848,288 and Q_B = 245,248 (fitted exactly to the counts at four widths), and
+the fc attentions (2 x 1000 x 128 per backbone of B) are 0.77M of L_B: the figure needs 4.4
+times the width-linear parameters, i.e. far more fc attention than the table gives. Readings
+that widen the blocks move Q, not L, and miss both ways, e.g. full 3x3 convolutions instead of
+separable ones give 6.17M / 3.01M parameters at 19.3 / 8.8 GMACs, and an ImageNet 1000-way
+classifier kept in each backbone gives 2.41M / 1.49M. Both paper figures are about 4.3x this
+count; the paper does not say how it counted.
+
+Compute: `segops.models.summary` gives 2.95 (A) / 1.57 (B) GMACs at 1024x1024 (5.91 / 3.13
+GFLOPs at two FLOPs per multiply-accumulate). The paper's 3.4 / 2.1 "GFLOPs" (and 1.7 for A at
+512x1024, half the pixels) agree with the multiply-accumulate convention: ours is 87% / 75% of
+them, where counting FLOPs would put it at 174% / 149%. The rest (0.45 / 0.53 GMACs, not
+scaling with the width) is not attributable to any layer the paper describes.
 """
 from __future__ import annotations
 

@@ -168,8 +168,7 @@ def openseg_segmentor(depth: int, head_fn: Callable, *, num_classes: int = 19,
     classifier, no dropout. Outputs are upsampled with align_corners=True, and the stem's
     max-pool rounds up (ceil_mode), as openseg does."""
     backbone = ResNetV1c(depth, stem_channels=128, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4),
-                         contract_dilation=True, norm=norm)
-    backbone.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+                         contract_dilation=True, norm=norm, stem_pool_ceil_mode=True)
     in_ch, ch, aux_in, _ = WIDTHS[depth]
     head = head_fn(in_ch, ch, num_classes, in_index=3, dropout_ratio=dropout_ratio, norm=norm,
                    align_corners=align_corners, **head_kw)

@@ -4,7 +4,8 @@ auxiliary loss weight 0.4), which is what Swin-Transformer-Semantic-Segmentation
 Focal Transformer README says its segmentation models follow, uses:
 
 * `upernet_focal-{t,s,b}`: Focal Transformer (`segops.models.backbones.focal`; the README's
-  ADE20K table, UperNet at 512x512 crops).
+  ADE20K table, UperNet at 512x512 crops, with the absolute position embedding for 512x512
+  inputs that its parameter counts imply, see there).
 * `lg-t`: Local-to-Global Transformer, tiny (`segops.models.backbones.lg`; no code of the paper
   exists, see there), with the same UperNet.
 """
@@ -17,7 +18,7 @@ from segops.models.segmentors.transformer_models import upernet
 
 
 def upernet_focal(variant: str, num_classes: int = 150, norm: str = "bn"):
-    return upernet(focal(variant), num_classes, norm)
+    return upernet(focal(variant, pos_embed_img_size=512), num_classes, norm)
 
 
 def upernet_lg(variant: str, num_classes: int = 150, norm: str = "bn"):
