@@ -62,6 +62,21 @@ def relative_position_index(query_window: int, key_window: int) -> Tensor:
     return rel[0] * (query_window + key_window - 1) + rel[1]
 
 
+def shifted_window_mask(hp: int, wp: int, window_size: int, shift_size: int, device=None) -> Tensor:
+    """(windows, L, L) additive mask of the windows of an (hp, wp) map rolled by -shift_size:
+    -100 between tokens that came from different regions of the unrolled map, else 0."""
+    ws, s = window_size, shift_size
+    img = torch.zeros(1, hp, wp, 1, device=device)
+    cnt = 0
+    for hs in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+        for wsl in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+            img[:, hs, wsl, :] = cnt
+            cnt += 1
+    win = window_partition(img, ws).squeeze(-1)
+    mask = win.unsqueeze(1) - win.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
 class WindowMSA(nn.Module):
     """Multi-head self-attention inside one window, with a learned relative position bias."""
 
@@ -134,18 +149,6 @@ class ShiftWindowMSA(nn.Module):
         self.w_msa = WindowMSA(embed_dims, num_heads, window_size, qkv_bias, attn_drop, proj_drop)
         self.drop = DropPath(drop_path)
 
-    def _mask(self, hp: int, wp: int, device) -> Tensor:
-        ws, s = self.window_size, self.shift_size
-        img = torch.zeros(1, hp, wp, 1, device=device)
-        cnt = 0
-        for hs in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
-            for wsl in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
-                img[:, hs, wsl, :] = cnt
-                cnt += 1
-        win = window_partition(img, ws).squeeze(-1)
-        mask = win.unsqueeze(1) - win.unsqueeze(2)
-        return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
-
     def forward(self, x: Tensor, hw) -> Tensor:
         b, length, c = x.shape
         h, w = hw
@@ -157,7 +160,7 @@ class ShiftWindowMSA(nn.Module):
         mask = None
         if self.shift_size > 0:
             x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-            mask = self._mask(hp, wp, x.device).to(x.dtype)
+            mask = shifted_window_mask(hp, wp, ws, self.shift_size, x.device).to(x.dtype)
         backend = self.w_msa.fused_backend(x)
         if backend is None:
             out = window_reverse(self.w_msa(window_partition(x, ws), mask=mask), ws, hp, wp)
