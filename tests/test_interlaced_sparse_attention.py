@@ -127,3 +127,22 @@ def test_int_block_size_is_square():
     x = qkv_inputs(1, 2, 3, 4, 6)
     torch.testing.assert_close(segops.interlaced_sparse_attention(**x, block_size=2, backend="reference"),
                                reference(**x, block_size=(2, 2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_opcheck_with_bias_and_mask(monkeypatch, dtype):
+    """The contract's opcheck runs a sample without bias and mask; this one has both (the
+    optional inputs in the schemas, the fake of grad_bias, no gradient for the mask)."""
+    from segops.ops.interlaced_sparse_attention import SPEC
+    from tests.test_contract import _captured_op_args
+    require_backend(OP, "cpu", "cpu", dtype)
+    s = next(s for s in SPEC.samples() if s.name == "small_bias_mask_long")
+    args = _captured_op_args(monkeypatch, SPEC, s, dtype)
+    constant = SPEC.input_names.index("mask")
+    grad_args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and i != constant
+                      else a for i, a in enumerate(args))
+    torch.library.opcheck(SPEC.forward_op, grad_args)
+    out, lse = SPEC.forward_op(*args)
+    saved = dict(zip(SPEC.input_names, args), out=out, lse=lse)
+    torch.library.opcheck(SPEC.backward_op, (torch.randn_like(out),
+                                             *(saved[n] for n in SPEC.saves), *args[5:]))
