@@ -217,6 +217,32 @@ def test_swin_window_attention_backend_switch_equivalence(monkeypatch):
         assert_close_to_reference(f"grad of {name}", g, r64, r32, torch.float32)
 
 
+def test_lg_pooled_paths_backend_switch_equivalence():
+    """LG's pooled and global paths (plain, unshifted windows over the pooled map) on the fused
+    cpu kernel in fp32 against the same weights in fp64 on the reference backend: output and the
+    gradients of the bias table and the qkv projection, under the tolerance rule."""
+    from segops.models.backbones.lg import PooledWindowPath
+    require_backend("interlaced_sparse_attention", "cpu", "cpu", torch.float32)
+    torch.manual_seed(0)
+    x = torch.randn(2, 11 * 13, 16, dtype=torch.float64)
+    for ratio in (2, None):
+        path = PooledWindowPath(16, 2, 3, ratio).eval()
+        torch.nn.init.normal_(path.w_msa.relative_position_bias_table, std=0.5)
+        path64 = copy.deepcopy(path).double()
+
+        def run(m, inp):
+            out = m(inp, (11, 13))
+            params = [m.w_msa.relative_position_bias_table, m.w_msa.qkv.weight]
+            return [out.detach(), *torch.autograd.grad(out.square().mean(), params)]
+
+        with segops.use_backend("reference"):
+            ref64, ref32 = run(path64, x), run(path, x.float())
+        with segops.use_backend("cpu"):
+            got = run(path, x.float())
+        for what, g, r64, r32 in zip(("out", "grad bias", "grad qkv"), got, ref64, ref32):
+            assert_close_to_reference(f"ratio {ratio} {what}", g, r64, r32, torch.float32)
+
+
 def test_semask_fpn_l_uses_ohem_on_the_main_output():
     terms = meta_build("semask-fpn_swin-l").loss_terms
     assert terms[0] == LossTerm("out", "ohem_cross_entropy", kwargs={"min_kept": 100000})

@@ -24,7 +24,9 @@ mask for the sum):
     of the image), bilinearly upsampled back;
   * the last path: the map adaptively average-pooled to one window (window_size x window_size
     tokens), self-attention over it (global context at a coarse granularity), upsampled back.
-Each path has its own qkv, projection and relative position bias (a `WindowMSA`).
+Each path has its own qkv, projection and relative position bias (a `WindowMSA`). On a fused
+backend every path's window attention runs on `segops.interlaced_sparse_attention` (short mode,
+bias = the path's relative position bias; the local path with the shift mask), as Swin's does.
 
 `lg-t` uses Swin-T's shape (96 dims, depths 2/2/6/2, heads 3/6/12/24, window 7, drop path 0.3)
 with one 2x-pooled path in stages 1-3 (stage 4 is about one window at 512x512 crops, so only the
@@ -65,7 +67,12 @@ class PooledWindowPath(nn.Module):
         ph, pw = m.shape[-2:]
         m = F.pad(m.permute(0, 2, 3, 1), (0, 0, 0, (ws - pw % ws) % ws, 0, (ws - ph % ws) % ws))
         hp, wp = m.shape[1:3]
-        out = window_reverse(self.w_msa(window_partition(m, ws)), ws, hp, wp)[:, :ph, :pw]
+        backend = self.w_msa.fused_backend(m)
+        if backend is None:
+            out = window_reverse(self.w_msa(window_partition(m, ws)), ws, hp, wp)
+        else:
+            out = self.w_msa.forward_map(m, None, backend)
+        out = out[:, :ph, :pw]
         out = F.interpolate(out.permute(0, 3, 1, 2), size=tuple(hw), mode="bilinear",
                             align_corners=False)
         return nchw_to_nlc(out)
