@@ -164,9 +164,11 @@ def test_segmenter_patch_embedding_bias_is_an_option():
 
 # ------------------------------------- GALD-DGCNet, TorchSeg DFN, sssegmentation ISNet, GateNet,
 # ------------------------------------- HyperSeg: official layouts built by renaming ours back
-# Each entry: build options (lighter variants with the same key names), the renames from our
+# Each entry: build options (ResNet-18 variants: the same key names, fewer of them), the renames from our
 # keys to the official ones (first match wins), and official keys read off the official module
-# attribute paths, which the renamed state_dict must contain.
+# attribute paths, which the renamed state_dict must contain. The loaded model must hold every
+# tensor of the model it came from under the same key (so the same outputs, which a forward
+# checks where it is cheap: the HyperSeg models).
 
 def _to_conv_bn(ours: str, official: str) -> list[tuple[str, str]]:
     """A ConvModule at `ours` -> `Sequential(conv, BN, ...)` at `official`."""
@@ -182,17 +184,17 @@ _GALD_DGCNET_KEYS = ["conv1.0.weight", "conv1.6.weight", "bn1.running_var", "lay
 
 OFFICIAL_LAYOUTS = {
     # GALDNet.py GALDNet: conv1 Sequential + bn1 stem, GALDHead at head, dsn with ReLU (4 = classifier)
-    "gald_r101-d8": (dict(depth=50), [(r"^decode_head\.conv_seg\.", "head.bottleneck.3."),
+    "gald_r101-d8": (dict(depth=18), [(r"^decode_head\.conv_seg\.", "head.bottleneck.3."),
                                       (r"^auxiliary_head\.conv_seg\.", "dsn.4.")] + _TO_GALD_DGCNET,
                      _GALD_DGCNET_KEYS + ["head.a2block.down.0.weight", "head.a2block.long_relation.gn.bias",
                                           "head.a2block.local_attention.dconv3.1.running_mean", "dsn.4.weight"]),
     # DualGCNNet.py ResNet: DualGCNHead at head, dsn without ReLU (3 = classifier)
-    "dgcnet_r101-d8": (dict(depth=50), [(r"^decode_head\.conv_seg\.", "head.bottleneck.3."),
+    "dgcnet_r101-d8": (dict(depth=18), [(r"^decode_head\.conv_seg\.", "head.bottleneck.3."),
                                         (r"^auxiliary_head\.conv_seg\.", "dsn.3.")] + _TO_GALD_DGCNET,
                        _GALD_DGCNET_KEYS + ["head.dualgcn.bn_theta.bias", "head.dualgcn.local.3.running_var",
                                             "head.dualgcn.gcn_local_attention.out.0.bias", "dsn.3.weight"]),
     # TorchSeg voc.dfn.R101_v1c/network.py DFN: furnace resnet101(deep_stem=True) at backbone
-    "dfn_r101": (dict(depth=50), [(r"^backbone\.stem\.7\.", "backbone.bn1."),
+    "dfn_r101": (dict(depth=18), [(r"^backbone\.stem\.7\.", "backbone.bn1."),
                                   (r"^backbone\.stem\.", "backbone.conv1."),
                                   (r"^decode_head\.cabs\.(\d+)\.", r"cabs.\1.channel_attention."),
                                   (r"^decode_head\.", "")],
@@ -201,7 +203,7 @@ OFFICIAL_LAYOUTS = {
                   "cabs.1.channel_attention.fc.2.weight", "smooth_heads.0.conv.weight",
                   "border_aft_rrbs.0.conv_refine.weight", "border_heads.2.rrb.cbr.bn.running_var"]),
     # sssegmentation isnet.py ISNet (+ imagelevel.py, semanticlevel.py, base SelfAttentionBlock)
-    "isnet_r101-d8": (dict(depth=50),
+    "isnet_r101-d8": (dict(depth=18),
                       [(r"^backbone\.", "backbone_net."),
                        (r"^decode_head\.conv_seg\.", "decoder_stage2.1."),
                        (r"^decode_head\.decoder_stage1\.2\.", "decoder_stage1.4.")]
@@ -209,14 +211,14 @@ OFFICIAL_LAYOUTS = {
                       + _to_conv_bn(r"decode_head\.(.+)", r"\1")
                       + [(r"^auxiliary_head\.conv_seg\.", "auxiliary_decoder.4.")]
                       + _to_conv_bn(r"auxiliary_head\.convs\.0", "auxiliary_decoder"),
-                      ["backbone_net.stem.4.running_var", "backbone_net.layer1.0.downsample.0.weight",
+                      ["backbone_net.stem.4.running_var", "backbone_net.layer2.0.downsample.0.weight",
                        "bottleneck.1.running_mean", "ilc_net.correlate_net.key_project.1.1.bias",
                        "ilc_net.correlate_net.out_project.0.weight", "slc_net.bottleneck.1.running_var",
                        "decoder_stage1.0.weight", "decoder_stage1.4.bias", "decoder_stage2.1.weight",
                        "auxiliary_decoder.0.weight", "auxiliary_decoder.4.bias"]),
     # GateNet-RGB-Saliency model_GateNet_ResNet.py GateNet: torchvision-style encoder at the top
-    "gatenet_r50": (dict(), [(r"^(backbone|decode_head)\.", "")],
-                    ["conv1.weight", "bn1.running_var", "layer4.2.bn3.weight", "attention_feature1.5.weight",
+    "gatenet_r50": (dict(depth=18), [(r"^(backbone|decode_head)\.", "")],
+                    ["conv1.weight", "bn1.running_var", "layer4.1.bn2.weight", "attention_feature1.5.weight",
                      "dem1.0.down_conv.2.weight", "dem1.0.fuse.0.weight", "dem1.1.weight", "output4.0.weight",
                      "out_res.6.bias"]),
     # model_GateNet_vgg16.py GateNet: vgg16_bn().features sliced [:6], [6:13], [13:23], [23:33], [33:43]
@@ -240,32 +242,31 @@ OFFICIAL_LAYOUTS = {
 }
 
 
-def _perturbed(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Every floating tensor made distinct (a swapped pair would show), at a scale that keeps
-    deep random networks finite."""
-    gen = torch.Generator().manual_seed(seed)
+def _offset(module: nn.Module) -> nn.Module:
+    """Each floating tensor shifted by its own constant, so that tensors of one shape and
+    initial value (BN weights, biases, statistics) differ and a swapped pair would show."""
     with torch.no_grad():
-        for key, t in module.state_dict(keep_vars=True).items():
+        for i, (key, t) in enumerate(module.state_dict(keep_vars=True).items()):
             if t.is_floating_point() and ".coord" not in key:
-                t.mul_(1 + 0.2 * torch.rand(t.shape, generator=gen)).add_(0.01 * torch.rand(t.shape, generator=gen))
+                t.add_(1e-3 * (i + 1))
     return module
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL_LAYOUTS))
 def test_official_repository_layout_loads(name):
     options, to_official, official_keys = OFFICIAL_LAYOUTS[name]
-    source = _perturbed(models.build(name, **options)).double().eval()
-    official = KeyMap("segops -> official", tuple(to_official)).apply(source.state_dict())
-    assert len(official) == len(source.state_dict())
+    source = _offset(models.build(name, **options)).eval()
+    state = source.state_dict()
+    official = KeyMap("segops -> official", tuple(to_official)).apply(state)
+    assert len(official) == len(state)
     assert set(official_keys) <= set(official)
-    loaded = models.build(name, pretrained={"state_dict": official}, **options).double().eval()
+    loaded = models.build(name, pretrained={"state_dict": official}, **options).eval()
     for key, value in loaded.state_dict().items():
-        assert torch.equal(value, source.state_dict()[key]), key
-    img = torch.rand(1, 3, 113, 121, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    with torch.no_grad():
-        out = loaded(img)
-        assert out.isfinite().all()
-        torch.testing.assert_close(out, source(img), rtol=0, atol=0)
+        assert torch.equal(value, state[key]), key
+    if name.startswith("hyperseg"):
+        img = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(img), source(img), rtol=0, atol=0)
 
 
 def test_hyperseg_coordinate_buffers_hold_the_official_grids():
