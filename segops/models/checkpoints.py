@@ -90,7 +90,6 @@ STLNET_OFFICIAL = KeyMap(
     rules=((r"^(conv_start|tem|ptfem)\.", r"decode_head.stl.\1."),))
 
 
-
 def _conv_bn(official: str, ours: str) -> tuple[tuple[str, str], ...]:
     """A plain `Sequential(Conv2d, BatchNorm2d, ...)` at `official` -> a segops ConvModule
     at `ours` (both may hold regex groups / back-references)."""

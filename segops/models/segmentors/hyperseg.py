@@ -23,10 +23,10 @@ The encoder's last feature goes through the weight mapper ("context head", a sma
 signal at 1/32 of the input; 1x1 grouped convs (`signal2weights`) turn slices of it into the
 weights of every decoder layer, one set per signal pixel, i.e. per image patch (-s:
 consecutive slices; -m and -l: every slice starts at the signal's first channel, as v1_0
-builds it). Each decoder level concatenates the image coordinates, the encoder feature of its resolution and the
-upsampled previous level, and applies its layer patch by patch (a 1x1 conv-BN-ReLU, or an
-inverted residual block: 1x1, depthwise 3x3 over the patch with a 1-pixel reflected border,
-1x1, BN and ReLU6). Loss: -m and -s bootstrapped cross-entropy (their configs'
+builds it). Each decoder level concatenates the image coordinates, the encoder feature of its
+resolution and the upsampled previous level, and applies its layer patch by patch (a 1x1
+conv-BN-ReLU, or an inverted residual block: 1x1, depthwise 3x3 over the patch with a 1-pixel
+reflected border, 1x1, BN and ReLU6). Loss: -m and -s bootstrapped cross-entropy (their configs'
 BootstrappedCrossEntropyLoss, declared as OHEM cross-entropy), -l the trainer's default
 cross-entropy.
 
@@ -39,8 +39,8 @@ forward computes the same grids in the input's dtype rather than reading the cac
 
 Differences from the reference: when a level's size is not a multiple of the patch grid the
 feature is padded by replication to the next multiple and the output cropped (the reference
-requires multiples), the weight mapper's x2 upsampling is to the exact skip size and a map smaller
-than its 2x2 down-convolution is first padded by replication.
+requires multiples), the weight mapper's x2 upsampling is to the exact skip size and a map
+smaller than its 2x2 down-convolution is first padded by replication.
 """
 from __future__ import annotations
 
