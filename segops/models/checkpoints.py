@@ -14,15 +14,16 @@ for them in `OFFICIAL_KEY_MAPS` (`official_key_map(name)`):
   official repository has no network around it, so the other keys are segops' (mmseg's).
 * `gald_r101-d8`, `dgcnet_r101-d8`: lxtGH/GALD-DGCNet `GALD_res101` / `DualSeg_res101`
   checkpoints (`conv1.*` + `bn1.*` deep stem, `layer<i>.*`, `head.*`, `dsn.*`).
-* `dfn_r101`: TorchSeg's DFN (`backbone.conv1.*`, `global_context.*`, `smooth_*`, `cabs.*`,
-  `border_*`).
+* `dfn_r101`: TorchSeg's DFN, VOC or Cityscapes (`backbone.conv1.*`, `global_context.*`,
+  `smooth_*`, `cabs.*`, `border_*`).
 * `isnet_r101-d8`: sssegmentation's ISNet (`backbone_net.*`, `bottleneck.*`, `ilc_net.*`,
   `slc_net.*`, `decoder_stage1/2.*`, `auxiliary_decoder.*`).
 * `gatenet_r50`, `gatenet_vgg16`: GateNet-RGB-Saliency's `GateNet` of
   `model_GateNet_ResNet.py` / `model_GateNet_vgg16.py` (encoder at the top level: `conv1`,
   `bn1`, `layer<i>` / `conv1`..`conv5`).
 * `hyperseg-m`, `hyperseg-s`: YuvalNirkin/hyperseg (`hyperseg_v1_0.py` / `_unify.py` with their
-  Cityscapes configs), coordinate-grid buffers included.
+  Cityscapes configs), coordinate-grid buffers included. Not `hyperseg-l`: its VOC config
+  builds `hyperseg_v0_1.py`, a different network (see the model's docstring).
 
 Loading is strict, except that BatchNorm `num_batches_tracked` counters a checkpoint lacks
 keep their value (they do not affect eval or train outputs with a momentum set).
