@@ -12,6 +12,18 @@ for them in `OFFICIAL_KEY_MAPS` (`official_key_map(name)`):
 * `stlnet_r101-d8`: the STL block under the official `STL` module's own names
   (`conv_start.*`, `tem.*`, `ptfem.*`, which the official code gives the whole block); the
   official repository has no network around it, so the other keys are segops' (mmseg's).
+* `gald_r101-d8`, `dgcnet_r101-d8`: lxtGH/GALD-DGCNet `GALD_res101` / `DualSeg_res101`
+  checkpoints (`conv1.*` + `bn1.*` deep stem, `layer<i>.*`, `head.*`, `dsn.*`).
+* `dfn_r101`: TorchSeg's DFN, VOC or Cityscapes (`backbone.conv1.*`, `global_context.*`,
+  `smooth_*`, `cabs.*`, `border_*`).
+* `isnet_r101-d8`: sssegmentation's ISNet (`backbone_net.*`, `bottleneck.*`, `ilc_net.*`,
+  `slc_net.*`, `decoder_stage1/2.*`, `auxiliary_decoder.*`).
+* `gatenet_r50`, `gatenet_vgg16`: GateNet-RGB-Saliency's `GateNet` of
+  `model_GateNet_ResNet.py` / `model_GateNet_vgg16.py` (encoder at the top level: `conv1`,
+  `bn1`, `layer<i>` / `conv1`..`conv5`).
+* `hyperseg-m`, `hyperseg-s`: YuvalNirkin/hyperseg (`hyperseg_v1_0.py` / `_unify.py` with their
+  Cityscapes configs), coordinate-grid buffers included. Not `hyperseg-l`: its VOC config
+  builds `hyperseg_v0_1.py`, a different network (see the model's docstring).
 
 Loading is strict, except that BatchNorm `num_batches_tracked` counters a checkpoint lacks
 keep their value (they do not affect eval or train outputs with a momentum set).
@@ -78,9 +90,87 @@ STLNET_OFFICIAL = KeyMap(
     source="lanyunzhu99/Learning-Statistical-Texture-for-Semantic-Segmentation STLNet.py STL",
     rules=((r"^(conv_start|tem|ptfem)\.", r"decode_head.stl.\1."),))
 
+
+def _conv_bn(official: str, ours: str) -> tuple[tuple[str, str], ...]:
+    """A plain `Sequential(Conv2d, BatchNorm2d, ...)` at `official` -> a segops ConvModule
+    at `ours` (both may hold regex groups / back-references)."""
+    return ((rf"^{official}\.0\.", rf"{ours}.conv."), (rf"^{official}\.1\.", rf"{ours}.bn."))
+
+
+def _deep_stem(official: str, ours: str) -> tuple[tuple[str, str], ...]:
+    """The deep stem written as `conv1 = Sequential(conv, BN, ReLU, conv, BN, ReLU, conv)` plus
+    a separate `bn1` (TorchSeg, GALD-DGCNet) -> ResNetV1c's `stem` Sequential."""
+    return ((rf"^{official}conv1\.([0-6])\.", rf"{ours}stem.\1."),
+            (rf"^{official}bn1\.", f"{ours}stem.7."))
+
+
+GALD_DGCNET_OFFICIAL = KeyMap(
+    source="lxtGH/GALD-DGCNet libs/models/GALDNet.py GALDNet (GALD_res101) and "
+           "libs/models/DualGCNNet.py ResNet (DualSeg_res101)",
+    rules=_deep_stem("", "backbone.")
+    + ((r"^layer", "backbone.layer"), (r"^head\.bottleneck\.3\.", "decode_head.conv_seg."))
+    + _conv_bn(r"head\.(conva|convb|bottleneck|a2block\.down|a2block\.local_attention\.dconv\d)",
+               r"decode_head.\1")
+    # the rest of the head (SpatialCGNL, LocalAttenModule's sigmoid side, DualGCN) keeps its names
+    + ((r"^head\.", "decode_head."),)
+    + _conv_bn(r"dsn", "auxiliary_head.convs.0")
+    # GALD's dsn has a ReLU before its dropout (classifier at 4), DGCNet's does not (at 3)
+    + ((r"^dsn\.[34]\.", "auxiliary_head.conv_seg."),))
+
+DFN_TORCHSEG = KeyMap(
+    source="ycszen/TorchSeg model/dfn/voc.dfn.R101_v1c/network.py DFN "
+           "(furnace/base_model/resnet.py resnet101, deep_stem=True)",
+    rules=_deep_stem(r"backbone\.", "backbone.")
+    + ((r"^cabs\.(\d+)\.channel_attention\.", r"decode_head.cabs.\1."),
+       (r"^(global_context|smooth_|border_)", r"decode_head.\1")))
+
+ISNET_SSSEGMENTATION = KeyMap(
+    source="SegmentationBLWX/sssegmentation ssseg/modules/models/segmentors/isnet/isnet.py ISNet "
+           "(configs/isnet/isnet_resnet101os8_cityscapes.py)",
+    rules=((r"^backbone_net\.", "backbone."),)
+    + _conv_bn(r"(ilc_net|slc_net)\.correlate_net\.(key|query)_project\.(\d)",
+               r"decode_head.\1.correlate_net.\2_project.\3")
+    + _conv_bn(r"((?:ilc_net|slc_net)\.correlate_net\.(?:value|out)_project"
+               r"|(?:ilc_net\.|slc_net\.)?bottleneck)", r"decode_head.\1")
+    + _conv_bn(r"decoder_stage1", "decode_head.decoder_stage1.0")
+    + ((r"^decoder_stage1\.4\.", "decode_head.decoder_stage1.2."),
+       (r"^decoder_stage2\.1\.", "decode_head.conv_seg."))
+    + _conv_bn(r"auxiliary_decoder", "auxiliary_head.convs.0")
+    + ((r"^auxiliary_decoder\.4\.", "auxiliary_head.conv_seg."),))
+
+_GATENET_DECODER = ((r"^(attention_feature|dem|output|out_res)", r"decode_head.\1"),)
+
+GATENET_RESNET_OFFICIAL = KeyMap(
+    source="Xiaoqi-Zhao-DLUT/GateNet-RGB-Saliency model_GateNet_ResNet.py GateNet",
+    rules=((r"^(conv1|bn1|layer\d)\.", r"backbone.\1."),) + _GATENET_DECODER)
+
+# model_GateNet_vgg16.py slices torchvision's vgg16_bn().features into conv1..conv5
+_VGG16BN_SLICES = ((1, 0, 6), (2, 6, 13), (3, 13, 23), (4, 23, 33), (5, 33, 43))
+
+GATENET_VGG16_OFFICIAL = KeyMap(
+    source="Xiaoqi-Zhao-DLUT/GateNet-RGB-Saliency model_GateNet_vgg16.py GateNet",
+    rules=tuple((rf"^conv{stage}\.{i - start}\.", f"backbone.features.{i}.")
+                for stage, start, stop in _VGG16BN_SLICES for i in range(start, stop))
+    + _GATENET_DECODER)
+
+HYPERSEG_OFFICIAL = KeyMap(
+    source="YuvalNirkin/hyperseg hyperseg/models/hyperseg_v1_0.py HyperGen (-m) and "
+           "hyperseg_v1_0_unify.py (-s)",
+    # a 1x1 level is MetaSequential(MetaSequential(hyper conv, BN, ReLU)) there, one level
+    # less here; the inverted-residual levels and everything else keep their names
+    rules=((r"^decoder\.(level_\d+|level_blocks\.\d+)\.0\.([01])\.", r"decoder.\1.\2."),))
+
 OFFICIAL_KEY_MAPS: dict[str, KeyMap] = {
     "ocnet_r101-d8": OCNET_OPENSEG,
     "stlnet_r101-d8": STLNET_OFFICIAL,
+    "gald_r101-d8": GALD_DGCNET_OFFICIAL,
+    "dgcnet_r101-d8": GALD_DGCNET_OFFICIAL,
+    "dfn_r101": DFN_TORCHSEG,
+    "isnet_r101-d8": ISNET_SSSEGMENTATION,
+    "gatenet_r50": GATENET_RESNET_OFFICIAL,
+    "gatenet_vgg16": GATENET_VGG16_OFFICIAL,
+    "hyperseg-m": HYPERSEG_OFFICIAL,
+    "hyperseg-s": HYPERSEG_OFFICIAL,
 }
 
 

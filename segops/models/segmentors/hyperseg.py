@@ -10,30 +10,37 @@ them, with its module names; encoders in `backbones/efficientnet_hyperseg.py`.
   `configs/train/cityscapes_efficientnet_b1_hyperseg-s.py`: feature scales
   (1, 0.166, 0.2, 0.25, 0.4), level widths (32, 16, 8, 8, 8), one weight layer shared by
   levels 4 and 5 (`unify_level=4`).
-- `hyperseg-l` (PASCAL VOC, 21 classes, EfficientNet-B3): `configs/train/
+- `hyperseg-l` (PASCAL VOC, 21 classes, EfficientNet-B3): the arguments of `configs/train/
   vocsbd_efficientnet_b3_hyperseg-l.py` (weight mapper with 3 levels, feature scale 0.25,
   kernel sizes (1, 1, 3, 3, 3, 3): six levels, the last on the image itself, weight groups 16)
-  built as its arguments evidently intend: that config raises a TypeError with every
-  published model file (`level_channels=None` reaches a `len()`, an integer `weight_groups` a
-  `max()`), so each level here is as wide as its input feature, which is what the
-  reference's `level_channels=None` branch means, and every layer has 16 weight groups. Its
-  count is therefore of this reading, not of the released (pickled) model.
+  given to the v1_0 decoder above, each level as wide as its input feature (v1_0's
+  `level_channels=None` branch) and every layer with 16 weight groups. That config itself
+  imports `hyperseg/models/hyperseg_v0_1.py`, an earlier design (the weight mapper emits the
+  decoder weights through `weight_mapper.out_conv.conv_<i>`, 39,680,458 parameters), so
+  official -l checkpoints do not fit this model.
 
 The encoder's last feature goes through the weight mapper ("context head", a small U-Net) to a
 signal at 1/32 of the input; 1x1 grouped convs (`signal2weights`) turn slices of it into the
-weights of every decoder layer, one set per signal pixel, i.e. per image patch. Each decoder
-level concatenates the image coordinates, the encoder feature of its resolution and the
-upsampled previous level, and applies its layer patch by patch (a 1x1 conv-BN-ReLU, or an
-inverted residual block: 1x1, depthwise 3x3 over the patch with a 1-pixel reflected border,
-1x1, BN and ReLU6). Loss: -m and -s bootstrapped cross-entropy (their configs'
+weights of every decoder layer, one set per signal pixel, i.e. per image patch (-s:
+consecutive slices; -m and -l: every slice starts at the signal's first channel, as v1_0
+builds it). Each decoder level concatenates the image coordinates, the encoder feature of its
+resolution and the upsampled previous level, and applies its layer patch by patch (a 1x1
+conv-BN-ReLU, or an inverted residual block: 1x1, depthwise 3x3 over the patch with a 1-pixel
+reflected border, 1x1, BN and ReLU6). Loss: -m and -s bootstrapped cross-entropy (their configs'
 BootstrappedCrossEntropyLoss, declared as OHEM cross-entropy), -l the trainer's default
 cross-entropy.
 
-Differences from the reference: its cached coordinate buffers (`coord<h>_<w>`, deterministic)
-are not stored; when a level's size is not a multiple of the patch grid the feature is padded
-by replication to the next multiple and the output cropped (the reference requires
-multiples), the weight mapper's x2 upsampling is to the exact skip size and a map smaller
-than its 2x2 down-convolution is first padded by replication.
+The decoder holds the reference's cached image-coordinate grids as buffers under its names
+(`decoder.coord<h>_<w>`, one per level for each of the config's `coords_res` sizes: -m
+512 x 512 and 512 x 1024, -s 768 x 768 and 768 x 1536; -l none, as v0_1 caches none), so
+official -m / -s checkpoints load strictly (`segops.models.checkpoints.HYPERSEG_OFFICIAL`
+renames the decoder's 1x1 levels, which the reference nests one `MetaSequential` deeper). The
+forward computes the same grids in the input's dtype rather than reading the cache.
+
+Differences from the reference: when a level's size is not a multiple of the patch grid the
+feature is padded by replication to the next multiple and the output cropped (the reference
+requires multiples), the weight mapper's x2 upsampling is to the exact skip size and a map
+smaller than its 2x2 down-convolution is first padded by replication.
 """
 from __future__ import annotations
 
@@ -208,12 +215,16 @@ class WeightMapper(nn.Module):
         return torch.cat([feats.pop(), x], dim=1)
 
 
+def coordinate_grid(h: int, w: int, device=None, dtype=None) -> Tensor:
+    """(1, 2, h, w): x then y, each from -1 to 1 (the reference's image coordinates)."""
+    ys = torch.linspace(-1, 1, h, device=device, dtype=dtype)
+    xs = torch.linspace(-1, 1, w, device=device, dtype=dtype)
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=0).unsqueeze(0)
+
+
 def _coordinates(x: Tensor) -> Tensor:
     n, _, h, w = x.shape
-    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
-    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=0)
-    return grid.unsqueeze(0).expand(n, -1, -1, -1)
+    return coordinate_grid(h, w, x.device, x.dtype).expand(n, -1, -1, -1)
 
 
 class HyperSeg(nn.Module):
@@ -225,7 +236,7 @@ class HyperSeg(nn.Module):
                  out_feat_scale=0.25, kernel_sizes=(1, 1, 1, 3, 3),
                  level_channels=(64, 32, 16, 16, 16),
                  expand_ratio: int = 2, weight_groups=(32, 16, 8, 16, 4), unify_level=None,
-                 loss: str = "ohem_cross_entropy") -> None:
+                 loss: str = "ohem_cross_entropy", coords_res=()) -> None:
         super().__init__()
         self.loss_terms = [LossTerm("out", loss)]
         self.backbone = EfficientNetHyperSeg(variant, out_feat_scale)
@@ -260,7 +271,15 @@ class HyperSeg(nn.Module):
         start = 0
         for layer, share, groups in zip(weight_layers, shares, weight_groups):
             layer.init_signal(share, start, groups)
-            start += share
+            # v1_0's init_signal2weights hands the signal index down its recursion by value, so
+            # each level there (a child one level deeper) reads the signal from channel 0; the
+            # unify version's weight layers are siblings and take consecutive slices
+            if unify_level is not None:
+                start += share
+        for h, w in coords_res:  # the reference's MultiScaleDecoder cache, level by level
+            for level in range(len(layers)):
+                size = (h // 2 ** level, w // 2 ** level)
+                self.decoder.register_buffer("coord{}_{}".format(*size), coordinate_grid(*size))
         self.decoder_levels = decoder_levels
         self.layers = layers
         self.weight_layers = weight_layers
@@ -286,8 +305,9 @@ class HyperSeg(nn.Module):
 
 
 class _Level(nn.Module):
-    """One decoder level with the reference's keys: `0` the hyper layer, `1` the BN following a
-    patch-wise 1x1 conv (then ReLU)."""
+    """One decoder level: `0` the hyper layer, `1` the BN following a patch-wise 1x1 conv (then
+    ReLU); the reference nests these two in a `MetaSequential` at `0` (`level_<l>.0.0`,
+    `level_<l>.0.1`)."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
@@ -300,9 +320,11 @@ class _Level(nn.Module):
         return F.relu(getattr(self, "1")(x)) if hasattr(self, "1") else x
 
 
-register_model("hyperseg-m", HyperSeg, out_feat_scale=(1.0, 0.25, 0.25, 0.25, 0.25))
+register_model("hyperseg-m", HyperSeg, out_feat_scale=(1.0, 0.25, 0.25, 0.25, 0.25),
+               coords_res=((512, 512), (512, 1024)))
 register_model("hyperseg-l", HyperSeg, num_classes=21, variant="b3", levels=3,
                kernel_sizes=(1, 1, 3, 3, 3, 3), level_channels=None, weight_groups=16,
                loss="cross_entropy")
 register_model("hyperseg-s", HyperSeg, out_feat_scale=(1.0, 0.166, 0.2, 0.25, 0.4),
-               level_channels=(32, 16, 8, 8, 8), unify_level=4)
+               level_channels=(32, 16, 8, 8, 8), unify_level=4,
+               coords_res=((768, 768), (768, 1536)))
