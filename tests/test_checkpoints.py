@@ -310,6 +310,19 @@ def test_semask_fpn_loads_an_official_checkpoint(tmp_path):
     torch.testing.assert_close(got, want.flatten(1, 2))
 
 
+# keys of SeMask-Mask2Former's head (MSDeformAttnPixelFANDecoder and
+# MultiScaleMaskedTransformerDecoder with the Swin-L MSFaPN config), from the official modules:
+# the same names as segops'
+SEMASK_MASK2FORMER_HEAD_KEYS = [
+    "sem_seg_head.pixel_decoder.adapter_1.norm.weight", "sem_seg_head.pixel_decoder.align_1.offset.weight",
+    "sem_seg_head.pixel_decoder.align_1.dcpack_L2.conv_offset_mask.weight",
+    "sem_seg_head.pixel_decoder.layer_1.norm.bias", "sem_seg_head.pixel_decoder.transformer.level_embed",
+    "sem_seg_head.pixel_decoder.input_proj.2.1.bias", "sem_seg_head.pixel_decoder.mask_features.weight",
+    "sem_seg_head.predictor.query_feat.weight", "sem_seg_head.predictor.level_embed.weight",
+    "sem_seg_head.predictor.transformer_cross_attention_layers.8.multihead_attn.in_proj_weight",
+    "sem_seg_head.predictor.mask_embed.layers.2.bias"]
+
+
 @pytest.mark.parametrize("name", ["semask-fpn_swin-s", "semask-fpn_swin-b", "semask-fpn_swin-l",
                                   "semask-mask2former-msfapn_swin-l"])
 def test_semask_official_key_layout_of_every_variant(name):
@@ -319,7 +332,9 @@ def test_semask_official_key_layout_of_every_variant(name):
     with torch.device("meta"):
         ours = models.build(name).state_dict()
     official = _semask_official_layout(ours)
+    assert set(SEMASK_SWIN_KEYS) <= set(official)
     if "mask2former" in name:
+        assert set(SEMASK_MASK2FORMER_HEAD_KEYS) <= set(official)
         official["criterion.empty_weight"] = torch.empty(151, device="meta")
     renamed = official_key_map(name).apply(official)
     assert {k: v.shape for k, v in renamed.items()} == {k: v.shape for k, v in ours.items()}
