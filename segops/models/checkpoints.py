@@ -78,6 +78,7 @@ _OPENSEG_DEEPBASE_STEM = tuple(
     for layer, index in (("conv1", 0), ("bn1", 1), ("conv2", 3), ("bn2", 4), ("conv3", 6),
                          ("bn3", 7)))
 
+
 def _object_context_stages(official: str, ours: str) -> tuple[tuple[str, str], ...]:
     """openseg's `stages` of SelfAttentionBlock2D at `official` -> segops' at `ours`: each of
     f_key / f_query is Conv2d, BNReLU, Conv2d, BNReLU (two ConvModules); f_value and W keep
@@ -164,12 +165,14 @@ class SwinOfficialKeyMap(KeyMap):
     dropped: tuple[str, ...] = ()
 
     def apply(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        kept = {k: v for k, v in state.items() if not any(re.search(p, k) for p in self.dropped)}
-        renamed = super().apply(kept)
-        for key, value in renamed.items():
-            if re.search(r"\.downsample\.(norm|reduction)\.", key):
-                renamed[key] = value[..., unfold_order(value.shape[-1])]
-        return renamed
+        kept = {}
+        for key, value in state.items():
+            if any(re.search(pattern, key) for pattern in self.dropped):
+                continue
+            if re.match(r"backbone\.layers\.\d+\.downsample\.(norm|reduction)\.", key):
+                value = value[..., unfold_order(value.shape[-1])]
+            kept[key] = value
+        return super().apply(kept)
 
 
 def unfold_order(channels: int) -> torch.Tensor:
