@@ -3,12 +3,16 @@ models that follow an official repository instead of mmseg (mmseg's own layout i
 against mmseg itself in test_parity_mmseg.py)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segops import models
-from segops.models.checkpoints import KeyMap, load_pretrained, read_state_dict
+from segops.models.checkpoints import (KeyMap, load_pretrained, official_key_map, read_state_dict,
+                                       unfold_order)
 
 
 def _randomised(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -134,6 +138,206 @@ def test_stlnet_loads_the_official_stl_block_keys(tmp_path):
     loaded = models.build("stlnet_r101-d8", depth=18, pretrained=path)
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+# ------------------------------------- official layouts written out: OCNet ASP / Pyramid, TorchSeg, SeMask
+# Each test lays our model's state_dict out under the official module paths (segops module ->
+# official module, written out below from the official code), checks that a few keys listed by
+# instantiating the official modules (scratch scripts, not kept) are among them, and that
+# `build(..., pretrained=<that checkpoint>)` loads it strictly back to the same tensors.
+
+def _official_layout(state: dict, paths: dict) -> dict:
+    """`state` renamed module by module with `paths` (segops module -> official module; the
+    longest matching module path wins)."""
+    by_length = sorted(paths, key=len, reverse=True)
+
+    def rename(key):
+        module = next((m for m in by_length if key.startswith(m + ".")), None)
+        return key if module is None else paths[module] + key[len(module):]
+    return {rename(k): v for k, v in state.items()}
+
+
+def _assert_loads_back(tmp_path, name, official: dict, expected: dict, container="state_dict",
+                       **build_kw):
+    path = tmp_path / f"{name}.pth"
+    torch.save({container: official, "meta": {}}, path)
+    loaded = models.build(name, pretrained=path, **build_kw).state_dict()
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def _random_state(name, **build_kw) -> dict:
+    return _randomised(models.build(name, **build_kw)).state_dict()
+
+
+_OPENSEG_STEM = {f"backbone.stem.{i}": f"backbone.resinit.{layer}"
+                 for i, layer in ((0, "conv1"), (1, "bn1"), (3, "conv2"), (4, "bn2"), (6, "conv3"),
+                                  (7, "bn3"))}
+
+
+def _openseg_conv_bn(ours: str, official: str) -> dict:
+    """A segops ConvModule -> openseg's Sequential(Conv2d, BNReLU) (torchbn: BNReLU is
+    Sequential(BatchNorm2d, ReLU))."""
+    return {f"{ours}.conv": f"{official}.0", f"{ours}.bn": f"{official}.1.0"}
+
+
+def _openseg_attention(ours: str, official: str) -> dict:
+    """segops' ObjectContextAttention -> openseg's SelfAttentionBlock2D (f_key / f_query:
+    Conv2d, BNReLU, Conv2d, BNReLU)."""
+    paths = {ours: official}
+    for branch in ("f_key", "f_query"):
+        for i in range(2):
+            paths.update({f"{ours}.{branch}.{i}.conv": f"{official}.{branch}.{2 * i}",
+                          f"{ours}.{branch}.{i}.bn": f"{official}.{branch}.{2 * i + 1}.0"})
+    return paths
+
+
+# keys of openseg's AspOCNet (bn_type torchbn), from the official module
+OPENSEG_ASP_KEYS = ["context.0.weight", "context.1.0.running_var", "context.2.context.0.bias",
+                    "context.2.context.2.stages.0.f_key.3.0.weight",
+                    "context.2.context.2.stages.0.f_query.2.bias", "context.2.context.2.stages.0.W.weight",
+                    "context.2.context.2.conv_bn_dropout.0.0.running_mean", "context.2.conv2.0.weight",
+                    "context.2.conv5.1.0.bias", "context.2.conv_bn_dropout.1.0.weight", "cls.bias",
+                    "dsn.1.0.weight", "dsn.2.weight"]
+
+
+def test_ocnet_asp_loads_an_openseg_checkpoint(tmp_path):
+    paths = {**_OPENSEG_STEM, **_openseg_conv_bn("decode_head.oc_module_pre", "context"),
+             **_openseg_conv_bn("decode_head.oc_module.context.0", "context.2.context"),
+             **_openseg_attention("decode_head.oc_module.context.1.stages.0",
+                                  "context.2.context.2.stages.0"),
+             "decode_head.oc_module.context.1.bn": "context.2.context.2.conv_bn_dropout.0.0",
+             **_openseg_conv_bn("decode_head.oc_module.conv2", "context.2.conv2"),
+             **{k: v for i in range(3) for k, v in _openseg_conv_bn(
+                 f"decode_head.oc_module.dilated.{i}", f"context.2.conv{i + 3}").items()},
+             **_openseg_conv_bn("decode_head.oc_module.conv_bn_dropout", "context.2.conv_bn_dropout"),
+             "decode_head.conv_seg": "cls", **_openseg_conv_bn("auxiliary_head.convs.0", "dsn"),
+             "auxiliary_head.conv_seg": "dsn.2"}
+    ours = _random_state("ocnet-asp_r101-d8", depth=18)  # R18: the same head keys, faster
+    official = _official_layout(ours, paths)
+    assert set(OPENSEG_ASP_KEYS) <= set(official)
+    assert not [k for k in official if k.startswith(("decode_head", "auxiliary_head"))]
+    _assert_loads_back(tmp_path, "ocnet-asp_r101-d8", official, ours, depth=18)
+
+
+# keys of openseg's PyramidOCNet (commit 5ec9f10, torchbn), from the official module; its
+# `context.up_dr` is commented out there (OCNet.pytorch's names)
+OPENSEG_PYRAMID_KEYS = ["conv_3x3.0.weight", "conv_3x3.1.0.running_mean",
+                        "context.stages.0.f_key.0.weight", "context.stages.3.f_query.3.0.bias",
+                        "context.stages.2.f_value.weight", "context.stages.1.W.bias",
+                        "context.conv_bn_dropout.0.weight", "context.conv_bn_dropout.1.0.running_var",
+                        "cls_head.weight", "dsn_head.0.bias", "dsn_head.1.0.weight", "dsn_head.3.weight"]
+
+
+def test_ocnet_pyramid_loads_an_openseg_layout_checkpoint(tmp_path):
+    paths = {**_OPENSEG_STEM, **_openseg_conv_bn("decode_head.oc_module_pre", "conv_3x3"),
+             **{k: v for i in range(4) for k, v in _openseg_attention(
+                 f"decode_head.oc_module.stages.{i}", f"context.stages.{i}").items()},
+             **_openseg_conv_bn("decode_head.oc_module.up_dr", "context.up_dr"),
+             **_openseg_conv_bn("decode_head.oc_module.conv_bn", "context.conv_bn_dropout"),
+             "decode_head.conv_seg": "cls_head", **_openseg_conv_bn("auxiliary_head.convs.0", "dsn_head"),
+             "auxiliary_head.conv_seg": "dsn_head.3"}
+    ours = _random_state("ocnet-pyramid_r101-d8", depth=18)
+    official = _official_layout(ours, paths)
+    assert set(OPENSEG_PYRAMID_KEYS) <= set(official)
+    assert not [k for k in official if k.startswith(("decode_head", "auxiliary_head"))]
+    _assert_loads_back(tmp_path, "ocnet-pyramid_r101-d8", official, ours, depth=18)
+
+
+# keys of TorchSeg's BiSeNet(19) (cityscapes.bisenet.X39), from the official module: the same
+# names as segops'
+TORCHSEG_BISENET_X39_KEYS = ["context_path.conv1.conv.weight",
+                             "context_path.layer1.0.proj.point_wise_cbr.bn.running_mean",
+                             "context_path.layer2.3.residual_branch.2.conv1.weight",
+                             "spatial_path.conv_7x7.conv.weight", "global_context.1.bn.running_var",
+                             "arms.1.channel_attention.1.bn.weight", "refines.0.conv.weight",
+                             "heads.2.conv_1x1.bias", "ffm.channel_attention.2.conv.weight"]
+
+
+def test_bisenetv1_xception39_loads_a_torchseg_checkpoint(tmp_path):
+    ours = _random_state("bisenetv1_xception39")
+    assert set(TORCHSEG_BISENET_X39_KEYS) <= set(ours)
+    # TorchSeg's Engine.save_checkpoint: {"model", "optimizer", "epoch", "iteration"}
+    _assert_loads_back(tmp_path, "bisenetv1_xception39", ours, ours, container="model")
+
+
+# keys of the official SeMask Swin backbone (SeMask-FPN's semask_swin_transformer.py with the
+# Swin-T ADE20K settings; SeMask-Mask2Former's is the same module), from the official module
+SEMASK_SWIN_KEYS = ["backbone.patch_embed.proj.weight", "backbone.patch_embed.norm.bias",
+                    "backbone.layers.0.blocks.1.attn.relative_position_bias_table",
+                    "backbone.layers.0.blocks.0.attn.relative_position_index",
+                    "backbone.layers.2.blocks.5.attn.qkv.weight", "backbone.layers.1.blocks.0.mlp.fc1.bias",
+                    "backbone.layers.3.blocks.1.mlp.fc2.weight",
+                    "backbone.layers.0.semantic_layer.class_injection.0.mlp_cls_q.weight",
+                    "backbone.layers.3.semantic_layer.class_injection.0.gamma",
+                    "backbone.layers.2.downsample.reduction.weight", "backbone.layers.0.downsample.norm.bias",
+                    "backbone.norm3.weight"]
+
+
+def _semask_official_layout(ours: dict) -> dict:
+    """segops' SeMask-Swin state under the official Swin names, patch merging's input channels
+    back in the official order (the inverse of mmseg's swin2mmseg)."""
+    official = {}
+    for key, value in ours.items():
+        if re.search(r"\.downsample\.(norm|reduction)\.", key):
+            value = value[..., torch.argsort(unfold_order(value.shape[-1]))]
+        key = re.sub(r"^backbone\.patch_embed\.projection\.", "backbone.patch_embed.proj.", key)
+        key = re.sub(r"^backbone\.stages\.", "backbone.layers.", key)
+        for ours_name, official_name in (("attn.w_msa.", "attn."), ("ffn.layers.0.0.", "mlp.fc1."),
+                                         ("ffn.layers.1.", "mlp.fc2.")):
+            key = key.replace(ours_name, official_name)
+        official[key] = value
+    return official
+
+
+def test_semask_fpn_loads_an_official_checkpoint(tmp_path):
+    ours = _random_state("semask-fpn_swin-t")
+    official = _semask_official_layout(ours)
+    assert set(SEMASK_SWIN_KEYS) <= set(official)
+    _assert_loads_back(tmp_path, "semask-fpn_swin-t", official, ours)
+
+    # patch merging with the official weights, as the official code computes it (the 2x2
+    # neighbours concatenated in the order (0, 0), (1, 0), (0, 1), (1, 1))
+    merging = models.build("semask-fpn_swin-t", pretrained=tmp_path / "semask-fpn_swin-t.pth")
+    merging = merging.backbone.stages[0].downsample
+    x = torch.randn(1, 6, 8, 96, generator=torch.Generator().manual_seed(2))
+    neighbours = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+    norm = [official[f"backbone.layers.0.downsample.norm.{p}"] for p in ("weight", "bias")]
+    want = F.layer_norm(neighbours, (384,), *norm) @ official["backbone.layers.0.downsample.reduction.weight"].T
+    with torch.no_grad():
+        got, _ = merging(x.flatten(1, 2), (6, 8))
+    torch.testing.assert_close(got, want.flatten(1, 2))
+
+
+# keys of SeMask-Mask2Former's head (MSDeformAttnPixelFANDecoder and
+# MultiScaleMaskedTransformerDecoder with the Swin-L MSFaPN config), from the official modules:
+# the same names as segops'
+SEMASK_MASK2FORMER_HEAD_KEYS = [
+    "sem_seg_head.pixel_decoder.adapter_1.norm.weight", "sem_seg_head.pixel_decoder.align_1.offset.weight",
+    "sem_seg_head.pixel_decoder.align_1.dcpack_L2.conv_offset_mask.weight",
+    "sem_seg_head.pixel_decoder.layer_1.norm.bias", "sem_seg_head.pixel_decoder.transformer.level_embed",
+    "sem_seg_head.pixel_decoder.input_proj.2.1.bias", "sem_seg_head.pixel_decoder.mask_features.weight",
+    "sem_seg_head.predictor.query_feat.weight", "sem_seg_head.predictor.level_embed.weight",
+    "sem_seg_head.predictor.transformer_cross_attention_layers.8.multihead_attn.in_proj_weight",
+    "sem_seg_head.predictor.mask_embed.layers.2.bias"]
+
+
+@pytest.mark.parametrize("name", ["semask-fpn_swin-s", "semask-fpn_swin-b", "semask-fpn_swin-l",
+                                  "semask-mask2former-msfapn_swin-l"])
+def test_semask_official_key_layout_of_every_variant(name):
+    """The larger variants on the meta device: the official layout maps onto every key and
+    shape; SeMask-Mask2Former's detectron2 checkpoints also hold the criterion's no-object
+    weight, which the map drops."""
+    with torch.device("meta"):
+        ours = models.build(name).state_dict()
+    official = _semask_official_layout(ours)
+    assert set(SEMASK_SWIN_KEYS) <= set(official)
+    if "mask2former" in name:
+        assert set(SEMASK_MASK2FORMER_HEAD_KEYS) <= set(official)
+        official["criterion.empty_weight"] = torch.empty(151, device="meta")
+    renamed = official_key_map(name).apply(official)
+    assert {k: v.shape for k, v in renamed.items()} == {k: v.shape for k, v in ours.items()}
 
 
 # ---------------------------------------------------------------- the loader itself

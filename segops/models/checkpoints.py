@@ -24,6 +24,25 @@ for them in `OFFICIAL_KEY_MAPS` (`official_key_map(name)`):
 * `hyperseg-m`, `hyperseg-s`: YuvalNirkin/hyperseg (`hyperseg_v1_0.py` / `_unify.py` with their
   Cityscapes configs), coordinate-grid buffers included. Not `hyperseg-l`: its VOC config
   builds `hyperseg_v0_1.py`, a different network (see the model's docstring).
+* `ocnet-asp_r101-d8`: openseg.pytorch `AspOCNet` checkpoints (`backbone.resinit.*`,
+  `context.{0,1}` = the 3x3 conv, `context.2.*` = `ASP_OC_Module`, `cls.*`, `dsn.*`).
+* `ocnet-pyramid_r101-d8`: openseg.pytorch's `PyramidOCNet` (last at commit 5ec9f10:
+  `conv_3x3.*`, `context.stages.*`, `context.conv_bn_dropout.*`, `cls_head.*`, `dsn_head.*`) plus
+  `context.up_dr.*`, the branch that openseg leaves commented out and OCNet.pytorch (and segops)
+  concatenate instead of the backbone's output: a checkpoint of that openseg commit lacks
+  `up_dr` and does not load strictly; OCNet.pytorch's own checkpoints (one shared key/query
+  conv, InPlaceABN) do not fit this model either.
+* `bisenetv1_xception39`: TorchSeg checkpoints ({"model": ...}) load unchanged (same names).
+* `semask-fpn_swin-{t,s,b,l}` (SeMask-FPN, mmseg 0.x) and `semask-mask2former-msfapn_swin-l`
+  (SeMask-Mask2Former, detectron2): the official Swin names of the backbone
+  (`backbone.layers.<i>.blocks.<j>.{attn,mlp.fc1,mlp.fc2}`, `backbone.patch_embed.proj`) become
+  mmseg's, with patch merging's channels reordered (`SwinOfficialKeyMap`); the semantic layers
+  and the heads already have the official names; detectron2's `criterion.empty_weight` is
+  dropped.
+
+The OpenSeg maps take openseg's `bn_type` "torchbn" layout (BNReLU = Sequential(BN, ReLU), so
+BN keys end in `.1.0.*`); checkpoints trained with "inplace_abn" name that BN `.1.*` and used a
+leaky ReLU, which segops' OCNets do not have.
 
 Loading is strict, except that BatchNorm `num_batches_tracked` counters a checkpoint lacks
 keep their value (they do not affect eval or train outputs with a momentum set).
@@ -71,20 +90,60 @@ _OPENSEG_DEEPBASE_STEM = tuple(
     for layer, index in (("conv1", 0), ("bn1", 1), ("conv2", 3), ("bn2", 4), ("conv3", 6),
                          ("bn3", 7)))
 
+
+def _object_context_stages(official: str, ours: str) -> tuple[tuple[str, str], ...]:
+    """openseg's `stages` of SelfAttentionBlock2D at `official` -> segops' at `ours`: each of
+    f_key / f_query is Conv2d, BNReLU, Conv2d, BNReLU (two ConvModules); f_value and W keep
+    their names."""
+    pairs = ((r"0\.", "0.conv."), (r"1\.0\.", "0.bn."), (r"2\.", "1.conv."), (r"3\.0\.", "1.bn."))
+    return tuple((rf"^{official}\.(\d+)\.(f_key|f_query)\.{index}", rf"{ours}.\1.\2.{module}")
+                 for index, module in pairs) + ((rf"^{official}\.", f"{ours}."),)
+
+
+def _openseg_classifiers(cls: str, dsn: str, dsn_classifier: int) -> tuple[tuple[str, str], ...]:
+    """openseg's classifier `cls` and its auxiliary `dsn` head (Conv2d, BNReLU, [Dropout2d,]
+    classifier at index `dsn_classifier`)."""
+    return (((rf"^{cls}\.", "decode_head.conv_seg."),)
+            + _conv_bn_relu(dsn, "auxiliary_head.convs.0")
+            + ((rf"^{dsn}\.{dsn_classifier}\.", "auxiliary_head.conv_seg."),))
+
+
 OCNET_OPENSEG = KeyMap(
     source="openseg.pytorch lib/models/nets/ocnet.py BaseOCNet (deepbase_resnet101_dilated8)",
     rules=_OPENSEG_DEEPBASE_STEM
     + _conv_bn_relu(r"oc_module_pre", "decode_head.oc_module_pre")
-    # each of f_key / f_query: Conv2d, BNReLU, Conv2d, BNReLU -> two ConvModules
-    + ((r"^oc_module\.stages\.(\d+)\.(f_key|f_query)\.0\.", r"decode_head.oc_module.stages.\1.\2.0.conv."),
-       (r"^oc_module\.stages\.(\d+)\.(f_key|f_query)\.1\.0\.", r"decode_head.oc_module.stages.\1.\2.0.bn."),
-       (r"^oc_module\.stages\.(\d+)\.(f_key|f_query)\.2\.", r"decode_head.oc_module.stages.\1.\2.1.conv."),
-       (r"^oc_module\.stages\.(\d+)\.(f_key|f_query)\.3\.0\.", r"decode_head.oc_module.stages.\1.\2.1.bn."),
-       (r"^oc_module\.stages\.", "decode_head.oc_module.stages."))
+    + _object_context_stages(r"oc_module\.stages", "decode_head.oc_module.stages")
     + _conv_bn_relu(r"oc_module\.conv_bn_dropout", "decode_head.oc_module.conv_bn")
-    + ((r"^cls\.", "decode_head.conv_seg."),)
-    + _conv_bn_relu(r"dsn", "auxiliary_head.convs.0")
-    + ((r"^dsn\.2\.", "auxiliary_head.conv_seg."),))
+    + _openseg_classifiers("cls", "dsn", 2))
+
+# AspOCNet.context = Sequential(Conv2d, BNReLU, ASP_OC_Module); the module's `context` branch is
+# Sequential(Conv2d, BNReLU, BaseOC_Context_Module), whose BN sits in `conv_bn_dropout.0`.
+OCNET_ASP_OPENSEG = KeyMap(
+    source="openseg.pytorch lib/models/nets/ocnet.py AspOCNet, lib/models/modules/asp_oc_block.py",
+    rules=_OPENSEG_DEEPBASE_STEM
+    + _conv_bn_relu(r"context", "decode_head.oc_module_pre")
+    + _conv_bn_relu(r"context\.2\.context", "decode_head.oc_module.context.0")
+    + _object_context_stages(r"context\.2\.context\.2\.stages",
+                             "decode_head.oc_module.context.1.stages")
+    + ((r"^context\.2\.context\.2\.conv_bn_dropout\.0\.0\.", "decode_head.oc_module.context.1.bn."),)
+    + _conv_bn_relu(r"context\.2\.conv2", "decode_head.oc_module.conv2")
+    + sum((_conv_bn_relu(rf"context\.2\.conv{i + 3}", f"decode_head.oc_module.dilated.{i}")
+           for i in range(3)), ())
+    + _conv_bn_relu(r"context\.2\.conv_bn_dropout", "decode_head.oc_module.conv_bn_dropout")
+    + _openseg_classifiers("cls", "dsn", 2))
+
+# openseg removed PyramidOCNet after commit 5ec9f10; there its Pyramid_OC_Module concatenates the
+# backbone's output where OCNet.pytorch (and segops) concatenate `up_dr` of the 3x3 conv's output,
+# a branch openseg keeps commented out under that name.
+OCNET_PYRAMID_OPENSEG = KeyMap(
+    source="openseg.pytorch@5ec9f10 lib/models/nets/ocnet.py PyramidOCNet, "
+           "lib/models/modules/pyramid_oc_block.py (with OCNet.pytorch's up_dr branch)",
+    rules=_OPENSEG_DEEPBASE_STEM
+    + _conv_bn_relu(r"conv_3x3", "decode_head.oc_module_pre")
+    + _object_context_stages(r"context\.stages", "decode_head.oc_module.stages")
+    + _conv_bn_relu(r"context\.up_dr", "decode_head.oc_module.up_dr")
+    + _conv_bn_relu(r"context\.conv_bn_dropout", "decode_head.oc_module.conv_bn")
+    + _openseg_classifiers("cls_head", "dsn_head", 3))
 
 STLNET_OFFICIAL = KeyMap(
     source="lanyunzhu99/Learning-Statistical-Texture-for-Semantic-Segmentation STLNet.py STL",
@@ -160,6 +219,64 @@ HYPERSEG_OFFICIAL = KeyMap(
     # less here; the inverted-residual levels and everything else keep their names
     rules=((r"^decoder\.(level_\d+|level_blocks\.\d+)\.0\.([01])\.", r"decoder.\1.\2."),))
 
+# TorchSeg's module names are segops' (its checkpoints hold {"model": state_dict, "optimizer",
+# "epoch", "iteration"}).
+BISENET_X39_TORCHSEG = KeyMap(
+    source="ycszen/TorchSeg model/bisenet/cityscapes.bisenet.X39/network.py BiSeNet",
+    rules=())
+
+
+_SWIN_OFFICIAL_RENAMES = (
+    (r"^backbone\.patch_embed\.proj\.", "backbone.patch_embed.projection."),
+    (r"^backbone\.layers\.(\d+)\.blocks\.(\d+)\.attn\.", r"backbone.stages.\1.blocks.\2.attn.w_msa."),
+    (r"^backbone\.layers\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.", r"backbone.stages.\1.blocks.\2.ffn.layers.0.0."),
+    (r"^backbone\.layers\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.", r"backbone.stages.\1.blocks.\2.ffn.layers.1."),
+    (r"^backbone\.layers\.", "backbone.stages."))
+
+
+@dataclass(frozen=True)
+class SwinOfficialKeyMap(KeyMap):
+    """The official Swin Transformer's backbone names (`layers.<i>`, `attn.*`, `mlp.fc1/fc2`,
+    `patch_embed.proj`) -> mmseg's, which segops' Swin uses (the renames of mmseg's
+    `swin2mmseg` conversion); patch merging's LayerNorm and reduction also get their input
+    channels reordered, from the official concatenation of the 2x2 neighbours (C channels
+    each) to nn.Unfold's order (`unfold_order`). Keys matching a `dropped` pattern (training
+    buffers such as Mask2Former's `criterion.empty_weight`) are left out."""
+
+    rules: tuple[tuple[str, str], ...] = _SWIN_OFFICIAL_RENAMES
+    dropped: tuple[str, ...] = ()
+
+    def apply(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        kept = {}
+        for key, value in state.items():
+            if any(re.search(pattern, key) for pattern in self.dropped):
+                continue
+            if re.match(r"backbone\.layers\.\d+\.downsample\.(norm|reduction)\.", key):
+                value = value[..., unfold_order(value.shape[-1])]
+            kept[key] = value
+        return super().apply(kept)
+
+
+def unfold_order(channels: int) -> torch.Tensor:
+    """For each of patch merging's `channels` input channels in nn.Unfold's layout (channel c
+    of 2x2 offset k at 4c + k, offsets row-major), its index in the official Swin layout (four
+    blocks of C channels, offsets (0, 0), (1, 0), (0, 1), (1, 1): row-major offset k is block
+    [0, 2, 1, 3][k])."""
+    c = channels // 4
+    block = torch.tensor([0, 2, 1, 3])
+    return (block.view(1, 4) * c + torch.arange(c).view(c, 1)).flatten()
+
+
+SEMASK_FPN_OFFICIAL = SwinOfficialKeyMap(
+    source="Picsart-AI-Research/SeMask-Segmentation SeMask-FPN (mmseg 0.x EncoderDecoder: "
+    "mmseg/models/backbones/semask_swin_transformer.py, decode_heads/branch_fpn_head.py)")
+
+SEMASK_MASK2FORMER_OFFICIAL = SwinOfficialKeyMap(
+    source="Picsart-AI-Research/SeMask-Segmentation SeMask-FAPN/SeMask-Mask2Former (detectron2 "
+    "SeMaskMaskFormer: D2SeMaskSwinTransformer, BranchMaskFormerHead, "
+    "MSDeformAttnPixelFANDecoder, MultiScaleMaskedTransformerDecoder)",
+    dropped=(r"^criterion\.",))
+
 OFFICIAL_KEY_MAPS: dict[str, KeyMap] = {
     "ocnet_r101-d8": OCNET_OPENSEG,
     "stlnet_r101-d8": STLNET_OFFICIAL,
@@ -171,6 +288,11 @@ OFFICIAL_KEY_MAPS: dict[str, KeyMap] = {
     "gatenet_vgg16": GATENET_VGG16_OFFICIAL,
     "hyperseg-m": HYPERSEG_OFFICIAL,
     "hyperseg-s": HYPERSEG_OFFICIAL,
+    "ocnet-asp_r101-d8": OCNET_ASP_OPENSEG,
+    "ocnet-pyramid_r101-d8": OCNET_PYRAMID_OPENSEG,
+    "bisenetv1_xception39": BISENET_X39_TORCHSEG,
+    **{f"semask-fpn_swin-{v}": SEMASK_FPN_OFFICIAL for v in "tsbl"},
+    "semask-mask2former-msfapn_swin-l": SEMASK_MASK2FORMER_OFFICIAL,
 }
 
 
