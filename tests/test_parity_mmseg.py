@@ -20,16 +20,10 @@ strictly by `segops.models.build(name, pretrained=path)`. Then:
 * every other variant at its registered widths (`test_mmseg_checkpoint_gives_mmseg_eval_logits_
   at_registered_widths`): the eval logits at 33x45 against mmseg's `encode_decode`, on the
   reference backend only (the fused backends and the training-mode outputs run the same code
-  as in the family's full comparison), the checkpoint handed over in memory: r50-d8 of FCN,
-  PSPNet, DeepLabV3/V3+ and of the six attention heads and PSANet, FCN-HRNet W18-Small and
-  W48, OCRNet W48 and r101-d8, MiT-B1, ViT-S/B/L, Swin-B/L, STDC2, ICNet r50-d8.
-* the variants that only add depth to one compared at the same widths get the strict load of
-  mmseg's state_dict (every key and shape) on the meta device, no forward: the r101-d8 of
-  every D8 family (11), FCN / OCRNet on HRNet-W18 (W18-Small's widths), MiT-B2..B5 (B1's
-  widths), Swin-S (Swin-T's). Their forwards would run no code the compared ones do not, and
-  would add about 5 minutes to the tier on this 2-core machine (the tier's budget is 8); run
-  once with `eval_logits=True` they pass too (largest relative difference 8.0e-6, OCRNet W18, where
-  mmseg's own fp32 error is 5.3e-6).
+  as in the family's full comparison), the checkpoint handed over in memory: the r50-d8 and
+  r101-d8 of FCN, PSPNet, DeepLabV3/V3+, of the six attention heads and of PSANet, OCRNet
+  r101-d8, FCN / OCRNet on HRNet W18-Small, W18 and W48, MiT-B1..B5, ViT-S/B/L, Swin-S/B/L,
+  STDC2, ICNet r50-d8: every model with an mmseg config gives mmseg's logits.
 
 Tolerance rule (tests/utils.py, flash-attention's): mmseg's model run in fp64 is the reference;
 our fp32 logits may differ from it by at most twice mmseg's own fp32 error plus a floor of
@@ -37,8 +31,7 @@ our fp32 logits may differ from it by at most twice mmseg's own fp32 error plus 
 
 To add a model: one line in `MMSEG_CONFIGS`,
 `"<segops name>": Parity("<mmseg config path relative to mmseg's configs/>"),` (add
-`full=False` for a larger variant of a family already compared in full, and
-`eval_logits=False` if it only adds depth to a variant compared at its widths).
+`full=False` for a larger variant of a family already compared in full).
 """
 from __future__ import annotations
 
@@ -52,9 +45,8 @@ from torch import nn
 import segops
 from segops import models
 from segops._backend import REGISTRY, OpBackends
-from segops.models.checkpoints import load_pretrained
 
-from tests.mmseg_reference import build_mmseg, on_meta
+from tests.mmseg_reference import build_mmseg
 from tests.utils import assert_close_to_reference, zoo_models
 
 pytestmark = pytest.mark.parity
@@ -66,19 +58,16 @@ ODD_SIZE = (33, 45)
 class Parity:
     """How model `name` is compared with mmseg's `config` (relative to mmseg's configs/).
 
-    full: the checkpoint round trip and the eval and training-mode comparisons; else
-    `eval_logits`: the eval logits on the reference backend, or (eval_logits=False, for a
-    variant that only adds depth to one compared at its widths) the strict state_dict load on
-    the meta device;
+    full: the checkpoint round trip and the eval and training-mode comparisons; else the eval
+    logits on the reference backend;
     triton: also on the Triton backend (under the interpreter on CPU: slow, so only where the
     model's fused operator is the point); mmseg_overrides / segops_kwargs: the full comparison
-    at other widths than the registered ones (which then get the `eval_logits` comparison),
+    at other widths than the registered ones (which then get the eval comparison),
     `at_r18_widths`.
     """
 
     config: str
     full: bool = True
-    eval_logits: bool = True
     triton: bool = False
     size: tuple = ODD_SIZE
     mmseg_overrides: dict = field(default_factory=dict)
@@ -104,32 +93,27 @@ _SWIN = {"t": "tiny-patch4-window7-in1k-pre", "s": "small-patch4-window7-in1k-pr
          "b": "base-patch4-window12-in22k-384x384-pre",
          "l": "large-patch4-window12-in22k-384x384-pre"}
 
-# (eval_logits=False marks the variants that only add depth to one compared at the same widths:
-# r101 where r50 is compared, HRNet-W18 beside W18-Small, MiT-B2..B5 beside B1, Swin-S beside
-# Swin-T)
 MMSEG_CONFIGS = {
-    **{f"{m}_r{d}-d8": Parity(f"{m}/{m}_r{d}-d8_{_CITY}", full=d == 18, eval_logits=d != 101)
+    **{f"{m}_r{d}-d8": Parity(f"{m}/{m}_r{d}-d8_{_CITY}", full=d == 18)
        for m in ("fcn", "pspnet", "deeplabv3", "deeplabv3plus") for d in (18, 50, 101)},
     **{f"{m}_r50-d8": at_r18_widths(f"{folder}/{m}_r50-d8_{_CITY}", triton=m in ("ccnet", "dnl"),
                                     decode_in=[256, 512] if m == "ann" else 512)
        for m, folder in _ATTENTION_D8.items()},
-    **{f"{m}_r101-d8": Parity(f"{folder}/{m}_r101-d8_{_CITY}", full=False, eval_logits=False)
+    **{f"{m}_r101-d8": Parity(f"{folder}/{m}_r101-d8_{_CITY}", full=False)
        for m, folder in _ATTENTION_D8.items()},
     # fcn_hr18s is ocrnet_hr18s's first stage, compared there in training mode
-    **{f"{m}_{v}": Parity(f"{folder}/{m}_{v}_{_CITY}", full=(m, v) == ("ocrnet", "hr18s"),
-                          eval_logits=v != "hr18")
+    **{f"{m}_{v}": Parity(f"{folder}/{m}_{v}_{_CITY}", full=(m, v) == ("ocrnet", "hr18s"))
        for m, folder in (("fcn", "hrnet"), ("ocrnet", "ocrnet")) for v in ("hr18s", "hr18", "hr48")},
     "ocrnet_r101-d8": Parity("ocrnet/ocrnet_r101-d8_8xb2-80k_cityscapes-512x1024.py", full=False),
     "fpn_r50": Parity(f"sem_fpn/fpn_r50_{_CITY}"),
     **{f"segformer_mit-b{i}": Parity(f"segformer/segformer_mit-b{i}_8xb2-160k_{_ADE}",
-                                     full=i == 0, eval_logits=i <= 1) for i in range(6)},
+                                     full=i == 0) for i in range(6)},
     **{f"segmenter_vit-{v}_mask": Parity(f"segmenter/segmenter_vit-{v}_mask_8xb1-160k_{_ADE}",
                                          full=v == "t") for v in "tsbl"},
-    **{f"upernet_swin-{v}": Parity(f"swin/swin-{_SWIN[v]}_{_SWIN_ADE}", full=v == "t",
-                                   eval_logits=v != "s")
+    **{f"upernet_swin-{v}": Parity(f"swin/swin-{_SWIN[v]}_{_SWIN_ADE}", full=v == "t")
        for v in _SWIN},
     "psanet_r50-d8": at_r18_widths(f"psanet/psanet_r50-d8_{_CITY}"),
-    "psanet_r101-d8": Parity(f"psanet/psanet_r101-d8_{_CITY}", full=False, eval_logits=False),
+    "psanet_r101-d8": Parity(f"psanet/psanet_r101-d8_{_CITY}", full=False),
     "bisenetv1_r18-d32": Parity("bisenetv1/bisenetv1_r18-d32_4xb4-160k_cityscapes-1024x1024.py"),
     "bisenetv2_fcn": Parity("bisenetv2/bisenetv2_fcn_4xb4-160k_cityscapes-1024x1024.py"),
     "stdc1": Parity("stdc/stdc1_4xb12-80k_cityscapes-512x1024.py"),
@@ -318,7 +302,7 @@ def _registered_widths(case: Parity) -> bool:
     return not case.full or bool(case.segops_kwargs)
 
 
-@pytest.mark.parametrize("name", _params(lambda c: _registered_widths(c) and c.eval_logits))
+@pytest.mark.parametrize("name", _params(_registered_widths))
 def test_mmseg_checkpoint_gives_mmseg_eval_logits_at_registered_widths(name):
     """The variants without a full comparison: eval logits on the reference backend (the fused
     backends and the training-mode outputs run the same code as the family's full comparison),
@@ -337,11 +321,3 @@ def test_mmseg_checkpoint_gives_mmseg_eval_logits_at_registered_widths(name):
         want32 = _mmseg_logits(ref, img.float())
         want64 = _mmseg_logits(ref.double(), img)
     _assert_eval_logits_close(name, got, want64, want32)
-
-
-@pytest.mark.parametrize("name", _params(lambda c: _registered_widths(c) and not c.eval_logits))
-def test_mmseg_state_dict_loads_strictly(name):
-    with on_meta():
-        ref = build_mmseg(MMSEG_CONFIGS[name].config)
-        ours = models.build(name)
-    load_pretrained(ours, ref.state_dict())
