@@ -7,6 +7,9 @@ Forward: online softmax over key tiles (exp2 domain), the per-position log-sum-e
 Backward: delta = <dO, O> per position, then separate dQ, dK and dV kernels that recompute the
 probabilities from the saved lse. Each program also owns one chunk of its output channels (so
 Ck, Cv up to 512 fit in registers); the logits are rebuilt per chunk by looping over channels.
+Optional additive logit terms (window attention): bias[n % nb, i, j] and mask[g % nm, i, j],
+loaded per tile pair under constexpr flags (without them the kernels compile as before); the
+dQ kernel's first channel chunk adds dS into an fp32 grad_bias buffer with atomics.
 
 Tensors in, tensors out; no registration here (segops/ops/interlaced_sparse_attention.py does it).
 """
@@ -59,8 +62,8 @@ def _rows(pid, start, NG, G, L, CK, CV, HW, W, GW, PH, PW,
     Not PACKED: one group (flat index n * G + g = pid), members start .. start + BLOCK.
     PACKED (small groups, LP = nextpow2_clamp(L) <= BLOCK / 2): BLOCK // LP whole groups per tile,
     row r -> group pid * (BLOCK // LP) + r // LP, member r % LP.
-    Returns (flat group index per row, validity, offsets into a Ck-channel tensor at channel 0,
-    offsets into a Cv-channel tensor at channel 0).
+    Returns (flat group index per row, member index, validity, offsets into a Ck-channel tensor
+    at channel 0, offsets into a Cv-channel tensor at channel 0).
     """
     r = tl.arange(0, BLOCK)
     if PACKED:
@@ -72,7 +75,7 @@ def _rows(pid, start, NG, G, L, CK, CV, HW, W, GW, PH, PW,
     valid = (m < L) & (ng < NG)
     n = (ng // G).to(tl.int64)
     pix = group_member_offset(ng % G, m, W, GW, PH, PW, LONG)
-    return ng, valid, n * CK * HW + pix, n * CV * HW + pix
+    return ng, m, valid, n * CK * HW + pix, n * CV * HW + pix
 
 
 @triton.jit
@@ -106,37 +109,65 @@ def _logits(A, B, rows_a, rows_b, mask_a, mask_b, C, HW,
 
 
 @triton.jit
-def _scaled_logits(Q, K, ng_m, mask_m, qrow, ng_n, mask_n, krow, CK, HW, qk_scale,
-                   PACKED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PREC: tl.constexpr):
-    """log2-domain logits of a (queries x keys) tile, -inf where a pair does not attend (both
-    valid and, in PACKED tiles, in the same group). The forward and every backward kernel
-    compute them with this one function."""
-    s = _logits(Q, K, qrow, krow, mask_m, mask_n, CK, HW, BLOCK, BLOCK, BLOCK_D, PREC) * qk_scale
+def _attends(ng_m, mask_m, ng_n, mask_n, PACKED: tl.constexpr):
+    """Which (query, key) pairs of a tile attend: both valid and, in PACKED tiles, one group's."""
     attend = mask_m[:, None] & mask_n[None, :]
     if PACKED:
         attend = attend & (ng_m[:, None] == ng_n[None, :])
+    return attend
+
+
+@triton.jit
+def _pair_offsets(matrix, mem_m, mem_n, L):
+    """Offsets of the entries [matrix, i, j] of an (*, L, L) tensor for a tile's member pairs
+    (matrix per query row)."""
+    return (matrix.to(tl.int64) * L + mem_m)[:, None] * L + mem_n[None, :]
+
+
+@triton.jit
+def _scaled_logits(Q, K, BIAS, MASK, ng_m, mem_m, mask_m, qrow, ng_n, mem_n, mask_n, krow, G, L,
+                   CK, HW, NB, NM, qk_scale, PACKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PREC: tl.constexpr):
+    """log2-domain logits of a (queries x keys) tile, scale q.k + bias[n % NB] + mask[g % NM]
+    (the terms present), -inf where a pair does not attend. The forward and every backward
+    kernel compute them with this one function."""
+    s = _logits(Q, K, qrow, krow, mask_m, mask_n, CK, HW, BLOCK, BLOCK, BLOCK_D, PREC) * qk_scale
+    attend = _attends(ng_m, mask_m, ng_n, mask_n, PACKED)
+    if HAS_BIAS:
+        offs = _pair_offsets((ng_m // G) % NB, mem_m, mem_n, L)
+        s += tl.load(BIAS + offs, mask=attend, other=0.0).to(tl.float32) * LOG2E
+    if HAS_MASK:
+        offs = _pair_offsets((ng_m % G) % NM, mem_m, mem_n, L)
+        s += tl.load(MASK + offs, mask=attend, other=0.0).to(tl.float32) * LOG2E
     return tl.where(attend, s, NEG_INF)
 
 
 # ------------------------------------------------------------------------------ forward
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, NG, G, L, CK, CV, HW, W, GW, PH, PW, NT, qk_scale,
-                LONG: tl.constexpr, PACKED: tl.constexpr, LP: tl.constexpr,
-                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-                PREC: tl.constexpr):
-    ng_m, mask_m, qrow, vrow = _own_rows(NG, G, L, CK, CV, HW, W, GW, PH, PW, BLOCK, LP, PACKED,
-                                         LONG)
+def _fwd_kernel(Q, K, V, BIAS, MASK, O, LSE, NG, G, L, CK, CV, HW, W, GW, PH, PW, NT, NB, NM,
+                qk_scale, LONG: tl.constexpr, PACKED: tl.constexpr, LP: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr):
+    ng_m, mem_m, mask_m, qrow, vrow = _own_rows(NG, G, L, CK, CV, HW, W, GW, PH, PW, BLOCK, LP,
+                                                PACKED, LONG)
     offs_c, mask_c = _channel_block(CV, BLOCK_C)
     m_i = tl.full((BLOCK,), NEG_INF, dtype=tl.float32)
     l_i = tl.zeros((BLOCK,), dtype=tl.float32)
     acc = tl.zeros((BLOCK, BLOCK_C), dtype=tl.float32)
     for t in range(0, NT):  # key tiles (1 when PACKED: the tile's own groups)
-        ng_n, mask_n, krow, vrow_n = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV, HW, W,
-                                           GW, PH, PW, BLOCK, LP, PACKED, LONG)
-        s = _scaled_logits(Q, K, ng_m, mask_m, qrow, ng_n, mask_n, krow, CK, HW, qk_scale, PACKED,
-                           BLOCK, BLOCK_D, PREC)
-        m_new = tl.maximum(tl.maximum(m_i, tl.max(s, 1)), -1e30)  # rows with no key stay finite
+        ng_n, mem_n, mask_n, krow, vrow_n = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV,
+                                                  HW, W, GW, PH, PW, BLOCK, LP, PACKED, LONG)
+        s = _scaled_logits(Q, K, BIAS, MASK, ng_m, mem_m, mask_m, qrow, ng_n, mem_n, mask_n, krow,
+                           G, L, CK, HW, NB, NM, qk_scale, PACKED, HAS_BIAS, HAS_MASK, BLOCK,
+                           BLOCK_D, PREC)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if HAS_MASK:
+            # Masked logits are finite but may lie far below -1e30 (a fully masked row averages
+            # its values): only rows with no key yet are pinned, to 0.
+            m_new = tl.where(m_new == NEG_INF, 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_new, -1e30)  # rows with no key stay finite
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -163,14 +194,17 @@ def _stats(LSE, DELTA, qrow, mask, CK, HW):
 
 
 @triton.jit
-def _probs_and_grads(Q, K, V, DO, LSE, DELTA, ng_m, mask_m, qrow, vrow, ng_n, mask_n, krow, vrow_n,
-                     CK, CV, HW, qk_scale, PACKED: tl.constexpr, BLOCK: tl.constexpr,
-                     BLOCK_D: tl.constexpr, PREC: tl.constexpr, GRADS: tl.constexpr):
+def _probs_and_grads(Q, K, V, DO, LSE, DELTA, BIAS, MASK, ng_m, mem_m, mask_m, qrow, vrow, ng_n,
+                     mem_n, mask_n, krow, vrow_n, G, L, CK, CV, HW, NB, NM, qk_scale,
+                     PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                     GRADS: tl.constexpr):
     """P of a (queries x keys) tile from the saved lse and, when GRADS, dS = P (dP - delta)
     (the logit gradient, before the factor `scale`); else dS is P."""
     lse2, delta = _stats(LSE, DELTA, qrow, mask_m, CK, HW)
-    s = _scaled_logits(Q, K, ng_m, mask_m, qrow, ng_n, mask_n, krow, CK, HW, qk_scale, PACKED,
-                       BLOCK, BLOCK_D, PREC)
+    s = _scaled_logits(Q, K, BIAS, MASK, ng_m, mem_m, mask_m, qrow, ng_n, mem_n, mask_n, krow, G,
+                       L, CK, HW, NB, NM, qk_scale, PACKED, HAS_BIAS, HAS_MASK, BLOCK, BLOCK_D,
+                       PREC)
     p = tl.exp2(s - lse2[:, None])
     ds = p
     if GRADS:
@@ -180,42 +214,51 @@ def _probs_and_grads(Q, K, V, DO, LSE, DELTA, ng_m, mask_m, qrow, vrow, ng_n, ma
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, NG, G, L, CK, CV, HW, W, GW, PH, PW, NT, scale,
-                   qk_scale, LONG: tl.constexpr, PACKED: tl.constexpr, LP: tl.constexpr,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, BIAS, MASK, DQ, DBIAS, NG, G, L, CK, CV, HW, W, GW,
+                   PH, PW, NT, NB, NM, scale, qk_scale, LONG: tl.constexpr, PACKED: tl.constexpr,
+                   LP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
                    PREC: tl.constexpr):
-    """dQ[:, i] = scale * sum_j P_ij (dP_ij - delta_i) K[:, j], for one chunk of Ck."""
-    ng_m, mask_m, qrow, vrow = _own_rows(NG, G, L, CK, CV, HW, W, GW, PH, PW, BLOCK, LP, PACKED,
-                                         LONG)
+    """dQ[:, i] = scale * sum_j P_ij (dP_ij - delta_i) K[:, j], for one chunk of Ck; with a
+    bias, the first chunk's programs also add dS_ij into DBIAS[n % NB, i, j] (fp32)."""
+    ng_m, mem_m, mask_m, qrow, vrow = _own_rows(NG, G, L, CK, CV, HW, W, GW, PH, PW, BLOCK, LP,
+                                                PACKED, LONG)
     offs_c, mask_c = _channel_block(CK, BLOCK_C)
     acc = tl.zeros((BLOCK, BLOCK_C), dtype=tl.float32)
     for t in range(0, NT):
-        ng_n, mask_n, krow, vrow_n = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV, HW, W,
-                                           GW, PH, PW, BLOCK, LP, PACKED, LONG)
-        p, ds = _probs_and_grads(Q, K, V, DO, LSE, DELTA, ng_m, mask_m, qrow, vrow, ng_n, mask_n,
-                                 krow, vrow_n, CK, CV, HW, qk_scale, PACKED, BLOCK, BLOCK_D, PREC,
+        ng_n, mem_n, mask_n, krow, vrow_n = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV,
+                                                  HW, W, GW, PH, PW, BLOCK, LP, PACKED, LONG)
+        p, ds = _probs_and_grads(Q, K, V, DO, LSE, DELTA, BIAS, MASK, ng_m, mem_m, mask_m, qrow,
+                                 vrow, ng_n, mem_n, mask_n, krow, vrow_n, G, L, CK, CV, HW, NB,
+                                 NM, qk_scale, PACKED, HAS_BIAS, HAS_MASK, BLOCK, BLOCK_D, PREC,
                                  True)
+        if HAS_BIAS:
+            attend = _attends(ng_m, mask_m, ng_n, mask_n, PACKED) & (tl.program_id(2) == 0)
+            tl.atomic_add(DBIAS + _pair_offsets((ng_m // G) % NB, mem_m, mem_n, L), ds,
+                          mask=attend)
         k = load_tile(K, krow, offs_c, mask_n, mask_c, HW, False)
         acc += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     store_tile(DQ, qrow, offs_c, mask_m, mask_c, HW, acc * scale)
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKV, NG, G, L, CK, CV, HW, W, GW, PH, PW, NT, scale,
-                     qk_scale, LONG: tl.constexpr, PACKED: tl.constexpr, LP: tl.constexpr,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, BIAS, MASK, DKV, NG, G, L, CK, CV, HW, W, GW, PH,
+                     PW, NT, NB, NM, scale, qk_scale, LONG: tl.constexpr, PACKED: tl.constexpr,
+                     LP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
                      PREC: tl.constexpr, DV: tl.constexpr):
     """One chunk of dK (DV=False) or dV (DV=True) for a tile of keys:
     dK[:, j] = scale * sum_i P_ij (dP_ij - delta_i) Q[:, i];  dV[:, j] = sum_i P_ij dO[:, i]."""
-    ng_n, mask_n, krow, vrow_n = _own_rows(NG, G, L, CK, CV, HW, W, GW, PH, PW, BLOCK, LP, PACKED,
-                                           LONG)
+    ng_n, mem_n, mask_n, krow, vrow_n = _own_rows(NG, G, L, CK, CV, HW, W, GW, PH, PW, BLOCK, LP,
+                                                  PACKED, LONG)
     offs_c, mask_c = _channel_block(CV if DV else CK, BLOCK_C)
     acc = tl.zeros((BLOCK, BLOCK_C), dtype=tl.float32)
     for t in range(0, NT):  # query tiles
-        ng_m, mask_m, qrow, vrow = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV, HW, W, GW,
-                                         PH, PW, BLOCK, LP, PACKED, LONG)
-        p, ds = _probs_and_grads(Q, K, V, DO, LSE, DELTA, ng_m, mask_m, qrow, vrow, ng_n, mask_n,
-                                 krow, vrow_n, CK, CV, HW, qk_scale, PACKED, BLOCK, BLOCK_D, PREC,
+        ng_m, mem_m, mask_m, qrow, vrow = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV,
+                                                HW, W, GW, PH, PW, BLOCK, LP, PACKED, LONG)
+        p, ds = _probs_and_grads(Q, K, V, DO, LSE, DELTA, BIAS, MASK, ng_m, mem_m, mask_m, qrow,
+                                 vrow, ng_n, mem_n, mask_n, krow, vrow_n, G, L, CK, CV, HW, NB,
+                                 NM, qk_scale, PACKED, HAS_BIAS, HAS_MASK, BLOCK, BLOCK_D, PREC,
                                  not DV)
         if DV:
             do = load_tile(DO, vrow, offs_c, mask_m, mask_c, HW, False)
@@ -257,9 +300,9 @@ def config(ck: int, cv: int, members: int, dtype: torch.dtype, target: Target) -
 
 class _Plan:
     """One call: its kernel configs, the packing of small groups, the grid over (group tiles,
-    member tiles, channel chunks) and the shared kernel arguments."""
+    member tiles, channel chunks), the shared kernel arguments and the logit terms present."""
 
-    def __init__(self, query, value, ph, pw, long):
+    def __init__(self, query, value, bias, mask, ph, pw, long):
         n, ck, h, w = query.shape
         self.ck, self.cv = ck, value.shape[1]
         self.groups, self.L = group_counts(h, w, ph, pw, long)
@@ -272,8 +315,11 @@ class _Plan:
         else:
             self.group_tiles, self.member_tiles = self.ng, triton.cdiv(self.L, tiles["BLOCK"])
         self.args = (self.ng, self.groups, self.L, ck, self.cv, h * w, w, w // pw, ph, pw,
-                     self.member_tiles)
-        self.meta = dict(LONG=bool(long), PREC=dot_precision(query.dtype))
+                     self.member_tiles, _matrices(bias), _matrices(mask))
+        self.meta = dict(LONG=bool(long), PREC=dot_precision(query.dtype),
+                         HAS_BIAS=bias is not None, HAS_MASK=mask is not None)
+        # Absent terms are never read: any tensor stands in for their pointers.
+        self.terms = tuple(query if t is None else t.contiguous() for t in (bias, mask))
 
     def launch(self, kernel, which: str, channels: int, tensors: tuple, scalars: tuple, **meta):
         """kernel(*tensors, *the shared arguments, *scalars) with config `which`, over
@@ -283,35 +329,47 @@ class _Plan:
         kernel[grid](*tensors, *self.args, *scalars, **self.meta, **cfg, **meta)
 
 
-def forward(query, key, value, ph: int, pw: int, long: bool, scale: float):
-    """-> (out (N, Cv, H, W), lse (N, H, W) fp32, natural log of the scaled-logit sums)."""
+def _matrices(term) -> int:
+    """Leading size of an optional (n, L, L) bias or mask (1 when absent)."""
+    return 1 if term is None else term.shape[0]
+
+
+def forward(query, key, value, bias, mask, ph: int, pw: int, long: bool, scale: float):
+    """-> (out (N, Cv, H, W), lse (N, H, W) fp32, natural log of the sums of exp(logits)).
+    bias (nb, L, L), mask (nm, L, L): optional logit terms of sample n % nb, group g % nm."""
     q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
     n, ck, h, w = q.shape
     out = torch.empty((n, v.shape[1], h, w), device=v.device, dtype=v.dtype)
     lse = torch.empty((n, h, w), device=q.device, dtype=torch.float32)
     if out.numel() == 0 or lse.numel() == 0:
         return out, lse
-    plan = _Plan(q, v, ph, pw, long)
-    plan.launch(_fwd_kernel, "fwd", plan.cv, (q, k, v, out, lse), (log2_scale(scale),))
+    plan = _Plan(q, v, bias, mask, ph, pw, long)
+    plan.launch(_fwd_kernel, "fwd", plan.cv, (q, k, v, *plan.terms, out, lse),
+                (log2_scale(scale),))
     return out, lse
 
 
-def backward(grad_out, query, key, value, out, lse, ph: int, pw: int, long: bool, scale: float):
-    """-> (dquery, dkey, dvalue), recomputing the probabilities from `lse`."""
+def backward(grad_out, query, key, value, bias, mask, out, lse, ph: int, pw: int, long: bool,
+             scale: float):
+    """-> (dquery, dkey, dvalue, dbias), recomputing the probabilities from `lse`; dbias is
+    summed in fp32 and returned in bias's dtype, an empty (0,) tensor without a bias."""
     q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
     do, o, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     n, ck, h, w = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbias_acc = (torch.zeros(bias.shape, device=q.device, dtype=torch.float32)
+                 if bias is not None else q.new_empty((0,)))
     if q.numel() == 0 or v.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    plan = _Plan(q, v, ph, pw, long)
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbias_acc.to(q.dtype)
+    plan = _Plan(q, v, bias, mask, ph, pw, long)
     delta = channel_dot(o, do)
-    common = (q, k, v, do, lse, delta)
+    common = (q, k, v, do, lse, delta, *plan.terms)
     scales = (float(scale), log2_scale(scale))
-    plan.launch(_bwd_dq_kernel, "dq", ck, (*common, dq), scales)
+    plan.launch(_bwd_dq_kernel, "dq", ck, (*common, dq, dbias_acc if bias is not None else dq),
+                scales)
     plan.launch(_bwd_dkdv_kernel, "dk", ck, (*common, dk), scales, DV=False)
     plan.launch(_bwd_dkdv_kernel, "dv", plan.cv, (*common, dv), scales, DV=True)
-    return dq, dk, dv
+    return dq, dk, dv, dbias_acc.to(q.dtype)
 
 
 __all__ = ["forward", "backward", "group_member_offset", "group_counts"]
