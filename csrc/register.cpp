@@ -37,9 +37,12 @@ TORCH_LIBRARY(segops_C, m) {
   m.def("criss_cross_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
         "Tensor out, Tensor stats) -> (Tensor, Tensor, Tensor)");
   // interlaced_sparse_attention: forward returns (out, lse (N, H, W), fp32; fp64 for fp64 inputs).
-  m.def("interlaced_sparse_attention_forward(Tensor query, Tensor key, Tensor value, int ph, "
-        "int pw, bool long_range, float scale) -> (Tensor, Tensor)");
+  // bias (nb, L, L) and mask (nm, L, L) are optional additive logits; the backward returns
+  // (grad_query, grad_key, grad_value, grad_bias), grad_bias of shape (0,) without a bias.
+  m.def("interlaced_sparse_attention_forward(Tensor query, Tensor key, Tensor value, "
+        "Tensor? bias, Tensor? mask, int ph, int pw, bool long_range, float scale) "
+        "-> (Tensor, Tensor)");
   m.def("interlaced_sparse_attention_backward(Tensor grad_out, Tensor query, Tensor key, "
-        "Tensor value, Tensor out, Tensor lse, int ph, int pw, bool long_range, float scale) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor value, Tensor? bias, Tensor? mask, Tensor out, Tensor lse, int ph, int pw, "
+        "bool long_range, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
 }

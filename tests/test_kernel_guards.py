@@ -39,13 +39,13 @@ def cca_backward(**shape):
 
 def isa_forward(n=2, ck=3, cv=5, h=4, w=6):
     return dict(query=rand(n, ck, h, w), key=rand(n, ck, h, w), value=rand(n, cv, h, w),
-                ph=2, pw=3, long_range=True, scale=0.5)
+                bias=None, mask=None, ph=2, pw=3, long_range=True, scale=0.5)
 
 
 def isa_backward(**shape):
     a = isa_forward(**shape)
     out, lse = C.interlaced_sparse_attention_forward(*a.values())
-    t = dict(list(a.items())[:3])
+    t = dict(list(a.items())[:5])
     return dict(grad_out=torch.randn_like(out), **t, out=out, lse=lse, ph=2, pw=3,
                 long_range=True, scale=0.5)
 

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -290,13 +291,15 @@ void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const T* O
 
 // Unlike the other CPU kernels these take any layout (the op is registered so), and copy what
 // is not contiguous.
-std::tuple<at::Tensor, at::Tensor> isa_forward(const at::Tensor& query_any,
-                                               const at::Tensor& key_any,
-                                               const at::Tensor& value_any, int64_t ph, int64_t pw,
-                                               bool long_range, double scale) {
+std::tuple<at::Tensor, at::Tensor> isa_forward(
+    const at::Tensor& query_any, const at::Tensor& key_any, const at::Tensor& value_any,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask, int64_t ph,
+    int64_t pw, bool long_range, double scale) {
   const auto query = query_any.contiguous(), key = key_any.contiguous(),
              value = value_any.contiguous();
   check_inputs("interlaced_sparse_attention_forward (cpu)", query, key, value, ph, pw);
+  TORCH_CHECK(!bias.has_value() && !mask.has_value(),
+              "interlaced_sparse_attention_forward (cpu): bias/mask not implemented yet");
   const int64_t N = query.size(0), Ck = query.size(1), H = query.size(2), W = query.size(3);
   const int64_t Cv = value.size(1);
   auto out = at::empty({N, Cv, H, W}, value.options());
@@ -312,10 +315,13 @@ std::tuple<at::Tensor, at::Tensor> isa_forward(const at::Tensor& query_any,
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> isa_backward(
     const at::Tensor& grad_out_any, const at::Tensor& query_any, const at::Tensor& key_any,
-    const at::Tensor& value_any, const at::Tensor& out_any, const at::Tensor& lse_any, int64_t ph,
-    int64_t pw, bool long_range, double scale) {
+    const at::Tensor& value_any, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& mask, const at::Tensor& out_any, const at::Tensor& lse_any,
+    int64_t ph, int64_t pw, bool long_range, double scale) {
+  TORCH_CHECK(!bias.has_value() && !mask.has_value(),
+              "interlaced_sparse_attention_backward (cpu): bias/mask not implemented yet");
   const auto query = query_any.contiguous(), key = key_any.contiguous(),
              value = value_any.contiguous();
   const auto grad_out = grad_out_any.contiguous(), out = out_any.contiguous(),
@@ -329,7 +335,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_backward(
   guards::check_sizes(kernel, "out", out, value.sizes());
   guards::check_sizes(kernel, "lse", lse, {N, H, W});
   auto dq = at::empty_like(query), dk = at::empty_like(key), dv = at::empty_like(value);
-  if (lse.numel() == 0) return {dq, dk, dv};  // no positions: all three are empty
+  auto dbias = at::empty({0}, query.options());
+  if (lse.numel() == 0) return {dq, dk, dv, dbias};  // no positions: all are empty
   GroupMap map(H, W, ph, pw, long_range);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "interlaced_sparse_attention_backward", [&] {
     backward_kernel<scalar_t>(
@@ -339,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_backward(
         dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
         dv.mutable_data_ptr<scalar_t>(), N, Ck, Cv, map, static_cast<scalar_t>(scale));
   });
-  return {dq, dk, dv};
+  return {dq, dk, dv, dbias};
 }
 
 }  // namespace

@@ -8,6 +8,9 @@ so it keeps the peer's memory profile (permuted copies and the group attention m
 Groups for block size (Ph, Pw), with H = Gh·Ph and W = Gw·Pw and y = gy·Ph + ly, x = gx·Pw + lx:
 - mode "long":  group (ly, lx) (Ph·Pw groups), members (gy, gx) in row-major order;
 - mode "short": group (gy, gx) (Gh·Gw groups), members (ly, lx) in row-major order.
+
+Optional additive logits (window attention, e.g. Swin with the heads folded into the batch):
+sample n adds bias[n % nb] and group g adds mask[g % nm], both (·, L, L) over member indices.
 """
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ def from_groups(x: Tensor, shape: Tuple[int, int, int, int], block_size: Tuple[i
 
 def interlaced_sparse_attention(query: Tensor, key: Tensor, value: Tensor,
                                 block_size: Tuple[int, int] = (8, 8), mode: str = "long", *,
-                                scale: Optional[float] = None) -> Tensor:
+                                scale: Optional[float] = None, bias: Optional[Tensor] = None,
+                                mask: Optional[Tensor] = None) -> Tensor:
     n, ck, h, w = query.shape
     cv = value.shape[1]
     if scale is None:
@@ -57,6 +61,18 @@ def interlaced_sparse_attention(query: Tensor, key: Tensor, value: Tensor,
     v = to_groups(value, block_size, mode)
     sim = torch.matmul(q, k.transpose(1, 2))
     sim = scale * sim
+    if bias is not None or mask is not None:
+        members = sim.shape[1]
+        groups = q.shape[0] // n if n else 0
+        nb = bias.shape[0] if bias is not None else 1
+        nm = mask.shape[0] if mask is not None else 1
+        # (sample, group) -> (sample // nb, n % nb, group // nm, group % nm)
+        sim = sim.reshape(n // nb, nb, groups // nm, nm, members, members)
+        if bias is not None:
+            sim = sim + bias.reshape(1, nb, 1, 1, members, members)
+        if mask is not None:
+            sim = sim + mask.reshape(1, 1, 1, nm, members, members)
+        sim = sim.reshape(n * groups, members, members)
     attn = torch.softmax(sim, dim=-1)
     out = torch.matmul(attn, v)
     return from_groups(out, (n, cv, h, w), block_size, mode)
