@@ -124,15 +124,17 @@ template <typename T> struct LogitTerms {
   int64_t nb, nm;
 };
 
-// Offsets of the matrices bias[n % nb] and mask[g % nm] of each own row's group. Thread r fills
-// row r, as fill_rows did (no barrier needed in between).
-template <typename T, int M>
+// Each own row's line of the matrices bias[n % nb] and mask[g % nm] of its group: the offset of
+// entry (m_r, 0) when the own rows are the queries (kOwnQuery), else of entry (0, m_r). Thread r
+// fills row r, as fill_rows did (no barrier needed in between).
+template <bool kOwnQuery, typename T, int M>
 __device__ __forceinline__ void fill_term_lines(int64_t (&lines)[2][M], const LogitTerms<T>& t,
                                                 const Geom& g, const Rows<M>& own) {
   for (int r = threadIdx.x; r < M; r += kThreads) {
     const int64_t ng = own.ng[r] < 0 ? 0 : own.ng[r], size = g.L * g.L;
-    lines[0][r] = own.n[r] % t.nb * size;
-    lines[1][r] = ng % g.G % t.nm * size;
+    const int64_t at = kOwnQuery ? own.m[r] * g.L : own.m[r];
+    lines[0][r] = own.n[r] % t.nb * size + at;
+    lines[1][r] = ng % g.G % t.nm * size + at;
   }
 }
 
@@ -150,11 +152,25 @@ __device__ __forceinline__ void stage_terms(acc_t<T>* terms_tile, const LogitTer
     const int i = kOwnQuery ? idx / M : idx % M, j = kOwnQuery ? idx % M : idx / M;
     acc_t<T> v = acc_t<T>(0);
     if (own.ng[i] >= 0 && own.ng[i] == oth.ng[j]) {
-      const int64_t e = kOwnQuery ? own.m[i] * g.L + oth.m[j] : oth.m[j] * g.L + own.m[i];
+      const int64_t e = kOwnQuery ? oth.m[j] : oth.m[j] * g.L;
       if (t.bias != nullptr) v += to_acc<acc_t<T>>(t.bias[lines[0][i] + e]);
       if (t.mask != nullptr) v += to_acc<acc_t<T>>(t.mask[lines[1][i] + e]);
     }
     terms_tile[i * PLD + j] = v;
+  }
+}
+
+// gbias[n % nb, m_i, m_j] += ds[i * PLD + j] for the attending pairs of a (query tile x key
+// tile) pair, lines from fill_term_lines<true>. Outside the pair loop, whose registers are
+// full; consecutive threads add into consecutive entries.
+template <typename T, int M, int PLD>
+__device__ __forceinline__ void add_bias_grads(acc_t<T>* gbias, const acc_t<T>* ds,
+                                               const int64_t (&lines)[2][M], const Rows<M>& own,
+                                               const Rows<M>& oth) {
+  for (int idx = threadIdx.x; idx < M * M; idx += kThreads) {
+    const int i = idx / M, j = idx % M;
+    if (own.ng[i] >= 0 && own.ng[i] == oth.ng[j])
+      atomicAdd(gbias + lines[0][i] + oth.m[j], ds[i * PLD + j]);
   }
 }
 
@@ -317,7 +333,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   int64_t tile, start;
   own_tile(g, blockIdx.x, M, tile, start);
   fill_rows<M>(own, g, tile, start);
-  if constexpr (kTerms) fill_term_lines(lines, terms, g, own);
+  if constexpr (kTerms) fill_term_lines<true>(lines, terms, g, own);
 
   const A neg_inf = -INFINITY;
   A m_i[TM], l_i[TM], acc[TM][TM];
@@ -461,6 +477,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const T* Mt = MODE == kGradQ ? K : (MODE == kGradK ? Q : dO);
   const int64_t Cm = MODE == kGradV ? g.Cv : g.Ck;
   const A out_scale = MODE == kGradV ? A(1) : scale;
+  constexpr bool kBiasGrad = kTerms && MODE == kGradQ;  // adds dS into GBIAS (when set)
 
   __shared__ int64_t lines[2][M];  // kTerms: fill_term_lines
 
@@ -469,7 +486,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   int64_t tile, start;
   own_tile(g, blockIdx.x, M, tile, start);
   fill_rows<M>(own, g, tile, start);
-  if constexpr (kTerms) fill_term_lines(lines, terms, g, own);
+  if constexpr (kTerms) fill_term_lines<MODE == kGradQ>(lines, terms, g, own);
 
   A acc[TM][TM];
 #pragma unroll
@@ -528,15 +545,13 @@ __global__ void __launch_bounds__(kThreads, 2)
           if constexpr (kTerms) logit += ps[i * PLD + j];
           const A p = acc_exp(logit - st_lse[q]);
           v = MODE == kGradV ? p : p * (dp[a][b] - st_delta[q]);
-          if constexpr (kTerms && MODE == kGradQ) {
-            if (GBIAS != nullptr && blockIdx.y == 0)
-              atomicAdd(GBIAS + lines[0][i] + own.m[i] * g.L + oth.m[j], v);
-          }
         }
-        if constexpr (kTC)
+        if constexpr (kTC) {
           ph[i * HLD + j] = from_acc<T>(v);
-        else
+          if constexpr (kBiasGrad) ps[i * PLD + j] = v;  // dS in full precision
+        } else {
           ps[i * PLD + j] = v;
+        }
       }
     }
     // the multiplied tensor's other-side rows, row-major (row x channel), channels c0 .. c0 + M
@@ -545,6 +560,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     else
       load_tile<M, M>(ubuf, ULD, 1, Mt, Cm, g.HW, oth, c0);
     __syncthreads();
+    if constexpr (kBiasGrad) {
+      if (GBIAS != nullptr && blockIdx.y == 0)
+        add_bias_grads<T, M, PLD>(GBIAS, ps, lines, own, oth);
+      if constexpr (kTC) __syncthreads();  // ps is the tensor-core staging next
+    }
     if constexpr (kTC)
       tile_pv_wmma<T, M, HLD, PLD>(acc, ph, ms_h, ps, tx, ty);
     else
@@ -707,7 +727,8 @@ cudaError_t launch_backward(const IsaBackwardParams& p, cudaStream_t stream) {
       g.HW);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  if (p.bias == nullptr && p.mask == nullptr) return run_backward<T, false>(p, g, terms, scratch, stream);
+  if (p.bias == nullptr && p.mask == nullptr)
+    return run_backward<T, false>(p, g, terms, scratch, stream);
   if (scratch.bias_count > 0) {
     err = cudaMemsetAsync(scratch.bias_sums, 0, size_t(scratch.bias_count) * sizeof(A), stream);
     if (err != cudaSuccess) return err;
