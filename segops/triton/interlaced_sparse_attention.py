@@ -118,28 +118,62 @@ def _attends(ng_m, mask_m, ng_n, mask_n, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _pair_offsets(matrix, mem_m, mem_n, L):
-    """Offsets of the entries [matrix, i, j] of an (*, L, L) tensor for a tile's member pairs
-    (matrix per query row)."""
-    return (matrix.to(tl.int64) * L + mem_m)[:, None] * L + mem_n[None, :]
+def _pair_offsets(mem_m, mem_n, L):
+    """Offsets of the entries (i, j) of an L x L matrix for a tile's (query, key) members."""
+    return mem_m.to(tl.int64)[:, None] * L + mem_n[None, :]
 
 
 @triton.jit
-def _scaled_logits(Q, K, BIAS, MASK, ng_m, mem_m, mask_m, qrow, ng_n, mem_n, mask_n, krow, G, L,
-                   CK, HW, NB, NM, qk_scale, PACKED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PREC: tl.constexpr):
+def _term_matrix(T, ng_m, G, COUNT, L, BY_SAMPLE: tl.constexpr, PACKED: tl.constexpr):
+    """Start of each query row's matrix of an (COUNT, L, L) term: [n % COUNT] (BY_SAMPLE, the
+    bias) or [g % COUNT] (the mask). Unpacked tiles hold one group (program_id(0)): one scalar
+    start, so that the pair offsets are shared by both terms and no offset tile is per row."""
+    if PACKED:
+        ng = ng_m
+    else:
+        ng = tl.program_id(0)
+    if BY_SAMPLE:
+        matrix = (ng // G) % COUNT
+    else:
+        matrix = (ng % G) % COUNT
+    start = T + matrix.to(tl.int64) * L * L
+    if PACKED:
+        start = start[:, None]
+    return start
+
+
+@triton.jit
+def _load_term(T, ng_m, mem_m, mem_n, attend, q_start, k_start, G, COUNT, L,
+               BY_SAMPLE: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr):
+    """A term's entries at a (queries x keys) tile's attending pairs, fp32 in log2 units (0
+    elsewhere). Unpacked tiles are the block (q_start.., k_start..) of one matrix: a block
+    pointer, with no per-element offset tile held in registers (those spilled on sm_90)."""
+    start = _term_matrix(T, ng_m, G, COUNT, L, BY_SAMPLE, PACKED)
+    if PACKED:
+        term = tl.load(start + _pair_offsets(mem_m, mem_n, L), mask=attend, other=0.0)
+    else:
+        block = tl.make_block_ptr(start, (L, L), (L, 1), (q_start, k_start), (BLOCK, BLOCK), (1, 0))
+        term = tl.load(block, boundary_check=(0, 1), padding_option="zero")
+    return term.to(tl.float32) * LOG2E
+
+
+@triton.jit
+def _scaled_logits(Q, K, BIAS, MASK, ng_m, mem_m, mask_m, qrow, ng_n, mem_n, mask_n, krow,
+                   q_start, k_start, G, L, CK, HW, NB, NM, qk_scale, PACKED: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+                   BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """log2-domain logits of a (queries x keys) tile, scale q.k + bias[n % NB] + mask[g % NM]
     (the terms present), -inf where a pair does not attend. The forward and every backward
-    kernel compute them with this one function."""
+    kernel compute them with this one function. q_start, k_start: the first query and key
+    member of an unpacked tile."""
     s = _logits(Q, K, qrow, krow, mask_m, mask_n, CK, HW, BLOCK, BLOCK, BLOCK_D, PREC) * qk_scale
     attend = _attends(ng_m, mask_m, ng_n, mask_n, PACKED)
     if HAS_BIAS:
-        offs = _pair_offsets((ng_m // G) % NB, mem_m, mem_n, L)
-        s += tl.load(BIAS + offs, mask=attend, other=0.0).to(tl.float32) * LOG2E
+        s += _load_term(BIAS, ng_m, mem_m, mem_n, attend, q_start, k_start, G, NB, L, True,
+                        PACKED, BLOCK)
     if HAS_MASK:
-        offs = _pair_offsets((ng_m % G) % NM, mem_m, mem_n, L)
-        s += tl.load(MASK + offs, mask=attend, other=0.0).to(tl.float32) * LOG2E
+        s += _load_term(MASK, ng_m, mem_m, mem_n, attend, q_start, k_start, G, NM, L, False,
+                        PACKED, BLOCK)
     return tl.where(attend, s, NEG_INF)
 
 
@@ -159,8 +193,8 @@ def _fwd_kernel(Q, K, V, BIAS, MASK, O, LSE, NG, G, L, CK, CV, HW, W, GW, PH, PW
         ng_n, mem_n, mask_n, krow, vrow_n = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV,
                                                   HW, W, GW, PH, PW, BLOCK, LP, PACKED, LONG)
         s = _scaled_logits(Q, K, BIAS, MASK, ng_m, mem_m, mask_m, qrow, ng_n, mem_n, mask_n, krow,
-                           G, L, CK, HW, NB, NM, qk_scale, PACKED, HAS_BIAS, HAS_MASK, BLOCK,
-                           BLOCK_D, PREC)
+                           tl.program_id(1) * BLOCK, t * BLOCK, G, L, CK, HW, NB, NM, qk_scale,
+                           PACKED, HAS_BIAS, HAS_MASK, BLOCK, BLOCK_D, PREC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if HAS_MASK:
             # Masked logits are finite but may lie far below -1e30 (a fully masked row averages
@@ -195,16 +229,17 @@ def _stats(LSE, DELTA, qrow, mask, CK, HW):
 
 @triton.jit
 def _probs_and_grads(Q, K, V, DO, LSE, DELTA, BIAS, MASK, ng_m, mem_m, mask_m, qrow, vrow, ng_n,
-                     mem_n, mask_n, krow, vrow_n, G, L, CK, CV, HW, NB, NM, qk_scale,
+                     mem_n, mask_n, krow, vrow_n, q_start, k_start, G, L, CK, CV, HW, NB, NM,
+                     qk_scale,
                      PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                      GRADS: tl.constexpr):
     """P of a (queries x keys) tile from the saved lse and, when GRADS, dS = P (dP - delta)
     (the logit gradient, before the factor `scale`); else dS is P."""
     lse2, delta = _stats(LSE, DELTA, qrow, mask_m, CK, HW)
-    s = _scaled_logits(Q, K, BIAS, MASK, ng_m, mem_m, mask_m, qrow, ng_n, mem_n, mask_n, krow, G,
-                       L, CK, HW, NB, NM, qk_scale, PACKED, HAS_BIAS, HAS_MASK, BLOCK, BLOCK_D,
-                       PREC)
+    s = _scaled_logits(Q, K, BIAS, MASK, ng_m, mem_m, mask_m, qrow, ng_n, mem_n, mask_n, krow,
+                       q_start, k_start, G, L, CK, HW, NB, NM, qk_scale, PACKED, HAS_BIAS,
+                       HAS_MASK, BLOCK, BLOCK_D, PREC)
     p = tl.exp2(s - lse2[:, None])
     ds = p
     if GRADS:
@@ -229,13 +264,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, BIAS, MASK, DQ, DBIAS, NG, G, L, CK,
         ng_n, mem_n, mask_n, krow, vrow_n = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV,
                                                   HW, W, GW, PH, PW, BLOCK, LP, PACKED, LONG)
         p, ds = _probs_and_grads(Q, K, V, DO, LSE, DELTA, BIAS, MASK, ng_m, mem_m, mask_m, qrow,
-                                 vrow, ng_n, mem_n, mask_n, krow, vrow_n, G, L, CK, CV, HW, NB,
-                                 NM, qk_scale, PACKED, HAS_BIAS, HAS_MASK, BLOCK, BLOCK_D, PREC,
-                                 True)
+                                 vrow, ng_n, mem_n, mask_n, krow, vrow_n, tl.program_id(1) * BLOCK,
+                                 t * BLOCK, G, L, CK, CV, HW, NB, NM, qk_scale, PACKED, HAS_BIAS,
+                                 HAS_MASK, BLOCK, BLOCK_D, PREC, True)
         if HAS_BIAS:
             attend = _attends(ng_m, mask_m, ng_n, mask_n, PACKED) & (tl.program_id(2) == 0)
-            tl.atomic_add(DBIAS + _pair_offsets((ng_m // G) % NB, mem_m, mem_n, L), ds,
-                          mask=attend)
+            dbias = _term_matrix(DBIAS, ng_m, G, NB, L, True, PACKED)
+            tl.atomic_add(dbias + _pair_offsets(mem_m, mem_n, L), ds, mask=attend)
         k = load_tile(K, krow, offs_c, mask_n, mask_c, HW, False)
         acc += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     store_tile(DQ, qrow, offs_c, mask_m, mask_c, HW, acc * scale)
@@ -257,9 +292,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, BIAS, MASK, DKV, NG, G, L, CK, CV,
         ng_m, mem_m, mask_m, qrow, vrow = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV,
                                                 HW, W, GW, PH, PW, BLOCK, LP, PACKED, LONG)
         p, ds = _probs_and_grads(Q, K, V, DO, LSE, DELTA, BIAS, MASK, ng_m, mem_m, mask_m, qrow,
-                                 vrow, ng_n, mem_n, mask_n, krow, vrow_n, G, L, CK, CV, HW, NB,
-                                 NM, qk_scale, PACKED, HAS_BIAS, HAS_MASK, BLOCK, BLOCK_D, PREC,
-                                 not DV)
+                                 vrow, ng_n, mem_n, mask_n, krow, vrow_n, t * BLOCK,
+                                 tl.program_id(1) * BLOCK, G, L, CK, CV, HW, NB, NM, qk_scale,
+                                 PACKED, HAS_BIAS, HAS_MASK, BLOCK, BLOCK_D, PREC, not DV)
         if DV:
             do = load_tile(DO, vrow, offs_c, mask_m, mask_c, HW, False)
             acc += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
