@@ -293,6 +293,8 @@ def main(argv=None) -> int:
                    "first shape of each op, to stay within 10 minutes on 2 cores)")
     p.add_argument("--headline", action="store_true", help="only each op's headline cases (its "
                    "first shape: what a CPU run picks by default), on any device")
+    p.add_argument("--case", help="only the op cases whose label contains this text (searched "
+                   "among every shape, as --full)")
     p.add_argument("--models", action="store_true", help="benchmark whole models instead of ops "
                    "(256x512 input, eval forward and a train step)")
     p.add_argument("--out", help="JSON path (default: benchmarks/out/<device>_<date>.json)")
@@ -328,10 +330,12 @@ def main(argv=None) -> int:
             module = cases_mod.load(op)
             for dt in dtypes:
                 op_cases = module.cases(device, getattr(torch, dt), args.quick)
-                if (device == "cpu" or args.headline) and not (args.full or args.quick):
+                if (device == "cpu" or args.headline) and not (args.full or args.quick
+                                                                or args.case):
                     op_cases = op_cases[:getattr(module, "DEFAULT_CPU_CASES", 1)]
                 for i, case in enumerate(op_cases):
-                    groups.append((case, dict(kind="op", op=op, index=i, dtype=dt)))
+                    if args.case is None or args.case in case.label:
+                        groups.append((case, dict(kind="op", op=op, index=i, dtype=dt)))
     for case, job in groups:
         job["providers"] = [p for p in case.providers if not args.provider or p in args.provider]
         job.update(device=device, quick=args.quick, min_run_time=min_run_time,

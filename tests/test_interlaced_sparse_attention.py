@@ -1,5 +1,6 @@
 """interlaced_sparse_attention beyond the contract (tests/test_contract.py): the loop form of the
-semantics, its identities, constant inputs and the int block size."""
+semantics (with bias and mask), its identities, constant inputs, -inf masks and the int block
+size."""
 import pytest
 import torch
 
@@ -10,12 +11,15 @@ from tests.utils import backend_cases, qkv_inputs, require_backend
 OP = "interlaced_sparse_attention"
 
 
-def naive(query, key, value, block_size, mode, scale=None):
-    """Loop form of docs/operators.md §2.2: a softmax over the positions sharing the query's group label."""
+def naive(query, key, value, block_size, mode, scale=None, bias=None, mask=None):
+    """Loop form of docs/operators.md §2.2: a softmax over the positions sharing the query's group
+    label (members in row-major map order; groups numbered row-major by their label)."""
     n, ck, h, w = query.shape
     ph, pw = block_size
     scale = ck ** -0.5 if scale is None else scale
     label = (lambda y, x: (y % ph, x % pw)) if mode == "long" else (lambda y, x: (y // ph, x // pw))
+    group = (lambda y, x: (y % ph) * pw + x % pw) if mode == "long" else \
+        (lambda y, x: (y // ph) * (w // pw) + x // pw)
     out = torch.zeros(n, value.shape[1], h, w, dtype=torch.float64)
     for b in range(n):
         for y in range(h):
@@ -23,6 +27,11 @@ def naive(query, key, value, block_size, mode, scale=None):
                 members = [(i, j) for i in range(h) for j in range(w) if label(i, j) == label(y, x)]
                 e = torch.stack([scale * (query[b, :, y, x].double() @ key[b, :, i, j].double())
                                  for i, j in members])
+                row = members.index((y, x))
+                if bias is not None:
+                    e = e + bias[b % bias.shape[0], row]
+                if mask is not None:
+                    e = e + mask[group(y, x) % mask.shape[0], row]
                 a = torch.softmax(e, 0)
                 out[b, :, y, x] = sum(a[t] * value[b, :, i, j].double() for t, (i, j) in enumerate(members))
     return out
@@ -37,6 +46,45 @@ def test_reference_matches_naive_loop(shape, block, mode):
                                naive(**x, block_size=block, mode=mode), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(reference(**x, block_size=block, mode=mode, scale=0.3),
                                naive(**x, block_size=block, mode=mode, scale=0.3), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["long", "short"])
+def test_reference_with_bias_and_mask_matches_naive_loop(mode):
+    x = qkv_inputs(4, 3, 2, 4, 6)
+    block = (2, 3)
+    groups, members = (6, 4) if mode == "long" else (4, 6)
+    bias = torch.randn(2, members, members, dtype=torch.float64)
+    mask = torch.randn(groups // 2, members, members, dtype=torch.float64)
+    torch.testing.assert_close(
+        reference(**x, block_size=block, mode=mode, bias=bias, mask=mask),
+        naive(**x, block_size=block, mode=mode, bias=bias, mask=mask), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [
+    p for p in backend_cases(include_reference=True) if p.values[0] in ("reference", "cpu")])
+def test_infinite_mask_entries(backend, device, dtype):
+    """-inf mask entries act as a hard mask, and a row masked entirely averages its group's
+    values (no NaN, also in the gradients)."""
+    require_backend(OP, backend, device, dtype)
+    x = {k: v.to(device=device, dtype=dtype).requires_grad_() for k, v in
+         qkv_inputs(2, 3, 2, 4, 4).items()}
+    bias = torch.randn(2, 4, 4, device=device, dtype=dtype, requires_grad=True)
+    mask = torch.zeros(4, 4, 4, device=device, dtype=dtype)
+    mask[:, :, 3] = float("-inf")  # every query ignores member 3
+    mask[1, 2] = float("-inf")  # member 2 of group 1 (the block at y 0..1, x 2..3) sees nothing
+    out = segops.interlaced_sparse_attention(**x, block_size=2, mode="short", bias=bias,
+                                             mask=mask, backend=backend)
+    out.square().sum().backward()
+    assert torch.isfinite(out).all()
+    for t in (*x.values(), bias):
+        assert torch.isfinite(t.grad).all()
+    value = x["value"].detach()
+    want = reference(*(t.detach() for t in x.values()), (2, 2), "short",
+                     bias=bias.detach(), mask=mask.masked_fill(mask.isinf(), -1e4))
+    rows = torch.ones(4, 4, dtype=torch.bool)
+    rows[1, 2] = False  # (y, x) = (1, 2): member 2 of the block at rows 0..1, columns 2..3
+    torch.testing.assert_close(out.detach()[:, :, rows], want[:, :, rows])
+    torch.testing.assert_close(out.detach()[:, :, 1, 2], value[:, :, 0:2, 2:4].mean((2, 3)))
 
 
 def _global_attention(query, key, value, scale):
@@ -79,3 +127,22 @@ def test_int_block_size_is_square():
     x = qkv_inputs(1, 2, 3, 4, 6)
     torch.testing.assert_close(segops.interlaced_sparse_attention(**x, block_size=2, backend="reference"),
                                reference(**x, block_size=(2, 2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_opcheck_with_bias_and_mask(monkeypatch, dtype):
+    """The contract's opcheck runs a sample without bias and mask; this one has both (the
+    optional inputs in the schemas, the fake of grad_bias, no gradient for the mask)."""
+    from segops.ops.interlaced_sparse_attention import SPEC
+    from tests.test_contract import _captured_op_args
+    require_backend(OP, "cpu", "cpu", dtype)
+    s = next(s for s in SPEC.samples() if s.name == "small_bias_mask_long")
+    args = _captured_op_args(monkeypatch, SPEC, s, dtype)
+    constant = SPEC.input_names.index("mask")
+    grad_args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and i != constant
+                      else a for i, a in enumerate(args))
+    torch.library.opcheck(SPEC.forward_op, grad_args)
+    out, lse = SPEC.forward_op(*args)
+    saved = dict(zip(SPEC.input_names, args), out=out, lse=lse)
+    torch.library.opcheck(SPEC.backward_op, (torch.randn_like(out),
+                                             *(saved[n] for n in SPEC.saves), *args[5:]))

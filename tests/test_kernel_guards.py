@@ -156,12 +156,18 @@ GUARDS = {
         (with_(value=grow_first), "value must have shape"),
         (with_(ph=3), "(H, W) = (4, 6) must be divisible by the block size (3, 3)"),
         (with_(pw=0), "must be divisible by the block size (2, 0)"),
+        # long mode, block (2, 3) on 4 x 6: G = 6 groups of L = 4 members, N = 2
+        (with_(bias=rand(3, 4, 4)), "bias must have shape (k, L, L) with L = 4 and k dividing 2"),
+        (with_(bias=rand(2, 4, 5)), "bias must have shape (k, L, L)"),
+        (with_(bias=torch.randn(2, 4, 4, dtype=torch.float64)), "bias has dtype Double"),
+        (with_(mask=rand(4, 4, 4)), "mask must have shape (k, L, L) with L = 4 and k dividing 6"),
     ],
     "interlaced_sparse_attention_backward": [
         (with_(lse=to_double), "lse has dtype Double"),
         (with_(grad_out=grow_last), "grad_out must have shape"),
         (with_(out=grow_first), "out must have shape"),
         (with_(lse=grow_last), "lse must have shape"),
+        (with_(mask=rand(1, 4, 3)), "mask must have shape (k, L, L)"),
     ],
     "disentangled_non_local_forward": [
         (with_(query=lambda t: t[..., None]), "query must be 3-D"),

@@ -8,6 +8,11 @@
 // blocks, GEMMs on the scratch), and scatters the result back in place. Nothing of size
 // (groups, L, L) is ever allocated; the forward saves only the per-position log-sum-exp, and the
 // backward recomputes the probabilities from it.
+//
+// Optional additive logits (window attention): bias (nb, L, L) for sample n % nb, mask (nm, L, L)
+// for group g % nm, both finite (the ops layer clamps -inf). A task's sample fixes its bias
+// slice, so the backward sums its logit gradients into a task-local L x L buffer; the buffers
+// are reduced per bias slice at the end in task order (deterministic for any thread count).
 #include "segops/cpu/gemm.h"
 #include "segops/cpu/guards.h"
 #include "segops/cpu/softmax_rows.h"
@@ -17,6 +22,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -143,9 +149,36 @@ void check_inputs(const char* kernel, const at::Tensor& q, const at::Tensor& k,
                       ", ", W, ") must be divisible by the block size (", ph, ", ", pw, ")");
 }
 
+// The additive logit terms of one group: bias and mask slices (L x L), either may be null.
 template <typename T>
-void forward_kernel(const T* Q, const T* K, const T* V, T* O, T* LSE, int64_t N, int64_t Ck,
-                    int64_t Cv, const GroupMap& map, T scale) {
+struct LogitTerms {
+  const T* bias = nullptr;
+  const T* mask = nullptr;
+  int64_t nb = 1, nm = 1;
+  bool any() const { return bias != nullptr || mask != nullptr; }
+  const T* bias_of(int64_t n, int64_t L) const { return bias ? bias + (n % nb) * L * L : nullptr; }
+  const T* mask_of(int64_t g, int64_t L) const { return mask ? mask + (g % nm) * L * L : nullptr; }
+};
+
+// s (bm x bn, rows i0.., columns j0.. of the group's L x L logits) += bias + mask.
+template <typename T>
+inline void add_logit_terms(T* s, int64_t bm, int64_t bn, int64_t i0, int64_t j0, int64_t L,
+                            const T* bias, const T* mask) {
+  for (int64_t i = 0; i < bm; ++i) {
+    T* row = s + i * bn;
+    const int64_t at = (i0 + i) * L + j0;
+    if (bias != nullptr) {
+      for (int64_t j = 0; j < bn; ++j) row[j] += bias[at + j];
+    }
+    if (mask != nullptr) {
+      for (int64_t j = 0; j < bn; ++j) row[j] += mask[at + j];
+    }
+  }
+}
+
+template <typename T>
+void forward_kernel(const T* Q, const T* K, const T* V, const LogitTerms<T>& terms, T* O, T* LSE,
+                    int64_t N, int64_t Ck, int64_t Cv, const GroupMap& map, T scale) {
   const int64_t HW = map.H * map.W, L = map.members, J = map.band_groups;
   const int64_t P = map.band_rows * map.W;  // pixels of a band (= J * L): the scratch stride
   const int64_t bm_max = std::min(kBlockM, L), bn_max = std::min(kBlockN, L);
@@ -159,10 +192,12 @@ void forward_kernel(const T* Q, const T* K, const T* V, T* O, T* LSE, int64_t N,
       gather_band(Q + n * Ck * HW, Ck, HW, map, b, qs.data());
       gather_band(K + n * Ck * HW, Ck, HW, map, b, ks.data());
       gather_band(V + n * Cv * HW, Cv, HW, map, b, vs.data());
+      const T* bias = terms.bias_of(n, L);
       for (int64_t j = 0; j < J; ++j) {
         const T* qg = qs.data() + j * L;  // this group's C x L blocks, leading dimension P
         const T* kg = ks.data() + j * L;
         const T* vg = vs.data() + j * L;
+        const T* mask = terms.mask_of(b * J + j, L);
         for (int64_t i0 = 0; i0 < L; i0 += kBlockM) {
           const int64_t bm = std::min(kBlockM, L - i0);
           std::fill(mrow.begin(), mrow.end(), -std::numeric_limits<T>::infinity());
@@ -171,6 +206,7 @@ void forward_kernel(const T* Q, const T* K, const T* V, T* O, T* LSE, int64_t N,
             const int64_t bn = std::min(kBlockN, L - j0);
             // s (bm x bn) = scale * Q[:, i]^T K[:, j]
             gemm_rm<T>(true, false, bm, bn, Ck, scale, qg + i0, P, kg + j0, P, T(0), s.data(), bn);
+            if (terms.any()) add_logit_terms(s.data(), bm, bn, i0, j0, L, bias, mask);
             for (int64_t i = 0; i < bm; ++i) {
               T* row = s.data() + i * bn;
               const T mx = std::max(mrow[i], cpu::scale_and_max(row, bn, T(1)));
@@ -207,10 +243,11 @@ void forward_kernel(const T* Q, const T* K, const T* V, T* O, T* LSE, int64_t N,
   });
 }
 
+// dBias_tasks: null without a bias, else one L x L buffer per task (sample, band), filled here.
 template <typename T>
-void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const T* O, const T* LSE,
-                     T* dQ, T* dK, T* dV, int64_t N, int64_t Ck, int64_t Cv, const GroupMap& map,
-                     T scale) {
+void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const LogitTerms<T>& terms,
+                     const T* O, const T* LSE, T* dQ, T* dK, T* dV, T* dBias_tasks, int64_t N,
+                     int64_t Ck, int64_t Cv, const GroupMap& map, T scale) {
   const int64_t HW = map.H * map.W, L = map.members, J = map.band_groups, W = map.W;
   const int64_t P = map.band_rows * W;
   const int64_t bm_max = std::min(kBlockM, L), bn_max = std::min(kBlockN, L);
@@ -229,6 +266,9 @@ void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const T* O
       gather_band(V + n * Cv * HW, Cv, HW, map, b, vs.data());
       gather_band(dO + n * Cv * HW, Cv, HW, map, b, dos.data());
       gather_band(LSE + n * HW, 1, HW, map, b, lse.data());
+      const T* bias = terms.bias_of(n, L);
+      T* dbias = dBias_tasks != nullptr ? dBias_tasks + task * L * L : nullptr;
+      if (dbias != nullptr) std::fill(dbias, dbias + L * L, T(0));
       // delta = <dO, O> per pixel, reading the saved output row by row.
       for (int64_t r = 0; r < map.band_rows; ++r) {
         std::fill(drow.begin(), drow.end(), T(0));
@@ -248,6 +288,7 @@ void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const T* O
         const int64_t off = j * L;
         T *qg = qs.data() + off, *kg = ks.data() + off, *vg = vs.data() + off;
         T* dog = dos.data() + off;
+        const T* mask = terms.mask_of(b * J + j, L);
         T *dqg = dqg_.data(), *dkg = dkg_.data(), *dvg = dvg_.data();  // leading dimension L
         std::fill(dqg_.begin(), dqg_.end(), T(0));
         std::fill(dkg_.begin(), dkg_.end(), T(0));
@@ -258,6 +299,7 @@ void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const T* O
             const int64_t bm = std::min(kBlockM, L - i0);
             // p = exp(scale * Q_i^T K_j - lse_i)
             gemm_rm<T>(true, false, bm, bn, Ck, scale, qg + i0, P, kg + j0, P, T(0), p.data(), bn);
+            if (terms.any()) add_logit_terms(p.data(), bm, bn, i0, j0, L, bias, mask);
             for (int64_t i = 0; i < bm; ++i) {
               cpu::exp_affine(p.data() + i * bn, bn, T(1), lse[off + i0 + i]);
             }
@@ -270,6 +312,10 @@ void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const T* O
               const T* prow = p.data() + i * bn;
               const T d = delta[off + i0 + i];
               for (int64_t jj = 0; jj < bn; ++jj) drw[jj] = prow[jj] * (drw[jj] - d);
+              if (dbias != nullptr) {
+                T* acc = dbias + (i0 + i) * L + j0;
+                for (int64_t jj = 0; jj < bn; ++jj) acc[jj] += drw[jj];
+              }
             }
             // dQ[:, i] += scale K[:, j] ds^T ; dK[:, j] += scale Q[:, i] ds
             gemm_rm<T>(false, true, Ck, bm, bn, scale, kg + j0, P, dp.data(), bn, T(1), dqg + i0, L);
@@ -289,43 +335,91 @@ void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const T* O
   });
 }
 
+// grad_bias[h] = sum over the tasks of samples n with n % nb == h, in task order.
+template <typename T>
+void reduce_bias_grad(const T* dbias_tasks, int64_t N, int64_t bands, int64_t nb, int64_t LL,
+                      T* grad_bias) {
+  at::parallel_for(0, nb * LL, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t h = e / LL, at = e % LL;
+      T sum = 0;
+      for (int64_t n = h; n < N; n += nb)
+        for (int64_t b = 0; b < bands; ++b) sum += dbias_tasks[(n * bands + b) * LL + at];
+      grad_bias[e] = sum;
+    }
+  });
+}
+
+// bias (nb, L, L) / mask (nm, L, L) of the query's dtype, nb | N and nm | G (checked by the ops
+// layer; re-checked here since the kernels index with them).
+void check_logit_term(const char* kernel, const char* name, const at::Tensor& t,
+                      const at::Tensor& query, int64_t count, int64_t members) {
+  guards::check_like(kernel, query, {{name, &t}});
+  guards::check_value(kernel, t.dim() == 3 && t.size(0) > 0 && count % t.size(0) == 0 &&
+                      t.size(1) == members && t.size(2) == members, name,
+                      " must have shape (k, L, L) with L = ", members, " and k dividing ", count,
+                      ", got ", t.sizes());
+}
+
+template <typename T>
+LogitTerms<T> logit_terms(const char* kernel, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& mask, const at::Tensor& query,
+                          const GroupMap& map) {
+  LogitTerms<T> terms;
+  if (bias.has_value()) {
+    check_logit_term(kernel, "bias", *bias, query, query.size(0), map.members);
+    terms.bias = bias->const_data_ptr<T>();
+    terms.nb = bias->size(0);
+  }
+  if (mask.has_value()) {
+    check_logit_term(kernel, "mask", *mask, query, map.groups, map.members);
+    terms.mask = mask->const_data_ptr<T>();
+    terms.nm = mask->size(0);
+  }
+  return terms;
+}
+
 // Unlike the other CPU kernels these take any layout (the op is registered so), and copy what
 // is not contiguous.
+std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
 std::tuple<at::Tensor, at::Tensor> isa_forward(
     const at::Tensor& query_any, const at::Tensor& key_any, const at::Tensor& value_any,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask, int64_t ph,
-    int64_t pw, bool long_range, double scale) {
+    const std::optional<at::Tensor>& bias_any, const std::optional<at::Tensor>& mask_any,
+    int64_t ph, int64_t pw, bool long_range, double scale) {
   const auto query = query_any.contiguous(), key = key_any.contiguous(),
              value = value_any.contiguous();
-  check_inputs("interlaced_sparse_attention_forward (cpu)", query, key, value, ph, pw);
-  TORCH_CHECK(!bias.has_value() && !mask.has_value(),
-              "interlaced_sparse_attention_forward (cpu): bias/mask not implemented yet");
+  const auto bias = contiguous(bias_any), mask = contiguous(mask_any);
+  const char* kernel = "interlaced_sparse_attention_forward (cpu)";
+  check_inputs(kernel, query, key, value, ph, pw);
   const int64_t N = query.size(0), Ck = query.size(1), H = query.size(2), W = query.size(3);
   const int64_t Cv = value.size(1);
   auto out = at::empty({N, Cv, H, W}, value.options());
   auto lse = at::empty({N, H, W}, query.options());
-  if (lse.numel() == 0) return {out, lse};  // no positions (then out is empty too)
   GroupMap map(H, W, ph, pw, long_range);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "interlaced_sparse_attention_forward", [&] {
+    const auto terms = logit_terms<scalar_t>(kernel, bias, mask, query, map);
+    if (lse.numel() == 0) return;  // no positions (then out is empty too)
     forward_kernel<scalar_t>(query.const_data_ptr<scalar_t>(), key.const_data_ptr<scalar_t>(),
-                             value.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                             lse.mutable_data_ptr<scalar_t>(), N, Ck, Cv, map,
-                             static_cast<scalar_t>(scale));
+                             value.const_data_ptr<scalar_t>(), terms,
+                             out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>(),
+                             N, Ck, Cv, map, static_cast<scalar_t>(scale));
   });
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> isa_backward(
     const at::Tensor& grad_out_any, const at::Tensor& query_any, const at::Tensor& key_any,
-    const at::Tensor& value_any, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& mask, const at::Tensor& out_any, const at::Tensor& lse_any,
-    int64_t ph, int64_t pw, bool long_range, double scale) {
-  TORCH_CHECK(!bias.has_value() && !mask.has_value(),
-              "interlaced_sparse_attention_backward (cpu): bias/mask not implemented yet");
+    const at::Tensor& value_any, const std::optional<at::Tensor>& bias_any,
+    const std::optional<at::Tensor>& mask_any, const at::Tensor& out_any,
+    const at::Tensor& lse_any, int64_t ph, int64_t pw, bool long_range, double scale) {
   const auto query = query_any.contiguous(), key = key_any.contiguous(),
              value = value_any.contiguous();
   const auto grad_out = grad_out_any.contiguous(), out = out_any.contiguous(),
              lse = lse_any.contiguous();
+  const auto bias = contiguous(bias_any), mask = contiguous(mask_any);
   const char* kernel = "interlaced_sparse_attention_backward (cpu)";
   check_inputs(kernel, query, key, value, ph, pw);
   const int64_t N = query.size(0), Ck = query.size(1), H = query.size(2), W = query.size(3);
@@ -335,16 +429,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> isa_backward(
   guards::check_sizes(kernel, "out", out, value.sizes());
   guards::check_sizes(kernel, "lse", lse, {N, H, W});
   auto dq = at::empty_like(query), dk = at::empty_like(key), dv = at::empty_like(value);
-  auto dbias = at::empty({0}, query.options());
-  if (lse.numel() == 0) return {dq, dk, dv, dbias};  // no positions: all are empty
+  // No positions: every gradient is empty, the bias's is zero.
+  auto dbias = bias.has_value() ? at::zeros_like(*bias) : at::empty({0}, query.options());
   GroupMap map(H, W, ph, pw, long_range);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "interlaced_sparse_attention_backward", [&] {
+    const auto terms = logit_terms<scalar_t>(kernel, bias, mask, query, map);
+    if (lse.numel() == 0) return;
+    const int64_t LL = map.members * map.members;
+    at::Tensor dbias_tasks;
+    if (bias.has_value()) dbias_tasks = at::empty({N * map.bands * LL}, query.options());
     backward_kernel<scalar_t>(
         grad_out.const_data_ptr<scalar_t>(), query.const_data_ptr<scalar_t>(),
-        key.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
+        key.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(), terms,
         out.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(),
         dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
-        dv.mutable_data_ptr<scalar_t>(), N, Ck, Cv, map, static_cast<scalar_t>(scale));
+        dv.mutable_data_ptr<scalar_t>(),
+        bias.has_value() ? dbias_tasks.mutable_data_ptr<scalar_t>() : nullptr, N, Ck, Cv, map,
+        static_cast<scalar_t>(scale));
+    if (bias.has_value()) {
+      reduce_bias_grad<scalar_t>(dbias_tasks.const_data_ptr<scalar_t>(), N, map.bands, terms.nb,
+                                 LL, dbias.mutable_data_ptr<scalar_t>());
+    }
   });
   return {dq, dk, dv, dbias};
 }

@@ -4,7 +4,12 @@ State-dict keys as mmseg: `patch_embed.{projection,norm}`, `stages.<i>.blocks.<j
 attn.w_msa.{relative_position_bias_table, relative_position_index, qkv, proj}, norm2, ffn.layers}`,
 `stages.<i>.downsample.{norm,reduction}` (PatchMerging via nn.Unfold channel order, as mmseg —
 official Swin checkpoints need mmseg's swin2mmseg conversion) and the output norms `norm<i>`.
-Window attention is plain PyTorch (shifted windows with the -100 mask, as the reference).
+Window attention (shifted windows with the -100 mask, as the reference) runs on the segops
+backend the call resolves to (`segops.use_backend`, or `build(..., backend=)`): on a fused one
+it is `segops.interlaced_sparse_attention` in "short" mode over the padded, rolled map, the
+heads folded into the batch, block = the window, bias = the relative position bias and mask =
+the shift mask; on `reference` (and with attention dropout while training) it is mmseg's plain
+PyTorch per-window attention.
 
 Variants (mmseg upernet_swin configs): t: 96 dims, depths 2/2/6/2, heads 3/6/12/24, window 7;
 s: depths 2/2/18/2; b: 128 dims, heads 4/8/16/32, window 12; l: 192 dims, heads 6/12/24/48,
@@ -19,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segops.models.backbones._transformer import FFN, DropPath, PatchEmbed, drop_path_rates
+from segops.ops.interlaced_sparse_attention import SPEC as WINDOW_ATTENTION
+from segops.ops.interlaced_sparse_attention import interlaced_sparse_attention
 
 SWIN_VARIANTS = {
     "t": dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7),
@@ -55,6 +62,21 @@ def relative_position_index(query_window: int, key_window: int) -> Tensor:
     return rel[0] * (query_window + key_window - 1) + rel[1]
 
 
+def shifted_window_mask(hp: int, wp: int, window_size: int, shift_size: int, device=None) -> Tensor:
+    """(windows, L, L) additive mask of the windows of an (hp, wp) map rolled by -shift_size:
+    -100 between tokens that came from different regions of the unrolled map, else 0."""
+    ws, s = window_size, shift_size
+    img = torch.zeros(1, hp, wp, 1, device=device)
+    cnt = 0
+    for hs in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+        for wsl in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+            img[:, hs, wsl, :] = cnt
+            cnt += 1
+    win = window_partition(img, ws).squeeze(-1)
+    mask = win.unsqueeze(1) - win.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
 class WindowMSA(nn.Module):
     """Multi-head self-attention inside one window, with a learned relative position bias."""
 
@@ -73,13 +95,39 @@ class WindowMSA(nn.Module):
         self.proj = nn.Linear(embed_dims, embed_dims)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def relative_position_bias(self) -> Tensor:
+        """(heads, L, L) with L = window_size**2 members of a window."""
+        members = self.window_size ** 2
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        return bias.reshape(members, members, -1).permute(2, 0, 1)
+
+    def fused_backend(self, like: Tensor):
+        """The fused backend the window attention runs on, or None for the plain PyTorch path
+        (the reference backend, or attention dropout, which the fused kernels do not have)."""
+        if self.training and self.attn_drop.p > 0:
+            return None
+        name = WINDOW_ATTENTION.select("auto", like)
+        return None if name == "reference" else name
+
+    def forward_map(self, x: Tensor, mask, backend: str) -> Tensor:
+        """The attention of every window of x (B, Hp, Wp, C) at once on a fused backend, the
+        heads folded into the batch (sample b * heads + h); mask: (windows, L, L) or None."""
+        b, hp, wp, c = x.shape
+        heads, ws = self.num_heads, self.window_size
+        qkv = self.qkv(x).view(b, hp, wp, 3, heads, c // heads).permute(3, 0, 4, 5, 1, 2)
+        q, k, v = qkv.reshape(3, b * heads, c // heads, hp, wp)
+        out = interlaced_sparse_attention(q, k, v, (ws, ws), "short", scale=self.scale,
+                                          bias=self.relative_position_bias(), mask=mask,
+                                          backend=backend)
+        out = out.view(b, heads, c // heads, hp, wp).permute(0, 3, 4, 1, 2).reshape(b, hp, wp, c)
+        return self.proj_drop(self.proj(out))
+
     def forward(self, x: Tensor, mask=None) -> Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
         attn = q @ k.transpose(-2, -1)
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
-        attn = attn + bias.reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        attn = attn + self.relative_position_bias().unsqueeze(0)
         if mask is not None:
             nw = mask.shape[0]
             attn = attn.view(b // nw, nw, self.num_heads, n, n) + mask[None, :, None]
@@ -101,18 +149,6 @@ class ShiftWindowMSA(nn.Module):
         self.w_msa = WindowMSA(embed_dims, num_heads, window_size, qkv_bias, attn_drop, proj_drop)
         self.drop = DropPath(drop_path)
 
-    def _mask(self, hp: int, wp: int, device) -> Tensor:
-        ws, s = self.window_size, self.shift_size
-        img = torch.zeros(1, hp, wp, 1, device=device)
-        cnt = 0
-        for hs in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
-            for wsl in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
-                img[:, hs, wsl, :] = cnt
-                cnt += 1
-        win = window_partition(img, ws).squeeze(-1)
-        mask = win.unsqueeze(1) - win.unsqueeze(2)
-        return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
-
     def forward(self, x: Tensor, hw) -> Tensor:
         b, length, c = x.shape
         h, w = hw
@@ -124,8 +160,12 @@ class ShiftWindowMSA(nn.Module):
         mask = None
         if self.shift_size > 0:
             x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-            mask = self._mask(hp, wp, x.device).to(x.dtype)
-        out = window_reverse(self.w_msa(window_partition(x, ws), mask=mask), ws, hp, wp)
+            mask = shifted_window_mask(hp, wp, ws, self.shift_size, x.device).to(x.dtype)
+        backend = self.w_msa.fused_backend(x)
+        if backend is None:
+            out = window_reverse(self.w_msa(window_partition(x, ws), mask=mask), ws, hp, wp)
+        else:
+            out = self.w_msa.forward_map(x, mask, backend)
         if self.shift_size > 0:
             out = torch.roll(out, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
         out = out[:, :h, :w, :].reshape(b, h * w, c)
