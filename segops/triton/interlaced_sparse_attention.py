@@ -125,7 +125,7 @@ def _pair_offsets(mem_m, mem_n, L):
 
 @triton.jit
 def _term_matrix(T, ng_m, G, COUNT, L, BY_SAMPLE: tl.constexpr, PACKED: tl.constexpr):
-    """Start of each query row's matrix of an (COUNT, L, L) term: [n % COUNT] (BY_SAMPLE, the
+    """Start of each query row's matrix of a (COUNT, L, L) term: [n % COUNT] (BY_SAMPLE, the
     bias) or [g % COUNT] (the mask). Unpacked tiles hold one group (program_id(0)): one scalar
     start, so that the pair offsets are shared by both terms and no offset tile is per row."""
     if PACKED:
@@ -308,7 +308,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, BIAS, MASK, DKV, NG, G, L, CK, CV,
 
 
 # ------------------------------------------------------------------------------ launchers
-def config(ck: int, cv: int, members: int, dtype: torch.dtype, target: Target) -> dict:
+def config(ck: int, cv: int, members: int, dtype: torch.dtype, target: Target,
+           terms: bool = False) -> dict:
     """Tiles and launch options of the forward ("fwd") and the dq, dk, dv backward kernels for
     groups of `members` pixels: BLOCK-row tiles (whole groups packed into one tile when a group
     fills at most half of it), BLOCK_D-channel reduction chunks, output channels in chunks.
@@ -317,7 +318,9 @@ def config(ck: int, cv: int, members: int, dtype: torch.dtype, target: Target) -
     in registers (scripts/check_triton_compile.py found up to 2.5 KB spilled at 4 warps and
     128-channel chunks): 8 warps, 64 output channels, 32-channel reduction chunks on sm_80, and
     for fp32 32-row tiles and no software pipelining, the forward and dq at 4 warps (at 8 the
-    group gather's index arithmetic did not fit ptxas's 128-register budget)."""
+    group gather's index arithmetic did not fit ptxas's 128-register budget). With bias / mask
+    `terms` in fp32, dk and dv also run at 4 warps and dq in 16-channel chunks (the term tiles
+    spilled at the Swin benchmark shape otherwise)."""
     kind = register_tiles(dtype, target)
     block, chunk, out_wide = dict(interpreter=(64, 64, 128), fp32=(32, 32, 64), mma=(64, 32, 64),
                                   wgmma=(64, 64, 64))[kind]
@@ -326,9 +329,10 @@ def config(ck: int, cv: int, members: int, dtype: torch.dtype, target: Target) -
                  BLOCK_D=pow2_clamp(min(ck, cv), 16, chunk))
     stages = 1 if kind == "fp32" else 2
     by_row = target.launch(4 if kind == "fp32" else 8, stages)  # fwd, dq: one program per query tile
-    by_key = target.launch(8, stages)
+    narrow = kind == "fp32" and terms
+    by_key = target.launch(4 if narrow else 8, stages)
     return dict(fwd=dict(tiles, BLOCK_C=pow2_clamp(cv, 16, out_wide), **by_row),
-                dq=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 64), **by_row),
+                dq=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 16 if narrow else 64), **by_row),
                 dk=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 64), **by_key),
                 dv=dict(tiles, BLOCK_C=pow2_clamp(cv, 16, out_wide), **by_key))
 
@@ -342,7 +346,8 @@ class _Plan:
         self.ck, self.cv = ck, value.shape[1]
         self.groups, self.L = group_counts(h, w, ph, pw, long)
         self.ng = n * self.groups
-        self.cfg = config(ck, self.cv, self.L, query.dtype, target_of(query))
+        self.cfg = config(ck, self.cv, self.L, query.dtype, target_of(query),
+                          terms=bias is not None or mask is not None)
         tiles = self.cfg["fwd"]
         if tiles["PACKED"]:  # whole groups per tile, keys = the tile's own groups
             self.group_tiles = triton.cdiv(self.ng, tiles["BLOCK"] // tiles["LP"])
