@@ -15,8 +15,8 @@
 // the per-position log-sum-exp lse = m + log(l) (accumulation dtype).
 // Backward: delta = <dO, O> per position (scratch), then three launches of one kernel template:
 // dQ (own rows = queries), dK and dV (own rows = keys), each recomputing the probabilities
-// p = exp(scale q.k - lse) from the saved lse. Every output element is written by exactly one
-// thread: no atomics, deterministic.
+// p = exp(scale q.k - lse) from the saved lse. Every element of dQ, dK, dV is written by
+// exactly one thread: no atomics, deterministic (grad_bias, below, is summed with atomics).
 //
 // Optional logit terms (window attention, IsaShape): bias[n % nb] + mask[g % nm] added to the
 // scaled logits of attending pairs, in kernels instantiated with kTerms (without them the
