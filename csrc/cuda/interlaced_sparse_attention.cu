@@ -15,8 +15,15 @@
 // the per-position log-sum-exp lse = m + log(l) (accumulation dtype).
 // Backward: delta = <dO, O> per position (scratch), then three launches of one kernel template:
 // dQ (own rows = queries), dK and dV (own rows = keys), each recomputing the probabilities
-// p = exp(scale q.k - lse) from the saved lse. Every output element is written by exactly one
-// thread: no atomics, deterministic.
+// p = exp(scale q.k - lse) from the saved lse. Every element of dQ, dK, dV is written by
+// exactly one thread: no atomics, deterministic (grad_bias, below, is summed with atomics).
+//
+// Optional logit terms (window attention, IsaShape): bias[n % nb] + mask[g % nm] added to the
+// scaled logits of attending pairs, in kernels instantiated with kTerms (without them the
+// kernels are those of before); each (row tile x key tile) pair stages its terms in shared
+// memory. grad_bias: the dQ blocks of channel chunk 0 add their dS into accumulation-dtype sums
+// with atomicAdd (every group of a head adds into the same L x L entries; the order, and so the
+// last bits, vary from run to run), converted to the data dtype at the end.
 //
 // Threads: 256 per block as a 16 x 16 grid (tx = threadIdx.x % 16, ty = threadIdx.x / 16); a
 // thread owns rows ty + 16 a and columns (keys or channels) tx + 16 b, a, b < M / 16. A row's 16
@@ -75,10 +82,11 @@ __device__ __forceinline__ int64_t member_offset(const Geom& g, int64_t grp, int
   return (gy * g.PH + ly) * g.W + gx * g.PW + lx;
 }
 
-// The M rows of a tile: flat group index (-1: padding row), sample, pixel offset.
+// The M rows of a tile: flat group index (-1: padding row), sample, member, pixel offset.
 template <int M> struct Rows {
   int64_t ng[M];
   int64_t n[M];
+  int64_t m[M];
   int64_t pix[M];
 };
 
@@ -98,12 +106,71 @@ __device__ __forceinline__ void fill_rows(Rows<M>& rows, const Geom& g, int64_t 
     if (m < g.L && ng < g.NG) {
       rows.ng[r] = ng;
       rows.n[r] = ng / g.G;
+      rows.m[r] = m;
       rows.pix[r] = member_offset(g, ng % g.G, m);
     } else {
       rows.ng[r] = -1;
       rows.n[r] = 0;
+      rows.m[r] = 0;
       rows.pix[r] = 0;
     }
+  }
+}
+
+// The optional logit terms: bias (nb, L, L), mask (nm, L, L), null when absent.
+template <typename T> struct LogitTerms {
+  const T* bias;
+  const T* mask;
+  int64_t nb, nm;
+};
+
+// Each own row's line of the matrices bias[n % nb] and mask[g % nm] of its group: the offset of
+// entry (m_r, 0) when the own rows are the queries (kOwnQuery), else of entry (0, m_r). Thread r
+// fills row r, as fill_rows did (no barrier needed in between).
+template <bool kOwnQuery, typename T, int M>
+__device__ __forceinline__ void fill_term_lines(int64_t (&lines)[2][M], const LogitTerms<T>& t,
+                                                const Geom& g, const Rows<M>& own) {
+  for (int r = threadIdx.x; r < M; r += kThreads) {
+    const int64_t ng = own.ng[r] < 0 ? 0 : own.ng[r], size = g.L * g.L;
+    const int64_t at = kOwnQuery ? own.m[r] * g.L : own.m[r];
+    lines[0][r] = own.n[r] % t.nb * size + at;
+    lines[1][r] = ng % g.G % t.nm * size + at;
+  }
+}
+
+// terms_tile[i * PLD + j] = bias + mask of the pair (own row i, other row j) where the two attend
+// (one group), 0 elsewhere. Staged in shared memory so that the softmax loop holds no pointers
+// or pending loads of the terms (read there directly, they spilled at the 128-register cap of
+// the tensor-core kernels). kOwnQuery: the own rows are the queries. Consecutive threads take
+// consecutive key members (coalesced reads).
+template <bool kOwnQuery, typename T, int M, int PLD>
+__device__ __forceinline__ void stage_terms(acc_t<T>* terms_tile, const LogitTerms<T>& t,
+                                            const int64_t (&lines)[2][M], const Geom& g,
+                                            const Rows<M>& own, const Rows<M>& oth) {
+#pragma unroll 1  // unrolled, its loads in flight spilled the accumulators of the dK kernel
+  for (int idx = threadIdx.x; idx < M * M; idx += kThreads) {
+    const int i = kOwnQuery ? idx / M : idx % M, j = kOwnQuery ? idx % M : idx / M;
+    acc_t<T> v = acc_t<T>(0);
+    if (own.ng[i] >= 0 && own.ng[i] == oth.ng[j]) {
+      const int64_t e = kOwnQuery ? oth.m[j] : oth.m[j] * g.L;
+      if (t.bias != nullptr) v += to_acc<acc_t<T>>(t.bias[lines[0][i] + e]);
+      if (t.mask != nullptr) v += to_acc<acc_t<T>>(t.mask[lines[1][i] + e]);
+    }
+    terms_tile[i * PLD + j] = v;
+  }
+}
+
+// gbias[n % nb, m_i, m_j] += ds[i * PLD + j] for the attending pairs of a (query tile x key
+// tile) pair, lines from fill_term_lines<true>. Outside the pair loop, whose registers are
+// full; consecutive threads add into consecutive entries.
+template <typename T, int M, int PLD>
+__device__ __forceinline__ void add_bias_grads(acc_t<T>* gbias, const acc_t<T>* ds,
+                                               const int64_t (&lines)[2][M], const Rows<M>& own,
+                                               const Rows<M>& oth) {
+  for (int idx = threadIdx.x; idx < M * M; idx += kThreads) {
+    const int i = idx / M, j = idx % M;
+    if (own.ng[i] >= 0 && own.ng[i] == oth.ng[j])
+      atomicAdd(gbias + lines[0][i] + oth.m[j], ds[i * PLD + j]);
   }
 }
 
@@ -241,10 +308,11 @@ __device__ __forceinline__ void own_tile(const Geom& g, int64_t bx, int M, int64
 
 // ------------------------------------------------------------------------------ forward
 // grid (own tiles, ceil(Cv / M)). lse written by the blocks of channel chunk 0.
-template <typename T>
+template <typename T, bool kTerms>
 __global__ void __launch_bounds__(kThreads, 2)
     isa_forward_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
-                       T* __restrict__ O, acc_t<T>* __restrict__ LSE, Geom g, acc_t<T> scale) {
+                       T* __restrict__ O, acc_t<T>* __restrict__ LSE, Geom g, acc_t<T> scale,
+                       LogitTerms<T> terms) {
   using A = acc_t<T>;
   constexpr int M = TileCfg<T>::M, D = TileCfg<T>::D, TM = M / 16;
   constexpr bool kTC = UseWmma<T>::value;
@@ -258,11 +326,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   T* const ms_h = reinterpret_cast<T*>(ubuf);  // tensor cores: multiplied tile, M x HLD
   T* const ph = ms_h + M * HLD;                // tensor cores: probabilities, M x HLD
 
+  __shared__ int64_t lines[2][M];  // kTerms: fill_term_lines
+
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int64_t c0 = int64_t(blockIdx.y) * M;
   int64_t tile, start;
   own_tile(g, blockIdx.x, M, tile, start);
   fill_rows<M>(own, g, tile, start);
+  if constexpr (kTerms) fill_term_lines<true>(lines, terms, g, own);
 
   const A neg_inf = -INFINITY;
   A m_i[TM], l_i[TM], acc[TM][TM];
@@ -287,6 +358,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       tile_dot_wmma<T, M, D, PLD>(s, ms_h, ps, Q, own, K, oth, g.Ck, g.HW);
     else
       tile_dot<T, M, D>(s, ubuf, Q, own, K, oth, g.Ck, g.HW);
+    if constexpr (kTerms) {  // into ps, free until the probabilities are written
+      stage_terms<true, T, M, PLD>(ps, terms, lines, g, own, oth);
+      __syncthreads();
+    }
 
     A alpha[TM];
 #pragma unroll
@@ -296,7 +371,12 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int b = 0; b < TM; ++b) {
         const int64_t ngj = oth.ng[tx + 16 * b];
-        s[a][b] = (ngj >= 0 && ngj == ngi) ? s[a][b] * scale : neg_inf;
+        if (ngj >= 0 && ngj == ngi) {
+          s[a][b] *= scale;
+          if constexpr (kTerms) s[a][b] += ps[(ty + 16 * a) * PLD + tx + 16 * b];
+        } else {
+          s[a][b] = neg_inf;
+        }
         mx = max(mx, s[a][b]);
       }
       A m_new = max(m_i[a], warp_max<16>(mx));
@@ -365,13 +445,16 @@ enum BwdMode : int { kGradQ = 0, kGradK = 1, kGradV = 2 };
 //   dQ[:, i] = scale sum_j P_ij (dP_ij - delta_i) K[:, j]
 //   dK[:, j] = scale sum_i P_ij (dP_ij - delta_i) Q[:, i]
 //   dV[:, j] =       sum_i P_ij dO[:, i]
-// with P_ij = exp(scale q_i.k_j - lse_i), dP_ij = dO_i.v_j. grid (own tiles, ceil(C_out / M)).
-template <typename T, int MODE>
+// with P_ij = exp(scale q_i.k_j + terms_ij - lse_i), dP_ij = dO_i.v_j. grid (own tiles,
+// ceil(C_out / M)). dQ with a non-null GBIAS: chunk 0 also adds dS_ij = P_ij (dP_ij - delta_i)
+// into GBIAS[n % nb, i, j].
+template <typename T, int MODE, bool kTerms>
 __global__ void __launch_bounds__(kThreads, 2)
     isa_backward_kernel(const T* __restrict__ Q, const T* __restrict__ K,
                         const T* __restrict__ V, const T* __restrict__ dO,
                         const acc_t<T>* __restrict__ LSE, const acc_t<T>* __restrict__ DELTA,
-                        T* __restrict__ OUT, Geom g, acc_t<T> scale) {
+                        T* __restrict__ OUT, Geom g, acc_t<T> scale, LogitTerms<T> terms,
+                        acc_t<T>* __restrict__ GBIAS) {
   using A = acc_t<T>;
   constexpr int M = TileCfg<T>::M, D = TileCfg<T>::D, TM = M / 16;
   constexpr bool kTC = UseWmma<T>::value;
@@ -394,12 +477,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   const T* Mt = MODE == kGradQ ? K : (MODE == kGradK ? Q : dO);
   const int64_t Cm = MODE == kGradV ? g.Cv : g.Ck;
   const A out_scale = MODE == kGradV ? A(1) : scale;
+  constexpr bool kBiasGrad = kTerms && MODE == kGradQ;  // adds dS into GBIAS (when set)
+
+  __shared__ int64_t lines[2][M];  // kTerms: fill_term_lines
 
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int64_t c0 = int64_t(blockIdx.y) * M;
   int64_t tile, start;
   own_tile(g, blockIdx.x, M, tile, start);
   fill_rows<M>(own, g, tile, start);
+  if constexpr (kTerms) fill_term_lines<MODE == kGradQ>(lines, terms, g, own);
 
   A acc[TM][TM];
 #pragma unroll
@@ -438,6 +525,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       tile_dot<T, M, D>(s, ubuf, X1, own, Y1, oth, g.Ck, g.HW);
       if (MODE != kGradV) tile_dot<T, M, D>(dp, ubuf, X2, own, Y2, oth, g.Cv, g.HW);
     }
+    if constexpr (kTerms) {  // into ps, free until the probabilities are written
+      stage_terms<MODE == kGradQ, T, M, PLD>(ps, terms, lines, g, own, oth);
+      __syncthreads();
+    }
 
 #pragma unroll
     for (int a = 0; a < TM; ++a) {
@@ -450,13 +541,17 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int q = MODE == kGradQ ? i : j;  // the query of the pair (i own, j other)
         A v = A(0);
         if (ngj >= 0 && ngj == ngi) {
-          const A p = acc_exp(s[a][b] * scale - st_lse[q]);
+          A logit = s[a][b] * scale;
+          if constexpr (kTerms) logit += ps[i * PLD + j];
+          const A p = acc_exp(logit - st_lse[q]);
           v = MODE == kGradV ? p : p * (dp[a][b] - st_delta[q]);
         }
-        if constexpr (kTC)
+        if constexpr (kTC) {
           ph[i * HLD + j] = from_acc<T>(v);
-        else
+          if constexpr (kBiasGrad) ps[i * PLD + j] = v;  // dS in full precision
+        } else {
           ps[i * PLD + j] = v;
+        }
       }
     }
     // the multiplied tensor's other-side rows, row-major (row x channel), channels c0 .. c0 + M
@@ -465,6 +560,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     else
       load_tile<M, M>(ubuf, ULD, 1, Mt, Cm, g.HW, oth, c0);
     __syncthreads();
+    if constexpr (kBiasGrad) {
+      if (GBIAS != nullptr && blockIdx.y == 0)
+        add_bias_grads<T, M, PLD>(GBIAS, ps, lines, own, oth);
+      if constexpr (kTC) __syncthreads();  // ps is the tensor-core staging next
+    }
     if constexpr (kTC)
       tile_pv_wmma<T, M, HLD, PLD>(acc, ph, ms_h, ps, tx, ty);
     else
@@ -509,23 +609,96 @@ int64_t own_tiles(const Geom& g, int M) {
 
 bool grid_ok(int64_t x, int64_t y) { return x >= 1 && x <= kMaxGridX && y >= 1 && y <= kMaxGridYZ; }
 
-// The backward's workspace: delta = <dO, O> per position.
-template <typename A> A* carve_delta(const IsaShape& s, WorkspaceCarver& ws) {
-  return ws.take<A>(s.N * s.H * s.W);
+// The logit terms of a call (IsaShape), or false when their counts cannot index the groups.
+template <typename T>
+bool make_terms(const IsaShape& s, const Geom& g, const void* bias, const void* mask,
+                LogitTerms<T>& terms) {
+  terms = {static_cast<const T*>(bias), static_cast<const T*>(mask), s.nb, s.nm};
+  if (bias != nullptr && (s.nb <= 0 || s.N % s.nb != 0)) return false;
+  return mask == nullptr || (s.nm > 0 && g.G % s.nm == 0);
+}
+
+// Members per group of a shape whose block size divides the map (else 0).
+int64_t members(const IsaShape& s) {
+  if (s.ph <= 0 || s.pw <= 0 || s.H % s.ph != 0 || s.W % s.pw != 0) return 0;
+  return s.long_range ? (s.H / s.ph) * (s.W / s.pw) : s.ph * s.pw;
+}
+
+// The backward's workspace: delta = <dO, O> per position and, with a bias, the accumulation-
+// dtype sums of its gradient.
+template <typename A> struct BackwardScratch {
+  A* delta;
+  A* bias_sums;
+  int64_t bias_count;
+};
+
+template <typename A>
+BackwardScratch<A> carve_scratch(const IsaBackwardParams& p, WorkspaceCarver& ws) {
+  const IsaShape& s = p.shape;
+  const int64_t bias_count = p.bias != nullptr ? s.nb * members(s) * members(s) : 0;
+  A* delta = ws.take<A>(s.N * s.H * s.W);
+  return {delta, bias_count > 0 ? ws.take<A>(bias_count) : nullptr, bias_count};
+}
+
+template <typename T, bool kTerms>
+cudaError_t run_forward(const IsaForwardParams& p, const Geom& g, const LogitTerms<T>& terms,
+                        int64_t gx, int64_t gy, cudaStream_t stream) {
+  using A = acc_t<T>;
+  isa_forward_kernel<T, kTerms><<<dim3(unsigned(gx), unsigned(gy)), kThreads, 0, stream>>>(
+      static_cast<const T*>(p.query), static_cast<const T*>(p.key),
+      static_cast<const T*>(p.value), static_cast<T*>(p.out), static_cast<A*>(p.lse), g,
+      static_cast<A>(p.shape.scale), terms);
+  return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_forward(const IsaForwardParams& p, cudaStream_t stream) {
-  using A = acc_t<T>;
   constexpr int M = TileCfg<T>::M;
   Geom g;
-  if (!make_geom(p.shape, g, M)) return cudaErrorInvalidValue;
+  LogitTerms<T> terms;
+  if (!make_geom(p.shape, g, M) || !make_terms(p.shape, g, p.bias, p.mask, terms))
+    return cudaErrorInvalidValue;
   const int64_t gx = own_tiles(g, M), gy = (g.Cv + M - 1) / M;
   if (!grid_ok(gx, gy)) return cudaErrorInvalidValue;
-  isa_forward_kernel<T><<<dim3(unsigned(gx), unsigned(gy)), kThreads, 0, stream>>>(
-      static_cast<const T*>(p.query), static_cast<const T*>(p.key),
-      static_cast<const T*>(p.value), static_cast<T*>(p.out), static_cast<A*>(p.lse), g,
-      static_cast<A>(p.shape.scale));
+  if (p.bias != nullptr || p.mask != nullptr)
+    return run_forward<T, true>(p, g, terms, gx, gy, stream);
+  return run_forward<T, false>(p, g, terms, gx, gy, stream);
+}
+
+// grad_bias = its accumulation-dtype sums, in T.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    isa_grad_bias_kernel(const acc_t<T>* __restrict__ sums, T* __restrict__ grad_bias,
+                         int64_t count) {
+  const int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (e < count) grad_bias[e] = from_acc<T>(sums[e]);
+}
+
+// The dQ, dK, dV launches (delta is ready; with a bias its sums are zeroed).
+template <typename T, bool kTerms>
+cudaError_t run_backward(const IsaBackwardParams& p, const Geom& g, const LogitTerms<T>& terms,
+                         const BackwardScratch<acc_t<T>>& scratch, cudaStream_t stream) {
+  using A = acc_t<T>;
+  constexpr int M = TileCfg<T>::M;
+  const int64_t gx = own_tiles(g, M);
+  const dim3 grid_k(unsigned(gx), unsigned((g.Ck + M - 1) / M));
+  const dim3 grid_v(unsigned(gx), unsigned((g.Cv + M - 1) / M));
+  const T* Q = static_cast<const T*>(p.query);
+  const T* K = static_cast<const T*>(p.key);
+  const T* V = static_cast<const T*>(p.value);
+  const T* dO = static_cast<const T*>(p.grad_out);
+  const A* lse = static_cast<const A*>(p.lse);
+  const A scale = static_cast<A>(p.shape.scale);
+  isa_backward_kernel<T, kGradQ, kTerms><<<grid_k, kThreads, 0, stream>>>(
+      Q, K, V, dO, lse, scratch.delta, static_cast<T*>(p.grad_query), g, scale, terms,
+      scratch.bias_sums);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  isa_backward_kernel<T, kGradK, kTerms><<<grid_k, kThreads, 0, stream>>>(
+      Q, K, V, dO, lse, scratch.delta, static_cast<T*>(p.grad_key), g, scale, terms, nullptr);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  isa_backward_kernel<T, kGradV, kTerms><<<grid_v, kThreads, 0, stream>>>(
+      Q, K, V, dO, lse, scratch.delta, static_cast<T*>(p.grad_value), g, scale, terms, nullptr);
   return cudaGetLastError();
 }
 
@@ -534,34 +707,36 @@ cudaError_t launch_backward(const IsaBackwardParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
   constexpr int M = TileCfg<T>::M;
   Geom g;
-  if (!make_geom(p.shape, g, M)) return cudaErrorInvalidValue;
-  if (p.workspace == nullptr) return cudaErrorInvalidValue;
+  LogitTerms<T> terms;
+  if (!make_geom(p.shape, g, M) || !make_terms(p.shape, g, p.bias, p.mask, terms))
+    return cudaErrorInvalidValue;
+  if (p.workspace == nullptr || (p.bias != nullptr && p.grad_bias == nullptr))
+    return cudaErrorInvalidValue;
   const int64_t nhw = p.shape.N * g.HW;
   const int64_t gx = own_tiles(g, M);
   const int64_t gy_k = (g.Ck + M - 1) / M, gy_v = (g.Cv + M - 1) / M;
-  if (!grid_ok((nhw + kThreads - 1) / kThreads, 1) || !grid_ok(gx, gy_k) || !grid_ok(gx, gy_v))
+  const int64_t bias_blocks = (p.bias != nullptr ? p.shape.nb * g.L * g.L : 0) / kThreads + 1;
+  if (!grid_ok((nhw + kThreads - 1) / kThreads, 1) || !grid_ok(gx, gy_k) || !grid_ok(gx, gy_v) ||
+      !grid_ok(bias_blocks, 1))
     return cudaErrorInvalidValue;
-  const T* Q = static_cast<const T*>(p.query);
-  const T* K = static_cast<const T*>(p.key);
-  const T* V = static_cast<const T*>(p.value);
-  const T* dO = static_cast<const T*>(p.grad_out);
-  const A* lse = static_cast<const A*>(p.lse);
   WorkspaceCarver ws{p.workspace};
-  A* delta = carve_delta<A>(p.shape, ws);
-  const A scale = static_cast<A>(p.shape.scale);
+  const BackwardScratch<A> scratch = carve_scratch<A>(p, ws);
 
   isa_delta_kernel<T><<<unsigned((nhw + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      static_cast<const T*>(p.out), dO, delta, nhw, g.Cv, g.HW);
+      static_cast<const T*>(p.out), static_cast<const T*>(p.grad_out), scratch.delta, nhw, g.Cv,
+      g.HW);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  isa_backward_kernel<T, kGradQ><<<dim3(unsigned(gx), unsigned(gy_k)), kThreads, 0, stream>>>(
-      Q, K, V, dO, lse, delta, static_cast<T*>(p.grad_query), g, scale);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  isa_backward_kernel<T, kGradK><<<dim3(unsigned(gx), unsigned(gy_k)), kThreads, 0, stream>>>(
-      Q, K, V, dO, lse, delta, static_cast<T*>(p.grad_key), g, scale);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  isa_backward_kernel<T, kGradV><<<dim3(unsigned(gx), unsigned(gy_v)), kThreads, 0, stream>>>(
-      Q, K, V, dO, lse, delta, static_cast<T*>(p.grad_value), g, scale);
+  if (p.bias == nullptr && p.mask == nullptr)
+    return run_backward<T, false>(p, g, terms, scratch, stream);
+  if (scratch.bias_count > 0) {
+    err = cudaMemsetAsync(scratch.bias_sums, 0, size_t(scratch.bias_count) * sizeof(A), stream);
+    if (err != cudaSuccess) return err;
+  }
+  if ((err = run_backward<T, true>(p, g, terms, scratch, stream)) != cudaSuccess) return err;
+  if (scratch.bias_count == 0) return cudaSuccess;
+  isa_grad_bias_kernel<T><<<unsigned(bias_blocks), kThreads, 0, stream>>>(
+      scratch.bias_sums, static_cast<T*>(p.grad_bias), scratch.bias_count);
   return cudaGetLastError();
 }
 
@@ -577,7 +752,7 @@ size_t interlaced_sparse_attention_forward_workspace_bytes(const IsaForwardParam
 size_t interlaced_sparse_attention_backward_workspace_bytes(const IsaBackwardParams& p) {
   if (p.shape.N * p.shape.H * p.shape.W <= 0) return 0;
   return workspace_size(p.shape.dtype,
-                        [&](WorkspaceCarver& ws, auto a) { carve_delta<decltype(a)>(p.shape, ws); });
+                        [&](WorkspaceCarver& ws, auto a) { carve_scratch<decltype(a)>(p, ws); });
 }
 
 cudaError_t interlaced_sparse_attention_backward(const IsaBackwardParams& p, cudaStream_t stream) {

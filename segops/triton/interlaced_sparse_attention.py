@@ -7,6 +7,9 @@ Forward: online softmax over key tiles (exp2 domain), the per-position log-sum-e
 Backward: delta = <dO, O> per position, then separate dQ, dK and dV kernels that recompute the
 probabilities from the saved lse. Each program also owns one chunk of its output channels (so
 Ck, Cv up to 512 fit in registers); the logits are rebuilt per chunk by looping over channels.
+Optional additive logit terms (window attention): bias[n % nb, i, j] and mask[g % nm, i, j],
+loaded per tile pair under constexpr flags (without them the kernels compile as before); the
+dQ kernel's first channel chunk adds dS into an fp32 grad_bias buffer with atomics.
 
 Tensors in, tensors out; no registration here (segops/ops/interlaced_sparse_attention.py does it).
 """
@@ -59,8 +62,8 @@ def _rows(pid, start, NG, G, L, CK, CV, HW, W, GW, PH, PW,
     Not PACKED: one group (flat index n * G + g = pid), members start .. start + BLOCK.
     PACKED (small groups, LP = nextpow2_clamp(L) <= BLOCK / 2): BLOCK // LP whole groups per tile,
     row r -> group pid * (BLOCK // LP) + r // LP, member r % LP.
-    Returns (flat group index per row, validity, offsets into a Ck-channel tensor at channel 0,
-    offsets into a Cv-channel tensor at channel 0).
+    Returns (flat group index per row, member index, validity, offsets into a Ck-channel tensor
+    at channel 0, offsets into a Cv-channel tensor at channel 0).
     """
     r = tl.arange(0, BLOCK)
     if PACKED:
@@ -72,7 +75,7 @@ def _rows(pid, start, NG, G, L, CK, CV, HW, W, GW, PH, PW,
     valid = (m < L) & (ng < NG)
     n = (ng // G).to(tl.int64)
     pix = group_member_offset(ng % G, m, W, GW, PH, PW, LONG)
-    return ng, valid, n * CK * HW + pix, n * CV * HW + pix
+    return ng, m, valid, n * CK * HW + pix, n * CV * HW + pix
 
 
 @triton.jit
@@ -106,37 +109,99 @@ def _logits(A, B, rows_a, rows_b, mask_a, mask_b, C, HW,
 
 
 @triton.jit
-def _scaled_logits(Q, K, ng_m, mask_m, qrow, ng_n, mask_n, krow, CK, HW, qk_scale,
-                   PACKED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PREC: tl.constexpr):
-    """log2-domain logits of a (queries x keys) tile, -inf where a pair does not attend (both
-    valid and, in PACKED tiles, in the same group). The forward and every backward kernel
-    compute them with this one function."""
-    s = _logits(Q, K, qrow, krow, mask_m, mask_n, CK, HW, BLOCK, BLOCK, BLOCK_D, PREC) * qk_scale
+def _attends(ng_m, mask_m, ng_n, mask_n, PACKED: tl.constexpr):
+    """Which (query, key) pairs of a tile attend: both valid and, in PACKED tiles, one group's."""
     attend = mask_m[:, None] & mask_n[None, :]
     if PACKED:
         attend = attend & (ng_m[:, None] == ng_n[None, :])
+    return attend
+
+
+@triton.jit
+def _pair_offsets(mem_m, mem_n, L):
+    """Offsets of the entries (i, j) of an L x L matrix for a tile's (query, key) members."""
+    return mem_m.to(tl.int64)[:, None] * L + mem_n[None, :]
+
+
+@triton.jit
+def _term_matrix(T, ng_m, G, COUNT, L, BY_SAMPLE: tl.constexpr, PACKED: tl.constexpr):
+    """Start of each query row's matrix of a (COUNT, L, L) term: [n % COUNT] (BY_SAMPLE, the
+    bias) or [g % COUNT] (the mask). Unpacked tiles hold one group (program_id(0)): one scalar
+    start, so that the pair offsets are shared by both terms and no offset tile is per row."""
+    if PACKED:
+        ng = ng_m
+    else:
+        ng = tl.program_id(0)
+    if BY_SAMPLE:
+        matrix = (ng // G) % COUNT
+    else:
+        matrix = (ng % G) % COUNT
+    start = T + matrix.to(tl.int64) * L * L
+    if PACKED:
+        start = start[:, None]
+    return start
+
+
+@triton.jit
+def _load_term(T, ng_m, mem_m, mem_n, attend, q_start, k_start, G, COUNT, L,
+               BY_SAMPLE: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr):
+    """A term's entries at a (queries x keys) tile's attending pairs, fp32 in log2 units (0
+    elsewhere). Unpacked tiles are the block (q_start.., k_start..) of one matrix: a block
+    pointer, with no per-element offset tile held in registers (those spilled on sm_90)."""
+    start = _term_matrix(T, ng_m, G, COUNT, L, BY_SAMPLE, PACKED)
+    if PACKED:
+        term = tl.load(start + _pair_offsets(mem_m, mem_n, L), mask=attend, other=0.0)
+    else:
+        block = tl.make_block_ptr(start, (L, L), (L, 1), (q_start, k_start), (BLOCK, BLOCK), (1, 0))
+        term = tl.load(block, boundary_check=(0, 1), padding_option="zero")
+    return term.to(tl.float32) * LOG2E
+
+
+@triton.jit
+def _scaled_logits(Q, K, BIAS, MASK, ng_m, mem_m, mask_m, qrow, ng_n, mem_n, mask_n, krow,
+                   q_start, k_start, G, L, CK, HW, NB, NM, qk_scale, PACKED: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+                   BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """log2-domain logits of a (queries x keys) tile, scale q.k + bias[n % NB] + mask[g % NM]
+    (the terms present), -inf where a pair does not attend. The forward and every backward
+    kernel compute them with this one function. q_start, k_start: the first query and key
+    member of an unpacked tile."""
+    s = _logits(Q, K, qrow, krow, mask_m, mask_n, CK, HW, BLOCK, BLOCK, BLOCK_D, PREC) * qk_scale
+    attend = _attends(ng_m, mask_m, ng_n, mask_n, PACKED)
+    if HAS_BIAS:
+        s += _load_term(BIAS, ng_m, mem_m, mem_n, attend, q_start, k_start, G, NB, L, True,
+                        PACKED, BLOCK)
+    if HAS_MASK:
+        s += _load_term(MASK, ng_m, mem_m, mem_n, attend, q_start, k_start, G, NM, L, False,
+                        PACKED, BLOCK)
     return tl.where(attend, s, NEG_INF)
 
 
 # ------------------------------------------------------------------------------ forward
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, NG, G, L, CK, CV, HW, W, GW, PH, PW, NT, qk_scale,
-                LONG: tl.constexpr, PACKED: tl.constexpr, LP: tl.constexpr,
-                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-                PREC: tl.constexpr):
-    ng_m, mask_m, qrow, vrow = _own_rows(NG, G, L, CK, CV, HW, W, GW, PH, PW, BLOCK, LP, PACKED,
-                                         LONG)
+def _fwd_kernel(Q, K, V, BIAS, MASK, O, LSE, NG, G, L, CK, CV, HW, W, GW, PH, PW, NT, NB, NM,
+                qk_scale, LONG: tl.constexpr, PACKED: tl.constexpr, LP: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr):
+    ng_m, mem_m, mask_m, qrow, vrow = _own_rows(NG, G, L, CK, CV, HW, W, GW, PH, PW, BLOCK, LP,
+                                                PACKED, LONG)
     offs_c, mask_c = _channel_block(CV, BLOCK_C)
     m_i = tl.full((BLOCK,), NEG_INF, dtype=tl.float32)
     l_i = tl.zeros((BLOCK,), dtype=tl.float32)
     acc = tl.zeros((BLOCK, BLOCK_C), dtype=tl.float32)
     for t in range(0, NT):  # key tiles (1 when PACKED: the tile's own groups)
-        ng_n, mask_n, krow, vrow_n = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV, HW, W,
-                                           GW, PH, PW, BLOCK, LP, PACKED, LONG)
-        s = _scaled_logits(Q, K, ng_m, mask_m, qrow, ng_n, mask_n, krow, CK, HW, qk_scale, PACKED,
-                           BLOCK, BLOCK_D, PREC)
-        m_new = tl.maximum(tl.maximum(m_i, tl.max(s, 1)), -1e30)  # rows with no key stay finite
+        ng_n, mem_n, mask_n, krow, vrow_n = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV,
+                                                  HW, W, GW, PH, PW, BLOCK, LP, PACKED, LONG)
+        s = _scaled_logits(Q, K, BIAS, MASK, ng_m, mem_m, mask_m, qrow, ng_n, mem_n, mask_n, krow,
+                           tl.program_id(1) * BLOCK, t * BLOCK, G, L, CK, HW, NB, NM, qk_scale,
+                           PACKED, HAS_BIAS, HAS_MASK, BLOCK, BLOCK_D, PREC)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if HAS_MASK:
+            # Masked logits are finite but may lie far below -1e30 (a fully masked row averages
+            # its values): only rows with no key yet are pinned, to 0.
+            m_new = tl.where(m_new == NEG_INF, 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_new, -1e30)  # rows with no key stay finite
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -163,14 +228,18 @@ def _stats(LSE, DELTA, qrow, mask, CK, HW):
 
 
 @triton.jit
-def _probs_and_grads(Q, K, V, DO, LSE, DELTA, ng_m, mask_m, qrow, vrow, ng_n, mask_n, krow, vrow_n,
-                     CK, CV, HW, qk_scale, PACKED: tl.constexpr, BLOCK: tl.constexpr,
-                     BLOCK_D: tl.constexpr, PREC: tl.constexpr, GRADS: tl.constexpr):
+def _probs_and_grads(Q, K, V, DO, LSE, DELTA, BIAS, MASK, ng_m, mem_m, mask_m, qrow, vrow, ng_n,
+                     mem_n, mask_n, krow, vrow_n, q_start, k_start, G, L, CK, CV, HW, NB, NM,
+                     qk_scale,
+                     PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                     GRADS: tl.constexpr):
     """P of a (queries x keys) tile from the saved lse and, when GRADS, dS = P (dP - delta)
     (the logit gradient, before the factor `scale`); else dS is P."""
     lse2, delta = _stats(LSE, DELTA, qrow, mask_m, CK, HW)
-    s = _scaled_logits(Q, K, ng_m, mask_m, qrow, ng_n, mask_n, krow, CK, HW, qk_scale, PACKED,
-                       BLOCK, BLOCK_D, PREC)
+    s = _scaled_logits(Q, K, BIAS, MASK, ng_m, mem_m, mask_m, qrow, ng_n, mem_n, mask_n, krow,
+                       q_start, k_start, G, L, CK, HW, NB, NM, qk_scale, PACKED, HAS_BIAS,
+                       HAS_MASK, BLOCK, BLOCK_D, PREC)
     p = tl.exp2(s - lse2[:, None])
     ds = p
     if GRADS:
@@ -180,43 +249,52 @@ def _probs_and_grads(Q, K, V, DO, LSE, DELTA, ng_m, mask_m, qrow, vrow, ng_n, ma
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, NG, G, L, CK, CV, HW, W, GW, PH, PW, NT, scale,
-                   qk_scale, LONG: tl.constexpr, PACKED: tl.constexpr, LP: tl.constexpr,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, BIAS, MASK, DQ, DBIAS, NG, G, L, CK, CV, HW, W, GW,
+                   PH, PW, NT, NB, NM, scale, qk_scale, LONG: tl.constexpr, PACKED: tl.constexpr,
+                   LP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
                    PREC: tl.constexpr):
-    """dQ[:, i] = scale * sum_j P_ij (dP_ij - delta_i) K[:, j], for one chunk of Ck."""
-    ng_m, mask_m, qrow, vrow = _own_rows(NG, G, L, CK, CV, HW, W, GW, PH, PW, BLOCK, LP, PACKED,
-                                         LONG)
+    """dQ[:, i] = scale * sum_j P_ij (dP_ij - delta_i) K[:, j], for one chunk of Ck; with a
+    bias, the first chunk's programs also add dS_ij into DBIAS[n % NB, i, j] (fp32)."""
+    ng_m, mem_m, mask_m, qrow, vrow = _own_rows(NG, G, L, CK, CV, HW, W, GW, PH, PW, BLOCK, LP,
+                                                PACKED, LONG)
     offs_c, mask_c = _channel_block(CK, BLOCK_C)
     acc = tl.zeros((BLOCK, BLOCK_C), dtype=tl.float32)
     for t in range(0, NT):
-        ng_n, mask_n, krow, vrow_n = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV, HW, W,
-                                           GW, PH, PW, BLOCK, LP, PACKED, LONG)
-        p, ds = _probs_and_grads(Q, K, V, DO, LSE, DELTA, ng_m, mask_m, qrow, vrow, ng_n, mask_n,
-                                 krow, vrow_n, CK, CV, HW, qk_scale, PACKED, BLOCK, BLOCK_D, PREC,
-                                 True)
+        ng_n, mem_n, mask_n, krow, vrow_n = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV,
+                                                  HW, W, GW, PH, PW, BLOCK, LP, PACKED, LONG)
+        p, ds = _probs_and_grads(Q, K, V, DO, LSE, DELTA, BIAS, MASK, ng_m, mem_m, mask_m, qrow,
+                                 vrow, ng_n, mem_n, mask_n, krow, vrow_n, tl.program_id(1) * BLOCK,
+                                 t * BLOCK, G, L, CK, CV, HW, NB, NM, qk_scale, PACKED, HAS_BIAS,
+                                 HAS_MASK, BLOCK, BLOCK_D, PREC, True)
+        if HAS_BIAS:
+            attend = _attends(ng_m, mask_m, ng_n, mask_n, PACKED) & (tl.program_id(2) == 0)
+            dbias = _term_matrix(DBIAS, ng_m, G, NB, L, True, PACKED)
+            tl.atomic_add(dbias + _pair_offsets(mem_m, mem_n, L), ds, mask=attend)
         k = load_tile(K, krow, offs_c, mask_n, mask_c, HW, False)
         acc += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     store_tile(DQ, qrow, offs_c, mask_m, mask_c, HW, acc * scale)
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKV, NG, G, L, CK, CV, HW, W, GW, PH, PW, NT, scale,
-                     qk_scale, LONG: tl.constexpr, PACKED: tl.constexpr, LP: tl.constexpr,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, BIAS, MASK, DKV, NG, G, L, CK, CV, HW, W, GW, PH,
+                     PW, NT, NB, NM, scale, qk_scale, LONG: tl.constexpr, PACKED: tl.constexpr,
+                     LP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
                      PREC: tl.constexpr, DV: tl.constexpr):
     """One chunk of dK (DV=False) or dV (DV=True) for a tile of keys:
     dK[:, j] = scale * sum_i P_ij (dP_ij - delta_i) Q[:, i];  dV[:, j] = sum_i P_ij dO[:, i]."""
-    ng_n, mask_n, krow, vrow_n = _own_rows(NG, G, L, CK, CV, HW, W, GW, PH, PW, BLOCK, LP, PACKED,
-                                           LONG)
+    ng_n, mem_n, mask_n, krow, vrow_n = _own_rows(NG, G, L, CK, CV, HW, W, GW, PH, PW, BLOCK, LP,
+                                                  PACKED, LONG)
     offs_c, mask_c = _channel_block(CV if DV else CK, BLOCK_C)
     acc = tl.zeros((BLOCK, BLOCK_C), dtype=tl.float32)
     for t in range(0, NT):  # query tiles
-        ng_m, mask_m, qrow, vrow = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV, HW, W, GW,
-                                         PH, PW, BLOCK, LP, PACKED, LONG)
-        p, ds = _probs_and_grads(Q, K, V, DO, LSE, DELTA, ng_m, mask_m, qrow, vrow, ng_n, mask_n,
-                                 krow, vrow_n, CK, CV, HW, qk_scale, PACKED, BLOCK, BLOCK_D, PREC,
-                                 not DV)
+        ng_m, mem_m, mask_m, qrow, vrow = _rows(tl.program_id(0), t * BLOCK, NG, G, L, CK, CV,
+                                                HW, W, GW, PH, PW, BLOCK, LP, PACKED, LONG)
+        p, ds = _probs_and_grads(Q, K, V, DO, LSE, DELTA, BIAS, MASK, ng_m, mem_m, mask_m, qrow,
+                                 vrow, ng_n, mem_n, mask_n, krow, vrow_n, t * BLOCK,
+                                 tl.program_id(1) * BLOCK, G, L, CK, CV, HW, NB, NM, qk_scale,
+                                 PACKED, HAS_BIAS, HAS_MASK, BLOCK, BLOCK_D, PREC, not DV)
         if DV:
             do = load_tile(DO, vrow, offs_c, mask_m, mask_c, HW, False)
             acc += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
@@ -230,7 +308,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKV, NG, G, L, CK, CV, HW, W, GW, 
 
 
 # ------------------------------------------------------------------------------ launchers
-def config(ck: int, cv: int, members: int, dtype: torch.dtype, target: Target) -> dict:
+def config(ck: int, cv: int, members: int, dtype: torch.dtype, target: Target,
+           terms: bool = False) -> dict:
     """Tiles and launch options of the forward ("fwd") and the dq, dk, dv backward kernels for
     groups of `members` pixels: BLOCK-row tiles (whole groups packed into one tile when a group
     fills at most half of it), BLOCK_D-channel reduction chunks, output channels in chunks.
@@ -239,7 +318,9 @@ def config(ck: int, cv: int, members: int, dtype: torch.dtype, target: Target) -
     in registers (scripts/check_triton_compile.py found up to 2.5 KB spilled at 4 warps and
     128-channel chunks): 8 warps, 64 output channels, 32-channel reduction chunks on sm_80, and
     for fp32 32-row tiles and no software pipelining, the forward and dq at 4 warps (at 8 the
-    group gather's index arithmetic did not fit ptxas's 128-register budget)."""
+    group gather's index arithmetic did not fit ptxas's 128-register budget). With bias / mask
+    `terms` in fp32, dk and dv also run at 4 warps and dq in 16-channel chunks (the term tiles
+    spilled at the Swin benchmark shape otherwise)."""
     kind = register_tiles(dtype, target)
     block, chunk, out_wide = dict(interpreter=(64, 64, 128), fp32=(32, 32, 64), mma=(64, 32, 64),
                                   wgmma=(64, 64, 64))[kind]
@@ -248,23 +329,25 @@ def config(ck: int, cv: int, members: int, dtype: torch.dtype, target: Target) -
                  BLOCK_D=pow2_clamp(min(ck, cv), 16, chunk))
     stages = 1 if kind == "fp32" else 2
     by_row = target.launch(4 if kind == "fp32" else 8, stages)  # fwd, dq: one program per query tile
-    by_key = target.launch(8, stages)
+    narrow = kind == "fp32" and terms
+    by_key = target.launch(4 if narrow else 8, stages)
     return dict(fwd=dict(tiles, BLOCK_C=pow2_clamp(cv, 16, out_wide), **by_row),
-                dq=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 64), **by_row),
+                dq=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 16 if narrow else 64), **by_row),
                 dk=dict(tiles, BLOCK_C=pow2_clamp(ck, 16, 64), **by_key),
                 dv=dict(tiles, BLOCK_C=pow2_clamp(cv, 16, out_wide), **by_key))
 
 
 class _Plan:
     """One call: its kernel configs, the packing of small groups, the grid over (group tiles,
-    member tiles, channel chunks) and the shared kernel arguments."""
+    member tiles, channel chunks), the shared kernel arguments and the logit terms present."""
 
-    def __init__(self, query, value, ph, pw, long):
+    def __init__(self, query, value, bias, mask, ph, pw, long):
         n, ck, h, w = query.shape
         self.ck, self.cv = ck, value.shape[1]
         self.groups, self.L = group_counts(h, w, ph, pw, long)
         self.ng = n * self.groups
-        self.cfg = config(ck, self.cv, self.L, query.dtype, target_of(query))
+        self.cfg = config(ck, self.cv, self.L, query.dtype, target_of(query),
+                          terms=bias is not None or mask is not None)
         tiles = self.cfg["fwd"]
         if tiles["PACKED"]:  # whole groups per tile, keys = the tile's own groups
             self.group_tiles = triton.cdiv(self.ng, tiles["BLOCK"] // tiles["LP"])
@@ -272,8 +355,11 @@ class _Plan:
         else:
             self.group_tiles, self.member_tiles = self.ng, triton.cdiv(self.L, tiles["BLOCK"])
         self.args = (self.ng, self.groups, self.L, ck, self.cv, h * w, w, w // pw, ph, pw,
-                     self.member_tiles)
-        self.meta = dict(LONG=bool(long), PREC=dot_precision(query.dtype))
+                     self.member_tiles, _matrices(bias), _matrices(mask))
+        self.meta = dict(LONG=bool(long), PREC=dot_precision(query.dtype),
+                         HAS_BIAS=bias is not None, HAS_MASK=mask is not None)
+        # Absent terms are never read: any tensor stands in for their pointers.
+        self.terms = tuple(query if t is None else t.contiguous() for t in (bias, mask))
 
     def launch(self, kernel, which: str, channels: int, tensors: tuple, scalars: tuple, **meta):
         """kernel(*tensors, *the shared arguments, *scalars) with config `which`, over
@@ -283,35 +369,47 @@ class _Plan:
         kernel[grid](*tensors, *self.args, *scalars, **self.meta, **cfg, **meta)
 
 
-def forward(query, key, value, ph: int, pw: int, long: bool, scale: float):
-    """-> (out (N, Cv, H, W), lse (N, H, W) fp32, natural log of the scaled-logit sums)."""
+def _matrices(term) -> int:
+    """Leading size of an optional (n, L, L) bias or mask (1 when absent)."""
+    return 1 if term is None else term.shape[0]
+
+
+def forward(query, key, value, bias, mask, ph: int, pw: int, long: bool, scale: float):
+    """-> (out (N, Cv, H, W), lse (N, H, W) fp32, natural log of the sums of exp(logits)).
+    bias (nb, L, L), mask (nm, L, L): optional logit terms of sample n % nb, group g % nm."""
     q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
     n, ck, h, w = q.shape
     out = torch.empty((n, v.shape[1], h, w), device=v.device, dtype=v.dtype)
     lse = torch.empty((n, h, w), device=q.device, dtype=torch.float32)
     if out.numel() == 0 or lse.numel() == 0:
         return out, lse
-    plan = _Plan(q, v, ph, pw, long)
-    plan.launch(_fwd_kernel, "fwd", plan.cv, (q, k, v, out, lse), (log2_scale(scale),))
+    plan = _Plan(q, v, bias, mask, ph, pw, long)
+    plan.launch(_fwd_kernel, "fwd", plan.cv, (q, k, v, *plan.terms, out, lse),
+                (log2_scale(scale),))
     return out, lse
 
 
-def backward(grad_out, query, key, value, out, lse, ph: int, pw: int, long: bool, scale: float):
-    """-> (dquery, dkey, dvalue), recomputing the probabilities from `lse`."""
+def backward(grad_out, query, key, value, bias, mask, out, lse, ph: int, pw: int, long: bool,
+             scale: float):
+    """-> (dquery, dkey, dvalue, dbias), recomputing the probabilities from `lse`; dbias is
+    summed in fp32 and returned in bias's dtype, an empty (0,) tensor without a bias."""
     q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
     do, o, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     n, ck, h, w = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbias_acc = (torch.zeros(bias.shape, device=q.device, dtype=torch.float32)
+                 if bias is not None else q.new_empty((0,)))
     if q.numel() == 0 or v.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    plan = _Plan(q, v, ph, pw, long)
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbias_acc.to(q.dtype)
+    plan = _Plan(q, v, bias, mask, ph, pw, long)
     delta = channel_dot(o, do)
-    common = (q, k, v, do, lse, delta)
+    common = (q, k, v, do, lse, delta, *plan.terms)
     scales = (float(scale), log2_scale(scale))
-    plan.launch(_bwd_dq_kernel, "dq", ck, (*common, dq), scales)
+    plan.launch(_bwd_dq_kernel, "dq", ck, (*common, dq, dbias_acc if bias is not None else dq),
+                scales)
     plan.launch(_bwd_dkdv_kernel, "dk", ck, (*common, dk), scales, DV=False)
     plan.launch(_bwd_dkdv_kernel, "dv", plan.cv, (*common, dv), scales, DV=True)
-    return dq, dk, dv
+    return dq, dk, dv, dbias_acc.to(q.dtype)
 
 
 __all__ = ["forward", "backward", "group_member_offset", "group_counts"]
