@@ -6,7 +6,7 @@ import torch
 
 import segops
 from segops.reference.interlaced_sparse_attention import interlaced_sparse_attention as reference
-from tests.utils import backend_cases, qkv_inputs, require_backend
+from tests.utils import assert_close_to_reference, backend_cases, qkv_inputs, require_backend
 
 OP = "interlaced_sparse_attention"
 
@@ -60,31 +60,44 @@ def test_reference_with_bias_and_mask_matches_naive_loop(mode):
         naive(**x, block_size=block, mode=mode, bias=bias, mask=mask), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("backend,device,dtype", [
-    p for p in backend_cases(include_reference=True) if p.values[0] in ("reference", "cpu")])
-def test_infinite_mask_entries(backend, device, dtype):
-    """-inf mask entries act as a hard mask, and a row masked entirely averages its group's
-    values (no NaN, also in the gradients)."""
-    require_backend(OP, backend, device, dtype)
-    x = {k: v.to(device=device, dtype=dtype).requires_grad_() for k, v in
-         qkv_inputs(2, 3, 2, 4, 4).items()}
-    bias = torch.randn(2, 4, 4, device=device, dtype=dtype, requires_grad=True)
-    mask = torch.zeros(4, 4, 4, device=device, dtype=dtype)
-    mask[:, :, 3] = float("-inf")  # every query ignores member 3
-    mask[1, 2] = float("-inf")  # member 2 of group 1 (the block at y 0..1, x 2..3) sees nothing
+def _masked_call(x, bias, mask, backend):
     out = segops.interlaced_sparse_attention(**x, block_size=2, mode="short", bias=bias,
                                              mask=mask, backend=backend)
-    out.square().sum().backward()
-    assert torch.isfinite(out).all()
-    for t in (*x.values(), bias):
-        assert torch.isfinite(t.grad).all()
-    value = x["value"].detach()
-    want = reference(*(t.detach() for t in x.values()), (2, 2), "short",
-                     bias=bias.detach(), mask=mask.masked_fill(mask.isinf(), -1e4))
-    rows = torch.ones(4, 4, dtype=torch.bool)
-    rows[1, 2] = False  # (y, x) = (1, 2): member 2 of the block at rows 0..1, columns 2..3
-    torch.testing.assert_close(out.detach()[:, :, rows], want[:, :, rows])
-    torch.testing.assert_close(out.detach()[:, :, 1, 2], value[:, :, 0:2, 2:4].mean((2, 3)))
+    grads = torch.autograd.grad(out.square().sum(), (*x.values(), bias))
+    return [out.detach(), *grads]
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_cases(include_reference=True))
+def test_infinite_mask_entries(backend, device, dtype):
+    """-inf mask entries drop their keys, and a row masked entirely attends as if unmasked:
+    output and every gradient against the fp64 reference under the tolerance rule (a floor of
+    finfo.min / 2 once made the backward see that row's probabilities as 1), and the semantics
+    against the reference on the same mask with that row zeroed and the others' -inf written as
+    exact exclusions."""
+    require_backend(OP, backend, device, dtype)
+    torch.manual_seed(0)
+    x64 = qkv_inputs(2, 3, 2, 4, 4)
+    bias64 = torch.randn(2, 4, 4, dtype=torch.float64)
+    mask64 = torch.zeros(4, 4, 4, dtype=torch.float64)
+    mask64[:, :, 3] = float("-inf")  # every query ignores member 3
+    mask64[1, 2] = float("-inf")  # member 2 of group 1 (the block at y 0..1, x 2..3) sees nothing
+
+    def run(dt, be, dev, mask=mask64):
+        x = {k: v.to(dev, dt).requires_grad_() for k, v in x64.items()}
+        return _masked_call(x, bias64.to(dev, dt).requires_grad_(), mask.to(dev, dt), be)
+
+    got = run(dtype, backend, device)
+    ref64 = run(torch.float64, "reference", "cpu")
+    ref_same = run(dtype, "reference", "cpu")
+    for name, g, r64, r in zip(("out", "grad query", "grad key", "grad value", "grad bias"),
+                               got, ref64, ref_same):
+        assert_close_to_reference(name, g.cpu(), r64, r, dtype)
+    unmasked_row = mask64.clone()
+    unmasked_row[:, :, 3] = -1e300  # exp underflows: the exact exclusion
+    unmasked_row[1, 2] = 0.0  # all four members, member 3 included
+    want = run(torch.float64, "reference", "cpu", unmasked_row)
+    for g, w in zip(ref64, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
 
 
 def _global_attention(query, key, value, scale):

@@ -22,6 +22,16 @@ from segops.reference.interlaced_sparse_attention import \
 
 OP = "interlaced_sparse_attention"
 
+# Mask entries below this (-inf included) are raised to it before any backend runs (no host
+# sync), so the kernels see finite logits. exp(-1000) is 0 in every dtype, fp64 included, so such
+# an entry drops its key exactly whenever its row has a key within ~100 of the row's largest
+# logit; and -1000 plus a logit keeps ~6e-5 absolute precision in fp32, so the backward still
+# recovers the probabilities from the saved log-sum-exp. (finfo.min / 2 would swallow the logits
+# and the log-sum-exp's log(L) alike, and the backward would see every probability of a fully
+# masked row as 1.) A row masked entirely has every logit shifted by the same constant: it
+# attends as if unmasked.
+MASK_FLOOR = -1000.0
+
 
 def _fake(query, key, value, bias, mask, ph, pw, long, scale):
     n, _, h, w = query.shape
@@ -194,7 +204,7 @@ def interlaced_sparse_attention(query: Tensor, key: Tensor, value: Tensor,
     + mask[g % nm, i, j]; `out_i = sum_j softmax_j(logits) v_j`, scale = Ck**-0.5 when None.
     bias (nb, L, L) receives a gradient (window attention: the relative position bias, with
     the heads folded into N); mask (nm, L, L) is constant, -inf allowed (a row masked
-    entirely averages its values).
+    entirely attends as if unmasked; see MASK_FLOOR).
     """
     ph, pw = _validate(query, key, value, block_size, mode, scale, bias, mask)
     ck = query.shape[1]
@@ -202,9 +212,7 @@ def interlaced_sparse_attention(query: Tensor, key: Tensor, value: Tensor,
         scale = ck ** -0.5 if ck > 0 else 1.0
     scale = float(scale)
     if mask is not None:
-        # Finite for every backend (no host sync): a fully masked row then averages its values
-        # instead of giving NaN, and the kernels may assume a finite mask.
-        mask = mask.detach().clamp_min(torch.finfo(mask.dtype).min / 2)
+        mask = mask.detach().clamp_min(MASK_FLOOR)
     name = SPEC.select(backend, query)
     if name == "reference":
         return _reference(query, key, value, (ph, pw), mode, scale=scale, bias=bias, mask=mask)
