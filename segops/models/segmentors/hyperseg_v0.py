@@ -31,11 +31,11 @@ state_dict keys are the reference's, so its checkpoints load as they are.
 
 Differences from the reference: where a level's size is not a multiple of the patch grid, the
 map is padded by replication to the next multiple and the output cropped (the reference rounds
-the patch size down and leaves the pixels past the last whole patch at zero); the weight
-mapper's x2 upsampling is to the exact skip size and a map smaller than a 2x2 down-convolution
-is first padded by replication (the reference requires sizes it can halve). The config's
-`inference_hflip=True` applies in the reference to image-pyramid (list) inputs only, never to a
-tensor input, so it has no counterpart here.
+the patch size down, and then fails or leaves the pixels past the last whole patch at zero);
+the weight mapper's x2 upsampling is to the exact skip size and a map smaller than a 2x2
+down-convolution is first padded by replication (the reference needs the 1/32 map's sides to
+be multiples of 4). The config's `inference_hflip=True` applies in the reference to
+image-pyramid (list) inputs only, never to a tensor input, so it has no counterpart here.
 """
 from __future__ import annotations
 
@@ -140,6 +140,8 @@ class WeightMapperV0(nn.Module):
 
 
 class HyperSegV0(nn.Module):
+    """hyperseg_v0_1.py's HyperGen (backbone, decoder, weight_mapper); defaults: -l's config."""
+
     def __init__(self, num_classes: int = 21, variant: str = "b3", levels: int = 3,
                  out_feat_scale=0.25, kernel_sizes=(1, 1, 3, 3, 3, 3), expand_ratio: int = 2,
                  weight_groups: int = 16, loss: str = "cross_entropy") -> None:
