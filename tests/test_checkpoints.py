@@ -458,6 +458,15 @@ OFFICIAL_LAYOUTS = {
         ["decoder.coord768_1536", "decoder.coord48_48", "decoder.level_blocks.1.0.1.bias",
          "decoder.level_blocks.3.0.bn1.running_mean",
          "decoder.weight_blocks.3.signal2weights.weight", "weight_mapper.in_conv.0.weight"]),
+    # hyperseg_v0_1.py HyperGen with configs/train/vocsbd_efficientnet_b3_hyperseg-l.py: the
+    # official keys are ours, nothing to rename
+    "hyperseg-l": (
+        dict(), [],
+        ["backbone._blocks.25._se_expand.bias", "backbone._feat_fc_4.1.running_var",
+         "decoder.level_0.0.1.running_mean", "decoder.level_1.0.1.weight",
+         "decoder.level_2.0.conv.1.1.bias", "decoder.level_5.0.conv.2.1.running_var",
+         "weight_mapper.down_1.0.weight", "weight_mapper.flat_0.1.running_var",
+         "weight_mapper.out_conv.conv_5.weight"]),
 }
 
 
@@ -486,6 +495,17 @@ def test_official_repository_layout_loads(name):
         img = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             torch.testing.assert_close(loaded(img), source(img), rtol=0, atol=0)
+
+
+def test_hyperseg_l_weight_layers_have_the_official_shapes():
+    """hyperseg_v0_1.py's `weight_mapper.out_conv` for the VOC config, read off the official
+    model: each level's weight count rounded up to 16 from its slice of the 1536-channel signal
+    (divide_feature_legacy), 16 groups."""
+    with torch.device("meta"):
+        state = models.build("hyperseg-l").state_dict()
+    official = [(9408, 37), (4496, 17), (6624, 26), (1728, 6), (992, 3), (912, 7)]
+    assert [tuple(state[f"weight_mapper.out_conv.conv_{i}.weight"].shape)
+            for i in range(6)] == [(out, share, 1, 1) for out, share in official]
 
 
 def test_hyperseg_coordinate_buffers_hold_the_official_grids():

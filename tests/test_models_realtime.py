@@ -44,6 +44,8 @@ LOSS_WEIGHTS = {
               ("aux.1", "ohem_cross_entropy", 1.0), ("detail", "detail_aggregation", 1.0)],
     "icnet_r50-d8": [("out", "cross_entropy", 1.0), ("aux.0", "cross_entropy", 0.4),
                      ("aux.1", "cross_entropy", 0.4)],
+    # HyperSeg's trainer default, nn.CrossEntropyLoss(ignore_index=255) (the VOC config sets none)
+    "hyperseg-l": [("out", "cross_entropy", 1.0)],
 }
 
 # ------------------------------------------------ counts re-derived from official code
@@ -179,17 +181,32 @@ def count_efficientnet_hyperseg(variant, scales):
     return n
 
 
+def weight_mapper_v1_0(c, levels):
+    """`hyperseg_v1_0.py` WeightMapper on the C-channel signal: 1x1 C->C/2 + BN, then per extra
+    level a 2x2 C/2->C/2 + BN and a 1x1 C->C/2 + BN."""
+    return conv(c, c // 2) + bn(c // 2) + (levels - 1) * (
+        conv(c // 2, c // 2, 2) + bn(c // 2) + conv(c, c // 2) + bn(c // 2))
+
+
+def weight_mapper_v0_1(c, levels):
+    """`hyperseg_v0_1.py` WeightMapper at full width: per extra level a 2x2 C->C conv + BN
+    (`down_<i>`) and a 1x1 2C->C conv + BN (`flat_<i>`); its `out_conv.conv_<i>` are the weight
+    layers, counted like v1_0's."""
+    return (levels - 1) * (conv(c, c, 2) + bn(c) + conv(2 * c, c) + bn(c))
+
+
 def count_hyperseg(scales, widths, shares, groups, classes=19, variant="b1",
-                   kernels=(1, 1, 1, 3, 3), mapper_levels=2):
+                   kernels=(1, 1, 1, 3, 3), mapper_levels=2, mapper=weight_mapper_v1_0):
     """HyperSeg `hyperseg/models/hyperseg_v1_0.py` (and `models/hyperseg_v1_0_unify.py`, whose
-    unified weight layer has the summed size): level l's input = 2 coordinates + encoder
+    unified weight layer has the summed size; `hyperseg_v0_1.py` has the same decoder and weight
+    layers around its own weight mapper): level l's input = 2 coordinates + encoder
     feature l (coarsest first, the image last) + previous level; a 1x1 level has BN(out) and
     in*out weights, an inverted residual (expansion 2) BN(hidden) x 2 + BN(out) and
     in*hidden + 9*hidden + hidden*out weights; `widths` None: each level as wide as its
     feature. `shares` are the signal channels the reference's divide_feature gives each weight
     layer (worked by hand in the comments of DERIVED); a weight layer is a grouped 1x1 conv from
-    its share to ceil(weights / groups) * groups channels. Weight mapper on the C-channel
-    signal: 1x1 C->C/2 + BN, then per extra level a 2x2 C/2->C/2 + BN and a 1x1 C->C/2 + BN."""
+    its share to ceil(weights / groups) * groups channels; `mapper` counts the weight mapper's
+    other layers."""
     feats = ([3] + [round(c * s) for c, s in zip(EFFICIENTNET_FEATURES[variant], scales)])[::-1]
     widths = widths or feats
     n, prev, weights = 0, 0, []
@@ -207,10 +224,8 @@ def count_hyperseg(scales, widths, shares, groups, classes=19, variant="b1",
     if len(shares) < len(weights):  # unified tail
         weights = weights[:len(shares) - 1] + [sum(weights[len(shares) - 1:])]
     n += sum(share // g * (-(-w // g) * g) for w, share, g in zip(weights, shares, groups))
-    c = EFFICIENTNET_HEAD[variant]
-    mapper = conv(c, c // 2) + bn(c // 2) + (mapper_levels - 1) * (
-        conv(c // 2, c // 2, 2) + bn(c // 2) + conv(c, c // 2) + bn(c // 2))
-    return count_efficientnet_hyperseg(variant, scales) + n + mapper
+    return (count_efficientnet_hyperseg(variant, scales) + n
+            + mapper(EFFICIENTNET_HEAD[variant], mapper_levels))
 
 
 # name -> parameter count derived independently of our code (each function names its source)
@@ -221,9 +236,12 @@ DERIVED = {
     # -s: (4160, 992, 208, 868 + 2808 unified) -> units (18, 4, 2, 16)
     "hyperseg-s": lambda: count_hyperseg((1, .166, .2, .25, .4), (32, 16, 8, 8, 8),
                                          (576, 128, 64, 512), (32, 16, 8, 16)),
-    # -l: (9408, 4488, 6624, 1716, 992, 902), 96 units of 16 -> (37, 17, 26, 6, 3, 7)
+    # -l: hyperseg_v0_1.py with configs/train/vocsbd_efficientnet_b3_hyperseg-l.py (21 VOC
+    # classes): weights (9408, 4488, 6624, 1716, 992, 902), rounded up to 16 and split by
+    # divide_feature_legacy in 96 units of 16 -> (37, 17, 26, 6, 3, 7)
     "hyperseg-l": lambda: count_hyperseg([.25] * 5, None, (592, 272, 416, 96, 48, 112),
-                                         [16] * 6, 21, "b3", (1, 1, 3, 3, 3, 3), 3),
+                                         [16] * 6, 21, "b3", (1, 1, 3, 3, 3, 3), 3,
+                                         weight_mapper_v0_1),
     "dfanet-a": lambda: count_dfanet("a"),
     "dfanet-b": lambda: count_dfanet("b"),
     "gun": count_gun,
@@ -258,9 +276,17 @@ def test_parameter_count_matches_the_derived_count(name):
     assert n_params(meta_build(name)) == DERIVED[name]()
 
 
-# Models run forward and backward for real (the larger variants of a family are counted only).
+def test_hyperseg_l_derived_count_is_the_official_models():
+    """39,680,458: `sum(p.numel() for p in model.parameters())` of the official model, built by
+    `hyperseg_v0_1.hyperseg_efficientnet` with the VOC config's arguments and 21 classes."""
+    assert DERIVED["hyperseg-l"]() == 39_680_458
+
+
+# Models run forward and backward for real (the larger variants of a family are counted only;
+# hyperseg-l is a network of its own, run at the 19 classes the checks below expect).
 RUN = ["bisenetv1_r18-d32", "bisenetv2_fcn", "stdc1", "icnet_r18-d8", "bisenetv1_xception39",
-       "dfnet-df1", "dfanet-b", "gun", ("rgpnet", dict(depth=18)), "hyperseg-s"]
+       "dfnet-df1", "dfanet-b", "gun", ("rgpnet", dict(depth=18)), "hyperseg-s",
+       ("hyperseg-l", dict(num_classes=19))]
 
 
 def n_params(model) -> int:
@@ -400,15 +426,6 @@ def test_backbone_builds_alone_and_runs(name):
         outs = net(torch.zeros(1, 3, 97, 131))
     outs = outs if isinstance(outs, (tuple, list)) else [outs]
     assert outs and all(o.dim() == 4 and o.shape[0] == 1 for o in outs)
-
-
-def test_hyperseg_l_eval_at_an_odd_size():
-    """hyperseg-l's structure differs from -s (six levels, the last on the image, a 3-level
-    weight mapper), so it gets its own (eval-only) run."""
-    model = models.build("hyperseg-l").eval()
-    with torch.no_grad():
-        out = model(torch.randn(1, 3, 97, 131))
-    assert out.shape == (1, 21, 97, 131) and torch.isfinite(out).all()
 
 
 def test_guided_upsampling_is_bilinear_without_offsets_and_follows_them():

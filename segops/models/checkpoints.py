@@ -22,8 +22,8 @@ for them in `OFFICIAL_KEY_MAPS` (`official_key_map(name)`):
   `model_GateNet_ResNet.py` / `model_GateNet_vgg16.py` (encoder at the top level: `conv1`,
   `bn1`, `layer<i>` / `conv1`..`conv5`).
 * `hyperseg-m`, `hyperseg-s`: YuvalNirkin/hyperseg (`hyperseg_v1_0.py` / `_unify.py` with their
-  Cityscapes configs), coordinate-grid buffers included. Not `hyperseg-l`: its VOC config
-  builds `hyperseg_v0_1.py`, a different network (see the model's docstring).
+  Cityscapes configs), coordinate-grid buffers included. `hyperseg-l` (`hyperseg_v0_1.py`, which
+  its VOC config builds) needs no map: its keys are the official ones.
 * `ocnet-asp_r101-d8`: openseg.pytorch `AspOCNet` checkpoints (`backbone.resinit.*`,
   `context.{0,1}` = the 3x3 conv, `context.2.*` = `ASP_OC_Module`, `cls.*`, `dsn.*`).
 * `ocnet-pyramid_r101-d8`: openseg.pytorch's `PyramidOCNet` (last at commit 5ec9f10:

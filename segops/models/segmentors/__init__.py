@@ -6,6 +6,7 @@ from segops.models.segmentors import semask, semask_mask2former  # noqa: F401
 from segops.models.segmentors import transformer_models, window_transformers  # noqa: F401
 from segops.models.segmentors import transformer_models  # noqa: F401
 from segops.models.segmentors import context_models  # noqa: F401
+from segops.models.segmentors import hyperseg_v0  # noqa: F401
 from segops.models.segmentors.encoder_decoder import CascadeEncoderDecoder, EncoderDecoder
 
 __all__ = ["EncoderDecoder", "CascadeEncoderDecoder"]

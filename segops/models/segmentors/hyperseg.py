@@ -1,6 +1,8 @@
-"""`hyperseg-m`, `hyperseg-s`, `hyperseg-l`: HyperSeg (Nirkin et al., "HyperSeg: Patch-wise
+"""`hyperseg-m`, `hyperseg-s`: HyperSeg (Nirkin et al., "HyperSeg: Patch-wise
 Hypernetwork for Real-time Semantic Segmentation", CVPR 2021) as YuvalNirkin/hyperseg builds
-them, with its module names; encoders in `backbones/efficientnet_hyperseg.py`.
+them, with its module names; encoders in `backbones/efficientnet_hyperseg.py`. `hyperseg-l`
+is the repository's earlier design (`hyperseg_v0_1.py`, which its VOC config builds): see
+`hyperseg_v0.py`, which reuses the patch-wise convolution and the decoder loop below.
 
 - `hyperseg-m` (Cityscapes, 19 classes, EfficientNet-B1): `hyperseg/models/hyperseg_v1_0.py`
   with `configs/train/cityscapes_efficientnet_b1_hyperseg-m.py`: weight mapper with 2 levels,
@@ -10,32 +12,23 @@ them, with its module names; encoders in `backbones/efficientnet_hyperseg.py`.
   `configs/train/cityscapes_efficientnet_b1_hyperseg-s.py`: feature scales
   (1, 0.166, 0.2, 0.25, 0.4), level widths (32, 16, 8, 8, 8), one weight layer shared by
   levels 4 and 5 (`unify_level=4`).
-- `hyperseg-l` (PASCAL VOC, 21 classes, EfficientNet-B3): the arguments of `configs/train/
-  vocsbd_efficientnet_b3_hyperseg-l.py` (weight mapper with 3 levels, feature scale 0.25,
-  kernel sizes (1, 1, 3, 3, 3, 3): six levels, the last on the image itself, weight groups 16)
-  given to the v1_0 decoder above, each level as wide as its input feature (v1_0's
-  `level_channels=None` branch) and every layer with 16 weight groups. That config itself
-  imports `hyperseg/models/hyperseg_v0_1.py`, an earlier design (the weight mapper emits the
-  decoder weights through `weight_mapper.out_conv.conv_<i>`, 39,680,458 parameters), so
-  official -l checkpoints do not fit this model.
 
 The encoder's last feature goes through the weight mapper ("context head", a small U-Net) to a
 signal at 1/32 of the input; 1x1 grouped convs (`signal2weights`) turn slices of it into the
 weights of every decoder layer, one set per signal pixel, i.e. per image patch (-s:
-consecutive slices; -m and -l: every slice starts at the signal's first channel, as v1_0
-builds it). Each decoder level concatenates the image coordinates, the encoder feature of its
-resolution and the upsampled previous level, and applies its layer patch by patch (a 1x1
-conv-BN-ReLU, or an inverted residual block: 1x1, depthwise 3x3 over the patch with a 1-pixel
-reflected border, 1x1, BN and ReLU6). Loss: -m and -s bootstrapped cross-entropy (their configs'
-BootstrappedCrossEntropyLoss, declared as OHEM cross-entropy), -l the trainer's default
-cross-entropy.
+consecutive slices; -m: every slice starts at the signal's first channel, as v1_0 builds it).
+Each decoder level concatenates the image coordinates, the encoder feature of its resolution
+and the upsampled previous level, and applies its layer patch by patch (a 1x1 conv-BN-ReLU, or
+an inverted residual block: 1x1, depthwise 3x3 over the patch with a 1-pixel reflected border,
+1x1, BN and ReLU6). Loss: bootstrapped cross-entropy (the configs'
+BootstrappedCrossEntropyLoss, declared as OHEM cross-entropy).
 
 The decoder holds the reference's cached image-coordinate grids as buffers under its names
 (`decoder.coord<h>_<w>`, one per level for each of the config's `coords_res` sizes: -m
-512 x 512 and 512 x 1024, -s 768 x 768 and 768 x 1536; -l none, as v0_1 caches none), so
-official -m / -s checkpoints load strictly (`segops.models.checkpoints.HYPERSEG_OFFICIAL`
-renames the decoder's 1x1 levels, which the reference nests one `MetaSequential` deeper). The
-forward computes the same grids in the input's dtype rather than reading the cache.
+512 x 512 and 512 x 1024, -s 768 x 768 and 768 x 1536), so official -m / -s checkpoints load
+strictly (`segops.models.checkpoints.HYPERSEG_OFFICIAL` renames the decoder's 1x1 levels, which
+the reference nests one `MetaSequential` deeper). The forward computes the same grids in the
+input's dtype rather than reading the cache.
 
 Differences from the reference: when a level's size is not a multiple of the patch grid the
 feature is padded by replication to the next multiple and the output cropped (the reference
@@ -142,6 +135,17 @@ def _patch_conv(x: Tensor, weights: Tensor, cout: int, k: int = 1,
     return y.reshape(p, cout, *y.shape[2:])
 
 
+def patchwise_conv(x: Tensor, weights: Tensor, cout: int, kernel: int = 1,
+                   depthwise: bool = False) -> Tensor:
+    """x convolved patch by patch: `weights` (N, P, fh, fw) holds the P conv weights of each
+    patch of an fh x fw grid over x; a k x k kernel also reads k // 2 pixels of the neighbouring
+    patches (reflected at the image border), the output keeps x's size."""
+    n, grid = x.shape[0], weights.shape[2:]
+    patches, _ = _patches(x, grid, kernel // 2)
+    w = weights.permute(0, 2, 3, 1).reshape(n * grid[0] * grid[1], -1)
+    return _unpatch(_patch_conv(patches, w, cout, kernel, depthwise), n, grid, x.shape[2:])
+
+
 class HyperPatchConv(SignalToWeights, nn.Module):
     """Patch-wise 1x1 conv (the reference's HyperPatchNoPadding with kernel 1)."""
 
@@ -151,10 +155,7 @@ class HyperPatchConv(SignalToWeights, nn.Module):
         self.params = cin * cout
 
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
-        n, grid = x.shape[0], weights.shape[2:]
-        patches, _ = _patches(x, grid, 0)
-        w = weights.permute(0, 2, 3, 1).reshape(-1, self.params)
-        return _unpatch(_patch_conv(patches, w, self.cout), n, grid, x.shape[2:])
+        return patchwise_conv(x, weights, self.cout)
 
 
 class HyperPatchInvertedResidual(SignalToWeights, nn.Module):
@@ -184,6 +185,14 @@ class HyperPatchInvertedResidual(SignalToWeights, nn.Module):
         return x + y if self.cin == self.cout else y
 
 
+def at_least_2x2(x: Tensor) -> Tensor:
+    """x padded by replication to 2 x 2 where smaller, for a 2x2 stride-2 conv (tiny inputs)."""
+    h, w = x.shape[2:]
+    if h < 2 or w < 2:
+        x = F.pad(x, (0, max(0, 2 - w), 0, max(0, 2 - h)), mode="replicate")
+    return x
+
+
 class WeightMapper(nn.Module):
     """The reference's context head: 1x1 conv-BN-ReLU to half width, `levels - 1` stride-2 2x2
     convs down, the coarsest feature replaced by its global average, back up through 1x1
@@ -203,11 +212,7 @@ class WeightMapper(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         feats = [self.in_conv(x)]
         for down in self.down_blocks:
-            x = feats[-1]
-            h, w = x.shape[2:]
-            if h < 2 or w < 2:  # too small for the 2x2 conv (tiny inputs only)
-                x = F.pad(x, (0, max(0, 2 - w), 0, max(0, 2 - h)), mode="replicate")
-            feats.append(down(x))
+            feats.append(down(at_least_2x2(feats[-1])))
         x = F.adaptive_avg_pool2d(feats[-1], 1).expand_as(feats[-1])
         for up in reversed(self.up_blocks):
             x = up(torch.cat([feats.pop(), x], dim=1))
@@ -227,6 +232,19 @@ def _coordinates(x: Tensor) -> Tensor:
     return coordinate_grid(h, w, x.device, x.dtype).expand(n, -1, -1, -1)
 
 
+def run_decoder(levels, img: Tensor, feats, weights, training: bool):
+    """The decoder levels, coarsest first, each given its weights: a level reads the image
+    coordinates, the encoder feature of its resolution (`feats` finest first, the image below
+    them) and the previous level upsampled to it. The output at the image size (in training
+    `{"out", "aux": []}`)."""
+    p = None
+    for level, feat, w in zip(levels, reversed([img] + list(feats)), weights):
+        p = feat if p is None else torch.cat([feat, resize(p, feat.shape[2:])], dim=1)
+        p = level(torch.cat([_coordinates(p), p], dim=1), w)
+    out = resize(p, img.shape[2:])
+    return {"out": out, "aux": []} if training else out
+
+
 class HyperSeg(nn.Module):
     """`unify_level=None`: one weight layer per decoder layer (v1_0; keys
     `decoder.level_<l>.0.signal2weights`); otherwise levels >= unify_level share one weight
@@ -243,10 +261,6 @@ class HyperSeg(nn.Module):
         signal = self.backbone.feat_channels[-1]
         # level inputs, coarsest first; the image itself is the finest
         feats = ([3] + self.backbone.feat_channels[:-1])[::-1]
-        if level_channels is None:  # each level as wide as its input (the reference's default)
-            level_channels = feats[:len(kernel_sizes)]
-        if isinstance(weight_groups, int):
-            weight_groups = (weight_groups,) * len(kernel_sizes)
         self.decoder = nn.Module()
         self.unify_level = unify_level
         layers, prev = [], 0
@@ -296,12 +310,7 @@ class HyperSeg(nn.Module):
     def forward(self, img: Tensor):
         *feats, last = self.backbone(img)
         weights = self._level_weights(self.weight_mapper(last))
-        p = None
-        for level, feat, w in zip(self.decoder_levels, reversed([img] + feats), weights):
-            p = feat if p is None else torch.cat([feat, resize(p, feat.shape[2:])], dim=1)
-            p = level(torch.cat([_coordinates(p), p], dim=1), w)
-        out = resize(p, img.shape[2:])
-        return {"out": out, "aux": []} if self.training else out
+        return run_decoder(self.decoder_levels, img, feats, weights, self.training)
 
 
 class _Level(nn.Module):
@@ -322,9 +331,6 @@ class _Level(nn.Module):
 
 register_model("hyperseg-m", HyperSeg, out_feat_scale=(1.0, 0.25, 0.25, 0.25, 0.25),
                coords_res=((512, 512), (512, 1024)))
-register_model("hyperseg-l", HyperSeg, num_classes=21, variant="b3", levels=3,
-               kernel_sizes=(1, 1, 3, 3, 3, 3), level_channels=None, weight_groups=16,
-               loss="cross_entropy")
 register_model("hyperseg-s", HyperSeg, out_feat_scale=(1.0, 0.166, 0.2, 0.25, 0.4),
                level_channels=(32, 16, 8, 8, 8), unify_level=4,
                coords_res=((768, 768), (768, 1536)))
