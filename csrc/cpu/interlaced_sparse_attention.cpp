@@ -385,27 +385,42 @@ std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
 
+// The operands of both passes, contiguous and checked: query, key (N, Ck, H, W), value
+// (N, Cv, H, W), the optional logit terms, and the group layout.
+struct Operands {
+  at::Tensor query, key, value;
+  std::optional<at::Tensor> bias, mask;
+  int64_t N, Ck, Cv, H, W;
+  GroupMap map;
+  Operands(const char* kernel, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+           const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& m, int64_t ph,
+           int64_t pw, bool long_range)
+      : query(q.contiguous()), key(k.contiguous()), value(v.contiguous()), bias(contiguous(b)),
+        mask(contiguous(m)), N(0), Ck(0), Cv(0), H(0), W(0), map(1, 1, 1, 1, long_range) {
+    check_inputs(kernel, query, key, value, ph, pw);
+    N = query.size(0), Ck = query.size(1), Cv = value.size(1), H = query.size(2),
+    W = query.size(3);
+    map = GroupMap(H, W, ph, pw, long_range);
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> isa_forward(
     const at::Tensor& query_any, const at::Tensor& key_any, const at::Tensor& value_any,
     const std::optional<at::Tensor>& bias_any, const std::optional<at::Tensor>& mask_any,
     int64_t ph, int64_t pw, bool long_range, double scale) {
-  const auto query = query_any.contiguous(), key = key_any.contiguous(),
-             value = value_any.contiguous();
-  const auto bias = contiguous(bias_any), mask = contiguous(mask_any);
   const char* kernel = "interlaced_sparse_attention_forward (cpu)";
-  check_inputs(kernel, query, key, value, ph, pw);
-  const int64_t N = query.size(0), Ck = query.size(1), H = query.size(2), W = query.size(3);
-  const int64_t Cv = value.size(1);
-  auto out = at::empty({N, Cv, H, W}, value.options());
-  auto lse = at::empty({N, H, W}, query.options());
-  GroupMap map(H, W, ph, pw, long_range);
+  const Operands in(kernel, query_any, key_any, value_any, bias_any, mask_any, ph, pw,
+                    long_range);
+  const auto& query = in.query;
+  auto out = at::empty({in.N, in.Cv, in.H, in.W}, in.value.options());
+  auto lse = at::empty({in.N, in.H, in.W}, query.options());
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "interlaced_sparse_attention_forward", [&] {
-    const auto terms = logit_terms<scalar_t>(kernel, bias, mask, query, map);
+    const auto terms = logit_terms<scalar_t>(kernel, in.bias, in.mask, query, in.map);
     if (lse.numel() == 0) return;  // no positions (then out is empty too)
-    forward_kernel<scalar_t>(query.const_data_ptr<scalar_t>(), key.const_data_ptr<scalar_t>(),
-                             value.const_data_ptr<scalar_t>(), terms,
+    forward_kernel<scalar_t>(query.const_data_ptr<scalar_t>(), in.key.const_data_ptr<scalar_t>(),
+                             in.value.const_data_ptr<scalar_t>(), terms,
                              out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>(),
-                             N, Ck, Cv, map, static_cast<scalar_t>(scale));
+                             in.N, in.Ck, in.Cv, in.map, static_cast<scalar_t>(scale));
   });
   return {out, lse};
 }
@@ -415,15 +430,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> isa_backward(
     const at::Tensor& value_any, const std::optional<at::Tensor>& bias_any,
     const std::optional<at::Tensor>& mask_any, const at::Tensor& out_any,
     const at::Tensor& lse_any, int64_t ph, int64_t pw, bool long_range, double scale) {
-  const auto query = query_any.contiguous(), key = key_any.contiguous(),
-             value = value_any.contiguous();
+  const char* kernel = "interlaced_sparse_attention_backward (cpu)";
+  const Operands in(kernel, query_any, key_any, value_any, bias_any, mask_any, ph, pw,
+                    long_range);
+  const auto &query = in.query, &key = in.key, &value = in.value;
+  const auto& bias = in.bias;
+  const auto& map = in.map;
+  const int64_t N = in.N, Ck = in.Ck, Cv = in.Cv, H = in.H, W = in.W;
   const auto grad_out = grad_out_any.contiguous(), out = out_any.contiguous(),
              lse = lse_any.contiguous();
-  const auto bias = contiguous(bias_any), mask = contiguous(mask_any);
-  const char* kernel = "interlaced_sparse_attention_backward (cpu)";
-  check_inputs(kernel, query, key, value, ph, pw);
-  const int64_t N = query.size(0), Ck = query.size(1), H = query.size(2), W = query.size(3);
-  const int64_t Cv = value.size(1);
   guards::check_like(kernel, query, {{"grad_out", &grad_out}, {"out", &out}, {"lse", &lse}});
   guards::check_sizes(kernel, "grad_out", grad_out, value.sizes());
   guards::check_sizes(kernel, "out", out, value.sizes());
@@ -431,9 +446,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> isa_backward(
   auto dq = at::empty_like(query), dk = at::empty_like(key), dv = at::empty_like(value);
   // No positions: every gradient is empty, the bias's is zero.
   auto dbias = bias.has_value() ? at::zeros_like(*bias) : at::empty({0}, query.options());
-  GroupMap map(H, W, ph, pw, long_range);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "interlaced_sparse_attention_backward", [&] {
-    const auto terms = logit_terms<scalar_t>(kernel, bias, mask, query, map);
+    const auto terms = logit_terms<scalar_t>(kernel, bias, in.mask, query, map);
     if (lse.numel() == 0) return;
     const int64_t LL = map.members * map.members;
     at::Tensor dbias_tasks;

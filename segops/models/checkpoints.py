@@ -108,13 +108,22 @@ def _openseg_classifiers(cls: str, dsn: str, dsn_classifier: int) -> tuple[tuple
             + ((rf"^{dsn}\.{dsn_classifier}\.", "auxiliary_head.conv_seg."),))
 
 
+def _openseg_object_context(pre: str, module: str, heads: tuple,
+                            branches: tuple = ()) -> tuple[tuple[str, str], ...]:
+    """An openseg OCNet whose 3x3 conv `pre` feeds an object-context module at `module` (its
+    `stages` and `conv_bn_dropout`; `branches` rename any other of its parts), with the
+    classifiers `heads` = (cls, dsn, dsn classifier index)."""
+    return (_OPENSEG_DEEPBASE_STEM
+            + _conv_bn_relu(pre, "decode_head.oc_module_pre")
+            + _object_context_stages(rf"{module}\.stages", "decode_head.oc_module.stages")
+            + branches
+            + _conv_bn_relu(rf"{module}\.conv_bn_dropout", "decode_head.oc_module.conv_bn")
+            + _openseg_classifiers(*heads))
+
+
 OCNET_OPENSEG = KeyMap(
     source="openseg.pytorch lib/models/nets/ocnet.py BaseOCNet (deepbase_resnet101_dilated8)",
-    rules=_OPENSEG_DEEPBASE_STEM
-    + _conv_bn_relu(r"oc_module_pre", "decode_head.oc_module_pre")
-    + _object_context_stages(r"oc_module\.stages", "decode_head.oc_module.stages")
-    + _conv_bn_relu(r"oc_module\.conv_bn_dropout", "decode_head.oc_module.conv_bn")
-    + _openseg_classifiers("cls", "dsn", 2))
+    rules=_openseg_object_context(r"oc_module_pre", r"oc_module", ("cls", "dsn", 2)))
 
 # AspOCNet.context = Sequential(Conv2d, BNReLU, ASP_OC_Module); the module's `context` branch is
 # Sequential(Conv2d, BNReLU, BaseOC_Context_Module), whose BN sits in `conv_bn_dropout.0`.
@@ -138,12 +147,9 @@ OCNET_ASP_OPENSEG = KeyMap(
 OCNET_PYRAMID_OPENSEG = KeyMap(
     source="openseg.pytorch@5ec9f10 lib/models/nets/ocnet.py PyramidOCNet, "
            "lib/models/modules/pyramid_oc_block.py (with OCNet.pytorch's up_dr branch)",
-    rules=_OPENSEG_DEEPBASE_STEM
-    + _conv_bn_relu(r"conv_3x3", "decode_head.oc_module_pre")
-    + _object_context_stages(r"context\.stages", "decode_head.oc_module.stages")
-    + _conv_bn_relu(r"context\.up_dr", "decode_head.oc_module.up_dr")
-    + _conv_bn_relu(r"context\.conv_bn_dropout", "decode_head.oc_module.conv_bn")
-    + _openseg_classifiers("cls_head", "dsn_head", 3))
+    rules=_openseg_object_context(
+        r"conv_3x3", r"context", ("cls_head", "dsn_head", 3),
+        branches=_conv_bn_relu(r"context\.up_dr", "decode_head.oc_module.up_dr")))
 
 STLNET_OFFICIAL = KeyMap(
     source="lanyunzhu99/Learning-Statistical-Texture-for-Semantic-Segmentation STLNet.py STL",
