@@ -293,8 +293,9 @@ def main(argv=None) -> int:
                    "first shape of each op, to stay within 10 minutes on 2 cores)")
     p.add_argument("--headline", action="store_true", help="only each op's headline cases (its "
                    "first shape: what a CPU run picks by default), on any device")
-    p.add_argument("--case", help="only the op cases whose label contains this text (searched "
-                   "among every shape, as --full)")
+    p.add_argument("--case", nargs="+", help="only the op cases whose label contains one of "
+                   "these texts (searched among every shape, as --full); with --models, the "
+                   "models whose name contains one")
     p.add_argument("--models", action="store_true", help="benchmark whole models instead of ops "
                    "(256x512 input, eval forward and a train step)")
     p.add_argument("--out", help="JSON path (default: benchmarks/out/<device>_<date>.json)")
@@ -320,7 +321,8 @@ def main(argv=None) -> int:
         from benchmarks.cases import models
         for dt in dtypes:
             for i, case in enumerate(models.cases(device, getattr(torch, dt), args.quick)):
-                groups.append((case, dict(kind="model", op="models", index=i, dtype=dt)))
+                if args.case is None or any(text in case.op for text in args.case):
+                    groups.append((case, dict(kind="model", op="models", index=i, dtype=dt)))
     else:
         ops = args.op or cases_mod.available_ops()
         unknown = sorted(set(ops) - set(cases_mod.OPS))
@@ -334,7 +336,7 @@ def main(argv=None) -> int:
                                                                 or args.case):
                     op_cases = op_cases[:getattr(module, "DEFAULT_CPU_CASES", 1)]
                 for i, case in enumerate(op_cases):
-                    if args.case is None or args.case in case.label:
+                    if args.case is None or any(text in case.label for text in args.case):
                         groups.append((case, dict(kind="op", op=op, index=i, dtype=dt)))
     for case, job in groups:
         job["providers"] = [p for p in case.providers if not args.provider or p in args.provider]

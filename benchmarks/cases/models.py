@@ -28,6 +28,8 @@ MODEL_OPS = {"ccnet_r50-d8": "criss_cross_attention", "dnl_r50-d8": "disentangle
              "isanet_r50-d8": "interlaced_sparse_attention",
              "sdn-fcn_r50-d8": "semantic_difference_conv2d", "stlnet_r101-d8": "qco_1d",
              "semask-fpn_swin-t": "interlaced_sparse_attention",
+             "upernet_swin-t": "interlaced_sparse_attention",
+             "lg-t": "interlaced_sparse_attention",
              "ocnet-asp_r101-d8": "disentangled_non_local",
              "ocnet-pyramid_r101-d8": "interlaced_sparse_attention",
              "isnet_r101-d8": "disentangled_non_local",
