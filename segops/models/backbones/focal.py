@@ -13,7 +13,10 @@ Each 7x7 query window attends to
      pooled windows around its own (zero padding outside the map masked with -100), with a
      relative bias table.
 The fine level (1) is Swin's window attention, but (2) and (3) attend to tokens outside the
-window, so the whole focal attention is not a grouped attention over a partition.
+window, so the whole focal attention is not a grouped attention over a partition: one softmax
+covers keys that no group of `segops.interlaced_sparse_attention` holds (a window's ring and
+pooled neighbours belong to other windows), so it stays plain PyTorch, unlike Swin's and LG's
+window attention, which run on that op on the fused backends.
 
 The official segmentation code is not released (its README lists UperNet-Focal-T/S/B at 62M /
 85M / 126M). The reference class fixes its input resolution when it is built and drops the ring
