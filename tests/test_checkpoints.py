@@ -467,6 +467,21 @@ OFFICIAL_LAYOUTS = {
          "decoder.level_2.0.conv.1.1.bias", "decoder.level_5.0.conv.2.1.running_var",
          "weight_mapper.down_1.0.weight", "weight_mapper.flat_0.1.running_var",
          "weight_mapper.out_conv.conv_5.weight"]),
+    # SFNet network/dfnet.py DFSegnet (trunk dfv1), as its train.py saves it: wrapped in
+    # DataParallel, so every key starts with "module."
+    "dfnet-df1": (
+        dict(), [(r"^", "module.")],
+        ["module.backbone.stage1.4.running_var",
+         "module.backbone.stage2.0.downsample.1.num_batches_tracked",
+         "module.backbone.stage5.0.downsample.0.weight", "module.cc5.bias",
+         "module.ppm.stages.3.1.weight", "module.ppm.bottleneck.1.running_var",
+         "module.fn3.fusion.weight", "module.fc.aux.4.bias"]),
+    # DFSegnet (trunk dfv2) as the module itself names its keys
+    "dfnet-df2": (
+        dict(), [],
+        ["backbone.stage1.4.running_mean", "backbone.stage2_2.0.downsample.1.num_batches_tracked",
+         "backbone.stage3_1.9.bn2.weight", "backbone.stage4_2.0.downsample.0.weight",
+         "cc3.weight", "ppm.stages.0.2.running_mean", "fn4.fusion.weight", "fc.aux.1.running_var"]),
 }
 
 

@@ -33,6 +33,9 @@ for them in `OFFICIAL_KEY_MAPS` (`official_key_map(name)`):
   `up_dr` and does not load strictly; OCNet.pytorch's own checkpoints (one shared key/query
   conv, InPlaceABN) do not fit this model either.
 * `bisenetv1_xception39`: TorchSeg checkpoints ({"model": ...}) load unchanged (same names).
+* `dfnet-df1`, `dfnet-df2`: SFNet's (lxtGH/SFSegNets) `DFSegnet` checkpoints, trunk `dfv1` /
+  `dfv2` ({"state_dict": ...} with DataParallel's "module." prefix), load unchanged (same
+  names, `backbone.stage*`, `ppm.*`, `cc3/4/5`, `fn3/4`, `fc.aux.*`).
 * `semask-fpn_swin-{t,s,b,l}` (SeMask-FPN, mmseg 0.x) and `semask-mask2former-msfapn_swin-l`
   (SeMask-Mask2Former, detectron2): the official Swin names of the backbone
   (`backbone.layers.<i>.blocks.<j>.{attn,mlp.fc1,mlp.fc2}`, `backbone.patch_embed.proj`) become
@@ -231,6 +234,12 @@ BISENET_X39_TORCHSEG = KeyMap(
     source="ycszen/TorchSeg model/bisenet/cityscapes.bisenet.X39/network.py BiSeNet",
     rules=())
 
+# SFNet's DFSegnet and its dfnetv1 / dfnetv2 trunks carry segops' module names.
+DFSEG_SFNET = KeyMap(
+    source="lxtGH/SFSegNets network/dfnet.py DFSegnet (trunks dfnetv1 / dfnetv2; PSPModule, "
+           "Aux_Module of network/nn/operators.py)",
+    rules=())
+
 
 _SWIN_OFFICIAL_RENAMES = (
     (r"^backbone\.patch_embed\.proj\.", "backbone.patch_embed.projection."),
@@ -297,6 +306,8 @@ OFFICIAL_KEY_MAPS: dict[str, KeyMap] = {
     "ocnet-asp_r101-d8": OCNET_ASP_OPENSEG,
     "ocnet-pyramid_r101-d8": OCNET_PYRAMID_OPENSEG,
     "bisenetv1_xception39": BISENET_X39_TORCHSEG,
+    "dfnet-df1": DFSEG_SFNET,
+    "dfnet-df2": DFSEG_SFNET,
     **{f"semask-fpn_swin-{v}": SEMASK_FPN_OFFICIAL for v in "tsbl"},
     "semask-mask2former-msfapn_swin-l": SEMASK_MASK2FORMER_OFFICIAL,
 }
