@@ -28,7 +28,8 @@ def _strided(*shape):
 def _valid(kernel):
     """Keyword arguments (the segops_C schema names) of a small valid call of `kernel`."""
     qkv4 = dict(query=_r(1, 2, 3, 4), key=_r(1, 2, 3, 4), value=_r(1, 3, 3, 4))
-    isa = dict(query=_r(1, 2, 4, 4), key=_r(1, 2, 4, 4), value=_r(1, 3, 4, 4))
+    isa = dict(query=_r(1, 2, 4, 4), key=_r(1, 2, 4, 4), value=_r(1, 3, 4, 4), bias=None,
+               mask=None)
     isa_opts = dict(ph=2, pw=2, long_range=True, scale=1.0)
     dnl = dict(query=_r(1, 2, 5), key=_r(1, 2, 6), value=_r(1, 3, 6), unary=_r(1, 6))
     sdc = dict(input=_r(1, 2, 5, 5), guidance=_r(1, 2, 5, 5), weight=_r(3, 2, 3, 3))
@@ -104,6 +105,11 @@ CASES = [
     (ISA_B, _set(out=_r(1, 3, 4, 2)), "out must have shape [1, 3, 4, 4]"),
     (ISA_B, _set(lse=_r(1, 16)), "lse must have shape [1, 4, 4]"),
     (ISA_B, _set(lse=lambda t: t.half()), "lse has dtype Half, expected Float"),
+    (ISA_F, _set(bias=_r(4, 4)), "bias must be 3-D"),
+    (ISA_F, _set(bias=_r(1, 3, 4)), "bias must have shape [1, 4, 4]"),
+    (ISA_F, _set(mask=_r(3, 4, 4)), "mask.size(0) must divide 4"),
+    (ISA_B, _set(bias=_r(1, 4, 4).double()), "bias has dtype Double, expected Float"),
+    (ISA_B, _set(mask=_strided(2, 4, 4)), "mask must be contiguous"),
     # disentangled_non_local
     (DNL_F, _set(query=lambda t: t[0]), "query must be 3-D"),
     (DNL_F, _as(torch.int32), "query has dtype Int, which this backend does not implement"),
