@@ -195,13 +195,9 @@ def _fwd_kernel(Q, K, V, BIAS, MASK, O, LSE, NG, G, L, CK, CV, HW, W, GW, PH, PW
         s = _scaled_logits(Q, K, BIAS, MASK, ng_m, mem_m, mask_m, qrow, ng_n, mem_n, mask_n, krow,
                            tl.program_id(1) * BLOCK, t * BLOCK, G, L, CK, HW, NB, NM, qk_scale,
                            PACKED, HAS_BIAS, HAS_MASK, BLOCK, BLOCK_D, PREC)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if HAS_MASK:
-            # Masked logits are finite but may lie far below -1e30 (a fully masked row averages
-            # its values): only rows with no key yet are pinned, to 0.
-            m_new = tl.where(m_new == NEG_INF, 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_new, -1e30)  # rows with no key stay finite
+        # Rows with no key stay finite; masked logits never come near -1e30 (the ops layer
+        # raises mask entries to MASK_FLOOR).
+        m_new = tl.maximum(tl.maximum(m_i, tl.max(s, 1)), -1e30)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
