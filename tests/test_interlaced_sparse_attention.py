@@ -6,7 +6,9 @@ import torch
 
 import segops
 from segops.reference.interlaced_sparse_attention import interlaced_sparse_attention as reference
-from tests.utils import assert_close_to_reference, backend_cases, qkv_inputs, require_backend
+from segops.ops.interlaced_sparse_attention import SPEC
+from tests.utils import (assert_close_to_reference, backend_cases, check_against_reference,
+                         find_sample, noncontiguous, qkv_inputs, require_backend, rounded_inputs)
 
 OP = "interlaced_sparse_attention"
 
@@ -98,6 +100,19 @@ def test_infinite_mask_entries(backend, device, dtype):
     want = run(torch.float64, "reference", "cpu", unmasked_row)
     for g, w in zip(ref64, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_cases())
+@pytest.mark.parametrize("sample", ["bias_and_mask_long", "swin_windows_short"])
+def test_strided_bias_mask_and_incoming_gradient(sample, backend, device, dtype):
+    """Every tensor non-contiguous (query, key, value, bias as Swin's permuted table view, mask)
+    and the incoming gradient too: forward and every gradient against the fp64 reference (the
+    contract's strided test takes a sample without bias and mask)."""
+    require_backend(OP, backend, device, dtype)
+    s = find_sample(OP, sample)
+    fn = lambda **kw: segops.interlaced_sparse_attention(**kw, backend=backend)  # noqa: E731
+    check_against_reference(fn, SPEC.reference, rounded_inputs(s, dtype), s.grads, dtype, device,
+                            kwargs=s.kwargs, make_input=noncontiguous, make_grad=noncontiguous)
 
 
 def _global_attention(query, key, value, scale):
