@@ -15,6 +15,7 @@ uninterrupted run would have had (given the seed; data augmentation is seeded pe
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import random
@@ -326,6 +327,12 @@ def train(args: argparse.Namespace) -> list[float]:
     finally:
         if log:
             log.close()
+        # DDP's reducer holds the process group; if it drops the last reference, the gloo
+        # group's destructor joins its worker threads with the GIL held while a worker waits for
+        # the GIL to free a finished collective's tensors: a deadlock (seen at exit). Free the
+        # wrapper first, so destroy_process_group (whose destructor releases the GIL) ends it.
+        del net
+        gc.collect()
         segdist.cleanup()
     return losses
 

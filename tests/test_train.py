@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -124,12 +125,20 @@ def test_evaluation_matches_a_hand_computed_confusion_matrix():
     assert "mIoU" in table and "nan" in table
 
 
-def _torchrun(module: str, args: list[str], nproc: int = 2) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+def _torchrun(module: str, args: list[str], nproc: int = 2, timeout: float = 300) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--standalone", "-m", module, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGABRT makes every process print its Python stacks (faulthandler): a hang says where.
+        os.killpg(proc.pid, signal.SIGABRT)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun {module} did not finish in {timeout} s:\n{out[-6000:]}")
+    assert proc.returncode == 0, out[-6000:]
 
 
 def test_torchrun_two_processes_gloo(toy_root, tmp_path, one_thread):
