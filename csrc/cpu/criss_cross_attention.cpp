@@ -3,7 +3,9 @@
 // Every position u = (y, x) attends to its row y and its column x (centre once) with one joint
 // softmax. Both branches are small GEMMs, laid out so that none needs a copy of the inputs:
 //   * a row of an NCHW tensor is a (C x W) matrix with leading dimension H*W, so the row branch
-//     is BLAS GEMMs (segops::cpu::gemm_rm) straight on the inputs and outputs, one per (n, y);
+//     is GEMMs straight on the inputs and outputs, one per (n, y): BLAS (gemm_rm), and for the
+//     products with a W x W block the short-row kernel (segops/cpu/short_row_gemm.h) where it
+//     applies (fp32, 16 <= W <= 64, AVX-512);
 //   * the column x is strided in both directions, but the W columns of a map are W independent
 //     products whose operands sit side by side in memory (x is the contiguous index). The
 //     column branch therefore runs as "lane GEMMs": one product per column x, vectorised across
@@ -26,6 +28,7 @@
 //           dq, dk and dv; per (n, block of channels) of dv, dq and dk: += column part.
 #include "segops/cpu/gemm.h"
 #include "segops/cpu/guards.h"
+#include "segops/cpu/short_row_gemm.h"
 #include "segops/cpu/softmax_rows.h"
 
 #include <ATen/Dispatch.h>
@@ -45,6 +48,7 @@
 #include <memory>
 #include <thread>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -321,6 +325,21 @@ inline void row_stats(T* e, int64_t R, int64_t L, T* m_out, T* ll_out, int64_t s
   }
 }
 
+// The row task's products of a map's rows with a W x W block, on the short-row kernel where it
+// applies (fp32, 16 <= W <= 64, AVX-512), else on BLAS:
+// C (M x W, ld) = A (M x W, ld) op(P), P a contiguous W x W block, op(P) = P^T when trans.
+template <typename T>
+void rows_times_block(int64_t M, int64_t W, const T* a, int64_t ld, const T* p, bool trans,
+                      T* c) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu::short_row_gemm_available(W)) {
+      cpu::short_row_gemm_nn(M, W, W, a, ld, p, trans ? 1 : W, trans ? W : 1, c, ld);
+      return;
+    }
+  }
+  gemm_rm<T>(false, trans, M, W, W, T(1), a, ld, p, W, T(0), c, ld);
+}
+
 template <typename T>
 struct Dims {
   int64_t N, Ck, Cv, H, W, HW;
@@ -406,7 +425,7 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
       row_task_probabilities(d, q, k, n, y, prow.data(),
                              pcol.data() + n * d.col_block() + y * H * W, sm, sm + HW, true,
                              scratch.data());
-      gemm_rm<T>(false, true, Cv, W, W, T(1), v + o, HW, prow.data(), W, T(0), out + o, HW);
+      rows_times_block<T>(Cv, W, v + o, HW, prow.data(), true, out + o);
     } else {
       const int64_t c0 = t % blocks.count * blocks.size;
       add_column_part(column, t / blocks.count, c0, c0 + blocks.size);
@@ -455,9 +474,9 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
     }
     // dq[c, x] = sum_j k[c, j] dS[x, j];  dk[c, j] = sum_x q[c, x] dS[x, j];
     // dv[c, j] = sum_x go[c, x] P[x, j]
-    gemm_rm<T>(false, true, Ck, W, W, T(1), k + ko, HW, ds.data(), W, T(0), dq + ko, HW);
-    gemm_rm<T>(false, false, Ck, W, W, T(1), q + ko, HW, ds.data(), W, T(0), dk + ko, HW);
-    gemm_rm<T>(false, false, Cv, W, W, T(1), go + vo, HW, p.data(), W, T(0), dv + vo, HW);
+    rows_times_block<T>(Ck, W, k + ko, HW, ds.data(), true, dq + ko);
+    rows_times_block<T>(Ck, W, q + ko, HW, ds.data(), false, dk + ko);
+    rows_times_block<T>(Cv, W, go + vo, HW, p.data(), false, dv + vo);
   };
   // Column parts, per block of channels (per lane x):
   // dv[c, i] += sum_y go[c, y] P[y, i];  dq[c, y] += sum_i k[c, i] dS[y, i];

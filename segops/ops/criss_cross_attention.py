@@ -39,7 +39,10 @@ def _samples():
     return [qkv("batch2_prime_hw", 2, 4, 3, 5, 7), qkv("small", 2, 3, 2, 4, 5, gradcheck=True),
             qkv("one_row", 1, 3, 5, 1, 6, gradcheck=True),
             qkv("one_column", 1, 2, 4, 7, 1, gradcheck=True),
-            qkv("wide", 1, 5, 6, 6, 37), qkv("wide_tall", 1, 3, 4, 20, 17),  # vector column paths qkv("one_pixel", 1, 3, 2, 1, 1),
+            qkv("wide", 1, 5, 6, 6, 37), qkv("wide_tall", 1, 3, 4, 20, 17),  # vector column paths
+            # one and four vectors per row in the CPU short-row kernels, with whole row blocks
+            qkv("row_one_vector", 1, 7, 8, 2, 16), qkv("row_four_vectors", 1, 7, 13, 3, 50),
+            qkv("one_pixel", 1, 3, 2, 1, 1),
             qkv("full_tile", 1, 16, 16, 9, 9), qkv("large_energies", 1, 4, 3, 3, 17, scale=4.0),
             qkv("empty_batch", 0, 4, 3, 5, 6), qkv("empty_map", 1, 4, 3, 0, 6),
             qkv("no_key_channels", 1, 0, 3, 4, 5)]
