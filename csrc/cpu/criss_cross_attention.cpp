@@ -333,7 +333,7 @@ void rows_times_block(int64_t M, int64_t W, const T* a, int64_t ld, const T* p, 
                       T* c) {
   if constexpr (std::is_same_v<T, float>) {
     if (cpu::short_row_gemm_available(W)) {
-      cpu::short_row_gemm_nn(M, W, W, a, ld, p, trans ? 1 : W, trans ? W : 1, c, ld);
+      cpu::short_row_gemm(M, W, a, ld, p, trans ? 1 : W, trans ? W : 1, c, ld);
       return;
     }
   }

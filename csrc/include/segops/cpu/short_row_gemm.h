@@ -46,19 +46,10 @@ inline void vector_starts(int64_t W, int64_t* xs) {
   for (int s = 0; s < NV; ++s) xs[s] = std::min<int64_t>(16 * s, W - 16);
 }
 
-inline void prefetch_row(const float* p, int64_t W, int hint_write) {
-  for (int64_t c = 0; c < W; c += 16) {
-    if (hint_write) {
-      __builtin_prefetch(p + c, 1);
-    } else {
-      __builtin_prefetch(p + c);
-    }
-  }
-  if (hint_write) {
-    __builtin_prefetch(p + W - 1, 1);
-  } else {
-    __builtin_prefetch(p + W - 1);
-  }
+template <int kWrite>
+inline void prefetch_row(const float* p, int64_t W) {
+  for (int64_t c = 0; c < W; c += 16) __builtin_prefetch(p + c, kWrite);
+  __builtin_prefetch(p + W - 1, kWrite);
 }
 
 // C rows [0, RM): C[m, :] = sum_k A[m, k] Bp[k, :], Bp packed as NV vectors per k.
@@ -81,13 +72,13 @@ __attribute__((target("avx512f"), always_inline)) inline void nn_block(
 }
 
 template <int NV>
-__attribute__((target("avx512f"))) void nn_rows(int64_t M, int64_t W, int64_t K, const float* a,
+__attribute__((target("avx512f"))) void nn_rows(int64_t M, int64_t W, const float* a,
                                                 int64_t lda, const float* b, int64_t b_k,
                                                 int64_t b_x, float* c, int64_t ldc) {
-  __m512 bp[64 * NV];
+  __m512 bp[64 * NV];  // B packed: W <= 64 rows of NV vectors
   int64_t xs[NV];
   vector_starts<NV>(W, xs);
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < W; ++k) {
     for (int s = 0; s < NV; ++s) {
       alignas(64) float lanes[16];
       for (int l = 0; l < 16; ++l) lanes[l] = b[k * b_k + (xs[s] + l) * b_x];
@@ -98,33 +89,33 @@ __attribute__((target("avx512f"))) void nn_rows(int64_t M, int64_t W, int64_t K,
   int64_t m = 0;
   for (; m + RB <= M; m += RB) {
     for (int64_t r = m + RB; r < std::min(M, m + 2 * RB); ++r) {
-      prefetch_row(a + r * lda, K, 0);
-      prefetch_row(c + r * ldc, W, 1);
+      prefetch_row<0>(a + r * lda, W);
+      prefetch_row<1>(c + r * ldc, W);
     }
-    nn_block<RB, NV>(a + m * lda, lda, bp, K, c + m * ldc, ldc, xs);
+    nn_block<RB, NV>(a + m * lda, lda, bp, W, c + m * ldc, ldc, xs);
   }
-  for (; m < M; ++m) nn_block<1, NV>(a + m * lda, lda, bp, K, c + m * ldc, ldc, xs);
+  for (; m < M; ++m) nn_block<1, NV>(a + m * lda, lda, bp, W, c + m * ldc, ldc, xs);
 }
 
 }  // namespace detail
 
-// C (M x W, leading dimension ldc) = A (M x K, leading dimension lda) B, with B (K x W) read as
-// B[k, x] = b[k * b_k + x * b_x] (so B or a transposed matrix). Needs short_row_gemm_available(W)
-// and K <= 64.
-inline void short_row_gemm_nn(int64_t M, int64_t W, int64_t K, const float* a, int64_t lda,
-                              const float* b, int64_t b_k, int64_t b_x, float* c, int64_t ldc) {
+// C (M x W, leading dimension ldc) = A (M x W, leading dimension lda) B, with the W x W block B
+// read as B[k, x] = b[k * b_k + x * b_x] (so B or a transposed matrix). Needs
+// short_row_gemm_available(W).
+inline void short_row_gemm(int64_t M, int64_t W, const float* a, int64_t lda, const float* b,
+                           int64_t b_k, int64_t b_x, float* c, int64_t ldc) {
   switch ((W + 15) / 16) {
-    case 1: return detail::nn_rows<1>(M, W, K, a, lda, b, b_k, b_x, c, ldc);
-    case 2: return detail::nn_rows<2>(M, W, K, a, lda, b, b_k, b_x, c, ldc);
-    case 3: return detail::nn_rows<3>(M, W, K, a, lda, b, b_k, b_x, c, ldc);
-    default: return detail::nn_rows<4>(M, W, K, a, lda, b, b_k, b_x, c, ldc);
+    case 1: return detail::nn_rows<1>(M, W, a, lda, b, b_k, b_x, c, ldc);
+    case 2: return detail::nn_rows<2>(M, W, a, lda, b, b_k, b_x, c, ldc);
+    case 3: return detail::nn_rows<3>(M, W, a, lda, b, b_k, b_x, c, ldc);
+    default: return detail::nn_rows<4>(M, W, a, lda, b, b_k, b_x, c, ldc);
   }
 }
 
 #else
 // Never called: short_row_gemm_available is false without the x86 kernel.
-inline void short_row_gemm_nn(int64_t, int64_t, int64_t, const float*, int64_t, const float*,
-                              int64_t, int64_t, float*, int64_t) {}
+inline void short_row_gemm(int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                           int64_t, float*, int64_t) {}
 #endif
 
 }  // namespace cpu
