@@ -385,23 +385,26 @@ std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
 
+// The group layout of checked operands (check_inputs runs before any size is read).
+GroupMap checked_map(const char* kernel, const at::Tensor& query, const at::Tensor& key,
+                     const at::Tensor& value, int64_t ph, int64_t pw, bool long_range) {
+  check_inputs(kernel, query, key, value, ph, pw);
+  return GroupMap(query.size(2), query.size(3), ph, pw, long_range);
+}
+
 // The operands of both passes, contiguous and checked: query, key (N, Ck, H, W), value
-// (N, Cv, H, W), the optional logit terms, and the group layout.
+// (N, Cv, H, W), the optional logit terms, and the group layout (H and W are map.H, map.W).
 struct Operands {
   at::Tensor query, key, value;
   std::optional<at::Tensor> bias, mask;
-  int64_t N, Ck, Cv, H, W;
   GroupMap map;
+  int64_t N, Ck, Cv;
   Operands(const char* kernel, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
            const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& m, int64_t ph,
            int64_t pw, bool long_range)
       : query(q.contiguous()), key(k.contiguous()), value(v.contiguous()), bias(contiguous(b)),
-        mask(contiguous(m)), N(0), Ck(0), Cv(0), H(0), W(0), map(1, 1, 1, 1, long_range) {
-    check_inputs(kernel, query, key, value, ph, pw);
-    N = query.size(0), Ck = query.size(1), Cv = value.size(1), H = query.size(2),
-    W = query.size(3);
-    map = GroupMap(H, W, ph, pw, long_range);
-  }
+        mask(contiguous(m)), map(checked_map(kernel, query, key, value, ph, pw, long_range)),
+        N(query.size(0)), Ck(query.size(1)), Cv(value.size(1)) {}
 };
 
 std::tuple<at::Tensor, at::Tensor> isa_forward(
@@ -412,8 +415,8 @@ std::tuple<at::Tensor, at::Tensor> isa_forward(
   const Operands in(kernel, query_any, key_any, value_any, bias_any, mask_any, ph, pw,
                     long_range);
   const auto& query = in.query;
-  auto out = at::empty({in.N, in.Cv, in.H, in.W}, in.value.options());
-  auto lse = at::empty({in.N, in.H, in.W}, query.options());
+  auto out = at::empty({in.N, in.Cv, in.map.H, in.map.W}, in.value.options());
+  auto lse = at::empty({in.N, in.map.H, in.map.W}, query.options());
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "interlaced_sparse_attention_forward", [&] {
     const auto terms = logit_terms<scalar_t>(kernel, in.bias, in.mask, query, in.map);
     if (lse.numel() == 0) return;  // no positions (then out is empty too)
@@ -436,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> isa_backward(
   const auto &query = in.query, &key = in.key, &value = in.value;
   const auto& bias = in.bias;
   const auto& map = in.map;
-  const int64_t N = in.N, Ck = in.Ck, Cv = in.Cv, H = in.H, W = in.W;
+  const int64_t N = in.N, Ck = in.Ck, Cv = in.Cv, H = map.H, W = map.W;
   const auto grad_out = grad_out_any.contiguous(), out = out_any.contiguous(),
              lse = lse_any.contiguous();
   guards::check_like(kernel, query, {{"grad_out", &grad_out}, {"out", &out}, {"lse", &lse}});
