@@ -3,9 +3,9 @@
 // Every position u = (y, x) attends to its row y and its column x (centre once) with one joint
 // softmax. Both branches are small GEMMs, laid out so that none needs a copy of the inputs:
 //   * a row of an NCHW tensor is a (C x W) matrix with leading dimension H*W, so the row branch
-//     is GEMMs straight on the inputs and outputs, one per (n, y): BLAS (gemm_rm), and for the
-//     products with a W x W block the short-row kernel (segops/cpu/short_row_gemm.h) where it
-//     applies (fp32, 16 <= W <= 64, AVX-512);
+//     is GEMMs straight on the inputs and outputs, one per (n, y) and block of channels: on the
+//     short-row kernels (segops/cpu/short_row_gemm.h) where they apply (fp32, 16 <= W <= 64,
+//     AVX-512), else BLAS (gemm_rm);
 //   * the column x is strided in both directions, but the W columns of a map are W independent
 //     products whose operands sit side by side in memory (x is the contiguous index). The
 //     column branch therefore runs as "lane GEMMs": one product per column x, vectorised across
@@ -17,15 +17,20 @@
 // Saved statistics (N, 2, H, W): the maximum energy m[u] and log l[u], l[u] = sum exp(e - m),
 // so P = exp((e - m) - log l): the energies are recomputed bit-identically in the backward,
 // and e - m stays exact where a single log-sum-exp would lose digits for large energies.
-// Each pass is one parallel region of three stages of tasks, handed out in order
-// (parallel_stages):
+// Each pass is one parallel region of stages of tasks, handed out in order (parallel_stages).
+// The maps with Cv channels are the bulk of the traffic (a core streams them at ~10 GB/s on the
+// machines measured), so the Cv-channel products run per (n, block of channels) with both the row and the
+// column part of a block while it is in L2, from probability blocks prepared once per pass:
 // Forward:  column energies (lane GEMM tasks); per (n, y): row energies, row and column
-//           statistics merged into the joint ones, both probability blocks, and out = the row
-//           part (one GEMM); per (n, block of channels): out += column part (lane GEMM).
-// Backward: column energies and column dP (lane GEMM tasks); per (n, y): the probabilities,
-//           row dP = <dout[:, u], value[:, j]>, D[u] = sum over the keys of P dP (which is
+//           statistics merged into the joint ones, both probability blocks (the row one in the
+//           short-row layout); the column probabilities packed for the lane kernel; per
+//           (n, block of channels): out = row part + column part.
+// Backward: column energies and column dP (lane GEMM tasks over chunks of the channels, each
+//           reading its part of dout and value once); per (n, y): the probabilities, row
+//           dP = <dout[:, u], value[:, j]>, D[u] = sum over the keys of P dP (which is
 //           <dout[:, u], out[:, u]>), dS = P * (dP - D) of both branches, and the row parts of
-//           dq, dk and dv; per (n, block of channels) of dv, dq and dk: += column part.
+//           dq and dk; the column probabilities packed; per (n, block of channels) dv = row part
+//           + column part; per n the column parts of dq and dk.
 #include "segops/cpu/gemm.h"
 #include "segops/cpu/guards.h"
 #include "segops/cpu/short_row_gemm.h"
@@ -185,54 +190,64 @@ struct LaneKernel {
   // Rows [m0, m1) of C for the lane vectors [v0, v1). The operands are packed per K tile into
   // aligned vectors (BLAS-style), so the inner loop streams them from L1/L2 without split loads;
   // every lane vector's B tile is packed first, so that each block of rows of C is finished
-  // for all lanes while it is in cache.
+  // for all lanes while it is in cache. With `packed` (pack_b's layout for this sample, 64-byte
+  // aligned), B is read from there instead: callers that split C into many blocks pack it once.
   __attribute__((always_inline)) static inline void run(const LaneGemm<T>& g, int64_t b,
                                                         int64_t m0, int64_t m1, int64_t v0,
-                                                        int64_t v1) {
+                                                        int64_t v1, const T* packed) {
     const int64_t vectors = v1 - v0, tile = std::min(kTileK, g.K) * g.N;
+    const int64_t own = packed ? 0 : vectors * tile;
     // Aligned to 64 bytes by hand: the AVX-512 clone loads these with aligned moves, while
     // alignof(V) follows the baseline target (16).
-    std::unique_ptr<T[]> buffer(
-        new T[(vectors * tile + kTileK * kBlockM) * kWidth + 64 / sizeof(T)]);
+    std::unique_ptr<T[]> buffer(new T[(own + kTileK * kBlockM) * kWidth + 64 / sizeof(T)]);
     const auto base = reinterpret_cast<std::uintptr_t>(buffer.get());
-    V* bpack = reinterpret_cast<V*>((base + 63) / 64 * 64);
-    V* apack = bpack + vectors * tile;
+    V* apack = reinterpret_cast<V*>((base + 63) / 64 * 64);
+    V* bpack = apack + kTileK * kBlockM;
     // At least one tile, so that K == 0 still overwrites C with zeros.
     for (int64_t k0 = 0; k0 == 0 || k0 < g.K; k0 += kTileK) {
       const int64_t kc = std::min(kTileK, g.K - k0);
       const bool accumulate = g.accumulate || k0 > 0;
-      for (int64_t v = 0; v < vectors; ++v) {
-        int64_t x, own;
-        lane_start(g, v0 + v, x, own);
-        const T* bsrc = g.B.p + b * g.B.sample + k0 * g.B.row + x;
-        V* bv = bpack + v * tile;
-        for (int64_t k = 0; k < kc; ++k)
-          for (int64_t n = 0; n < g.N; ++n)
-            std::memcpy(&bv[k * g.N + n], bsrc + k * g.B.row + n * g.B.col, sizeof(V));
+      if (!packed) {
+        for (int64_t v = 0; v < vectors; ++v) pack_b(g, b, v0 + v, k0, kc, bpack + v * tile);
       }
+      auto btile = [&](int64_t v) -> const V* {
+        if (!packed) return bpack + v * tile;
+        return reinterpret_cast<const V*>(packed) + ((v0 + v) * g.K + k0) * g.N;
+      };
       for (int64_t m = m0; m < m1; m += kBlockM) {
         for (int64_t v = 0; v < vectors; ++v) {
-          int64_t x, own;
-          lane_start(g, v0 + v, x, own);
+          int64_t x, own_from;
+          lane_start(g, v0 + v, x, own_from);
           if (m + kBlockM <= m1) {
-            rows<kBlockM>(g, b, m, k0, kc, x, own, accumulate, bpack + v * tile, apack);
+            rows<kBlockM>(g, b, m, k0, kc, x, own_from, accumulate, btile(v), apack);
           } else {
             for (int64_t r = m; r < m1; ++r)
-              rows<1>(g, b, r, k0, kc, x, own, accumulate, bpack + v * tile, apack);
+              rows<1>(g, b, r, k0, kc, x, own_from, accumulate, btile(v), apack);
           }
         }
       }
     }
   }
+
+  // Rows [k0, k0 + kc) of B in sample b for lane vector `index`: dst[k * N + n] = B[k0 + k, n].
+  static void pack_b(const LaneGemm<T>& g, int64_t b, int64_t index, int64_t k0, int64_t kc,
+                     V* dst) {
+    int64_t x, own;
+    lane_start(g, index, x, own);
+    const T* src = g.B.p + b * g.B.sample + k0 * g.B.row + x;
+    for (int64_t k = 0; k < kc; ++k)
+      for (int64_t n = 0; n < g.N; ++n)
+        std::memcpy(&dst[k * g.N + n], src + k * g.B.row + n * g.B.col, sizeof(V));
+  }
 };
 
 SEGOPS_LANE_CLONES void lane_gemm_vec(const LaneGemm<float>& g, int64_t b, int64_t m0,
-                                      int64_t m1, int64_t v0, int64_t v1) {
-  LaneKernel<float, LaneVec<float>>::run(g, b, m0, m1, v0, v1);
+                                      int64_t m1, int64_t v0, int64_t v1, const float* packed) {
+  LaneKernel<float, LaneVec<float>>::run(g, b, m0, m1, v0, v1, packed);
 }
 SEGOPS_LANE_CLONES void lane_gemm_vec(const LaneGemm<double>& g, int64_t b, int64_t m0,
-                                      int64_t m1, int64_t v0, int64_t v1) {
-  LaneKernel<double, LaneVec<double>>::run(g, b, m0, m1, v0, v1);
+                                      int64_t m1, int64_t v0, int64_t v1, const double* packed) {
+  LaneKernel<double, LaneVec<double>>::run(g, b, m0, m1, v0, v1, packed);
 }
 
 // Runs task(stage, t) for every t < counts[stage] of every stage, in one parallel region:
@@ -275,13 +290,34 @@ int64_t lane_vectors(const LaneGemm<T>& g) {
   return g.L < kVecWidth ? g.L : (g.L + kVecWidth - 1) / kVecWidth;
 }
 
-// Rows [m0, m1) of C in sample b, for the lane vectors [v0, v1).
+// Rows [m0, m1) of C in sample b, for the lane vectors [v0, v1); B from `packed` (the sample's
+// B packed by pack_lane_b) when given.
 template <typename T>
-void lane_gemm(const LaneGemm<T>& g, int64_t b, int64_t m0, int64_t m1, int64_t v0, int64_t v1) {
+void lane_gemm(const LaneGemm<T>& g, int64_t b, int64_t m0, int64_t m1, int64_t v0, int64_t v1,
+               const T* packed = nullptr) {
   if (g.L < LaneKernel<T, LaneVec<T>>::kWidth) {
-    LaneKernel<T, T>::run(g, b, m0, m1, v0, v1);
+    LaneKernel<T, T>::run(g, b, m0, m1, v0, v1, packed);
   } else {
-    lane_gemm_vec(g, b, m0, m1, v0, v1);
+    lane_gemm_vec(g, b, m0, m1, v0, v1, packed);
+  }
+}
+
+// Elements of one sample's B packed for lane_gemm: K x N lane vectors per lane vector.
+template <typename T>
+int64_t lane_packed_size(const LaneGemm<T>& g) {
+  const int64_t width = g.L < LaneKernel<T, LaneVec<T>>::kWidth
+                            ? 1 : LaneKernel<T, LaneVec<T>>::kWidth;
+  return lane_vectors(g) * g.K * g.N * width;
+}
+
+// Lane vector `index` of sample b's B into dst (the sample's packed buffer, 64-byte aligned).
+template <typename T>
+void pack_lane_b(const LaneGemm<T>& g, int64_t b, int64_t index, T* dst) {
+  if (g.L < LaneKernel<T, LaneVec<T>>::kWidth) {
+    LaneKernel<T, T>::pack_b(g, b, index, 0, g.K, dst + index * g.K * g.N);
+  } else {
+    using V = LaneVec<T>;
+    LaneKernel<T, V>::pack_b(g, b, index, 0, g.K, reinterpret_cast<V*>(dst) + index * g.K * g.N);
   }
 }
 
@@ -325,26 +361,63 @@ inline void row_stats(T* e, int64_t R, int64_t L, T* m_out, T* ll_out, int64_t s
   }
 }
 
-// The row task's products of a map's rows with a W x W block, on the short-row kernel where it
-// applies (fp32, 16 <= W <= 64, AVX-512), else on BLAS:
-// C (M x W, ld) = A (M x W, ld) op(P), P a contiguous W x W block, op(P) = P^T when trans.
+// A 64-byte aligned, uninitialised array (the packed operands of the kernels).
 template <typename T>
-void rows_times_block(int64_t M, int64_t W, const T* a, int64_t ld, const T* p, bool trans,
-                      T* c) {
+class AlignedArray {
+ public:
+  explicit AlignedArray(int64_t size) : raw_(new T[size + 64 / sizeof(T)]) {
+    const auto base = reinterpret_cast<std::uintptr_t>(raw_.get());
+    data_ = reinterpret_cast<T*>((base + 63) / 64 * 64);
+  }
+  T* data() const { return data_; }
+
+ private:
+  std::unique_ptr<T[]> raw_;
+  T* data_;
+};
+
+// The row products with a W x W block (probabilities or dS) take the block prepared once in the
+// layout that both their kernels read: B[k][x] at b[k * ld + x], ld = short_row_stride(W), zero
+// past W, 64-byte aligned. B = P, or P^T when trans (P[r][s] at p[r * ldp + s]).
+template <typename T>
+void prepare_block(int64_t W, const T* p, int64_t ldp, bool trans, T* b) {
+  const int64_t ld = cpu::short_row_stride(W);
+  for (int64_t k = 0; k < W; ++k)
+    for (int64_t x = 0; x < ld; ++x)
+      b[k * ld + x] = x < W ? (trans ? p[x * ldp + k] : p[k * ldp + x]) : T(0);
+}
+
+// C (M x W, rows ldc apart) = A (M x W, rows lda apart) B, B from prepare_block: on the
+// short-row kernel where it applies (fp32, 16 <= W <= 64, AVX-512), else on BLAS.
+template <typename T>
+void times_block(int64_t M, int64_t W, const T* a, int64_t lda, const T* b, T* c, int64_t ldc) {
+  const int64_t ld = cpu::short_row_stride(W);
   if constexpr (std::is_same_v<T, float>) {
     if (cpu::short_row_gemm_available(W)) {
-      cpu::short_row_gemm(M, W, a, ld, p, trans ? 1 : W, trans ? W : 1, c, ld);
+      cpu::short_row_gemm(M, W, a, lda, b, ld, c, ldc);
       return;
     }
   }
-  gemm_rm<T>(false, trans, M, W, W, T(1), a, ld, p, W, T(0), c, ld);
+  gemm_rm<T>(false, false, M, W, W, T(1), a, lda, b, ld, T(0), c, ldc);
+}
+
+// G (W x W, rows ldg apart) = A^T B over K channels, A and B lines of two maps (element (c, x)
+// at a[c * ld + x]): the short-row Gram kernel where it applies, else BLAS.
+template <typename T>
+void line_gram(int64_t K, int64_t W, const T* a, const T* b, int64_t ld, T* g, int64_t ldg) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu::short_row_gemm_available(W)) {
+      cpu::short_row_gram(K, W, a, ld, b, ld, g, ldg);
+      return;
+    }
+  }
+  gemm_rm<T>(true, false, W, W, K, T(1), a, ld, b, ld, T(0), g, ldg);
 }
 
 template <typename T>
 struct Dims {
   int64_t N, Ck, Cv, H, W, HW;
   int64_t col_block() const { return H * H * W; }  // column probabilities of one sample
-  int64_t row_block() const { return W * W; }      // row probabilities of one row
 };
 
 // pcol[n][y][i][x] = <q[n, :, y, x], k[n, :, i, x]> for all n, y, i, x (the diagonal is masked
@@ -386,49 +459,63 @@ void row_task_probabilities(const Dims<T>& d, const T* q, const T* k, int64_t n,
   for (int64_t i = 0; i < H; ++i) cpu::exp_shifted(pc + i * W, W, sm, sl);
 }
 
-// Rows [c0, c1) (channels) of sample n of C: the column part of an output or gradient, added to
-// the row part that the row tasks wrote.
-template <typename T>
-void add_column_part(const LaneGemm<T>& column, int64_t n, int64_t c0, int64_t c1) {
-  lane_gemm(column, n, c0, std::min(column.M, c1), 0, lane_vectors(column));
-}
-
-// The channels of one sample's column part (of out, dq, dk or dv) split into tasks. Every task
-// packs the sample's whole B operand (probabilities or dS, all lanes) once, so the blocks are as
-// large as load balance allows: about two tasks per thread over the batch.
+// The channels of a sample split into blocks for the tasks that run the column parts: a block
+// of the map that a task reads and of the one it writes stay in L2 while its row and column
+// products pass over them, and there are a few tasks per thread.
 struct ChannelBlocks {
   int64_t size, count;
-  ChannelBlocks(int64_t channels, int64_t batch) {
-    const int64_t wanted = (2 * at::get_num_threads() + batch - 1) / std::max<int64_t>(batch, 1);
-    const int64_t blocks = std::max<int64_t>(1, std::min(wanted, (channels + 15) / 16));
-    size = std::max<int64_t>(1, (channels + blocks - 1) / blocks);
+  ChannelBlocks(int64_t channels, int64_t batch, int64_t bytes_per_channel) {
+    constexpr int64_t kBudget = 512 * 1024;  // of L2, 1-2 MiB per core on current x86 servers
+    const int64_t tasks = 4 * at::get_num_threads();
+    int64_t s = std::min(kBudget / std::max<int64_t>(bytes_per_channel, 1),
+                         (channels * batch + tasks - 1) / tasks);
+    if (s >= 12) s = s / 12 * 12;  // whole register blocks of both kernels (6 and 4 rows)
+    size = std::max<int64_t>(1, s);
     count = channels == 0 ? 0 : (channels + size - 1) / size;
+  }
+  int64_t begin(int64_t block) const { return block * size; }
+  int64_t end(int64_t block, int64_t channels) const {
+    return std::min(channels, (block + 1) * size);
   }
 };
 
 template <typename T>
 void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, T* st) {
   const int64_t H = d.H, W = d.W, HW = d.HW, Cv = d.Cv, sv = Cv * HW;
+  const int64_t rb = W * cpu::short_row_stride(W);  // one prepared row block
   std::vector<T> pcol(d.N * d.col_block());
+  AlignedArray<T> prow(d.N * H * rb);
   const LaneTasks<T> energies = col_energies(d, q, k, pcol.data());
-  // out[c, y, x] = sum_j v[c, y, j] P[y, x, j] (row tasks) + sum_i v[c, i, x] P[y, i, x]
+  // out[c, y, x] = sum_j v[c, y, j] P[y, x, j] + sum_i v[c, i, x] P[y, i, x]
   const LaneGemm<T> column{Cv, H, H, W, {v, sv, HW, W}, {pcol.data(), d.col_block(), W, H * W},
                            {out, sv, HW, W}, true};
-  const ChannelBlocks blocks(Cv, d.N);
-  parallel_stages({energies.count(), d.N * H, d.N * blocks.count}, [&](int stage, int64_t t) {
+  const int64_t vectors = lane_vectors(column), packed_size = lane_packed_size(column);
+  AlignedArray<T> packed(d.N * packed_size);
+  const ChannelBlocks blocks(Cv, d.N, 2 * HW * static_cast<int64_t>(sizeof(T)));
+  // Stages: column energies; per (n, y) the statistics and both probability blocks; the column
+  // probabilities packed for the lane kernel; per (n, block of channels) both parts of out.
+  parallel_stages({energies.count(), d.N * H, d.N * vectors, d.N * blocks.count},
+                  [&](int stage, int64_t t) {
     if (stage == 0) {
       energies.run(t);
     } else if (stage == 1) {
-      const int64_t n = t / H, y = t % H, o = n * sv + y * W;
-      std::vector<T> prow(d.row_block()), scratch(2 * W);
+      const int64_t n = t / H, y = t % H;
+      std::vector<T> p(W * W), scratch(2 * W);
       T* sm = st + 2 * n * HW + y * W;
-      row_task_probabilities(d, q, k, n, y, prow.data(),
+      row_task_probabilities(d, q, k, n, y, p.data(),
                              pcol.data() + n * d.col_block() + y * H * W, sm, sm + HW, true,
                              scratch.data());
-      rows_times_block<T>(Cv, W, v + o, HW, prow.data(), true, out + o);
+      prepare_block(W, p.data(), W, true, prow.data() + t * rb);
+    } else if (stage == 2) {
+      pack_lane_b(column, t / vectors, t % vectors, packed.data() + t / vectors * packed_size);
     } else {
-      const int64_t c0 = t % blocks.count * blocks.size;
-      add_column_part(column, t / blocks.count, c0, c0 + blocks.size);
+      const int64_t n = t / blocks.count, b = t % blocks.count;
+      const int64_t c0 = blocks.begin(b), c1 = blocks.end(b, Cv), o = n * sv + c0 * HW;
+      for (int64_t y = 0; y < H; ++y) {
+        times_block(c1 - c0, W, v + o + y * W, HW, prow.data() + (n * H + y) * rb,
+                    out + o + y * W, HW);
+      }
+      lane_gemm(column, n, c0, c1, 0, vectors, packed.data() + n * packed_size);
     }
   });
 }
@@ -436,73 +523,106 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
 template <typename T>
 void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const T* v,
                    const T* st, T* dq, T* dk, T* dv) {
-  const int64_t H = d.H, W = d.W, HW = d.HW, Ck = d.Ck, Cv = d.Cv;
-  const int64_t sk = Ck * HW, sv = Cv * HW, cb = d.col_block(), rb = d.row_block(), HWc = H * W;
-  std::vector<T> pcol(d.N * cb), dscol(d.N * cb);
+  const int64_t H = d.H, W = d.W, HW = d.HW, Ck = d.Ck, Cv = d.Cv, N = d.N;
+  const int64_t sk = Ck * HW, sv = Cv * HW, cb = d.col_block(), HWc = H * W;
+  const int64_t ld = cpu::short_row_stride(W), rb = W * ld;
+  // The column dP[y, i, x] = sum_c go[c, y, x] v[c, i, x] runs as tasks over chunks of the
+  // channels (each reads its part of go and value once, for all lanes), into one partial sum
+  // per chunk that the row tasks add up.
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min((at::get_num_threads() + N - 1) / N, Cv / 64));
+  std::vector<T> pcol(N * cb), dscol(chunks * N * cb);
+  AlignedArray<T> prow(N * H * rb);
   T* pc = pcol.data();
   T* dsc = dscol.data();
-  // The column energies, and the column dP[y, i, x] = sum_c go[c, y, x] v[c, i, x].
   const LaneTasks<T> energies = col_energies(d, q, k, pc);
-  const LaneTasks<T> dp_col{{H, H, Cv, W, {go, sv, W, HW}, {v, sv, HW, W}, {dsc, cb, HWc, W},
-                             false},
-                            d.N};
+  const LaneGemm<T> dp_col{H, H, Cv, W, {go, sv, W, HW}, {v, sv, HW, W}, {dsc, cb, HWc, W},
+                           false};
+  const int64_t vectors = lane_vectors(dp_col);
+  auto dp_col_task = [&](int64_t t) {
+    const int64_t n = t / chunks, j = t % chunks;
+    const int64_t c0 = j * Cv / chunks, c1 = (j + 1) * Cv / chunks;
+    LaneGemm<T> g = dp_col;
+    g.K = c1 - c0;
+    g.A.p += c0 * HW;
+    g.B.p += c0 * HW;
+    g.C.p += j * N * cb;
+    lane_gemm(g, n, 0, H, 0, vectors);
+  };
   // Row tasks: both probability blocks, row dP, D, dS = P * (dP - D) of both, and the row parts
-  // of dq, dk and dv (written, not added).
+  // of dq and dk (written, not added).
   auto row_task = [&](int64_t t) {
     const int64_t n = t / H, y = t % H, ko = n * sk + y * W, vo = n * sv + y * W;
     T* sm = const_cast<T*>(st) + 2 * n * HW + y * W;  // only read: finish_stats is false
-    std::vector<T> p(rb), ds(rb);
+    std::vector<T> p(W * W), ds(W * ld);
+    AlignedArray<T> block(rb);
     T* pcy = pc + t * HWc;  // t = n * H + y
     T* dscy = dsc + t * HWc;
     row_task_probabilities(d, q, k, n, y, p.data(), pcy, sm, sm + HW, false,
                            static_cast<T*>(nullptr));
+    for (int64_t j = 1; j < chunks; ++j) {
+      const T* part = dscy + j * N * cb;
+      for (int64_t i = 0; i < HWc; ++i) dscy[i] += part[i];
+    }
     // dP[x, j] = sum_c go[c, x] v[c, j]
-    gemm_rm<T>(true, false, W, W, Cv, T(1), go + vo, HW, v + vo, HW, T(0), ds.data(), W);
+    line_gram(Cv, W, go + vo, v + vo, HW, ds.data(), ld);
     // D[x] = sum over the keys of P dP, which is <dout[:, u], out[:, u]> without reading out.
     std::vector<T> D(W, T(0));
     for (int64_t x = 0; x < W; ++x) {
-      for (int64_t j = 0; j < W; ++j) D[x] += p[x * W + j] * ds[x * W + j];
+      for (int64_t j = 0; j < W; ++j) D[x] += p[x * W + j] * ds[x * ld + j];
     }
-    for (int64_t i = 0; i < H * W; i += W) {
+    for (int64_t i = 0; i < HWc; i += W) {
       for (int64_t x = 0; x < W; ++x) D[x] += pcy[i + x] * dscy[i + x];
     }
     for (int64_t x = 0; x < W; ++x) {
-      for (int64_t j = 0; j < W; ++j) ds[x * W + j] = p[x * W + j] * (ds[x * W + j] - D[x]);
+      for (int64_t j = 0; j < W; ++j) ds[x * ld + j] = p[x * W + j] * (ds[x * ld + j] - D[x]);
     }
-    for (int64_t i = 0; i < H * W; i += W) {
+    for (int64_t i = 0; i < HWc; i += W) {
       for (int64_t x = 0; x < W; ++x) dscy[i + x] = pcy[i + x] * (dscy[i + x] - D[x]);
     }
-    // dq[c, x] = sum_j k[c, j] dS[x, j];  dk[c, j] = sum_x q[c, x] dS[x, j];
-    // dv[c, j] = sum_x go[c, x] P[x, j]
-    rows_times_block<T>(Ck, W, k + ko, HW, ds.data(), true, dq + ko);
-    rows_times_block<T>(Ck, W, q + ko, HW, ds.data(), false, dk + ko);
-    rows_times_block<T>(Cv, W, go + vo, HW, p.data(), false, dv + vo);
+    // dq[c, x] = sum_j k[c, j] dS[x, j];  dk[c, j] = sum_x q[c, x] dS[x, j]; the P block
+    // prepared for the row part of dv (in the column tasks, with its column part).
+    prepare_block(W, p.data(), W, false, prow.data() + t * rb);
+    prepare_block(W, ds.data(), ld, true, block.data());
+    times_block(Ck, W, k + ko, HW, block.data(), dq + ko, HW);
+    prepare_block(W, ds.data(), ld, false, block.data());
+    times_block(Ck, W, q + ko, HW, block.data(), dk + ko, HW);
   };
-  // Column parts, per block of channels (per lane x):
+  // Column parts (per lane x): dv per block of channels, its B operand packed once per sample
+  // (the tasks write dv's row part first); dq and dk (few channels) one task per sample each:
   // dv[c, i] += sum_y go[c, y] P[y, i];  dq[c, y] += sum_i k[c, i] dS[y, i];
   // dk[c, i] += sum_y q[c, y] dS[y, i]
   const LaneGemm<T> dv_col{Cv, H, H, W, {go, sv, HW, W}, {pc, cb, HWc, W}, {dv, sv, HW, W}, true};
-  const LaneGemm<T> dq_col{Ck, H, H, W, {k, sk, HW, W}, {dsc, cb, W, HWc}, {dq, sk, HW, W}, true};
-  const LaneGemm<T> dk_col{Ck, H, H, W, {q, sk, HW, W}, {dsc, cb, HWc, W}, {dk, sk, HW, W}, true};
-  const ChannelBlocks vblocks(Cv, d.N), kblocks(Ck, d.N);
-  const int64_t column_tasks = dp_col.count() + energies.count();
-  const int64_t value_tasks = d.N * vblocks.count, key_tasks = 2 * d.N * kblocks.count;
-  parallel_stages({column_tasks, d.N * H, value_tasks + key_tasks}, [&](int stage, int64_t t) {
+  const LaneGemm<T> dqk_col[2] = {
+      {Ck, H, H, W, {k, sk, HW, W}, {dsc, cb, W, HWc}, {dq, sk, HW, W}, true},
+      {Ck, H, H, W, {q, sk, HW, W}, {dsc, cb, HWc, W}, {dk, sk, HW, W}, true}};
+  const int64_t packed_size = lane_packed_size(dv_col);
+  AlignedArray<T> packed(N * packed_size);
+  const ChannelBlocks blocks(Cv, N, 2 * HW * static_cast<int64_t>(sizeof(T)));
+  const int64_t value_tasks = N * blocks.count, key_tasks = Ck == 0 ? 0 : 2 * N;
+  parallel_stages({N * chunks + energies.count(), N * H, N * vectors, value_tasks + key_tasks},
+                  [&](int stage, int64_t t) {
     if (stage == 0) {
-      if (t < dp_col.count()) {
-        dp_col.run(t);
+      if (t < N * chunks) {
+        dp_col_task(t);
       } else {
-        energies.run(t - dp_col.count());
+        energies.run(t - N * chunks);
       }
     } else if (stage == 1) {
       row_task(t);
+    } else if (stage == 2) {
+      pack_lane_b(dv_col, t / vectors, t % vectors, packed.data() + t / vectors * packed_size);
     } else if (t < value_tasks) {
-      const int64_t c0 = t % vblocks.count * vblocks.size;
-      add_column_part(dv_col, t / vblocks.count, c0, c0 + vblocks.size);
+      const int64_t n = t / blocks.count, b = t % blocks.count;
+      const int64_t c0 = blocks.begin(b), c1 = blocks.end(b, Cv), o = n * sv + c0 * HW;
+      for (int64_t y = 0; y < H; ++y) {  // dv[c, j] = sum_x go[c, x] P[x, j]
+        times_block(c1 - c0, W, go + o + y * W, HW, prow.data() + (n * H + y) * rb,
+                    dv + o + y * W, HW);
+      }
+      lane_gemm(dv_col, n, c0, c1, 0, vectors, packed.data() + n * packed_size);
     } else {
       t -= value_tasks;
-      const int64_t c0 = t % kblocks.count * kblocks.size, n = t / kblocks.count % d.N;
-      add_column_part(t < d.N * kblocks.count ? dq_col : dk_col, n, c0, c0 + kblocks.size);
+      lane_gemm(dqk_col[t / N], t % N, 0, Ck, 0, vectors);
     }
   });
 }

@@ -43,6 +43,8 @@ def _samples():
             # one and four vectors per row in the CPU short-row kernels, with whole row blocks
             qkv("row_one_vector", 1, 7, 8, 2, 16), qkv("row_four_vectors", 1, 7, 13, 3, 50),
             qkv("one_pixel", 1, 3, 2, 1, 1),
+            # the CPU backward splits the column dP over channel chunks when threads > batch
+            qkv("channel_chunks", 1, 3, 130, 3, 5),
             qkv("full_tile", 1, 16, 16, 9, 9), qkv("large_energies", 1, 4, 3, 3, 17, scale=4.0),
             qkv("empty_batch", 0, 4, 3, 5, 6), qkv("empty_map", 1, 4, 3, 0, 6),
             qkv("no_key_channels", 1, 0, 3, 4, 5)]

@@ -1,15 +1,17 @@
-// An fp32 GEMM whose output rows are one short image row (16 to 64 elements), with its operands
-// read in place from NCHW maps: a row (c, y) of an (N, C, H, W) map is W contiguous elements
-// every H*W. BLAS is slow on these: its operands are a few hundred rows, one short run per
-// 4 KiB page or more, which the hardware prefetchers do not follow, and each call packs them.
-// This kernel keeps a whole output row in registers (up to four 16-lane vectors; a row that is
-// not a multiple of 16 long ends with a vector shifted back to end at W, whose overlapping
-// lanes hold bit-identical sums), broadcasts the other operand from memory, and requests the
-// next block's rows while computing the current one.
-//
-// Measured on the criss-cross row products (2 x 512 x 49 x 49, one thread, cold caches): 20-25%
-// faster than MKL for C = A B and C = A B^T. A^T B (a Gram matrix of two maps' rows) is left to
-// BLAS: the same scheme ran 15-35% slower than MKL there.
+// Two fp32 GEMM kernels for products whose rows are one short image line (16 to 64 elements),
+// with the long operand read in place from NCHW maps: a row of channel c is L contiguous
+// elements, channels H * W elements apart. BLAS is slow on these: its operands are a
+// few hundred runs of a few hundred bytes, each call packs them, and the caller cannot order
+// its calls so that the hardware prefetchers see sequential streams.
+//   * short_row_gemm: C (M x L) = A (M x L) B with B an L x L block (probabilities). A whole
+//     output row stays in registers (up to four 16-lane vectors; the last one masked), six rows
+//     at a time, the elements of A broadcast from memory.
+//   * short_row_gram: G (L x L) = A^T B over K channels, A and B lines of two maps (the
+//     backward's dP = dout^T v). Six rows of G in registers, the elements of A broadcast, a row
+//     of B loaded per channel.
+// The caller feeds them channel blocks of a few dozen lines that lie one after another in memory,
+// which is what makes them faster than BLAS here (measured on criss-cross attention at
+// 2 x 512 x 49 x 49, one thread: about 90 GFLOP/s against MKL's 55-60 on the same products).
 // AVX-512 only (checked at run time by short_row_gemm_available); callers fall back to
 // segops::cpu::gemm_rm elsewhere.
 #pragma once
@@ -25,97 +27,157 @@
 namespace segops {
 namespace cpu {
 
-inline bool short_row_gemm_available(int64_t W) {
+constexpr int64_t kShortRowMax = 64;
+
+inline bool short_row_gemm_available(int64_t L) {
 #ifdef SEGOPS_SHORT_ROW_GEMM
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  return avx512 && W >= 16 && W <= 64;
+  return avx512 && L >= 16 && L <= kShortRowMax;
 #else
-  (void)W;
+  (void)L;
   return false;
 #endif
 }
 
+// Row stride of the L x L blocks that the kernels read as B or write as G: whole vectors.
+inline int64_t short_row_stride(int64_t L) { return (L + 15) / 16 * 16; }
+
 #ifdef SEGOPS_SHORT_ROW_GEMM
 namespace detail {
 
-constexpr int kShortRowBlock = 6;  // rows of C per register block (6 x 4 accumulators)
+constexpr int kShortRowBlock = 6;  // rows per register block (6 x 4 accumulators)
 
-// First column of each of the NV vectors of a W-long row.
-template <int NV>
-inline void vector_starts(int64_t W, int64_t* xs) {
-  for (int s = 0; s < NV; ++s) xs[s] = std::min<int64_t>(16 * s, W - 16);
+// Lanes of the last vector of an L-long row.
+__attribute__((target("avx512f"))) inline __mmask16 tail_mask(int64_t L) {
+  const int64_t rem = L - (L - 1) / 16 * 16;  // 1..16
+  return static_cast<__mmask16>((1u << rem) - 1u);
 }
 
-template <int kWrite>
-inline void prefetch_row(const float* p, int64_t W) {
-  for (int64_t c = 0; c < W; c += 16) __builtin_prefetch(p + c, kWrite);
-  __builtin_prefetch(p + W - 1, kWrite);
-}
-
-// C rows [0, RM): C[m, :] = sum_k A[m, k] Bp[k, :], Bp packed as NV vectors per k.
+// C rows [0, RM) = A rows [0, RM) times B; B rows are whole vectors (stride ldb, 64-aligned).
 template <int RM, int NV>
-__attribute__((target("avx512f"), always_inline)) inline void nn_block(
-    const float* a, int64_t lda, const __m512* bp, int64_t K, float* c, int64_t ldc,
-    const int64_t* xs) {
+__attribute__((target("avx512f"), always_inline)) inline void gemm_block(
+    int64_t L, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+    __mmask16 tail) {
   __m512 acc[RM][NV];
   for (int r = 0; r < RM; ++r)
     for (int s = 0; s < NV; ++s) acc[r][s] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m512* b = bp + k * NV;
+  for (int64_t k = 0; k < L; ++k) {
+    __m512 bk[NV];
+    for (int s = 0; s < NV; ++s) bk[s] = _mm512_load_ps(b + k * ldb + 16 * s);
     for (int r = 0; r < RM; ++r) {
       const __m512 ar = _mm512_set1_ps(a[r * lda + k]);
-      for (int s = 0; s < NV; ++s) acc[r][s] = _mm512_fmadd_ps(ar, b[s], acc[r][s]);
+      for (int s = 0; s < NV; ++s) acc[r][s] = _mm512_fmadd_ps(ar, bk[s], acc[r][s]);
     }
   }
-  for (int r = 0; r < RM; ++r)
-    for (int s = 0; s < NV; ++s) _mm512_storeu_ps(c + r * ldc + xs[s], acc[r][s]);
+  for (int r = 0; r < RM; ++r) {
+    for (int s = 0; s + 1 < NV; ++s) _mm512_storeu_ps(c + r * ldc + 16 * s, acc[r][s]);
+    _mm512_mask_storeu_ps(c + r * ldc + 16 * (NV - 1), tail, acc[r][NV - 1]);
+  }
 }
 
 template <int NV>
-__attribute__((target("avx512f"))) void nn_rows(int64_t M, int64_t W, const float* a,
-                                                int64_t lda, const float* b, int64_t b_k,
-                                                int64_t b_x, float* c, int64_t ldc) {
-  __m512 bp[64 * NV];  // B packed: W <= 64 rows of NV vectors
-  int64_t xs[NV];
-  vector_starts<NV>(W, xs);
-  for (int64_t k = 0; k < W; ++k) {
-    for (int s = 0; s < NV; ++s) {
-      alignas(64) float lanes[16];
-      for (int l = 0; l < 16; ++l) lanes[l] = b[k * b_k + (xs[s] + l) * b_x];
-      bp[k * NV + s] = _mm512_load_ps(lanes);
-    }
-  }
+__attribute__((target("avx512f"))) void gemm_rows(int64_t M, int64_t L, const float* a,
+                                                  int64_t lda, const float* b, int64_t ldb,
+                                                  float* c, int64_t ldc) {
+  const __mmask16 tail = tail_mask(L);
   constexpr int RB = kShortRowBlock;
   int64_t m = 0;
-  for (; m + RB <= M; m += RB) {
-    for (int64_t r = m + RB; r < std::min(M, m + 2 * RB); ++r) {
-      prefetch_row<0>(a + r * lda, W);
-      prefetch_row<1>(c + r * ldc, W);
+  for (; m + RB <= M; m += RB)
+    gemm_block<RB, NV>(L, a + m * lda, lda, b, ldb, c + m * ldc, ldc, tail);
+  for (; m < M; ++m) gemm_block<1, NV>(L, a + m * lda, lda, b, ldb, c + m * ldc, ldc, tail);
+}
+
+// G rows [0, RX) (+)= sum_k A[k, x] B[k, :] (A[k, x] at a[k * lda + x]); B rows are whole
+// vectors (stride ldb, 64-aligned).
+template <int RX, int NV>
+__attribute__((target("avx512f"), always_inline)) inline void gram_block(
+    int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* g, int64_t ldg,
+    bool accumulate) {
+  __m512 acc[RX][NV];
+  for (int r = 0; r < RX; ++r)
+    for (int s = 0; s < NV; ++s)
+      acc[r][s] = accumulate ? _mm512_loadu_ps(g + r * ldg + 16 * s) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 bk[NV];
+    for (int s = 0; s < NV; ++s) bk[s] = _mm512_load_ps(b + k * ldb + 16 * s);
+    for (int r = 0; r < RX; ++r) {
+      const __m512 ar = _mm512_set1_ps(a[k * lda + r]);
+      for (int s = 0; s < NV; ++s) acc[r][s] = _mm512_fmadd_ps(ar, bk[s], acc[r][s]);
     }
-    nn_block<RB, NV>(a + m * lda, lda, bp, W, c + m * ldc, ldc, xs);
   }
-  for (; m < M; ++m) nn_block<1, NV>(a + m * lda, lda, bp, W, c + m * ldc, ldc, xs);
+  for (int r = 0; r < RX; ++r)
+    for (int s = 0; s < NV; ++s) _mm512_storeu_ps(g + r * ldg + 16 * s, acc[r][s]);
+}
+
+constexpr int64_t kGramTileK = 16;  // channels per packed tile of the Gram kernel
+
+// The rows of the Gram products' operands lie one per channel, a page or more apart: a tile of
+// channels is copied into contiguous aligned rows first (zero past L), so that the register
+// blocks read a few pages instead of two per channel (the TLB misses halved the speed).
+template <int NV>
+__attribute__((target("avx512f"))) void gram_rows(int64_t K, int64_t L, const float* a,
+                                                  int64_t lda, const float* b, int64_t ldb,
+                                                  float* g, int64_t ldg) {
+  const __mmask16 tail = tail_mask(L);
+  constexpr int RB = kShortRowBlock;
+  constexpr int64_t ld = 16 * NV;
+  alignas(64) float ap[kGramTileK * ld], bp[kGramTileK * ld];
+  // At least one tile, so that K == 0 still overwrites G with zeros.
+  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kGramTileK) {
+    const int64_t kc = std::min(kGramTileK, K - k0);
+    for (int64_t k = 0; k < kc; ++k) {
+      for (int s = 0; s < NV; ++s) {
+        const __mmask16 m = s + 1 < NV ? static_cast<__mmask16>(0xffff) : tail;
+        _mm512_store_ps(bp + k * ld + 16 * s,
+                        _mm512_maskz_loadu_ps(m, b + (k0 + k) * ldb + 16 * s));
+        _mm512_store_ps(ap + k * ld + 16 * s,
+                        _mm512_maskz_loadu_ps(m, a + (k0 + k) * lda + 16 * s));
+      }
+    }
+    const bool acc = k0 > 0;
+    int64_t x = 0;
+    for (; x + RB <= L; x += RB) gram_block<RB, NV>(kc, ap + x, ld, bp, ld, g + x * ldg, ldg, acc);
+    for (; x < L; ++x) gram_block<1, NV>(kc, ap + x, ld, bp, ld, g + x * ldg, ldg, acc);
+  }
 }
 
 }  // namespace detail
 
-// C (M x W, leading dimension ldc) = A (M x W, leading dimension lda) B, with the W x W block B
-// read as B[k, x] = b[k * b_k + x * b_x] (so B or a transposed matrix). Needs
-// short_row_gemm_available(W).
-inline void short_row_gemm(int64_t M, int64_t W, const float* a, int64_t lda, const float* b,
-                           int64_t b_k, int64_t b_x, float* c, int64_t ldc) {
-  switch ((W + 15) / 16) {
-    case 1: return detail::nn_rows<1>(M, W, a, lda, b, b_k, b_x, c, ldc);
-    case 2: return detail::nn_rows<2>(M, W, a, lda, b, b_k, b_x, c, ldc);
-    case 3: return detail::nn_rows<3>(M, W, a, lda, b, b_k, b_x, c, ldc);
-    default: return detail::nn_rows<4>(M, W, a, lda, b, b_k, b_x, c, ldc);
+// C[m, x] = sum_k A[m, k] B[k, x] for m < M and x, k < L, where A[m, k] = a[m * lda + k],
+// B[k, x] = b[k * ldb + x] with b 64-byte aligned and ldb a multiple of 16 (the rows are read as
+// whole vectors: short_row_stride(L) elements, past L too, whose values only reach lanes that
+// are not stored), and C rows start every ldc elements (L elements stored each).
+// Needs short_row_gemm_available(L).
+inline void short_row_gemm(int64_t M, int64_t L, const float* a, int64_t lda, const float* b,
+                           int64_t ldb, float* c, int64_t ldc) {
+  switch ((L + 15) / 16) {
+    case 1: return detail::gemm_rows<1>(M, L, a, lda, b, ldb, c, ldc);
+    case 2: return detail::gemm_rows<2>(M, L, a, lda, b, ldb, c, ldc);
+    case 3: return detail::gemm_rows<3>(M, L, a, lda, b, ldb, c, ldc);
+    default: return detail::gemm_rows<4>(M, L, a, lda, b, ldb, c, ldc);
+  }
+}
+
+// G[x, j] = sum_k A[k, x] B[k, j] for x, j < L and k < K, where A[k, x] = a[k * lda + x] and
+// B[k, j] = b[k * ldb + j]. G rows start every ldg elements
+// (a multiple of 16) and are written as whole vectors: short_row_stride(L) elements, zero past L.
+// Needs short_row_gemm_available(L).
+inline void short_row_gram(int64_t K, int64_t L, const float* a, int64_t lda, const float* b,
+                           int64_t ldb, float* g, int64_t ldg) {
+  switch ((L + 15) / 16) {
+    case 1: return detail::gram_rows<1>(K, L, a, lda, b, ldb, g, ldg);
+    case 2: return detail::gram_rows<2>(K, L, a, lda, b, ldb, g, ldg);
+    case 3: return detail::gram_rows<3>(K, L, a, lda, b, ldb, g, ldg);
+    default: return detail::gram_rows<4>(K, L, a, lda, b, ldb, g, ldg);
   }
 }
 
 #else
 // Never called: short_row_gemm_available is false without the x86 kernel.
 inline void short_row_gemm(int64_t, int64_t, const float*, int64_t, const float*, int64_t,
-                           int64_t, float*, int64_t) {}
+                           float*, int64_t) {}
+inline void short_row_gram(int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                           float*, int64_t) {}
 #endif
 
 }  // namespace cpu
