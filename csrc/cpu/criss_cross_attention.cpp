@@ -19,8 +19,9 @@
 // and e - m stays exact where a single log-sum-exp would lose digits for large energies.
 // Each pass is one parallel region of stages of tasks, handed out in order (parallel_stages).
 // The maps with Cv channels are the bulk of the traffic (a core streams them at ~10 GB/s on the
-// machines measured), so the Cv-channel products run per (n, block of channels) with both the row and the
-// column part of a block while it is in L2, from probability blocks prepared once per pass:
+// machines measured), so the Cv-channel products run per (n, block of channels) with both the
+// row and the column part of a block while it is in L2, from probability blocks prepared once
+// per pass:
 // Forward:  column energies (lane GEMM tasks); per (n, y): row energies, row and column
 //           statistics merged into the joint ones, both probability blocks (the row one in the
 //           short-row layout); the column probabilities packed for the lane kernel; per

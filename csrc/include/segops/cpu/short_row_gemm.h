@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -53,19 +54,24 @@ __attribute__((target("avx512f"))) inline __mmask16 tail_mask(int64_t L) {
   return static_cast<__mmask16>((1u << rem) - 1u);
 }
 
-// C rows [0, RM) = A rows [0, RM) times B; B rows are whole vectors (stride ldb, 64-aligned).
+// C rows [0, RM) (+)= sum_k A(r, k) B[k, :] with A(r, k) = a[r * a_r + k * a_k], k < K; B rows
+// are whole vectors (stride ldb, 64-aligned); the lanes of C past its row length (tail) are
+// neither read nor written.
 template <int RM, int NV>
-__attribute__((target("avx512f"), always_inline)) inline void gemm_block(
-    int64_t L, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
-    __mmask16 tail) {
+__attribute__((target("avx512f"), always_inline)) inline void block(
+    int64_t K, const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t ldb, float* c,
+    int64_t ldc, __mmask16 tail, bool accumulate) {
   __m512 acc[RM][NV];
   for (int r = 0; r < RM; ++r)
-    for (int s = 0; s < NV; ++s) acc[r][s] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < L; ++k) {
+    for (int s = 0; s < NV; ++s) {
+      const __mmask16 m = s + 1 < NV ? static_cast<__mmask16>(0xffff) : tail;
+      acc[r][s] = accumulate ? _mm512_maskz_loadu_ps(m, c + r * ldc + 16 * s) : _mm512_setzero_ps();
+    }
+  for (int64_t k = 0; k < K; ++k) {
     __m512 bk[NV];
     for (int s = 0; s < NV; ++s) bk[s] = _mm512_load_ps(b + k * ldb + 16 * s);
     for (int r = 0; r < RM; ++r) {
-      const __m512 ar = _mm512_set1_ps(a[r * lda + k]);
+      const __m512 ar = _mm512_set1_ps(a[r * a_r + k * a_k]);
       for (int s = 0; s < NV; ++s) acc[r][s] = _mm512_fmadd_ps(ar, bk[s], acc[r][s]);
     }
   }
@@ -83,30 +89,8 @@ __attribute__((target("avx512f"))) void gemm_rows(int64_t M, int64_t L, const fl
   constexpr int RB = kShortRowBlock;
   int64_t m = 0;
   for (; m + RB <= M; m += RB)
-    gemm_block<RB, NV>(L, a + m * lda, lda, b, ldb, c + m * ldc, ldc, tail);
-  for (; m < M; ++m) gemm_block<1, NV>(L, a + m * lda, lda, b, ldb, c + m * ldc, ldc, tail);
-}
-
-// G rows [0, RX) (+)= sum_k A[k, x] B[k, :] (A[k, x] at a[k * lda + x]); B rows are whole
-// vectors (stride ldb, 64-aligned).
-template <int RX, int NV>
-__attribute__((target("avx512f"), always_inline)) inline void gram_block(
-    int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* g, int64_t ldg,
-    bool accumulate) {
-  __m512 acc[RX][NV];
-  for (int r = 0; r < RX; ++r)
-    for (int s = 0; s < NV; ++s)
-      acc[r][s] = accumulate ? _mm512_loadu_ps(g + r * ldg + 16 * s) : _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 bk[NV];
-    for (int s = 0; s < NV; ++s) bk[s] = _mm512_load_ps(b + k * ldb + 16 * s);
-    for (int r = 0; r < RX; ++r) {
-      const __m512 ar = _mm512_set1_ps(a[k * lda + r]);
-      for (int s = 0; s < NV; ++s) acc[r][s] = _mm512_fmadd_ps(ar, bk[s], acc[r][s]);
-    }
-  }
-  for (int r = 0; r < RX; ++r)
-    for (int s = 0; s < NV; ++s) _mm512_storeu_ps(g + r * ldg + 16 * s, acc[r][s]);
+    block<RB, NV>(L, a + m * lda, lda, 1, b, ldb, c + m * ldc, ldc, tail, false);
+  for (; m < M; ++m) block<1, NV>(L, a + m * lda, lda, 1, b, ldb, c + m * ldc, ldc, tail, false);
 }
 
 constexpr int64_t kGramTileK = 16;  // channels per packed tile of the Gram kernel
@@ -136,8 +120,20 @@ __attribute__((target("avx512f"))) void gram_rows(int64_t K, int64_t L, const fl
     }
     const bool acc = k0 > 0;
     int64_t x = 0;
-    for (; x + RB <= L; x += RB) gram_block<RB, NV>(kc, ap + x, ld, bp, ld, g + x * ldg, ldg, acc);
-    for (; x < L; ++x) gram_block<1, NV>(kc, ap + x, ld, bp, ld, g + x * ldg, ldg, acc);
+    for (; x + RB <= L; x += RB)
+      block<RB, NV>(kc, ap + x, 1, ld, bp, ld, g + x * ldg, ldg, tail, acc);
+    for (; x < L; ++x) block<1, NV>(kc, ap + x, 1, ld, bp, ld, g + x * ldg, ldg, tail, acc);
+  }
+}
+
+// f(std::integral_constant<int, NV>) with NV the number of 16-lane vectors of an L-long row.
+template <typename F>
+inline void with_vectors(int64_t L, F&& f) {
+  switch ((L + 15) / 16) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
   }
 }
 
@@ -150,26 +146,19 @@ __attribute__((target("avx512f"))) void gram_rows(int64_t K, int64_t L, const fl
 // Needs short_row_gemm_available(L).
 inline void short_row_gemm(int64_t M, int64_t L, const float* a, int64_t lda, const float* b,
                            int64_t ldb, float* c, int64_t ldc) {
-  switch ((L + 15) / 16) {
-    case 1: return detail::gemm_rows<1>(M, L, a, lda, b, ldb, c, ldc);
-    case 2: return detail::gemm_rows<2>(M, L, a, lda, b, ldb, c, ldc);
-    case 3: return detail::gemm_rows<3>(M, L, a, lda, b, ldb, c, ldc);
-    default: return detail::gemm_rows<4>(M, L, a, lda, b, ldb, c, ldc);
-  }
+  detail::with_vectors(L, [&](auto nv) {
+    detail::gemm_rows<decltype(nv)::value>(M, L, a, lda, b, ldb, c, ldc);
+  });
 }
 
 // G[x, j] = sum_k A[k, x] B[k, j] for x, j < L and k < K, where A[k, x] = a[k * lda + x] and
-// B[k, j] = b[k * ldb + j]. G rows start every ldg elements
-// (a multiple of 16) and are written as whole vectors: short_row_stride(L) elements, zero past L.
+// B[k, j] = b[k * ldb + j]. G rows start every ldg elements (L elements stored each).
 // Needs short_row_gemm_available(L).
 inline void short_row_gram(int64_t K, int64_t L, const float* a, int64_t lda, const float* b,
                            int64_t ldb, float* g, int64_t ldg) {
-  switch ((L + 15) / 16) {
-    case 1: return detail::gram_rows<1>(K, L, a, lda, b, ldb, g, ldg);
-    case 2: return detail::gram_rows<2>(K, L, a, lda, b, ldb, g, ldg);
-    case 3: return detail::gram_rows<3>(K, L, a, lda, b, ldb, g, ldg);
-    default: return detail::gram_rows<4>(K, L, a, lda, b, ldb, g, ldg);
-  }
+  detail::with_vectors(L, [&](auto nv) {
+    detail::gram_rows<decltype(nv)::value>(K, L, a, lda, b, ldb, g, ldg);
+  });
 }
 
 #else
