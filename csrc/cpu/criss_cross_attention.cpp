@@ -73,6 +73,22 @@ inline T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
+// A 64-byte aligned, uninitialised array (the packed operands of the kernels): the AVX-512 code
+// loads them with aligned moves, while alignof of the vector types follows the baseline target.
+template <typename T>
+class AlignedArray {
+ public:
+  explicit AlignedArray(int64_t size) : raw_(new T[size + 64 / sizeof(T)]) {
+    const auto base = reinterpret_cast<std::uintptr_t>(raw_.get());
+    data_ = reinterpret_cast<T*>((base + 63) / 64 * 64);
+  }
+  T* data() const { return data_; }
+
+ private:
+  std::unique_ptr<T[]> raw_;
+  T* data_;
+};
+
 // ---- Lane GEMMs: C[m, n] (+)= sum_k A[m, k] B[k, n], one product per lane x < L. ----
 
 // Element (r, s) of sample b, lane x, sits at p[b * sample + r * row + s * col + x].
@@ -198,11 +214,8 @@ struct LaneKernel {
                                                         int64_t v1, const T* packed) {
     const int64_t vectors = v1 - v0, tile = std::min(kTileK, g.K) * g.N;
     const int64_t own = packed ? 0 : vectors * tile;
-    // Aligned to 64 bytes by hand: the AVX-512 clone loads these with aligned moves, while
-    // alignof(V) follows the baseline target (16).
-    std::unique_ptr<T[]> buffer(new T[(own + kTileK * kBlockM) * kWidth + 64 / sizeof(T)]);
-    const auto base = reinterpret_cast<std::uintptr_t>(buffer.get());
-    V* apack = reinterpret_cast<V*>((base + 63) / 64 * 64);
+    AlignedArray<T> buffer((own + kTileK * kBlockM) * kWidth);
+    V* apack = reinterpret_cast<V*>(buffer.data());
     V* bpack = apack + kTileK * kBlockM;
     // At least one tile, so that K == 0 still overwrites C with zeros.
     for (int64_t k0 = 0; k0 == 0 || k0 < g.K; k0 += kTileK) {
@@ -362,21 +375,6 @@ inline void row_stats(T* e, int64_t R, int64_t L, T* m_out, T* ll_out, int64_t s
   }
 }
 
-// A 64-byte aligned, uninitialised array (the packed operands of the kernels).
-template <typename T>
-class AlignedArray {
- public:
-  explicit AlignedArray(int64_t size) : raw_(new T[size + 64 / sizeof(T)]) {
-    const auto base = reinterpret_cast<std::uintptr_t>(raw_.get());
-    data_ = reinterpret_cast<T*>((base + 63) / 64 * 64);
-  }
-  T* data() const { return data_; }
-
- private:
-  std::unique_ptr<T[]> raw_;
-  T* data_;
-};
-
 // The row products with a W x W block (probabilities or dS) take the block prepared once in the
 // layout that both their kernels read: B[k][x] at b[k * ld + x], ld = short_row_stride(W), zero
 // past W, 64-byte aligned. B = P, or P^T when trans (P[r][s] at p[r * ldp + s]).
@@ -480,6 +478,21 @@ struct ChannelBlocks {
   }
 };
 
+// Rows [c0, c1) (channels) of the map c of one sample: the row part A[c, y, :] B_y for every
+// row y (B_y the prepared block y of the sample, rb elements apart), then the column part of
+// `column` (sample n, B packed in `packed`) added while the block is in cache.
+template <typename T>
+void channel_block_products(const Dims<T>& d, int64_t n, int64_t c0, int64_t c1, const T* a,
+                            T* c, const T* row_blocks, const LaneGemm<T>& column,
+                            const T* packed) {
+  const int64_t H = d.H, W = d.W, HW = d.HW, rb = W * cpu::short_row_stride(W);
+  for (int64_t y = 0; y < H; ++y) {
+    times_block(c1 - c0, W, a + c0 * HW + y * W, HW, row_blocks + y * rb, c + c0 * HW + y * W,
+                HW);
+  }
+  lane_gemm(column, n, c0, c1, 0, lane_vectors(column), packed);
+}
+
 template <typename T>
 void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, T* st) {
   const int64_t H = d.H, W = d.W, HW = d.HW, Cv = d.Cv, sv = Cv * HW;
@@ -511,12 +524,8 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
       pack_lane_b(column, t / vectors, t % vectors, packed.data() + t / vectors * packed_size);
     } else {
       const int64_t n = t / blocks.count, b = t % blocks.count;
-      const int64_t c0 = blocks.begin(b), c1 = blocks.end(b, Cv), o = n * sv + c0 * HW;
-      for (int64_t y = 0; y < H; ++y) {
-        times_block(c1 - c0, W, v + o + y * W, HW, prow.data() + (n * H + y) * rb,
-                    out + o + y * W, HW);
-      }
-      lane_gemm(column, n, c0, c1, 0, vectors, packed.data() + n * packed_size);
+      channel_block_products(d, n, blocks.begin(b), blocks.end(b, Cv), v + n * sv, out + n * sv,
+                             prow.data() + n * H * rb, column, packed.data() + n * packed_size);
     }
   });
 }
@@ -615,12 +624,9 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
       pack_lane_b(dv_col, t / vectors, t % vectors, packed.data() + t / vectors * packed_size);
     } else if (t < value_tasks) {
       const int64_t n = t / blocks.count, b = t % blocks.count;
-      const int64_t c0 = blocks.begin(b), c1 = blocks.end(b, Cv), o = n * sv + c0 * HW;
-      for (int64_t y = 0; y < H; ++y) {  // dv[c, j] = sum_x go[c, x] P[x, j]
-        times_block(c1 - c0, W, go + o + y * W, HW, prow.data() + (n * H + y) * rb,
-                    dv + o + y * W, HW);
-      }
-      lane_gemm(dv_col, n, c0, c1, 0, vectors, packed.data() + n * packed_size);
+      // dv[c, j] = sum_x go[c, x] P[x, j] + column part
+      channel_block_products(d, n, blocks.begin(b), blocks.end(b, Cv), go + n * sv, dv + n * sv,
+                             prow.data() + n * H * rb, dv_col, packed.data() + n * packed_size);
     } else {
       t -= value_tasks;
       lane_gemm(dqk_col[t / N], t % N, 0, Ck, 0, vectors);
