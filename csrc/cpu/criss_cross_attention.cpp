@@ -9,7 +9,8 @@
 //   * the column x is strided in both directions, but the W columns of a map are W independent
 //     products whose operands sit side by side in memory (x is the contiguous index). The
 //     column branch therefore runs as "lane GEMMs": one product per column x, vectorised across
-//     the columns, register-blocked like a GEMM microkernel (LaneKernel below).
+//     the columns, register-blocked like a GEMM microkernel (LaneKernel below); one to four
+//     lanes past whole vectors run one lane at a time on strided_gemm (lane_one).
 // The column probabilities are kept as (N, H, H, W) = [n][y][i][x] and the row ones as
 // (N, H, W, W) = [n][y][x][j]: a few MiB at most, never the (N, H, W, H+W) attention of the
 // reference, and the softmax passes over them run on whole vectors (per-lane statistics).
@@ -304,16 +305,69 @@ int64_t lane_vectors(const LaneGemm<T>& g) {
   return g.L < kVecWidth ? g.L : (g.L + kVecWidth - 1) / kVecWidth;
 }
 
+// A map a few lanes wider than whole vectors (W = 49 = 3 x 16 + 1) would pay a whole vector of
+// lane-kernel work for its last lanes, overlapping the vector before. Up to kMaxLaneTail such
+// lanes run one at a time instead, each as a plain GEMM vectorised along N (strided_gemm),
+// about 1/16 of a vector's work plus a gather of its B and a scatter of its C.
+constexpr int64_t kMaxLaneTail = 4;
+
+// The lanes past the whole vectors that lane_gemm runs one at a time (0: none, the last
+// vector overlaps the one before).
+template <typename T>
+int64_t lane_tail(const LaneGemm<T>& g) {
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t width = LaneKernel<T, LaneVec<T>>::kWidth;
+    const int64_t tail = g.L % width;
+    if (g.L > width && tail <= kMaxLaneTail && cpu::short_row_gemm_available(width)) return tail;
+  }
+  return 0;
+}
+
+// Rows [m0, m1) of C in sample b for the single lane x: C_x = A_x B_x, B_x gathered into the
+// short-row layout, C_x computed in row chunks and added to (or written into) C.
+void lane_one(const LaneGemm<float>& g, int64_t b, int64_t m0, int64_t m1, int64_t x) {
+  constexpr int64_t kChunk = 60;  // rows of C per chunk: whole register blocks of six
+  const int64_t ld = cpu::short_row_stride(g.N);
+  AlignedArray<float> bx(std::max<int64_t>(g.K, 1) * ld), cx(kChunk * ld);
+  const float* bsrc = g.B.p + b * g.B.sample + x;
+  for (int64_t k = 0; k < g.K; ++k) {
+    float* row = bx.data() + k * ld;
+    for (int64_t n = 0; n < g.N; ++n) row[n] = bsrc[k * g.B.row + n * g.B.col];
+    std::fill(row + g.N, row + ld, 0.f);
+  }
+  for (int64_t m = m0; m < m1; m += kChunk) {
+    const int64_t rows = std::min(kChunk, m1 - m);
+    cpu::strided_gemm(rows, g.N, g.K, g.A.p + b * g.A.sample + m * g.A.row + x, g.A.row,
+                      g.A.col, bx.data(), ld, cx.data(), ld);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* c = g.C.p + b * g.C.sample + (m + r) * g.C.row + x;
+      const float* src = cx.data() + r * ld;
+      for (int64_t n = 0; n < g.N; ++n) {
+        c[n * g.C.col] = g.accumulate ? c[n * g.C.col] + src[n] : src[n];
+      }
+    }
+  }
+}
+
 // Rows [m0, m1) of C in sample b, for the lane vectors [v0, v1); B from `packed` (the sample's
 // B packed by pack_lane_b) when given.
 template <typename T>
 void lane_gemm(const LaneGemm<T>& g, int64_t b, int64_t m0, int64_t m1, int64_t v0, int64_t v1,
                const T* packed = nullptr) {
-  if (g.L < LaneKernel<T, LaneVec<T>>::kWidth) {
+  constexpr int64_t width = LaneKernel<T, LaneVec<T>>::kWidth;
+  if (g.L < width) {
     LaneKernel<T, T>::run(g, b, m0, m1, v0, v1, packed);
-  } else {
-    lane_gemm_vec(g, b, m0, m1, v0, v1, packed);
+    return;
   }
+  const int64_t whole = g.L / width;  // with a lane tail, vector `whole` is the tail's lanes
+  if constexpr (std::is_same_v<T, float>) {
+    if (lane_tail(g) > 0 && v1 > whole) {
+      if (v0 < whole) lane_gemm_vec(g, b, m0, m1, v0, whole, packed);
+      for (int64_t x = whole * width; x < g.L; ++x) lane_one(g, b, m0, m1, x);
+      return;
+    }
+  }
+  lane_gemm_vec(g, b, m0, m1, v0, v1, packed);
 }
 
 // Elements of one sample's B packed for lane_gemm: K x N lane vectors per lane vector.
@@ -327,6 +381,7 @@ int64_t lane_packed_size(const LaneGemm<T>& g) {
 // Lane vector `index` of sample b's B into dst (the sample's packed buffer, 64-byte aligned).
 template <typename T>
 void pack_lane_b(const LaneGemm<T>& g, int64_t b, int64_t index, T* dst) {
+  if (lane_tail(g) > 0 && index == g.L / LaneKernel<T, LaneVec<T>>::kWidth) return;  // lane_one
   if (g.L < LaneKernel<T, LaneVec<T>>::kWidth) {
     LaneKernel<T, T>::pack_b(g, b, index, 0, g.K, dst + index * g.K * g.N);
   } else {

@@ -40,6 +40,8 @@ def _samples():
             qkv("one_row", 1, 3, 5, 1, 6, gradcheck=True),
             qkv("one_column", 1, 2, 4, 7, 1, gradcheck=True),
             qkv("wide", 1, 5, 6, 6, 37), qkv("wide_tall", 1, 3, 4, 20, 17),  # vector column paths
+            # two lanes past whole vectors (run lane by lane on CPU), columns over 64 long
+            qkv("lane_tail_tall", 1, 3, 5, 70, 18),
             # one and four vectors per row in the CPU short-row kernels, with whole row blocks
             qkv("row_one_vector", 1, 7, 8, 2, 16), qkv("row_four_vectors", 1, 7, 13, 3, 50),
             qkv("one_pixel", 1, 3, 2, 1, 1),

@@ -8,7 +8,10 @@
 //     at a time, the elements of A broadcast from memory.
 //   * short_row_gram: G (L x L) = A^T B over K channels, A and B lines of two maps (the
 //     backward's dP = dout^T v). Six rows of G in registers, the elements of A broadcast, a row
-//     of B loaded per channel.
+//     of B loaded per channel; one or two columns past whole vectors apart (kMaxTailColumns).
+//   * strided_gemm: the register blocks of short_row_gemm for any K and N, A read at any
+//     strides (a single lane of a map whose width is a few lanes past whole vectors: see
+//     lane_gemm in csrc/cpu/criss_cross_attention.cpp).
 // The caller feeds them channel blocks of a few dozen lines that lie one after another in memory,
 // which is what makes them faster than BLAS here (measured on criss-cross attention at
 // 2 x 512 x 49 x 49, one thread: about 90 GFLOP/s against MKL's 55-60 on the same products).
@@ -48,6 +51,17 @@ namespace detail {
 
 constexpr int kShortRowBlock = 6;  // rows per register block (6 x 4 accumulators)
 
+// A Gram product whose rows are one or two lanes longer than whole vectors (L = 49 = 3 x 16 + 1)
+// would spend a whole vector of FMAs per channel on its last columns: those are computed apart,
+// vectorised over the rows of G instead (about 8% faster at L = 49; the same for the row
+// product, C = A B, measured no faster, so it keeps its masked last vector).
+constexpr int64_t kMaxTailColumns = 2;
+
+// The columns of an L-long Gram row computed apart, or 0.
+inline int64_t tail_columns(int64_t L) {
+  return L > 16 && L % 16 <= kMaxTailColumns ? L % 16 : 0;
+}
+
 // Lanes of the last vector of an L-long row.
 __attribute__((target("avx512f"))) inline __mmask16 tail_mask(int64_t L) {
   const int64_t rem = L - (L - 1) / 16 * 16;  // 1..16
@@ -81,16 +95,17 @@ __attribute__((target("avx512f"), always_inline)) inline void block(
   }
 }
 
+// C (M x 16 NV, the last vector masked by tail) = A (M x K) B, A(m, k) = a[m * a_m + k * a_k].
 template <int NV>
-__attribute__((target("avx512f"))) void gemm_rows(int64_t M, int64_t L, const float* a,
-                                                  int64_t lda, const float* b, int64_t ldb,
-                                                  float* c, int64_t ldc) {
-  const __mmask16 tail = tail_mask(L);
+__attribute__((target("avx512f"))) void gemm_rows(int64_t M, int64_t K, const float* a,
+                                                  int64_t a_m, int64_t a_k, const float* b,
+                                                  int64_t ldb, float* c, int64_t ldc,
+                                                  __mmask16 tail) {
   constexpr int RB = kShortRowBlock;
   int64_t m = 0;
   for (; m + RB <= M; m += RB)
-    block<RB, NV>(L, a + m * lda, lda, 1, b, ldb, c + m * ldc, ldc, tail, false);
-  for (; m < M; ++m) block<1, NV>(L, a + m * lda, lda, 1, b, ldb, c + m * ldc, ldc, tail, false);
+    block<RB, NV>(K, a + m * a_m, a_m, a_k, b, ldb, c + m * ldc, ldc, tail, false);
+  for (; m < M; ++m) block<1, NV>(K, a + m * a_m, a_m, a_k, b, ldb, c + m * ldc, ldc, tail, false);
 }
 
 constexpr int64_t kGramTileK = 16;  // channels per packed tile of the Gram kernel
@@ -106,6 +121,11 @@ __attribute__((target("avx512f"))) void gram_rows(int64_t K, int64_t L, const fl
   constexpr int RB = kShortRowBlock;
   constexpr int64_t ld = 16 * NV;
   alignas(64) float ap[kGramTileK * ld], bp[kGramTileK * ld];
+  // With tail columns, G's columns [16 (NV - 1), L) are summed over all tiles in tacc, a column
+  // per row of it, vectorised over the rows of G (its x), and stored at the end.
+  const int64_t tails = NV > 1 ? tail_columns(L) : 0;
+  alignas(64) float tacc[kMaxTailColumns][ld];
+  for (int64_t j = 0; j < tails; ++j) std::fill(tacc[j], tacc[j] + ld, 0.f);
   // At least one tile, so that K == 0 still overwrites G with zeros.
   for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kGramTileK) {
     const int64_t kc = std::min(kGramTileK, K - k0);
@@ -119,11 +139,34 @@ __attribute__((target("avx512f"))) void gram_rows(int64_t K, int64_t L, const fl
       }
     }
     const bool acc = k0 > 0;
-    int64_t x = 0;
-    for (; x + RB <= L; x += RB)
-      block<RB, NV>(kc, ap + x, 1, ld, bp, ld, g + x * ldg, ldg, tail, acc);
-    for (; x < L; ++x) block<1, NV>(kc, ap + x, 1, ld, bp, ld, g + x * ldg, ldg, tail, acc);
+    if (tails == 0) {
+      int64_t x = 0;
+      for (; x + RB <= L; x += RB)
+        block<RB, NV>(kc, ap + x, 1, ld, bp, ld, g + x * ldg, ldg, tail, acc);
+      for (; x < L; ++x) block<1, NV>(kc, ap + x, 1, ld, bp, ld, g + x * ldg, ldg, tail, acc);
+      continue;
+    }
+    if constexpr (NV > 1) {
+      const __mmask16 full = 0xffff;
+      int64_t x = 0;
+      for (; x + RB <= L; x += RB)
+        block<RB, NV - 1>(kc, ap + x, 1, ld, bp, ld, g + x * ldg, ldg, full, acc);
+      for (; x < L; ++x) block<1, NV - 1>(kc, ap + x, 1, ld, bp, ld, g + x * ldg, ldg, full, acc);
+      for (int64_t j = 0; j < tails; ++j) {
+        const int64_t column = 16 * (NV - 1) + j;
+        __m512 t[NV];
+        for (int v = 0; v < NV; ++v) t[v] = _mm512_load_ps(tacc[j] + 16 * v);
+        for (int64_t k = 0; k < kc; ++k) {
+          const __m512 bk = _mm512_set1_ps(bp[k * ld + column]);
+          for (int v = 0; v < NV; ++v)
+            t[v] = _mm512_fmadd_ps(_mm512_load_ps(ap + k * ld + 16 * v), bk, t[v]);
+        }
+        for (int v = 0; v < NV; ++v) _mm512_store_ps(tacc[j] + 16 * v, t[v]);
+      }
+    }
   }
+  for (int64_t j = 0; j < tails; ++j)
+    for (int64_t x = 0; x < L; ++x) g[x * ldg + 16 * (NV - 1) + j] = tacc[j][x];
 }
 
 // f(std::integral_constant<int, NV>) with NV the number of 16-lane vectors of an L-long row.
@@ -147,8 +190,25 @@ inline void with_vectors(int64_t L, F&& f) {
 inline void short_row_gemm(int64_t M, int64_t L, const float* a, int64_t lda, const float* b,
                            int64_t ldb, float* c, int64_t ldc) {
   detail::with_vectors(L, [&](auto nv) {
-    detail::gemm_rows<decltype(nv)::value>(M, L, a, lda, b, ldb, c, ldc);
+    detail::gemm_rows<decltype(nv)::value>(M, L, a, lda, 1, b, ldb, c, ldc,
+                                           detail::tail_mask(L));
   });
+}
+
+// C[m, n] = sum_k A[m, k] B[k, n] for m < M, n < N, k < K, where A[m, k] = a[m * a_m + k * a_k]
+// (any strides: its elements are broadcast one at a time), B[k, n] = b[k * ldb + n] with b
+// 64-byte aligned and ldb = short_row_stride(N) (zero past N), and C rows start every ldc
+// elements (N stored each). N of any size, in chunks of four vectors. Needs
+// short_row_gemm_available(16).
+inline void strided_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_m,
+                         int64_t a_k, const float* b, int64_t ldb, float* c, int64_t ldc) {
+  for (int64_t n0 = 0; n0 < N; n0 += kShortRowMax) {
+    const int64_t n = std::min(kShortRowMax, N - n0);
+    detail::with_vectors(n, [&](auto nv) {
+      detail::gemm_rows<decltype(nv)::value>(M, K, a, a_m, a_k, b + n0, ldb, c + n0, ldc,
+                                             detail::tail_mask(n));
+    });
+  }
 }
 
 // G[x, j] = sum_k A[k, x] B[k, j] for x, j < L and k < K, where A[k, x] = a[k * lda + x] and
@@ -167,6 +227,8 @@ inline void short_row_gemm(int64_t, int64_t, const float*, int64_t, const float*
                            float*, int64_t) {}
 inline void short_row_gram(int64_t, int64_t, const float*, int64_t, const float*, int64_t,
                            float*, int64_t) {}
+inline void strided_gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
+                         const float*, int64_t, float*, int64_t) {}
 #endif
 
 }  // namespace cpu
