@@ -84,8 +84,10 @@ def make_step(provider, kwargs: dict, mode: str):
                           generator=torch.Generator().manual_seed(0)).to(img.device)
 
     def step():
-        model.zero_grad(set_to_none=True)
         total_loss(model, model(img), label).backward()
+        # Released within the step (not at the next one's start), so that the parameter
+        # gradients count in its peak memory instead of in the level before it.
+        model.zero_grad(set_to_none=True)
     return step
 
 
