@@ -323,22 +323,33 @@ int64_t lane_tail(const LaneGemm<T>& g) {
   return 0;
 }
 
-// Rows [m0, m1) of C in sample b for the single lane x: C_x = A_x B_x, B_x gathered into the
-// short-row layout, C_x computed in row chunks and added to (or written into) C.
-void lane_one(const LaneGemm<float>& g, int64_t b, int64_t m0, int64_t m1, int64_t x) {
+// B of sample b at the single lane x in the short-row layout: dst[k * ld + n] = B_x[k, n],
+// ld = short_row_stride(N), zero past N (K * ld elements, 64-byte aligned).
+void gather_lane_b(const LaneGemm<float>& g, int64_t b, int64_t x, float* dst) {
+  const int64_t ld = cpu::short_row_stride(g.N);
+  const float* src = g.B.p + b * g.B.sample + x;
+  for (int64_t k = 0; k < g.K; ++k) {
+    float* row = dst + k * ld;
+    for (int64_t n = 0; n < g.N; ++n) row[n] = src[k * g.B.row + n * g.B.col];
+    std::fill(row + g.N, row + ld, 0.f);
+  }
+}
+
+// Rows [m0, m1) of C in sample b for the single lane x: C_x = A_x B_x in row chunks, added to
+// (or written into) C. B_x from `packed` (gather_lane_b's layout) when given, else gathered.
+void lane_one(const LaneGemm<float>& g, int64_t b, int64_t m0, int64_t m1, int64_t x,
+              const float* packed) {
   constexpr int64_t kChunk = 60;  // rows of C per chunk: whole register blocks of six
   const int64_t ld = cpu::short_row_stride(g.N);
-  AlignedArray<float> bx(std::max<int64_t>(g.K, 1) * ld), cx(kChunk * ld);
-  const float* bsrc = g.B.p + b * g.B.sample + x;
-  for (int64_t k = 0; k < g.K; ++k) {
-    float* row = bx.data() + k * ld;
-    for (int64_t n = 0; n < g.N; ++n) row[n] = bsrc[k * g.B.row + n * g.B.col];
-    std::fill(row + g.N, row + ld, 0.f);
+  AlignedArray<float> bx(packed ? 0 : std::max<int64_t>(g.K, 1) * ld), cx(kChunk * ld);
+  if (!packed) {
+    gather_lane_b(g, b, x, bx.data());
+    packed = bx.data();
   }
   for (int64_t m = m0; m < m1; m += kChunk) {
     const int64_t rows = std::min(kChunk, m1 - m);
     cpu::strided_gemm(rows, g.N, g.K, g.A.p + b * g.A.sample + m * g.A.row + x, g.A.row,
-                      g.A.col, bx.data(), ld, cx.data(), ld);
+                      g.A.col, packed, ld, cx.data(), ld);
     for (int64_t r = 0; r < rows; ++r) {
       float* c = g.C.p + b * g.C.sample + (m + r) * g.C.row + x;
       const float* src = cx.data() + r * ld;
@@ -347,6 +358,14 @@ void lane_one(const LaneGemm<float>& g, int64_t b, int64_t m0, int64_t m1, int64
       }
     }
   }
+}
+
+// Where the lanes past the whole vectors of a packed sample start: whole vectors of K x N lane
+// vectors each, then K * short_row_stride(N) elements per tail lane (gather_lane_b).
+template <typename T>
+int64_t lane_tail_offset(const LaneGemm<T>& g) {
+  constexpr int64_t width = LaneKernel<T, LaneVec<T>>::kWidth;
+  return g.L / width * g.K * g.N * width;
 }
 
 // Rows [m0, m1) of C in sample b, for the lane vectors [v0, v1); B from `packed` (the sample's
@@ -363,16 +382,24 @@ void lane_gemm(const LaneGemm<T>& g, int64_t b, int64_t m0, int64_t m1, int64_t 
   if constexpr (std::is_same_v<T, float>) {
     if (lane_tail(g) > 0 && v1 > whole) {
       if (v0 < whole) lane_gemm_vec(g, b, m0, m1, v0, whole, packed);
-      for (int64_t x = whole * width; x < g.L; ++x) lane_one(g, b, m0, m1, x);
+      const int64_t ld = cpu::short_row_stride(g.N);
+      for (int64_t x = whole * width; x < g.L; ++x) {
+        const float* bx = packed ? packed + lane_tail_offset(g) + (x - whole * width) * g.K * ld
+                                 : nullptr;
+        lane_one(g, b, m0, m1, x, bx);
+      }
       return;
     }
   }
   lane_gemm_vec(g, b, m0, m1, v0, v1, packed);
 }
 
-// Elements of one sample's B packed for lane_gemm: K x N lane vectors per lane vector.
+// Elements of one sample's B packed for lane_gemm: K x N lane vectors per lane vector, or per
+// tail lane its gather_lane_b layout.
 template <typename T>
 int64_t lane_packed_size(const LaneGemm<T>& g) {
+  if (const int64_t tail = lane_tail(g); tail > 0)
+    return lane_tail_offset(g) + tail * g.K * cpu::short_row_stride(g.N);
   const int64_t width = g.L < LaneKernel<T, LaneVec<T>>::kWidth
                             ? 1 : LaneKernel<T, LaneVec<T>>::kWidth;
   return lane_vectors(g) * g.K * g.N * width;
@@ -381,8 +408,16 @@ int64_t lane_packed_size(const LaneGemm<T>& g) {
 // Lane vector `index` of sample b's B into dst (the sample's packed buffer, 64-byte aligned).
 template <typename T>
 void pack_lane_b(const LaneGemm<T>& g, int64_t b, int64_t index, T* dst) {
-  if (lane_tail(g) > 0 && index == g.L / LaneKernel<T, LaneVec<T>>::kWidth) return;  // lane_one
-  if (g.L < LaneKernel<T, LaneVec<T>>::kWidth) {
+  constexpr int64_t width = LaneKernel<T, LaneVec<T>>::kWidth;
+  if constexpr (std::is_same_v<T, float>) {
+    if (const int64_t tail = lane_tail(g); tail > 0 && index == g.L / width) {
+      const int64_t ld = cpu::short_row_stride(g.N);
+      for (int64_t l = 0; l < tail; ++l)
+        gather_lane_b(g, b, index * width + l, dst + lane_tail_offset(g) + l * g.K * ld);
+      return;
+    }
+  }
+  if (g.L < width) {
     LaneKernel<T, T>::pack_b(g, b, index, 0, g.K, dst + index * g.K * g.N);
   } else {
     using V = LaneVec<T>;

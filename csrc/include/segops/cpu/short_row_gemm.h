@@ -95,17 +95,18 @@ __attribute__((target("avx512f"), always_inline)) inline void block(
   }
 }
 
-// C (M x 16 NV, the last vector masked by tail) = A (M x K) B, A(m, k) = a[m * a_m + k * a_k].
+// C (M x 16 NV, the last vector masked by tail) (+)= A (M x K) B, A(m, k) = a[m * a_m + k * a_k].
 template <int NV>
 __attribute__((target("avx512f"))) void gemm_rows(int64_t M, int64_t K, const float* a,
                                                   int64_t a_m, int64_t a_k, const float* b,
                                                   int64_t ldb, float* c, int64_t ldc,
-                                                  __mmask16 tail) {
+                                                  __mmask16 tail, bool accumulate = false) {
   constexpr int RB = kShortRowBlock;
   int64_t m = 0;
   for (; m + RB <= M; m += RB)
-    block<RB, NV>(K, a + m * a_m, a_m, a_k, b, ldb, c + m * ldc, ldc, tail, false);
-  for (; m < M; ++m) block<1, NV>(K, a + m * a_m, a_m, a_k, b, ldb, c + m * ldc, ldc, tail, false);
+    block<RB, NV>(K, a + m * a_m, a_m, a_k, b, ldb, c + m * ldc, ldc, tail, accumulate);
+  for (; m < M; ++m)
+    block<1, NV>(K, a + m * a_m, a_m, a_k, b, ldb, c + m * ldc, ldc, tail, accumulate);
 }
 
 constexpr int64_t kGramTileK = 16;  // channels per packed tile of the Gram kernel
@@ -118,7 +119,6 @@ __attribute__((target("avx512f"))) void gram_rows(int64_t K, int64_t L, const fl
                                                   int64_t lda, const float* b, int64_t ldb,
                                                   float* g, int64_t ldg) {
   const __mmask16 tail = tail_mask(L);
-  constexpr int RB = kShortRowBlock;
   constexpr int64_t ld = 16 * NV;
   alignas(64) float ap[kGramTileK * ld], bp[kGramTileK * ld];
   // With tail columns, G's columns [16 (NV - 1), L) are summed over all tiles in tacc, a column
@@ -138,20 +138,14 @@ __attribute__((target("avx512f"))) void gram_rows(int64_t K, int64_t L, const fl
                         _mm512_maskz_loadu_ps(m, a + (k0 + k) * lda + 16 * s));
       }
     }
+    // G's rows are the columns x of the packed A tile: A(x, k) = ap[x + k * ld].
     const bool acc = k0 > 0;
     if (tails == 0) {
-      int64_t x = 0;
-      for (; x + RB <= L; x += RB)
-        block<RB, NV>(kc, ap + x, 1, ld, bp, ld, g + x * ldg, ldg, tail, acc);
-      for (; x < L; ++x) block<1, NV>(kc, ap + x, 1, ld, bp, ld, g + x * ldg, ldg, tail, acc);
+      gemm_rows<NV>(L, kc, ap, 1, ld, bp, ld, g, ldg, tail, acc);
       continue;
     }
     if constexpr (NV > 1) {
-      const __mmask16 full = 0xffff;
-      int64_t x = 0;
-      for (; x + RB <= L; x += RB)
-        block<RB, NV - 1>(kc, ap + x, 1, ld, bp, ld, g + x * ldg, ldg, full, acc);
-      for (; x < L; ++x) block<1, NV - 1>(kc, ap + x, 1, ld, bp, ld, g + x * ldg, ldg, full, acc);
+      gemm_rows<NV - 1>(L, kc, ap, 1, ld, bp, ld, g, ldg, static_cast<__mmask16>(0xffff), acc);
       for (int64_t j = 0; j < tails; ++j) {
         const int64_t column = 16 * (NV - 1) + j;
         __m512 t[NV];
@@ -182,19 +176,6 @@ inline void with_vectors(int64_t L, F&& f) {
 
 }  // namespace detail
 
-// C[m, x] = sum_k A[m, k] B[k, x] for m < M and x, k < L, where A[m, k] = a[m * lda + k],
-// B[k, x] = b[k * ldb + x] with b 64-byte aligned and ldb a multiple of 16 (the rows are read as
-// whole vectors: short_row_stride(L) elements, past L too, whose values only reach lanes that
-// are not stored), and C rows start every ldc elements (L elements stored each).
-// Needs short_row_gemm_available(L).
-inline void short_row_gemm(int64_t M, int64_t L, const float* a, int64_t lda, const float* b,
-                           int64_t ldb, float* c, int64_t ldc) {
-  detail::with_vectors(L, [&](auto nv) {
-    detail::gemm_rows<decltype(nv)::value>(M, L, a, lda, 1, b, ldb, c, ldc,
-                                           detail::tail_mask(L));
-  });
-}
-
 // C[m, n] = sum_k A[m, k] B[k, n] for m < M, n < N, k < K, where A[m, k] = a[m * a_m + k * a_k]
 // (any strides: its elements are broadcast one at a time), B[k, n] = b[k * ldb + n] with b
 // 64-byte aligned and ldb = short_row_stride(N) (zero past N), and C rows start every ldc
@@ -209,6 +190,16 @@ inline void strided_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_
                                              detail::tail_mask(n));
     });
   }
+}
+
+// C[m, x] = sum_k A[m, k] B[k, x] for m < M and x, k < L, where A[m, k] = a[m * lda + k],
+// B[k, x] = b[k * ldb + x] with b 64-byte aligned and ldb a multiple of 16 (the rows are read as
+// whole vectors: short_row_stride(L) elements, past L too, whose values only reach lanes that
+// are not stored), and C rows start every ldc elements (L elements stored each).
+// Needs short_row_gemm_available(L).
+inline void short_row_gemm(int64_t M, int64_t L, const float* a, int64_t lda, const float* b,
+                           int64_t ldb, float* c, int64_t ldc) {
+  strided_gemm(M, L, L, a, lda, 1, b, ldb, c, ldc);
 }
 
 // G[x, j] = sum_k A[k, x] B[k, j] for x, j < L and k < K, where A[k, x] = a[k * lda + x] and
