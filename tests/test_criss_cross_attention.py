@@ -69,3 +69,42 @@ def test_cpu_constant_input_gives_finite_uniform_attention():
     out = segops.criss_cross_attention(q, q, v, backend="cpu")
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, reference(q, q, v))
+
+
+_ISA_CHECK = """
+import torch, segops
+from segops.reference.criss_cross_attention import criss_cross_attention as reference
+from tests.utils import check_against_reference, qkv_inputs
+fn = lambda **x: segops.criss_cross_attention(**x, backend="cpu")
+torch.manual_seed(0)
+# W = 49: three lane vectors and a lane tail, the short-row kernels' last column chunk;
+# W = 18 and 70: two lanes past a vector, a map wider than the short-row kernels; W = 7: scalar lanes.
+for shape in [(1, 4, 20, 9, 49), (2, 3, 24, 17, 18), (1, 3, 13, 5, 70), (1, 2, 5, 6, 7)]:
+    check_against_reference(fn, reference, qkv_inputs(*shape, scale=0.5), ["query", "key", "value"],
+                            torch.float32, "cpu")
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_cpu_kernels_of_each_instruction_set(isa):
+    # The CPU kernels pick their code path by instruction set at run time; SEGOPS_CPU_ISA caps it,
+    # so that this machine runs every path up to its own (a cap above it runs its widest).
+    require_backend(OP, "cpu", "cpu", torch.float32)
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, SEGOPS_CPU_ISA=isa)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_cpu_isa_cap_rejects_unknown_names():
+    require_backend(OP, "cpu", "cpu", torch.float32)
+    import os
+    import subprocess
+    import sys
+    code = "import torch, segops; x = torch.ones(1, 2, 3, 4); segops.criss_cross_attention(x, x, x, backend='cpu')"
+    env = dict(os.environ, SEGOPS_CPU_ISA="sse9")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "SEGOPS_CPU_ISA must be one of baseline, avx2, avx512; got 'sse9'" in run.stderr

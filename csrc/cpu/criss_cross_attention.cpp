@@ -5,7 +5,7 @@
 //   * a row of an NCHW tensor is a (C x W) matrix with leading dimension H*W, so the row branch
 //     is GEMMs straight on the inputs and outputs, one per (n, y) and block of channels: on the
 //     short-row kernels (segops/cpu/short_row_gemm.h) where they apply (fp32, 16 <= W <= 64,
-//     AVX-512), else BLAS (gemm_rm);
+//     AVX-512 or AVX2 + FMA), else BLAS (gemm_rm);
 //   * the column x is strided in both directions, but the W columns of a map are W independent
 //     products whose operands sit side by side in memory (x is the contiguous index). The
 //     column branch therefore runs as "lane GEMMs": one product per column x, vectorised across
@@ -35,6 +35,7 @@
 //           + column part; per n the column parts of dq and dk.
 #include "segops/cpu/gemm.h"
 #include "segops/cpu/guards.h"
+#include "segops/cpu/isa.h"
 #include "segops/cpu/short_row_gemm.h"
 #include "segops/cpu/softmax_rows.h"
 
@@ -58,10 +59,8 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SEGOPS_LANE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SEGOPS_LANE_CLONES
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SEGOPS_LANE_X86 1
 #endif
 
 namespace segops {
@@ -107,29 +106,29 @@ struct LaneGemm {
   bool accumulate;  // false: C is overwritten
 };
 
-constexpr int kBlockM = 4;      // register block: kBlockM x kBlockN vectors of accumulators
-constexpr int kBlockN = 6;
 constexpr int64_t kTileK = 64;  // K is walked in tiles so that a B tile stays in L2
 constexpr int64_t kTaskM = 64;  // rows of C per task of a whole lane GEMM
 
 // One lane vector: 64 bytes (an AVX-512 register; two or four on narrower targets), or a plain
-// scalar for maps narrower than a vector.
-template <typename T>
-struct LaneVecOf;
-template <>
-struct LaneVecOf<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct LaneVecOf<double> {
-  typedef double type __attribute__((vector_size(64)));
+// scalar for maps narrower than a vector. The kernels compute in register-wide parts of it
+// (RegVec): GCC lowers arithmetic on a vector wider than the target's registers through the
+// stack.
+template <typename T, int Bytes>
+struct VecOf {
+  typedef T type __attribute__((vector_size(Bytes)));
 };
 template <typename T>
-using LaneVec = typename LaneVecOf<T>::type;
+using LaneVec = typename VecOf<T, 64>::type;
+template <typename T, int Bytes>
+using RegVec = typename VecOf<T, Bytes>::type;
 
-template <typename T, typename V>
+// BM x BN lane vectors of accumulators per register block, each computed as sizeof(V) /
+// sizeof(U) register vectors U (see lane_gemm_vec).
+template <typename T, typename V, int BM = 1, int BN = 1, typename U = V>
 struct LaneKernel {
   static constexpr int64_t kWidth = sizeof(V) / sizeof(T);
+  static constexpr int kParts = sizeof(V) / sizeof(U);
+  static constexpr int64_t kPartWidth = sizeof(U) / sizeof(T);
 
   // The (RM x RN) block of C at c (rows m, columns n) from the packed tiles ap[k * RM + r] and
   // bp[k * N + s], k < kc; only the lanes from `own` on are stored (the last vector of a row
@@ -138,38 +137,47 @@ struct LaneKernel {
   __attribute__((always_inline)) static inline void block(const LaneGemm<T>& g, const V* ap,
                                                           const V* bp, int64_t kc, T* c,
                                                           int64_t own, bool accumulate) {
-    V acc[RM][RN];
-    for (int r = 0; r < RM; ++r)
-      for (int s = 0; s < RN; ++s) acc[r][s] = V{};
-    for (int64_t k = 0; k < kc; ++k) {
-      const V* a = ap + k * RM;
-      const V* bk = bp + k * g.N;
+    // One register block per part: the k loop runs once per part, over its half (or quarter)
+    // of every packed lane vector.
+    constexpr int P = kParts;
+    for (int p = 0; p < P; ++p) {
+      U acc[RM][RN];
       for (int r = 0; r < RM; ++r)
-        for (int s = 0; s < RN; ++s) acc[r][s] += a[r] * bk[s];
-    }
-    for (int r = 0; r < RM; ++r) {
-      for (int s = 0; s < RN; ++s) {
-        T* cp = c + r * g.C.row + s * g.C.col;
-        if (own == 0) {
-          V out = acc[r][s];
-          if (accumulate) {
-            V old;
-            std::memcpy(&old, cp, sizeof(V));
-            out = old + out;
-          }
-          std::memcpy(cp, &out, sizeof(V));
-        } else {
-          for (int64_t l = own; l < kWidth; ++l) {
-            const T v = lane(acc[r][s], l);
-            cp[l] = accumulate ? cp[l] + v : v;
+        for (int s = 0; s < RN; ++s) acc[r][s] = U{};
+      for (int64_t k = 0; k < kc; ++k) {
+        const U* a = reinterpret_cast<const U*>(ap + k * RM) + p;
+        const U* bk = reinterpret_cast<const U*>(bp + k * g.N) + p;
+        U bv[RN];
+        for (int s = 0; s < RN; ++s) bv[s] = bk[s * P];
+        for (int r = 0; r < RM; ++r) {
+          const U ar = a[r * P];
+          for (int s = 0; s < RN; ++s) acc[r][s] += ar * bv[s];
+        }
+      }
+      for (int r = 0; r < RM; ++r) {
+        for (int s = 0; s < RN; ++s) {
+          T* cp = c + r * g.C.row + s * g.C.col + p * kPartWidth;
+          if (own <= p * kPartWidth) {
+            U out = acc[r][s];
+            if (accumulate) {
+              U old;
+              std::memcpy(&old, cp, sizeof(U));
+              out = old + out;
+            }
+            std::memcpy(cp, &out, sizeof(U));
+          } else {
+            for (int64_t l = own - p * kPartWidth; l < kPartWidth; ++l) {
+              const T v = lane(acc[r][s], l);
+              cp[l] = accumulate ? cp[l] + v : v;
+            }
           }
         }
       }
     }
   }
 
-  static T lane(const V& v, int64_t l) {
-    if constexpr (kWidth == 1) {
+  static T lane(U v, int64_t l) {
+    if constexpr (kPartWidth == 1) {
       return v;
     } else {
       return v[l];
@@ -189,8 +197,8 @@ struct LaneKernel {
         std::memcpy(&apack[k * RM + r], a + r * g.A.row + k * g.A.col, sizeof(V));
     T* c = g.C.p + b * g.C.sample + m * g.C.row + x;
     int64_t n = 0;
-    for (; n + kBlockN <= g.N; n += kBlockN)
-      block<RM, kBlockN>(g, apack, bpack + n, kc, c + n * g.C.col, own, accumulate);
+    for (; n + BN <= g.N; n += BN)
+      block<RM, BN>(g, apack, bpack + n, kc, c + n * g.C.col, own, accumulate);
     for (; n < g.N; ++n) block<RM, 1>(g, apack, bpack + n, kc, c + n * g.C.col, own, accumulate);
   }
 
@@ -215,9 +223,9 @@ struct LaneKernel {
                                                         int64_t v1, const T* packed) {
     const int64_t vectors = v1 - v0, tile = std::min(kTileK, g.K) * g.N;
     const int64_t own = packed ? 0 : vectors * tile;
-    AlignedArray<T> buffer((own + kTileK * kBlockM) * kWidth);
+    AlignedArray<T> buffer((own + kTileK * BM) * kWidth);
     V* apack = reinterpret_cast<V*>(buffer.data());
-    V* bpack = apack + kTileK * kBlockM;
+    V* bpack = apack + kTileK * BM;
     // At least one tile, so that K == 0 still overwrites C with zeros.
     for (int64_t k0 = 0; k0 == 0 || k0 < g.K; k0 += kTileK) {
       const int64_t kc = std::min(kTileK, g.K - k0);
@@ -229,12 +237,12 @@ struct LaneKernel {
         if (!packed) return bpack + v * tile;
         return reinterpret_cast<const V*>(packed) + ((v0 + v) * g.K + k0) * g.N;
       };
-      for (int64_t m = m0; m < m1; m += kBlockM) {
+      for (int64_t m = m0; m < m1; m += BM) {
         for (int64_t v = 0; v < vectors; ++v) {
           int64_t x, own_from;
           lane_start(g, v0 + v, x, own_from);
-          if (m + kBlockM <= m1) {
-            rows<kBlockM>(g, b, m, k0, kc, x, own_from, accumulate, btile(v), apack);
+          if (m + BM <= m1) {
+            rows<BM>(g, b, m, k0, kc, x, own_from, accumulate, btile(v), apack);
           } else {
             for (int64_t r = m; r < m1; ++r)
               rows<1>(g, b, r, k0, kc, x, own_from, accumulate, btile(v), apack);
@@ -256,13 +264,39 @@ struct LaneKernel {
   }
 };
 
-SEGOPS_LANE_CLONES void lane_gemm_vec(const LaneGemm<float>& g, int64_t b, int64_t m0,
-                                      int64_t m1, int64_t v0, int64_t v1, const float* packed) {
-  LaneKernel<float, LaneVec<float>>::run(g, b, m0, m1, v0, v1, packed);
+// Lane GEMMs on whole lane vectors (64 bytes), with the register block of the instruction set:
+// 4 x 6 lane vectors of accumulators fill 24 of AVX-512's 32 registers; a lane vector takes two
+// AVX2 registers (16 of them), so AVX2 runs 2 x 3 blocks (with the 4 x 6 block, the spilled
+// accumulators ran the lane products at ~5 GFLOP/s on an AVX2 EPYC), and plain x86-64 1 x 2.
+#ifndef SEGOPS_LANE_AVX2_BM
+#define SEGOPS_LANE_AVX2_BM 4
+#define SEGOPS_LANE_AVX2_BN 3
+#endif
+#ifdef SEGOPS_LANE_X86
+template <typename T>
+__attribute__((target("avx512f"))) void lane_gemm_avx512(const LaneGemm<T>& g, int64_t b,
+                                                         int64_t m0, int64_t m1, int64_t v0,
+                                                         int64_t v1, const T* packed) {
+  LaneKernel<T, LaneVec<T>, 4, 6>::run(g, b, m0, m1, v0, v1, packed);
 }
-SEGOPS_LANE_CLONES void lane_gemm_vec(const LaneGemm<double>& g, int64_t b, int64_t m0,
-                                      int64_t m1, int64_t v0, int64_t v1, const double* packed) {
-  LaneKernel<double, LaneVec<double>>::run(g, b, m0, m1, v0, v1, packed);
+template <typename T>
+__attribute__((target("avx2,fma"))) void lane_gemm_avx2(const LaneGemm<T>& g, int64_t b,
+                                                        int64_t m0, int64_t m1, int64_t v0,
+                                                        int64_t v1, const T* packed) {
+  LaneKernel<T, LaneVec<T>, SEGOPS_LANE_AVX2_BM, SEGOPS_LANE_AVX2_BN, RegVec<T, 32>>::run(
+      g, b, m0, m1, v0, v1, packed);
+}
+#endif
+
+template <typename T>
+void lane_gemm_vec(const LaneGemm<T>& g, int64_t b, int64_t m0, int64_t m1, int64_t v0,
+                   int64_t v1, const T* packed) {
+#ifdef SEGOPS_LANE_X86
+  const cpu::Isa isa = cpu::cpu_isa();
+  if (isa == cpu::Isa::avx512) return lane_gemm_avx512(g, b, m0, m1, v0, v1, packed);
+  if (isa == cpu::Isa::avx2) return lane_gemm_avx2(g, b, m0, m1, v0, v1, packed);
+#endif
+  LaneKernel<T, LaneVec<T>, 1, 2, RegVec<T, 16>>::run(g, b, m0, m1, v0, v1, packed);
 }
 
 // Runs task(stage, t) for every t < counts[stage] of every stage, in one parallel region:
@@ -375,7 +409,7 @@ void lane_gemm(const LaneGemm<T>& g, int64_t b, int64_t m0, int64_t m1, int64_t 
                const T* packed = nullptr) {
   constexpr int64_t width = LaneKernel<T, LaneVec<T>>::kWidth;
   if (g.L < width) {
-    LaneKernel<T, T>::run(g, b, m0, m1, v0, v1, packed);
+    LaneKernel<T, T, 4, 6>::run(g, b, m0, m1, v0, v1, packed);
     return;
   }
   const int64_t whole = g.L / width;  // with a lane tail, vector `whole` is the tail's lanes
@@ -477,7 +511,7 @@ void prepare_block(int64_t W, const T* p, int64_t ldp, bool trans, T* b) {
 }
 
 // C (M x W, rows ldc apart) = A (M x W, rows lda apart) B, B from prepare_block: on the
-// short-row kernel where it applies (fp32, 16 <= W <= 64, AVX-512), else on BLAS.
+// short-row kernel where it applies (fp32, 16 <= W <= 64, AVX-512 or AVX2 + FMA), else on BLAS.
 template <typename T>
 void times_block(int64_t M, int64_t W, const T* a, int64_t lda, const T* b, T* c, int64_t ldc) {
   const int64_t ld = cpu::short_row_stride(W);
@@ -736,6 +770,7 @@ void check_inputs(const char* kernel, const at::Tensor& query, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> cca_forward_cpu(const at::Tensor& query, const at::Tensor& key,
                                                     const at::Tensor& value) {
   check_inputs("criss_cross_attention_forward (cpu)", query, key, value);
+  cpu::cpu_isa();  // a bad SEGOPS_CPU_ISA fails here, before any thread starts
   const int64_t N = query.size(0), Ck = query.size(1), H = query.size(2), W = query.size(3);
   const int64_t Cv = value.size(1);
   at::Tensor out = at::empty({N, Cv, H, W}, value.options());
@@ -755,6 +790,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward_cpu(
     const at::Tensor& value, const at::Tensor& out, const at::Tensor& stats) {
   const char* kernel = "criss_cross_attention_backward (cpu)";
   check_inputs(kernel, query, key, value);
+  cpu::cpu_isa();  // a bad SEGOPS_CPU_ISA fails here, before any thread starts
   const int64_t N = query.size(0), Ck = query.size(1), H = query.size(2), W = query.size(3);
   const int64_t Cv = value.size(1);
   guards::check_like(kernel, query, {{"grad_out", &grad_out}, {"out", &out}, {"stats", &stats}});

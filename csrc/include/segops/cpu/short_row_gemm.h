@@ -15,9 +15,11 @@
 // The caller feeds them channel blocks of a few dozen lines that lie one after another in memory,
 // which is what makes them faster than BLAS here (measured on criss-cross attention at
 // 2 x 512 x 49 x 49, one thread: about 90 GFLOP/s against MKL's 55-60 on the same products).
-// AVX-512 only (checked at run time by short_row_gemm_available); callers fall back to
-// segops::cpu::gemm_rm elsewhere.
+// AVX-512, or AVX2 with FMA (8-lane registers, column chunks of 16 to 24), chosen at run time
+// (cpu_isa); callers fall back to segops::cpu::gemm_rm where short_row_gemm_available is false.
 #pragma once
+
+#include "segops/cpu/isa.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -33,10 +35,15 @@ namespace cpu {
 
 constexpr int64_t kShortRowMax = 64;
 
+#ifdef SEGOPS_SHORT_ROW_GEMM
+// The instruction set the kernels run on: AVX-512 (16-lane registers), else AVX2 with FMA.
+inline bool short_row_avx512() { return cpu_isa() == Isa::avx512; }
+inline bool short_row_avx2() { return cpu_isa() == Isa::avx2; }
+#endif
+
 inline bool short_row_gemm_available(int64_t L) {
 #ifdef SEGOPS_SHORT_ROW_GEMM
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  return avx512 && L >= 16 && L <= kShortRowMax;
+  return (short_row_avx512() || short_row_avx2()) && L >= 16 && L <= kShortRowMax;
 #else
   (void)L;
   return false;
@@ -174,6 +181,109 @@ inline void with_vectors(int64_t L, F&& f) {
   }
 }
 
+// ---- AVX2 + FMA: the same products on 8-lane registers, in column chunks of 16. ----
+
+// Lanes [0, n) of an 8-lane register (n in 1..8), as a maskload / maskstore mask.
+__attribute__((target("avx2"))) inline __m256i mask8(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// C rows [0, RM) x columns [0, n) (+)= sum_k A(r, k) B[k, :], n in (8 (NC - 1), 8 NC]; B rows
+// are read as NC whole registers (zero or unused past n), A(r, k) = a[r * a_r + k * a_k].
+template <int RM, int NC>
+__attribute__((target("avx2,fma"), always_inline)) inline void block8(
+    int64_t K, const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t ldb, float* c,
+    int64_t ldc, int64_t n, bool accumulate) {
+  const __m256i last = mask8(n - 8 * (NC - 1));
+  __m256 acc[RM][NC];
+  for (int r = 0; r < RM; ++r)
+    for (int s = 0; s < NC; ++s) {
+      const float* cp = c + r * ldc + 8 * s;
+      acc[r][s] = !accumulate    ? _mm256_setzero_ps()
+                  : s + 1 < NC   ? _mm256_loadu_ps(cp)
+                                 : _mm256_maskload_ps(cp, last);
+    }
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 bk[NC];
+    for (int s = 0; s < NC; ++s) bk[s] = _mm256_loadu_ps(b + k * ldb + 8 * s);
+    for (int r = 0; r < RM; ++r) {
+      const __m256 ar = _mm256_broadcast_ss(a + r * a_r + k * a_k);
+      for (int s = 0; s < NC; ++s) acc[r][s] = _mm256_fmadd_ps(ar, bk[s], acc[r][s]);
+    }
+  }
+  for (int r = 0; r < RM; ++r) {
+    for (int s = 0; s + 1 < NC; ++s) _mm256_storeu_ps(c + r * ldc + 8 * s, acc[r][s]);
+    _mm256_maskstore_ps(c + r * ldc + 8 * (NC - 1), last, acc[r][NC - 1]);
+  }
+}
+
+// Rows [0, M) of one column chunk of n <= 8 NC columns, RB rows per block (12 accumulators).
+template <int NC, int RB>
+__attribute__((target("avx2,fma"))) void chunk8(int64_t M, int64_t K, const float* a,
+                                                int64_t a_m, int64_t a_k, const float* b,
+                                                int64_t ldb, float* c, int64_t ldc, int64_t n,
+                                                bool accumulate) {
+  int64_t m = 0;
+  for (; m + RB <= M; m += RB)
+    block8<RB, NC>(K, a + m * a_m, a_m, a_k, b, ldb, c + m * ldc, ldc, n, accumulate);
+  for (; m < M; ++m)
+    block8<1, NC>(K, a + m * a_m, a_m, a_k, b, ldb, c + m * ldc, ldc, n, accumulate);
+}
+
+// C (M x N) (+)= A (M x K) B, A(m, k) = a[m * a_m + k * a_k], B rows ldb apart and readable to
+// a multiple of 8 past N. Column chunks of 16 (6 x 2 registers of accumulators), the last one
+// up to 24 wide (4 x 3): a chunk of a few columns alone (L = 49 = 3 x 16 + 1) would load as
+// much as it computes.
+inline void gemm_rows8(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_m,
+                       int64_t a_k, const float* b, int64_t ldb, float* c, int64_t ldc,
+                       bool accumulate) {
+  for (int64_t n0 = 0; n0 < N;) {
+    const int64_t n = N - n0 <= 24 ? N - n0 : 16;
+    if (n > 16) {
+      chunk8<3, 4>(M, K, a, a_m, a_k, b + n0, ldb, c + n0, ldc, n, accumulate);
+    } else if (n > 8) {
+      chunk8<2, 6>(M, K, a, a_m, a_k, b + n0, ldb, c + n0, ldc, n, accumulate);
+    } else {
+      chunk8<1, 6>(M, K, a, a_m, a_k, b + n0, ldb, c + n0, ldc, n, accumulate);
+    }
+    n0 += n;
+  }
+}
+
+// Rows [0, K) of src (L elements each, ld_src apart) into dst (ld_dst apart), zero from L to
+// width (a multiple of 8).
+__attribute__((target("avx2"))) inline void pack_rows8(int64_t K, int64_t L, int64_t width,
+                                                       const float* src, int64_t ld_src,
+                                                       float* dst, int64_t ld_dst) {
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t x = 0; x < width; x += 8) {
+      const float* p = src + k * ld_src + x;
+      const __m256 v = x + 8 <= L ? _mm256_loadu_ps(p)
+                       : x < L    ? _mm256_maskload_ps(p, mask8(L - x))
+                                  : _mm256_setzero_ps();
+      _mm256_storeu_ps(dst + k * ld_dst + x, v);
+    }
+  }
+}
+
+#ifndef SEGOPS_GRAM_TILE8
+#define SEGOPS_GRAM_TILE8 32
+#endif
+constexpr int64_t kGramTileK8 = SEGOPS_GRAM_TILE8;
+inline void gram_rows8(int64_t K, int64_t L, const float* a, int64_t lda, const float* b,
+                       int64_t ldb, float* g, int64_t ldg) {
+  constexpr int64_t ld = kShortRowMax;
+  alignas(64) float ap[kGramTileK8 * ld], bp[kGramTileK8 * ld];
+  const int64_t width = short_row_stride(L);
+  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kGramTileK8) {
+    const int64_t kc = std::min(kGramTileK8, K - k0);
+    pack_rows8(kc, L, width, a + k0 * lda, lda, ap, ld);
+    pack_rows8(kc, L, width, b + k0 * ldb, ldb, bp, ld);
+    gemm_rows8(L, L, kc, ap, 1, ld, bp, ld, g, ldg, k0 > 0);
+  }
+}
+
 }  // namespace detail
 
 // C[m, n] = sum_k A[m, k] B[k, n] for m < M, n < N, k < K, where A[m, k] = a[m * a_m + k * a_k]
@@ -183,6 +293,10 @@ inline void with_vectors(int64_t L, F&& f) {
 // short_row_gemm_available(16).
 inline void strided_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_m,
                          int64_t a_k, const float* b, int64_t ldb, float* c, int64_t ldc) {
+  if (!short_row_avx512()) {
+    detail::gemm_rows8(M, N, K, a, a_m, a_k, b, ldb, c, ldc, false);
+    return;
+  }
   for (int64_t n0 = 0; n0 < N; n0 += kShortRowMax) {
     const int64_t n = std::min(kShortRowMax, N - n0);
     detail::with_vectors(n, [&](auto nv) {
@@ -207,6 +321,10 @@ inline void short_row_gemm(int64_t M, int64_t L, const float* a, int64_t lda, co
 // Needs short_row_gemm_available(L).
 inline void short_row_gram(int64_t K, int64_t L, const float* a, int64_t lda, const float* b,
                            int64_t ldb, float* g, int64_t ldg) {
+  if (!short_row_avx512()) {
+    detail::gram_rows8(K, L, a, lda, b, ldb, g, ldg);
+    return;
+  }
   detail::with_vectors(L, [&](auto nv) {
     detail::gram_rows<decltype(nv)::value>(K, L, a, lda, b, ldb, g, ldg);
   });
