@@ -1,5 +1,9 @@
 """criss_cross_attention beyond the contract (tests/test_contract.py): the loop form of the
 semantics, the two centre conventions, the saved statistics, constant inputs."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -90,9 +94,6 @@ def test_cpu_kernels_of_each_instruction_set(isa):
     # The CPU kernels pick their code path by instruction set at run time; SEGOPS_CPU_ISA caps it,
     # so that this machine runs every path up to its own (a cap above it runs its widest).
     require_backend(OP, "cpu", "cpu", torch.float32)
-    import os
-    import subprocess
-    import sys
     env = dict(os.environ, SEGOPS_CPU_ISA=isa)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, cwd=root, capture_output=True, text=True)
@@ -101,9 +102,6 @@ def test_cpu_kernels_of_each_instruction_set(isa):
 
 def test_cpu_isa_cap_rejects_unknown_names():
     require_backend(OP, "cpu", "cpu", torch.float32)
-    import os
-    import subprocess
-    import sys
     code = "import torch, segops; x = torch.ones(1, 2, 3, 4); segops.criss_cross_attention(x, x, x, backend='cpu')"
     env = dict(os.environ, SEGOPS_CPU_ISA="sse9")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

@@ -59,10 +59,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define SEGOPS_LANE_X86 1
-#endif
-
 namespace segops {
 namespace {
 
@@ -265,14 +261,11 @@ struct LaneKernel {
 };
 
 // Lane GEMMs on whole lane vectors (64 bytes), with the register block of the instruction set:
-// 4 x 6 lane vectors of accumulators fill 24 of AVX-512's 32 registers; a lane vector takes two
-// AVX2 registers (16 of them), so AVX2 runs 2 x 3 blocks (with the 4 x 6 block, the spilled
-// accumulators ran the lane products at ~5 GFLOP/s on an AVX2 EPYC), and plain x86-64 1 x 2.
-#ifndef SEGOPS_LANE_AVX2_BM
-#define SEGOPS_LANE_AVX2_BM 4
-#define SEGOPS_LANE_AVX2_BN 3
-#endif
-#ifdef SEGOPS_LANE_X86
+// 4 x 6 lane vectors of accumulators fill 24 of AVX-512's 32 registers. On AVX2 a lane vector
+// is computed as two 256-bit halves, one after the other, each a block of 4 x 3 registers
+// (12 accumulators of 16; the best of 2 x 3, 3 x 2, 3 x 3, 3 x 4, 4 x 2 and 1 x 6 on a Zen 3);
+// plain x86-64 takes 1 x 2 in 128-bit quarters.
+#ifdef SEGOPS_CPU_X86
 template <typename T>
 __attribute__((target("avx512f"))) void lane_gemm_avx512(const LaneGemm<T>& g, int64_t b,
                                                          int64_t m0, int64_t m1, int64_t v0,
@@ -283,15 +276,14 @@ template <typename T>
 __attribute__((target("avx2,fma"))) void lane_gemm_avx2(const LaneGemm<T>& g, int64_t b,
                                                         int64_t m0, int64_t m1, int64_t v0,
                                                         int64_t v1, const T* packed) {
-  LaneKernel<T, LaneVec<T>, SEGOPS_LANE_AVX2_BM, SEGOPS_LANE_AVX2_BN, RegVec<T, 32>>::run(
-      g, b, m0, m1, v0, v1, packed);
+  LaneKernel<T, LaneVec<T>, 4, 3, RegVec<T, 32>>::run(g, b, m0, m1, v0, v1, packed);
 }
 #endif
 
 template <typename T>
 void lane_gemm_vec(const LaneGemm<T>& g, int64_t b, int64_t m0, int64_t m1, int64_t v0,
                    int64_t v1, const T* packed) {
-#ifdef SEGOPS_LANE_X86
+#ifdef SEGOPS_CPU_X86
   const cpu::Isa isa = cpu::cpu_isa();
   if (isa == cpu::Isa::avx512) return lane_gemm_avx512(g, b, m0, m1, v0, v1, packed);
   if (isa == cpu::Isa::avx2) return lane_gemm_avx2(g, b, m0, m1, v0, v1, packed);

@@ -6,6 +6,11 @@
 #include <stdexcept>
 #include <string>
 
+// x86-64 with GCC-compatible builtins and target attributes: the hand-vectorised kernels exist.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SEGOPS_CPU_X86 1
+#endif
+
 namespace segops {
 namespace cpu {
 
@@ -17,7 +22,7 @@ enum class Isa { baseline = 0, avx2 = 1, avx512 = 2 };  // avx2 includes FMA
 inline Isa cpu_isa() {
   static const Isa isa = [] {
     Isa best = Isa::baseline;
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef SEGOPS_CPU_X86
     if (__builtin_cpu_supports("avx512f")) {
       best = Isa::avx512;
     } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
