@@ -82,8 +82,10 @@ from tests.utils import check_against_reference, qkv_inputs
 fn = lambda **x: segops.criss_cross_attention(**x, backend="cpu")
 torch.manual_seed(0)
 # W = 49: three lane vectors and a lane tail, the short-row kernels' last column chunk;
-# W = 18 and 70: two lanes past a vector, a map wider than the short-row kernels; W = 7: scalar lanes.
-for shape in [(1, 4, 20, 9, 49), (2, 3, 24, 17, 18), (1, 3, 13, 5, 70), (1, 2, 5, 6, 7)]:
+# W = 18 and 70: two lanes past a vector, a map wider than the short-row kernels; W = 7: scalar lanes;
+# Cv = 130: the backward's channel reductions in several K tiles (and two chunks on two threads).
+for shape in [(1, 4, 20, 9, 49), (2, 3, 24, 17, 18), (1, 3, 13, 5, 70), (1, 2, 5, 6, 7),
+              (1, 2, 130, 4, 18)]:
     check_against_reference(fn, reference, qkv_inputs(*shape, scale=0.5), ["query", "key", "value"],
                             torch.float32, "cpu")
 """

@@ -102,7 +102,12 @@ struct LaneGemm {
   bool accumulate;  // false: C is overwritten
 };
 
-constexpr int64_t kTileK = 64;  // K is walked in tiles so that a B tile stays in L2
+// K is walked in tiles so that the A and B tiles of a lane vector stay in L2 together: a short
+// K whole (up to kTileK: the H of the column products), a long one (the channel reductions of
+// the backward) in tiles of kTileK / 2 (at 2 x 512 x 49 x 49 on a 512 KiB L2, about 10% faster
+// for the column dP than tiles of kTileK).
+constexpr int64_t kTileK = 64;
+inline int64_t k_tile(int64_t K) { return K <= kTileK ? std::max<int64_t>(K, 1) : kTileK / 2; }
 constexpr int64_t kTaskM = 64;  // rows of C per task of a whole lane GEMM
 
 // One lane vector: 64 bytes (an AVX-512 register; two or four on narrower targets), or a plain
@@ -210,38 +215,37 @@ struct LaneKernel {
   }
 
   // Rows [m0, m1) of C for the lane vectors [v0, v1). The operands are packed per K tile into
-  // aligned vectors (BLAS-style), so the inner loop streams them from L1/L2 without split loads;
-  // every lane vector's B tile is packed first, so that each block of rows of C is finished
-  // for all lanes while it is in cache. With `packed` (pack_b's layout for this sample, 64-byte
-  // aligned), B is read from there instead: callers that split C into many blocks pack it once.
+  // aligned vectors (BLAS-style), so the inner loop streams them from L1/L2 without split loads.
+  // Lane vector by lane vector, so that its B tile (K x N vectors, up to a few hundred KiB)
+  // stays in L2 while every block of rows of C passes over it. With `packed` (pack_b's layout
+  // for this sample, 64-byte aligned), B is read from there instead: callers that split C into
+  // many blocks pack it once.
   __attribute__((always_inline)) static inline void run(const LaneGemm<T>& g, int64_t b,
                                                         int64_t m0, int64_t m1, int64_t v0,
                                                         int64_t v1, const T* packed) {
-    const int64_t vectors = v1 - v0, tile = std::min(kTileK, g.K) * g.N;
-    const int64_t own = packed ? 0 : vectors * tile;
-    AlignedArray<T> buffer((own + kTileK * BM) * kWidth);
+    const int64_t tk = k_tile(g.K), tile = tk * g.N;
+    AlignedArray<T> buffer(((packed ? 0 : tile) + kTileK * BM) * kWidth);
     V* apack = reinterpret_cast<V*>(buffer.data());
     V* bpack = apack + kTileK * BM;
     // At least one tile, so that K == 0 still overwrites C with zeros.
-    for (int64_t k0 = 0; k0 == 0 || k0 < g.K; k0 += kTileK) {
-      const int64_t kc = std::min(kTileK, g.K - k0);
+    for (int64_t k0 = 0; k0 == 0 || k0 < g.K; k0 += tk) {
+      const int64_t kc = std::min(tk, g.K - k0);
       const bool accumulate = g.accumulate || k0 > 0;
-      if (!packed) {
-        for (int64_t v = 0; v < vectors; ++v) pack_b(g, b, v0 + v, k0, kc, bpack + v * tile);
-      }
-      auto btile = [&](int64_t v) -> const V* {
-        if (!packed) return bpack + v * tile;
-        return reinterpret_cast<const V*>(packed) + ((v0 + v) * g.K + k0) * g.N;
-      };
-      for (int64_t m = m0; m < m1; m += BM) {
-        for (int64_t v = 0; v < vectors; ++v) {
-          int64_t x, own_from;
-          lane_start(g, v0 + v, x, own_from);
+      for (int64_t v = v0; v < v1; ++v) {
+        const V* btile = bpack;
+        if (packed) {
+          btile = reinterpret_cast<const V*>(packed) + (v * g.K + k0) * g.N;
+        } else {
+          pack_b(g, b, v, k0, kc, bpack);
+        }
+        int64_t x, own_from;
+        lane_start(g, v, x, own_from);
+        for (int64_t m = m0; m < m1; m += BM) {
           if (m + BM <= m1) {
-            rows<BM>(g, b, m, k0, kc, x, own_from, accumulate, btile(v), apack);
+            rows<BM>(g, b, m, k0, kc, x, own_from, accumulate, btile, apack);
           } else {
             for (int64_t r = m; r < m1; ++r)
-              rows<1>(g, b, r, k0, kc, x, own_from, accumulate, btile(v), apack);
+              rows<1>(g, b, r, k0, kc, x, own_from, accumulate, btile, apack);
           }
         }
       }

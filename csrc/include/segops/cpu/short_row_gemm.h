@@ -182,10 +182,31 @@ inline void with_vectors(int64_t L, F&& f) {
 
 // ---- AVX2 + FMA: the same products on 8-lane registers, in column chunks of 16. ----
 
-// Lanes [0, n) of an 8-lane register (n in 1..8), as a maskload / maskstore mask.
+// Lanes [0, n) of an 8-lane register (n in 1..8), as a maskload mask.
 __attribute__((target("avx2"))) inline __m256i mask8(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Lanes [0, n) of v stored at p (n in 1..8). AVX2's masked store (vmaskmovps) costs tens of
+// cycles on Zen 3, more than a block's FMAs over a short K: plain stores of 4, 2 and 1 lanes.
+__attribute__((target("avx2"), always_inline)) inline void store_lanes8(float* p, __m256 v,
+                                                                        int64_t n) {
+  if (n == 8) return _mm256_storeu_ps(p, v);
+  __m128 part = _mm256_castps256_ps128(v);
+  if (n >= 4) {
+    _mm_storeu_ps(p, part);
+    part = _mm256_extractf128_ps(v, 1);
+    p += 4;
+    n -= 4;
+  }
+  if (n >= 2) {
+    _mm_storel_pi(reinterpret_cast<__m64*>(p), part);
+    part = _mm_movehl_ps(part, part);
+    p += 2;
+    n -= 2;
+  }
+  if (n == 1) _mm_store_ss(p, part);
 }
 
 // C rows [0, RM) x columns [0, n) (+)= sum_k A(r, k) B[k, :], n in (8 (NC - 1), 8 NC]; B rows
@@ -194,14 +215,15 @@ template <int RM, int NC>
 __attribute__((target("avx2,fma"), always_inline)) inline void block8(
     int64_t K, const float* a, int64_t a_r, int64_t a_k, const float* b, int64_t ldb, float* c,
     int64_t ldc, int64_t n, bool accumulate) {
-  const __m256i last = mask8(n - 8 * (NC - 1));
+  const int64_t tail = n - 8 * (NC - 1);  // lanes of the last register, 1..8
+  const __m256i last = mask8(tail);
   __m256 acc[RM][NC];
   for (int r = 0; r < RM; ++r)
     for (int s = 0; s < NC; ++s) {
       const float* cp = c + r * ldc + 8 * s;
-      acc[r][s] = !accumulate    ? _mm256_setzero_ps()
-                  : s + 1 < NC   ? _mm256_loadu_ps(cp)
-                                 : _mm256_maskload_ps(cp, last);
+      acc[r][s] = !accumulate                ? _mm256_setzero_ps()
+                  : s + 1 < NC || tail == 8  ? _mm256_loadu_ps(cp)
+                                             : _mm256_maskload_ps(cp, last);
     }
   for (int64_t k = 0; k < K; ++k) {
     __m256 bk[NC];
@@ -213,7 +235,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void block8(
   }
   for (int r = 0; r < RM; ++r) {
     for (int s = 0; s + 1 < NC; ++s) _mm256_storeu_ps(c + r * ldc + 8 * s, acc[r][s]);
-    _mm256_maskstore_ps(c + r * ldc + 8 * (NC - 1), last, acc[r][NC - 1]);
+    store_lanes8(c + r * ldc + 8 * (NC - 1), acc[r][NC - 1], tail);
   }
 }
 
@@ -274,6 +296,14 @@ inline void gram_rows8(int64_t K, int64_t L, const float* a, int64_t lda, const 
   const int64_t width = short_row_stride(L);
   for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kGramTileK8) {
     const int64_t kc = std::min(kGramTileK8, K - k0);
+    // The rows are a page or more apart, where the hardware prefetchers do not follow: the next
+    // tile's rows are requested now and arrive while this tile's products run.
+    for (int64_t k = k0 + kc; k < std::min(K, k0 + kc + kGramTileK8); ++k) {
+      for (int64_t x = 0; x < L + 15; x += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(a + k * lda + std::min(x, L - 1)), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + k * ldb + std::min(x, L - 1)), _MM_HINT_T0);
+      }
+    }
     pack_rows8(kc, L, width, a + k0 * lda, lda, ap, ld);
     pack_rows8(kc, L, width, b + k0 * ldb, ldb, bp, ld);
     gemm_rows8(L, L, kc, ap, 1, ld, bp, ld, g, ldg, k0 > 0);
