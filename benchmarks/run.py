@@ -2,7 +2,10 @@
 every op (docs/operators.md §4), or of whole models (--models).
 
 Each (case, provider) is timed in a fresh worker process with the allocator's defaults (an OOM
-or a crash becomes a row, not the end of the run); then one more process per case, started with
+or a crash becomes a row, not the end of the run); with --rounds R, the providers of a case are
+timed R times in turn and each row keeps the median of its rounds, so that a few minutes of load
+from elsewhere on a shared machine slow one round of every provider instead of all of one
+provider's timing. Then one more process per case, started with
 the allocator settings that make the resident set honest, measures every provider's peak
 memory (benchmarks/measure.py). The machine's bounds (GEMM
 throughput and copy bandwidth; a GPU's data-sheet dense peak) are measured once per run. Writes
@@ -17,6 +20,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -98,6 +102,29 @@ def run_worker(job: dict, timeout: float, env: dict) -> list[dict]:
         why = ("killed (out of memory?)" if proc.returncode in (-9, 137)
                else f"worker exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
         rows += [{"provider": p, "mode": m, "status": why} for p, m in expected if (p, m) not in done]
+    return rows
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per (provider, mode) from the timed rows of interleaved rounds: each timing
+    (median, p20, p80, and a model's op time) is the median over the rounds, and the rounds'
+    medians are kept in `round_medians_ms`. A row fails if any of its rounds failed."""
+    merged: dict = {}
+    for round_rows in rounds:
+        for r in round_rows:
+            merged.setdefault((r["provider"], r["mode"]), []).append(r)
+    rows = []
+    for runs in merged.values():
+        failed = [r for r in runs if r["status"] != "ok"]
+        if failed or len(runs) == 1:
+            rows.append(dict(failed[0] if failed else runs[0]))
+            continue
+        row = dict(runs[0])
+        for key in ("median_ms", "p20_ms", "p80_ms", "op_ms"):
+            if key in row:
+                row[key] = statistics.median(r[key] for r in runs)
+        row["round_medians_ms"] = [r["median_ms"] for r in runs]
+        rows.append(row)
     return rows
 
 
@@ -192,10 +219,11 @@ def bounds_line(bounds: dict) -> str:
                      f"copy {b['bytes_per_s'] / 1e9:.1f} GB/s (measured)" for dt, b in bounds.items())
 
 
-def markdown(rows: list[dict], env: dict, bounds: dict) -> str:
+def markdown(rows: list[dict], env: dict, bounds: dict, rounds: int = 1) -> str:
+    timing = "median ms (p20–p80)" + (f", median of {rounds} rounds" if rounds > 1 else "")
     lines = [f"Device: {env['device_name']} · torch {env['torch']} · triton {env['triton']} · "
              f"git {env['git_sha']}", "", f"Roofline bounds: {bounds_line(bounds)}", "",
-             "| op | case | dtype | mode | provider | median ms (p20–p80) | speed-up vs ref | "
+             f"| op | case | dtype | mode | provider | {timing} | speed-up vs ref | "
              "peak MiB | mem vs ref | of roofline | GFLOP/s | GB/s | notes |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -303,6 +331,8 @@ def main(argv=None) -> int:
     p.add_argument("--plot", help="directory for PNG plots (default: next to the JSON)")
     p.add_argument("--min-run-time", type=float, help="seconds of timing per measurement")
     p.add_argument("--timeout", type=float, default=600, help="seconds per (case, provider) worker")
+    p.add_argument("--rounds", type=int, default=1, help="time the providers of each case this "
+                   "many times in turn and keep each row's median round (default 1)")
     args = p.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -312,6 +342,8 @@ def main(argv=None) -> int:
     for d in dtypes:
         if not isinstance(getattr(torch, d, None), torch.dtype):
             p.error(f"--dtype {d!r} is not a torch dtype")
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     modes = args.mode or (list(MODES) if args.full else ["fwd", "fwd+bwd"])
     min_run_time = args.min_run_time or (0.1 if args.quick else (0.5 if device == "cpu" else 1.0))
     env = environment(device)
@@ -349,17 +381,22 @@ def main(argv=None) -> int:
     rows = []
     anchors = {}
     start = time.time()
-    total = sum(len(job["providers"]) for _, job in groups)
+    total = sum(len(job["providers"]) for _, job in groups) * args.rounds
     done = 0
     for case, job in groups:
         meta_kwargs = case.make("meta", getattr(torch, job["dtype"])) if case.cost else {}
         anchors[(case.op, case.label)] = case.anchor
-        case_rows = []
-        for provider in job["providers"]:
-            progress(done, total, f"{case.op} {case.label} {provider}", start)
-            case_rows += run_worker(dict(job, phase="time", providers=[provider]), args.timeout,
-                                    os.environ)
-            done += 1
+        rounds = []
+        for i in range(args.rounds):
+            round_rows = []
+            for provider in job["providers"]:
+                progress(done, total, f"{case.op} {case.label} {provider}"
+                         + (f" (round {i + 1}/{args.rounds})" if args.rounds > 1 else ""), start)
+                round_rows += run_worker(dict(job, phase="time", providers=[provider]),
+                                         args.timeout, os.environ)
+                done += 1
+            rounds.append(round_rows)
+        case_rows = merge_rounds(rounds)
         add_memory(case_rows, job, args.timeout)
         for r in case_rows:
             r.update(op=case.op, case=case.label, params=case.params, dtype=job["dtype"],
@@ -378,8 +415,9 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(ROOT, "benchmarks", "out", f"{tag}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"environment": env, "device": device, "bounds": bounds, "rows": rows}, f, indent=1)
-    table = markdown(rows, env, bounds)
+        json.dump({"environment": env, "device": device, "bounds": bounds, "rounds": args.rounds,
+                   "rows": rows}, f, indent=1)
+    table = markdown(rows, env, bounds, args.rounds)
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
         f.write(table + "\n")
     print(table)

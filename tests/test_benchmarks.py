@@ -112,6 +112,40 @@ def test_only_the_memory_process_changes_the_allocator(monkeypatch):
     assert seen[2] == ("memory", MEMORY_ENV)
 
 
+def test_rounds_interleave_the_providers_and_keep_each_rows_median(monkeypatch, tmp_path):
+    """--rounds R times every provider of a case once per round, in turn, and reports the median
+    round (so that a slow phase of a shared machine does not land on one provider alone)."""
+    order = []
+    round_ms = {"reference": [9.0, 3.0, 5.0], "cpu": [1.0, 2.0, 7.0]}
+
+    def fake_worker(job, timeout, env):
+        if job["phase"] == "memory":
+            return [dict(provider=p, mode="fwd", status="ok", peak_bytes=1 << 20)
+                    for p in job["providers"]]
+        provider = job["providers"][0]
+        order.append((job["index"], provider))
+        ms = round_ms[provider][sum(o == order[-1] for o in order) - 1]
+        return [dict(provider=provider, mode="fwd", status="ok", median_ms=ms, p20_ms=ms,
+                     p80_ms=ms)]
+
+    monkeypatch.setattr(run, "run_worker", fake_worker)
+    monkeypatch.setattr(run, "machine_bounds", lambda *a, **k: dict(
+        flops_per_s=1e12, bytes_per_s=1e10, flops_source="measured"))
+    out = str(tmp_path / "rounds.json")
+    assert run.main(["--quick", "--op", "qco", "--case", "recon", "--provider", "reference",
+                     "cpu", "--mode", "fwd", "--rounds", "3", "--out", out, "--plot",
+                     str(tmp_path)]) == 0
+    assert [p for _, p in order] == ["reference", "cpu"] * 3
+    result = json.load(open(out))
+    assert result["rounds"] == 3
+    rows = {r["provider"]: r for r in result["rows"]}
+    assert rows["reference"]["median_ms"] == 5.0 and rows["cpu"]["median_ms"] == 2.0
+    assert rows["reference"]["round_medians_ms"] == [9.0, 3.0, 5.0]
+    assert rows["cpu"]["speedup_vs_reference"] == pytest.approx(2.5)
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "--op", "qco", "--rounds", "0"])
+
+
 def test_model_operator_calls_are_captured():
     from benchmarks.cases import models
     case = next(c for c in models.cases("cpu", torch.float32, quick=True) if c.op == "ccnet_r50-d8")
