@@ -155,10 +155,10 @@ struct LaneKernel {
           for (int s = 0; s < RN; ++s) acc[r][s] += ar * bv[s];
         }
       }
-      for (int r = 0; r < RM; ++r) {
-        for (int s = 0; s < RN; ++s) {
-          T* cp = c + r * g.C.row + s * g.C.col + p * kPartWidth;
-          if (own <= p * kPartWidth) {
+      if (own <= p * kPartWidth) {  // the whole part is this vector's: straight from registers
+        for (int r = 0; r < RM; ++r) {
+          for (int s = 0; s < RN; ++s) {
+            T* cp = c + r * g.C.row + s * g.C.col + p * kPartWidth;
             U out = acc[r][s];
             if (accumulate) {
               U old;
@@ -166,15 +166,24 @@ struct LaneKernel {
               out = old + out;
             }
             std::memcpy(cp, &out, sizeof(U));
-          } else {
-            for (int64_t l = own - p * kPartWidth; l < kPartWidth; ++l) {
-              const T v = lane(acc[r][s], l);
-              cp[l] = accumulate ? cp[l] + v : v;
-            }
           }
         }
+      } else {
+        for (int r = 0; r < RM; ++r)
+          for (int s = 0; s < RN; ++s)
+            store_owned(c + r * g.C.row + s * g.C.col + p * kPartWidth, acc[r][s],
+                        own - p * kPartWidth, accumulate);
       }
     }
+  }
+
+  // Lanes [from, kPartWidth) of one part (the rest belong to the vector before).
+  __attribute__((always_inline)) static inline void store_owned(T* cp, U v, int64_t from,
+                                                                bool accumulate) {
+    T lanes[kPartWidth];
+    std::memcpy(lanes, &v, sizeof(U));
+    for (int64_t l = std::max<int64_t>(from, 0); l < kPartWidth; ++l)
+      cp[l] = accumulate ? cp[l] + lanes[l] : lanes[l];
   }
 
   static T lane(U v, int64_t l) {
@@ -557,7 +566,7 @@ template <typename T>
 void row_task_probabilities(const Dims<T>& d, const T* q, const T* k, int64_t n, int64_t y,
                             T* prow, T* pc, T* sm, T* sl, bool finish_stats, T* scratch) {
   const int64_t H = d.H, W = d.W, off = n * d.Ck * d.HW + y * W;
-  gemm_rm<T>(true, false, W, W, d.Ck, T(1), q + off, d.HW, k + off, d.HW, T(0), prow, W);
+  line_gram(d.Ck, W, q + off, k + off, d.HW, prow, W);
   std::fill(pc + y * W, pc + (y + 1) * W, neg_inf<T>());
   if (finish_stats) {
     row_stats(prow, W, W, sm, sl, 1);
