@@ -667,9 +667,10 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
   const int64_t ld = cpu::short_row_stride(W), rb = W * ld;
   // The column dP[y, i, x] = sum_c go[c, y, x] v[c, i, x] runs as tasks over chunks of the
   // channels (each reads its part of go and value once, for all lanes), into one partial sum
-  // per chunk that the row tasks add up.
+  // per chunk that the row tasks add up. Two tasks per thread, so that a thread that loses its
+  // core for a while holds the stage up by half its share.
   const int64_t chunks = std::max<int64_t>(
-      1, std::min((at::get_num_threads() + N - 1) / N, Cv / 64));
+      1, std::min((2 * at::get_num_threads() + N - 1) / N, Cv / 64));
   std::vector<T> pcol(N * cb), dscol(chunks * N * cb);
   AlignedArray<T> prow(N * H * rb);
   T* pc = pcol.data();
