@@ -182,16 +182,7 @@ struct LaneKernel {
                                                                 bool accumulate) {
     T lanes[kPartWidth];
     std::memcpy(lanes, &v, sizeof(U));
-    for (int64_t l = std::max<int64_t>(from, 0); l < kPartWidth; ++l)
-      cp[l] = accumulate ? cp[l] + lanes[l] : lanes[l];
-  }
-
-  static T lane(U v, int64_t l) {
-    if constexpr (kPartWidth == 1) {
-      return v;
-    } else {
-      return v[l];
-    }
+    for (int64_t l = from; l < kPartWidth; ++l) cp[l] = accumulate ? cp[l] + lanes[l] : lanes[l];
   }
 
   // Rows [m, m + RM) of C against all its columns, k in [k0, k0 + kc): packs the A rows, then
