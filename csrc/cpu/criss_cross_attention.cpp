@@ -178,7 +178,7 @@ struct LaneKernel {
   }
 
   // Lanes [from, kPartWidth) of one part (the rest belong to the vector before).
-  __attribute__((always_inline)) static inline void store_owned(T* cp, U v, int64_t from,
+  __attribute__((always_inline)) static inline void store_owned(T* cp, const U& v, int64_t from,
                                                                 bool accumulate) {
     T lanes[kPartWidth];
     std::memcpy(lanes, &v, sizeof(U));
