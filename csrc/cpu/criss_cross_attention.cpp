@@ -501,9 +501,15 @@ inline void row_stats(T* e, int64_t R, int64_t L, T* m_out, T* ll_out, int64_t s
 template <typename T>
 void prepare_block(int64_t W, const T* p, int64_t ldp, bool trans, T* b) {
   const int64_t ld = cpu::short_row_stride(W);
-  for (int64_t k = 0; k < W; ++k)
-    for (int64_t x = 0; x < ld; ++x)
-      b[k * ld + x] = x < W ? (trans ? p[x * ldp + k] : p[k * ldp + x]) : T(0);
+  for (int64_t k = 0; k < W; ++k) {
+    T* row = b + k * ld;
+    if (trans) {
+      for (int64_t x = 0; x < W; ++x) row[x] = p[x * ldp + k];
+    } else {
+      std::memcpy(row, p + k * ldp, W * sizeof(T));
+    }
+    std::fill(row + W, row + ld, T(0));
+  }
 }
 
 // C (M x W, rows ldc apart) = A (M x W, rows lda apart) B, B from prepare_block: on the
@@ -617,8 +623,7 @@ template <typename T>
 void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, T* st) {
   const int64_t H = d.H, W = d.W, HW = d.HW, Cv = d.Cv, sv = Cv * HW;
   const int64_t rb = W * cpu::short_row_stride(W);  // one prepared row block
-  std::vector<T> pcol(d.N * d.col_block());
-  AlignedArray<T> prow(d.N * H * rb);
+  AlignedArray<T> pcol(d.N * d.col_block()), prow(d.N * H * rb);
   const LaneTasks<T> energies = col_energies(d, q, k, pcol.data());
   // out[c, y, x] = sum_j v[c, y, j] P[y, x, j] + sum_i v[c, i, x] P[y, i, x]
   const LaneGemm<T> column{Cv, H, H, W, {v, sv, HW, W}, {pcol.data(), d.col_block(), W, H * W},
@@ -662,8 +667,7 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
   // core for a while holds the stage up by half its share.
   const int64_t chunks = std::max<int64_t>(
       1, std::min((2 * at::get_num_threads() + N - 1) / N, Cv / 64));
-  std::vector<T> pcol(N * cb), dscol(chunks * N * cb);
-  AlignedArray<T> prow(N * H * rb);
+  AlignedArray<T> pcol(N * cb), dscol(chunks * N * cb), prow(N * H * rb);
   T* pc = pcol.data();
   T* dsc = dscol.data();
   const LaneTasks<T> energies = col_energies(d, q, k, pc);
