@@ -315,19 +315,20 @@ inline void gram_rows8(int64_t K, int64_t L, const float* a, int64_t lda, const 
 // C[m, n] = sum_k A[m, k] B[k, n] for m < M, n < N, k < K, where A[m, k] = a[m * a_m + k * a_k]
 // (any strides: its elements are broadcast one at a time), B[k, n] = b[k * ldb + n] with b
 // 64-byte aligned and ldb = short_row_stride(N) (zero past N), and C rows start every ldc
-// elements (N stored each). N of any size, in chunks of four vectors. Needs
-// short_row_gemm_available(16).
+// elements (N stored each; with accumulate, C += A B). N of any size, in chunks of four vectors.
+// Needs short_row_gemm_available(16).
 inline void strided_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_m,
-                         int64_t a_k, const float* b, int64_t ldb, float* c, int64_t ldc) {
+                         int64_t a_k, const float* b, int64_t ldb, float* c, int64_t ldc,
+                         bool accumulate = false) {
   if (!short_row_avx512()) {
-    detail::gemm_rows8(M, N, K, a, a_m, a_k, b, ldb, c, ldc, false);
+    detail::gemm_rows8(M, N, K, a, a_m, a_k, b, ldb, c, ldc, accumulate);
     return;
   }
   for (int64_t n0 = 0; n0 < N; n0 += kShortRowMax) {
     const int64_t n = std::min(kShortRowMax, N - n0);
     detail::with_vectors(n, [&](auto nv) {
       detail::gemm_rows<decltype(nv)::value>(M, K, a, a_m, a_k, b + n0, ldb, c + n0, ldc,
-                                             detail::tail_mask(n));
+                                             detail::tail_mask(n), accumulate);
     });
   }
 }
@@ -335,11 +336,11 @@ inline void strided_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_
 // C[m, x] = sum_k A[m, k] B[k, x] for m < M and x, k < L, where A[m, k] = a[m * lda + k],
 // B[k, x] = b[k * ldb + x] with b 64-byte aligned and ldb a multiple of 16 (the rows are read as
 // whole vectors: short_row_stride(L) elements, past L too, whose values only reach lanes that
-// are not stored), and C rows start every ldc elements (L elements stored each).
-// Needs short_row_gemm_available(L).
+// are not stored), and C rows start every ldc elements (L elements stored each; with accumulate,
+// C += A B). Needs short_row_gemm_available(L).
 inline void short_row_gemm(int64_t M, int64_t L, const float* a, int64_t lda, const float* b,
-                           int64_t ldb, float* c, int64_t ldc) {
-  strided_gemm(M, L, L, a, lda, 1, b, ldb, c, ldc);
+                           int64_t ldb, float* c, int64_t ldc, bool accumulate = false) {
+  strided_gemm(M, L, L, a, lda, 1, b, ldb, c, ldc, accumulate);
 }
 
 // G[x, j] = sum_k A[k, x] B[k, j] for x, j < L and k < K, where A[k, x] = a[k * lda + x] and
@@ -359,11 +360,11 @@ inline void short_row_gram(int64_t K, int64_t L, const float* a, int64_t lda, co
 #else
 // Never called: short_row_gemm_available is false without the x86 kernel.
 inline void short_row_gemm(int64_t, int64_t, const float*, int64_t, const float*, int64_t,
-                           float*, int64_t) {}
+                           float*, int64_t, bool = false) {}
 inline void short_row_gram(int64_t, int64_t, const float*, int64_t, const float*, int64_t,
                            float*, int64_t) {}
 inline void strided_gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
-                         const float*, int64_t, float*, int64_t) {}
+                         const float*, int64_t, float*, int64_t, bool = false) {}
 #endif
 
 }  // namespace cpu
