@@ -27,9 +27,10 @@
 //           statistics merged into the joint ones, both probability blocks (the row one in the
 //           short-row layout); the column probabilities packed for the lane kernel; per
 //           (n, block of channels): out = column part + row part.
-// Backward: column energies and column dP (lane GEMM tasks over chunks of the channels, each
-//           reading its part of dout and value once); per (n, y): the probabilities, row
-//           dP = <dout[:, u], value[:, j]>, D[u] = sum over the keys of P dP (which is
+// Backward: column energies; column and row dP = <dout[:, u], value[:, j]> (tasks over chunks
+//           of the channels, each reading its part of dout and value once, in tiles that
+//           both products take while they are in L2); per (n, y): the probabilities, the
+//           chunks' dP summed, D[u] = sum over the keys of P dP (which is
 //           <dout[:, u], out[:, u]>), dS = P * (dP - D) of both branches, and the row parts of
 //           dq and dk; the column probabilities packed; per (n, block of channels) dv = column
 //           part + row part; per n the column parts of dq and dk.
@@ -109,6 +110,7 @@ struct LaneGemm {
 constexpr int64_t kTileK = 64;
 inline int64_t k_tile(int64_t K) { return K <= kTileK ? std::max<int64_t>(K, 1) : kTileK / 2; }
 constexpr int64_t kTaskM = 64;  // rows of C per task of a whole lane GEMM
+constexpr int64_t kDpTile = 32;  // channels per step of a column dP task (backward_impl)
 
 // One lane vector: 64 bytes (an AVX-512 register; two or four on narrower targets), or a plain
 // scalar for maps narrower than a vector. The kernels compute in register-wide parts of it
@@ -529,16 +531,18 @@ void times_block(int64_t M, int64_t W, const T* a, int64_t lda, const T* b, T* c
 }
 
 // G (W x W, rows ldg apart) = A^T B over K channels, A and B lines of two maps (element (c, x)
-// at a[c * ld + x]): the short-row Gram kernel where it applies, else BLAS.
+// at a[c * ld + x]), or G += A^T B with accumulate: the short-row Gram kernel where it
+// applies, else BLAS.
 template <typename T>
-void line_gram(int64_t K, int64_t W, const T* a, const T* b, int64_t ld, T* g, int64_t ldg) {
+void line_gram(int64_t K, int64_t W, const T* a, const T* b, int64_t ld, T* g, int64_t ldg,
+               bool accumulate = false) {
   if constexpr (std::is_same_v<T, float>) {
     if (cpu::short_row_gemm_available(W)) {
-      cpu::short_row_gram(K, W, a, ld, b, ld, g, ldg);
+      cpu::short_row_gram(K, W, a, ld, b, ld, g, ldg, accumulate);
       return;
     }
   }
-  gemm_rm<T>(true, false, W, W, K, T(1), a, ld, b, ld, T(0), g, ldg);
+  gemm_rm<T>(true, false, W, W, K, T(1), a, ld, b, ld, accumulate ? T(1) : T(0), g, ldg);
 }
 
 template <typename T>
@@ -666,15 +670,23 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
   const int64_t H = d.H, W = d.W, HW = d.HW, Ck = d.Ck, Cv = d.Cv, N = d.N;
   const int64_t sk = Ck * HW, sv = Cv * HW, cb = d.col_block(), HWc = H * W;
   const int64_t ld = cpu::short_row_stride(W), rb = W * ld;
-  // The column dP[y, i, x] = sum_c go[c, y, x] v[c, i, x] runs as tasks over chunks of the
-  // channels (each reads its part of go and value once, for all lanes), into one partial sum
-  // per chunk that the row tasks add up. Two tasks per thread, so that a thread that loses its
+  // The column dP[y, i, x] = sum_c go[c, y, x] v[c, i, x] and the row dP[y, x, j] =
+  // sum_c go[c, y, x] v[c, y, j] run as tasks over chunks of the channels (each reads its part
+  // of go and value once, for all lanes), into one partial sum per chunk that the row tasks add
+  // up. Two tasks per thread, so that a thread that loses its
   // core for a while holds the stage up by half its share.
   const int64_t chunks = std::max<int64_t>(
       1, std::min((2 * at::get_num_threads() + N - 1) / N, Cv / 64));
+  // The row dP is summed per chunk too, as W x W blocks [n][y][x][j], a row block (rb) apart:
+  // chunk 0's in prow, whose block (n, y) the row task (n, y) reads before it writes its
+  // probabilities there, the others in dsrow.
   AlignedArray<T> pcol(N * cb), dscol(chunks * N * cb), prow(N * H * rb);
+  AlignedArray<T> dsrow((chunks - 1) * N * H * rb);
   T* pc = pcol.data();
   T* dsc = dscol.data();
+  auto row_partial = [&](int64_t j, int64_t t) {  // chunk j's row dP block of t = n * H + y
+    return (j == 0 ? prow.data() : dsrow.data() + (j - 1) * N * H * rb) + t * rb;
+  };
   const LaneTasks<T> energies = col_energies(d, q, k, pc);
   const LaneGemm<T> dp_col{H, H, Cv, W, {go, sv, W, HW}, {v, sv, HW, W}, {dsc, cb, HWc, W},
                            false};
@@ -683,16 +695,27 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
     const int64_t n = t / chunks, j = t % chunks;
     const int64_t c0 = j * Cv / chunks, c1 = (j + 1) * Cv / chunks;
     LaneGemm<T> g = dp_col;
-    g.K = c1 - c0;
-    g.A.p += c0 * HW;
-    g.B.p += c0 * HW;
     g.C.p += j * N * cb;
-    lane_gemm(g, n, 0, H, 0, vectors);
+    // Tiles of kDpTile channels: the column dP of a tile (its lane GEMM reads the two maps in
+    // address order), then its row dP of every row y while the tile is still in L2 (read in
+    // place, rows a page apart, it ran at about half the speed).
+    for (int64_t t0 = c0; t0 == c0 || t0 < c1; t0 += kDpTile) {
+      const int64_t t1 = std::min(c1, t0 + kDpTile);
+      g.K = t1 - t0;
+      g.A.p = go + t0 * HW;
+      g.B.p = v + t0 * HW;
+      g.accumulate = t0 > c0;
+      lane_gemm(g, n, 0, H, 0, vectors);
+      for (int64_t y = 0; y < H; ++y) {
+        const int64_t vo = n * sv + t0 * HW + y * W;
+        line_gram(t1 - t0, W, go + vo, v + vo, HW, row_partial(j, n * H + y), W, t0 > c0);
+      }
+    }
   };
   // Row tasks: both probability blocks, row dP, D, dS = P * (dP - D) of both, and the row parts
   // of dq and dk (written, not added).
   auto row_task = [&](int64_t t) {
-    const int64_t n = t / H, y = t % H, ko = n * sk + y * W, vo = n * sv + y * W;
+    const int64_t n = t / H, y = t % H, ko = n * sk + y * W;
     T* sm = const_cast<T*>(st) + 2 * n * HW + y * W;  // only read: finish_stats is false
     std::vector<T> p(W * W), ds(W * ld);
     AlignedArray<T> block(rb);
@@ -704,8 +727,13 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
       const T* part = dscy + j * N * cb;
       for (int64_t i = 0; i < HWc; ++i) dscy[i] += part[i];
     }
-    // dP[x, j] = sum_c go[c, x] v[c, j]
-    line_gram(Cv, W, go + vo, v + vo, HW, ds.data(), ld);
+    // dP[x, j] = sum_c go[c, x] v[c, j], summed over the chunks
+    for (int64_t x = 0; x < W; ++x) std::copy_n(row_partial(0, t) + x * W, W, &ds[x * ld]);
+    for (int64_t j = 1; j < chunks; ++j) {
+      const T* part = row_partial(j, t);
+      for (int64_t x = 0; x < W; ++x)
+        for (int64_t i = 0; i < W; ++i) ds[x * ld + i] += part[x * W + i];
+    }
     // D[x] = sum over the keys of P dP, which is <dout[:, u], out[:, u]> without reading out.
     std::vector<T> D(W, T(0));
     for (int64_t x = 0; x < W; ++x) {

@@ -123,7 +123,7 @@ constexpr int64_t kGramTileK = 16;  // channels per packed tile of the Gram kern
 template <int NV>
 __attribute__((target("avx512f"))) void gram_rows(int64_t K, int64_t L, const float* a,
                                                   int64_t lda, const float* b, int64_t ldb,
-                                                  float* g, int64_t ldg) {
+                                                  float* g, int64_t ldg, bool accumulate) {
   const __mmask16 tail = tail_mask(L);
   constexpr int64_t ld = 16 * NV;
   alignas(64) float ap[kGramTileK * ld], bp[kGramTileK * ld];
@@ -131,7 +131,11 @@ __attribute__((target("avx512f"))) void gram_rows(int64_t K, int64_t L, const fl
   // per row of it, vectorised over the rows of G (its x), and stored at the end.
   const int64_t tails = NV > 1 ? tail_columns(L) : 0;
   alignas(64) float tacc[kMaxTailColumns][ld];
-  for (int64_t j = 0; j < tails; ++j) std::fill(tacc[j], tacc[j] + ld, 0.f);
+  for (int64_t j = 0; j < tails; ++j) {
+    std::fill(tacc[j], tacc[j] + ld, 0.f);
+    if (accumulate)
+      for (int64_t x = 0; x < L; ++x) tacc[j][x] = g[x * ldg + 16 * (NV - 1) + j];
+  }
   // At least one tile, so that K == 0 still overwrites G with zeros.
   for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kGramTileK) {
     const int64_t kc = std::min(kGramTileK, K - k0);
@@ -145,7 +149,7 @@ __attribute__((target("avx512f"))) void gram_rows(int64_t K, int64_t L, const fl
       }
     }
     // G's rows are the columns x of the packed A tile: A(x, k) = ap[x + k * ld].
-    const bool acc = k0 > 0;
+    const bool acc = accumulate || k0 > 0;
     if (tails == 0) {
       gemm_rows<NV>(L, kc, ap, 1, ld, bp, ld, g, ldg, tail, acc);
       continue;
@@ -290,7 +294,7 @@ __attribute__((target("avx2"))) inline void pack_rows8(int64_t K, int64_t L, int
 
 constexpr int64_t kGramTileK8 = 32;  // channels per packed tile of gram_rows8 (16 and 64 no faster)
 inline void gram_rows8(int64_t K, int64_t L, const float* a, int64_t lda, const float* b,
-                       int64_t ldb, float* g, int64_t ldg) {
+                       int64_t ldb, float* g, int64_t ldg, bool accumulate) {
   constexpr int64_t ld = kShortRowMax;
   alignas(64) float ap[kGramTileK8 * ld], bp[kGramTileK8 * ld];
   const int64_t width = short_row_stride(L);
@@ -306,7 +310,7 @@ inline void gram_rows8(int64_t K, int64_t L, const float* a, int64_t lda, const 
     }
     pack_rows8(kc, L, width, a + k0 * lda, lda, ap, ld);
     pack_rows8(kc, L, width, b + k0 * ldb, ldb, bp, ld);
-    gemm_rows8(L, L, kc, ap, 1, ld, bp, ld, g, ldg, k0 > 0);
+    gemm_rows8(L, L, kc, ap, 1, ld, bp, ld, g, ldg, accumulate || k0 > 0);
   }
 }
 
@@ -344,16 +348,16 @@ inline void short_row_gemm(int64_t M, int64_t L, const float* a, int64_t lda, co
 }
 
 // G[x, j] = sum_k A[k, x] B[k, j] for x, j < L and k < K, where A[k, x] = a[k * lda + x] and
-// B[k, j] = b[k * ldb + j]. G rows start every ldg elements (L elements stored each).
-// Needs short_row_gemm_available(L).
+// B[k, j] = b[k * ldb + j]. G rows start every ldg elements (L elements stored each; with
+// accumulate, G += A^T B). Needs short_row_gemm_available(L).
 inline void short_row_gram(int64_t K, int64_t L, const float* a, int64_t lda, const float* b,
-                           int64_t ldb, float* g, int64_t ldg) {
+                           int64_t ldb, float* g, int64_t ldg, bool accumulate = false) {
   if (!short_row_avx512()) {
-    detail::gram_rows8(K, L, a, lda, b, ldb, g, ldg);
+    detail::gram_rows8(K, L, a, lda, b, ldb, g, ldg, accumulate);
     return;
   }
   detail::with_vectors(L, [&](auto nv) {
-    detail::gram_rows<decltype(nv)::value>(K, L, a, lda, b, ldb, g, ldg);
+    detail::gram_rows<decltype(nv)::value>(K, L, a, lda, b, ldb, g, ldg, accumulate);
   });
 }
 
@@ -362,7 +366,7 @@ inline void short_row_gram(int64_t K, int64_t L, const float* a, int64_t lda, co
 inline void short_row_gemm(int64_t, int64_t, const float*, int64_t, const float*, int64_t,
                            float*, int64_t, bool = false) {}
 inline void short_row_gram(int64_t, int64_t, const float*, int64_t, const float*, int64_t,
-                           float*, int64_t) {}
+                           float*, int64_t, bool = false) {}
 inline void strided_gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
                          const float*, int64_t, float*, int64_t, bool = false) {}
 #endif
