@@ -673,13 +673,13 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
   // The column dP[y, i, x] = sum_c go[c, y, x] v[c, i, x] and the row dP[y, x, j] =
   // sum_c go[c, y, x] v[c, y, j] run as tasks over chunks of the channels (each reads its part
   // of go and value once, for all lanes), into one partial sum per chunk that the row tasks add
-  // up. Two tasks per thread, so that a thread that loses its
-  // core for a while holds the stage up by half its share.
+  // up. Two tasks per thread, so that a thread that loses its core for a while holds the stage
+  // up by half its share.
   const int64_t chunks = std::max<int64_t>(
       1, std::min((2 * at::get_num_threads() + N - 1) / N, Cv / 64));
-  // The row dP is summed per chunk too, as W x W blocks [n][y][x][j], a row block (rb) apart:
-  // chunk 0's in prow, whose block (n, y) the row task (n, y) reads before it writes its
-  // probabilities there, the others in dsrow.
+  // The row dP is summed per chunk too, as W x W blocks [n][y][x][j] with rows ld apart, a row
+  // block (rb) apart: chunk 0's in prow, where the row task (n, y) adds the other chunks'
+  // (in dsrow) and turns the sum into dS before it writes its probabilities there.
   AlignedArray<T> pcol(N * cb), dscol(chunks * N * cb), prow(N * H * rb);
   AlignedArray<T> dsrow((chunks - 1) * N * H * rb);
   T* pc = pcol.data();
@@ -708,7 +708,7 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
       lane_gemm(g, n, 0, H, 0, vectors);
       for (int64_t y = 0; y < H; ++y) {
         const int64_t vo = n * sv + t0 * HW + y * W;
-        line_gram(t1 - t0, W, go + vo, v + vo, HW, row_partial(j, n * H + y), W, t0 > c0);
+        line_gram(t1 - t0, W, go + vo, v + vo, HW, row_partial(j, n * H + y), ld, t0 > c0);
       }
     }
   };
@@ -717,7 +717,7 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
   auto row_task = [&](int64_t t) {
     const int64_t n = t / H, y = t % H, ko = n * sk + y * W;
     T* sm = const_cast<T*>(st) + 2 * n * HW + y * W;  // only read: finish_stats is false
-    std::vector<T> p(W * W), ds(W * ld);
+    std::vector<T> p(W * W);
     AlignedArray<T> block(rb);
     T* pcy = pc + t * HWc;  // t = n * H + y
     T* dscy = dsc + t * HWc;
@@ -728,11 +728,11 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
       for (int64_t i = 0; i < HWc; ++i) dscy[i] += part[i];
     }
     // dP[x, j] = sum_c go[c, x] v[c, j], summed over the chunks
-    for (int64_t x = 0; x < W; ++x) std::copy_n(row_partial(0, t) + x * W, W, &ds[x * ld]);
+    T* ds = row_partial(0, t);
     for (int64_t j = 1; j < chunks; ++j) {
       const T* part = row_partial(j, t);
       for (int64_t x = 0; x < W; ++x)
-        for (int64_t i = 0; i < W; ++i) ds[x * ld + i] += part[x * W + i];
+        for (int64_t i = 0; i < W; ++i) ds[x * ld + i] += part[x * ld + i];
     }
     // D[x] = sum over the keys of P dP, which is <dout[:, u], out[:, u]> without reading out.
     std::vector<T> D(W, T(0));
@@ -748,13 +748,13 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
     for (int64_t i = 0; i < HWc; i += W) {
       for (int64_t x = 0; x < W; ++x) dscy[i + x] = pcy[i + x] * (dscy[i + x] - D[x]);
     }
-    // dq[c, x] = sum_j k[c, j] dS[x, j];  dk[c, j] = sum_x q[c, x] dS[x, j]; the P block
-    // prepared for the row part of dv (in the column tasks, with its column part).
-    prepare_block(W, p.data(), W, false, prow.data() + t * rb);
-    prepare_block(W, ds.data(), ld, true, block.data());
+    // dq[c, x] = sum_j k[c, j] dS[x, j];  dk[c, j] = sum_x q[c, x] dS[x, j]; then the P block,
+    // over dS, prepared for the row part of dv (in the column tasks, with its column part).
+    prepare_block(W, ds, ld, true, block.data());
     times_block(Ck, W, k + ko, HW, block.data(), dq + ko, HW);
-    prepare_block(W, ds.data(), ld, false, block.data());
+    prepare_block(W, ds, ld, false, block.data());
     times_block(Ck, W, q + ko, HW, block.data(), dk + ko, HW);
+    prepare_block(W, p.data(), W, false, prow.data() + t * rb);
   };
   // Column parts (per lane x): dv per block of channels, its B operand packed once per sample
   // (written first, the row part added); dq and dk (few channels) one task per sample each,
