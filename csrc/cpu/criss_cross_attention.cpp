@@ -37,6 +37,7 @@
 #include "segops/cpu/gemm.h"
 #include "segops/cpu/guards.h"
 #include "segops/cpu/isa.h"
+#include "segops/cpu/prefetch.h"
 #include "segops/cpu/short_row_gemm.h"
 #include "segops/cpu/softmax_rows.h"
 
@@ -474,16 +475,6 @@ struct LaneTasks {
   }
 };
 
-// Asks for the cache lines of p[0, count) in address order, ahead of kernels that read them in
-// an order the hardware prefetchers follow less well (the lane kernel walks each map a lane
-// vector at a time, strided by the map's width), so that their misses overlap.
-template <typename T>
-void prefetch_lines(const T* p, int64_t count) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  const int64_t size = count * static_cast<int64_t>(sizeof(T));
-  for (int64_t i = 0; i < size; i += 64) __builtin_prefetch(bytes + i, 0, 2);
-}
-
 // ---- Softmax statistics ----
 
 // Merge softmax statistics (m, log l) of two disjoint sets; the second may be empty (-inf).
@@ -631,7 +622,9 @@ void channel_block_products(const Dims<T>& d, int64_t n, int64_t c0, int64_t c1,
                             T* c, const T* row_blocks, const LaneGemm<T>& column,
                             const T* packed) {
   const int64_t H = d.H, W = d.W, HW = d.HW, rb = W * cpu::short_row_stride(W);
-  prefetch_lines(a + c0 * HW, (c1 - c0) * HW);
+  // The lane kernel walks each map a lane vector at a time, strided by its width: ask for the
+  // block's lines in address order first, so that their misses overlap.
+  cpu::prefetch_range<0, 2>(a + c0 * HW, (c1 - c0) * HW);
   lane_gemm(column, n, c0, c1, 0, lane_vectors(column), packed);
   for (int64_t y = 0; y < H; ++y) {
     times_block(c1 - c0, W, a + c0 * HW + y * W, HW, row_blocks + y * rb, c + c0 * HW + y * W,
@@ -716,12 +709,13 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
       g.A.p = go + t0 * HW;
       g.B.p = v + t0 * HW;
       g.accumulate = t0 > c0;
-      prefetch_lines(go + n * sv + t0 * HW, (t1 - t0) * HW);
-      prefetch_lines(v + n * sv + t0 * HW, (t1 - t0) * HW);
+      const int64_t tile = n * sv + t0 * HW;  // the tile in both maps
+      cpu::prefetch_range<0, 2>(go + tile, (t1 - t0) * HW);
+      cpu::prefetch_range<0, 2>(v + tile, (t1 - t0) * HW);
       lane_gemm(g, n, 0, H, 0, vectors);
       for (int64_t y = 0; y < H; ++y) {
-        const int64_t vo = n * sv + t0 * HW + y * W;
-        line_gram(t1 - t0, W, go + vo, v + vo, HW, row_partial(j, n * H + y), ld, t0 > c0);
+        line_gram(t1 - t0, W, go + tile + y * W, v + tile + y * W, HW, row_partial(j, n * H + y),
+                  ld, t0 > c0);
       }
     }
   };

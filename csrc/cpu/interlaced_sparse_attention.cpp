@@ -15,6 +15,7 @@
 // are reduced per bias slice at the end in task order (deterministic for any thread count).
 #include "segops/cpu/gemm.h"
 #include "segops/cpu/guards.h"
+#include "segops/cpu/prefetch.h"
 #include "segops/cpu/softmax_rows.h"
 
 #include <ATen/Parallel.h>
@@ -88,12 +89,6 @@ struct GroupMap {
 // Rows of consecutive channels lie HW apart, which the hardware prefetcher does not follow:
 // request the row kPrefetch channels ahead while the current one is processed.
 constexpr int64_t kPrefetch = 4;
-template <int RW, typename T>
-inline void prefetch_row(const T* row, int64_t W) {
-  constexpr int64_t step = 64 / sizeof(T);
-  for (int64_t x = 0; x < W; x += step) __builtin_prefetch(row + x, RW);
-  __builtin_prefetch(row + W - 1, RW);
-}
 
 // kGather: band scratch <- map (src is the map); else map <- band scratch (src is the scratch).
 template <bool kGather, typename T>
@@ -104,7 +99,9 @@ inline void copy_band(const T* src, int64_t C, int64_t HW, const GroupMap& map, 
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t r = 0; r < map.band_rows; ++r) {
       const int64_t row = c * HW + map.band_row(b, r) * W;  // the map row's offset
-      if (c + kPrefetch < C) prefetch_row<kGather ? 0 : 1>(map_base + row + kPrefetch * HW, W);
+      if (c + kPrefetch < C) {
+        cpu::prefetch_range<kGather ? 0 : 1>(map_base + row + kPrefetch * HW, W);
+      }
       if (map.long_range) {
         for (int64_t lx = 0; lx < pw; ++lx) {
           const int64_t band = c * P + lx * L + r * gw;
@@ -277,8 +274,8 @@ void backward_kernel(const T* dO, const T* Q, const T* K, const T* V, const Logi
           const T* o = O + (n * Cv + c) * HW + y * W;
           const T* g = dO + (n * Cv + c) * HW + y * W;
           if (c + kPrefetch < Cv) {
-            prefetch_row<0>(o + kPrefetch * HW, W);
-            prefetch_row<0>(g + kPrefetch * HW, W);
+            cpu::prefetch_range<0>(o + kPrefetch * HW, W);
+            cpu::prefetch_range<0>(g + kPrefetch * HW, W);
           }
           for (int64_t x = 0; x < W; ++x) drow[x] += o[x] * g[x];
         }
