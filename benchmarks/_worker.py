@@ -1,7 +1,8 @@
 """Runs providers of one case in its own process and prints one `ROW` JSON line per (provider,
-mode): its time distribution (phase "time", one provider per process) or its peak memory
-(phase "memory", every provider of the case in one process). The runner starts each phase with
-the allocator settings it needs (benchmarks/measure.py)."""
+mode): its time distribution (phase "time", one provider per process, or all of a case's in a
+--quick smoke run) or its peak memory (phase "memory", every provider of the case in one
+process). The runner starts each phase with the allocator settings it needs
+(benchmarks/measure.py)."""
 from __future__ import annotations
 
 import gc

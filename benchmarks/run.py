@@ -2,7 +2,8 @@
 every op (docs/operators.md §4), or of whole models (--models).
 
 Each (case, provider) is timed in a fresh worker process with the allocator's defaults (an OOM
-or a crash becomes a row, not the end of the run); with --rounds R, the providers of a case are
+or a crash becomes a row, not the end of the run; a --quick smoke run times the providers of a
+case in one process); with --rounds R, the providers of a case are
 timed R times in turn and each row keeps the median of its rounds, so that a few minutes of load
 from elsewhere on a shared machine slow one round of every provider instead of all of one
 provider's timing. Then one more process per case, started with
@@ -387,14 +388,17 @@ def main(argv=None) -> int:
         meta_kwargs = case.make("meta", getattr(torch, job["dtype"])) if case.cost else {}
         anchors[(case.op, case.label)] = case.anchor
         rounds = []
+        # A smoke run (--quick) times every provider of a case in one process: its numbers are
+        # not results, and starting a process per provider would take most of its time.
+        batches = [job["providers"]] if args.quick else [[p] for p in job["providers"]]
         for i in range(args.rounds):
             round_rows = []
-            for provider in job["providers"]:
-                progress(done, total, f"{case.op} {case.label} {provider}"
+            for batch in batches:
+                progress(done, total, f"{case.op} {case.label} {' '.join(batch)}"
                          + (f" (round {i + 1}/{args.rounds})" if args.rounds > 1 else ""), start)
-                round_rows += run_worker(dict(job, phase="time", providers=[provider]),
+                round_rows += run_worker(dict(job, phase="time", providers=batch),
                                          args.timeout, os.environ)
-                done += 1
+                done += len(batch)
             rounds.append(round_rows)
         case_rows = merge_rounds(rounds)
         add_memory(case_rows, job, args.timeout)

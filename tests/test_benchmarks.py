@@ -112,30 +112,39 @@ def test_only_the_memory_process_changes_the_allocator(monkeypatch):
     assert seen[2] == ("memory", MEMORY_ENV)
 
 
-def test_rounds_interleave_the_providers_and_keep_each_rows_median(monkeypatch, tmp_path):
+@pytest.mark.parametrize("quick", [False, True])
+def test_rounds_interleave_the_providers_and_keep_each_rows_median(monkeypatch, tmp_path, quick):
     """--rounds R times every provider of a case once per round, in turn, and reports the median
-    round (so that a slow phase of a shared machine does not land on one provider alone)."""
-    order = []
+    round (so that a slow phase of a shared machine does not land on one provider alone). Each
+    provider is timed in a process of its own, except in a --quick smoke run (one per case)."""
+    order, time_workers = [], []
     round_ms = {"reference": [9.0, 3.0, 5.0], "cpu": [1.0, 2.0, 7.0]}
 
     def fake_worker(job, timeout, env):
         if job["phase"] == "memory":
             return [dict(provider=p, mode="fwd", status="ok", peak_bytes=1 << 20)
                     for p in job["providers"]]
-        provider = job["providers"][0]
-        order.append((job["index"], provider))
-        ms = round_ms[provider][sum(o == order[-1] for o in order) - 1]
-        return [dict(provider=provider, mode="fwd", status="ok", median_ms=ms, p20_ms=ms,
-                     p80_ms=ms)]
+        time_workers.append(list(job["providers"]))
+        rows = []
+        for provider in job["providers"]:
+            order.append((job["index"], provider))
+            ms = round_ms[provider][sum(o == order[-1] for o in order) - 1]
+            rows.append(dict(provider=provider, mode="fwd", status="ok", median_ms=ms, p20_ms=ms,
+                             p80_ms=ms))
+        return rows
 
     monkeypatch.setattr(run, "run_worker", fake_worker)
     monkeypatch.setattr(run, "machine_bounds", lambda *a, **k: dict(
         flops_per_s=1e12, bytes_per_s=1e10, flops_source="measured"))
     out = str(tmp_path / "rounds.json")
-    assert run.main(["--quick", "--op", "qco", "--case", "recon", "--provider", "reference",
-                     "cpu", "--mode", "fwd", "--rounds", "3", "--out", out, "--plot",
-                     str(tmp_path)]) == 0
-    assert [p for _, p in order] == ["reference", "cpu"] * 3
+    assert run.main((["--quick"] if quick else [])
+                    + ["--op", "qco", "--case", "recon", "--provider", "reference",
+                       "cpu", "--mode", "fwd", "--rounds", "3", "--out", out, "--plot",
+                       str(tmp_path)]) == 0
+    cases = len({index for index, _ in order})
+    assert [p for _, p in order] == ["reference", "cpu"] * 3 * cases
+    assert time_workers == ([["reference", "cpu"]] if quick
+                            else [["reference"], ["cpu"]]) * 3 * cases
     result = json.load(open(out))
     assert result["rounds"] == 3
     rows = {r["provider"]: r for r in result["rows"]}
