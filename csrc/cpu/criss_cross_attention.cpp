@@ -25,15 +25,15 @@
 // per pass:
 // Forward:  column energies (lane GEMM tasks); per (n, y): row energies, row and column
 //           statistics merged into the joint ones, both probability blocks (the row one in the
-//           short-row layout); the column probabilities packed for the lane kernel; per
+//           short-row layout, the column one also packed for the lane kernel); per
 //           (n, block of channels): out = column part + row part.
 // Backward: column energies; column and row dP = <dout[:, u], value[:, j]> (tasks over chunks
 //           of the channels, each reading its part of dout and value once, in tiles that
 //           both products take while they are in L2); per (n, y): the probabilities, the
 //           chunks' dP summed, D[u] = sum over the keys of P dP (which is
-//           <dout[:, u], out[:, u]>), dS = P * (dP - D) of both branches, and the row parts of
-//           dq and dk; the column probabilities packed; per (n, block of channels) dv = column
-//           part + row part; per n the column parts of dq and dk.
+//           <dout[:, u], out[:, u]>), dS = P * (dP - D) of both branches, the row parts of
+//           dq and dk, and the column probabilities packed; per (n, lane vector) the column
+//           parts of dq and dk, and per (n, block of channels) dv = column part + row part.
 #include "segops/cpu/gemm.h"
 #include "segops/cpu/guards.h"
 #include "segops/cpu/isa.h"
@@ -402,7 +402,7 @@ int64_t lane_tail_offset(const LaneGemm<T>& g) {
 }
 
 // Rows [m0, m1) of C in sample b, for the lane vectors [v0, v1); B from `packed` (the sample's
-// B packed by pack_lane_b) when given.
+// B packed by pack_lane_b_line) when given.
 template <typename T>
 void lane_gemm(const LaneGemm<T>& g, int64_t b, int64_t m0, int64_t m1, int64_t v0, int64_t v1,
                const T* packed = nullptr) {
@@ -438,23 +438,43 @@ int64_t lane_packed_size(const LaneGemm<T>& g) {
   return lane_vectors(g) * g.K * g.N * width;
 }
 
-// Lane vector `index` of sample b's B into dst (the sample's packed buffer, 64-byte aligned).
+// One line of sample b's B into dst (the sample's packed buffer, 64-byte aligned, in the layout
+// of lane_packed_size): row `index` (k) with `row`, else column `index` (n), for every lane
+// vector and tail lane. The task that computes a line of the probabilities packs it while it is
+// in cache, so that no pass of its own (and no wait for every task before it) packs all of B.
 template <typename T>
-void pack_lane_b(const LaneGemm<T>& g, int64_t b, int64_t index, T* dst) {
+void pack_lane_b_line(const LaneGemm<T>& g, int64_t b, bool row, int64_t index, T* dst) {
   constexpr int64_t width = LaneKernel<T, LaneVec<T>>::kWidth;
-  if constexpr (std::is_same_v<T, float>) {
-    if (const int64_t tail = lane_tail(g); tail > 0 && index == g.L / width) {
-      const int64_t ld = cpu::short_row_stride(g.N);
-      for (int64_t l = 0; l < tail; ++l)
-        gather_lane_b(g, b, index * width + l, dst + lane_tail_offset(g) + l * g.K * ld);
-      return;
-    }
+  const int64_t k0 = row ? index : 0, k1 = row ? index + 1 : g.K;
+  const int64_t n0 = row ? 0 : index, n1 = row ? g.N : index + 1;
+  const T* src = g.B.p + b * g.B.sample;
+  if (g.L < width) {  // one element per lane (pack_b on scalar lanes)
+    for (int64_t x = 0; x < g.L; ++x)
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t n = n0; n < n1; ++n)
+          dst[(x * g.K + k) * g.N + n] = src[k * g.B.row + n * g.B.col + x];
+    return;
   }
-  if (g.L < width) {
-    LaneKernel<T, T>::pack_b(g, b, index, 0, g.K, dst + index * g.K * g.N);
-  } else {
-    using V = LaneVec<T>;
-    LaneKernel<T, V>::pack_b(g, b, index, 0, g.K, reinterpret_cast<V*>(dst) + index * g.K * g.N);
+  using V = LaneVec<T>;
+  const int64_t tail = lane_tail(g), vectors = tail > 0 ? g.L / width : lane_vectors(g);
+  for (int64_t v = 0; v < vectors; ++v) {
+    int64_t x, own;
+    LaneKernel<T, V>::lane_start(g, v, x, own);
+    V* out = reinterpret_cast<V*>(dst) + v * g.K * g.N;
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t n = n0; n < n1; ++n)
+        std::memcpy(&out[k * g.N + n], src + k * g.B.row + n * g.B.col + x, sizeof(V));
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t ld = cpu::short_row_stride(g.N);
+    for (int64_t l = 0; l < tail; ++l) {  // gather_lane_b's layout, zero past N
+      const int64_t x = vectors * width + l;
+      T* out = dst + lane_tail_offset(g) + l * g.K * ld;
+      for (int64_t k = k0; k < k1; ++k) {
+        for (int64_t n = n0; n < n1; ++n) out[k * ld + n] = src[k * g.B.row + n * g.B.col + x];
+        if (row || index == 0) std::fill(out + k * ld + g.N, out + (k + 1) * ld, T(0));
+      }
+    }
   }
 }
 
@@ -641,13 +661,13 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
   // out[c, y, x] = sum_j v[c, y, j] P[y, x, j] + sum_i v[c, i, x] P[y, i, x]
   const LaneGemm<T> column{Cv, H, H, W, {v, sv, HW, W}, {pcol.data(), d.col_block(), W, H * W},
                            {out, sv, HW, W}, false};
-  const int64_t vectors = lane_vectors(column), packed_size = lane_packed_size(column);
+  const int64_t packed_size = lane_packed_size(column);
   AlignedArray<T> packed(d.N * packed_size);
   const ChannelBlocks blocks(Cv, d.N, 2 * HW * static_cast<int64_t>(sizeof(T)));
-  // Stages: column energies; per (n, y) the statistics and both probability blocks; the column
-  // probabilities packed for the lane kernel; per (n, block of channels) both parts of out.
-  parallel_stages({energies.count(), d.N * H, d.N * vectors, d.N * blocks.count},
-                  [&](int stage, int64_t t) {
+  // Stages: column energies; per (n, y) the statistics and both probability blocks (the column
+  // one also packed for the lane kernel: it is column y of the lane GEMM's B); per (n, block of
+  // channels) both parts of out.
+  parallel_stages({energies.count(), d.N * H, d.N * blocks.count}, [&](int stage, int64_t t) {
     if (stage == 0) {
       energies.run(t);
     } else if (stage == 1) {
@@ -657,9 +677,8 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
       row_task_probabilities(d, q, k, n, y, p.data(),
                              pcol.data() + n * d.col_block() + y * H * W, sm, sm + HW, true,
                              scratch.data());
+      pack_lane_b_line(column, n, false, y, packed.data() + n * packed_size);
       prepare_block(W, p.data(), W, true, prow.data() + t * rb);
-    } else if (stage == 2) {
-      pack_lane_b(column, t / vectors, t % vectors, packed.data() + t / vectors * packed_size);
     } else {
       const int64_t n = t / blocks.count, b = t % blocks.count;
       channel_block_products(d, n, blocks.begin(b), blocks.end(b, Cv), v + n * sv, out + n * sv,
@@ -719,8 +738,22 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
       }
     }
   };
-  // Row tasks: both probability blocks, row dP, D, dS = P * (dP - D) of both, and the row parts
-  // of dq and dk (written, not added).
+  // Column parts (per lane x): dq and dk (few channels, one task per sample and lane vector
+  // each, the largest tasks of the stage and so handed out first), added to their row parts;
+  // dv per block of channels, its B operand packed by the row tasks (written first, the row
+  // part added):
+  // dv[c, i] = sum_y go[c, y] P[y, i];  dq[c, y] += sum_i k[c, i] dS[y, i];
+  // dk[c, i] += sum_y q[c, y] dS[y, i]
+  const LaneGemm<T> dv_col{Cv, H, H, W, {go, sv, HW, W}, {pc, cb, HWc, W}, {dv, sv, HW, W},
+                           false};
+  const LaneGemm<T> dqk_col[2] = {
+      {Ck, H, H, W, {k, sk, HW, W}, {dsc, cb, W, HWc}, {dq, sk, HW, W}, true},
+      {Ck, H, H, W, {q, sk, HW, W}, {dsc, cb, HWc, W}, {dk, sk, HW, W}, true}};
+  const int64_t packed_size = lane_packed_size(dv_col);
+  AlignedArray<T> packed(N * packed_size);
+  // Row tasks: both probability blocks (the column one also packed for dv's lane GEMM: it is
+  // row y of its B), row dP, D, dS = P * (dP - D) of both, and the row parts of dq and dk
+  // (written, not added).
   auto row_task = [&](int64_t t) {
     const int64_t n = t / H, y = t % H, ko = n * sk + y * W;
     T* sm = const_cast<T*>(st) + 2 * n * HW + y * W;  // only read: finish_stats is false
@@ -730,6 +763,7 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
     T* dscy = dsc + t * HWc;
     row_task_probabilities(d, q, k, n, y, p.data(), pcy, sm, sm + HW, false,
                            static_cast<T*>(nullptr));
+    pack_lane_b_line(dv_col, n, true, y, packed.data() + n * packed_size);
     for (int64_t j = 1; j < chunks; ++j) {
       const T* part = dscy + j * N * cb;
       for (int64_t i = 0; i < HWc; ++i) dscy[i] += part[i];
@@ -763,21 +797,9 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
     times_block(Ck, W, q + ko, HW, block.data(), dk + ko, HW);
     prepare_block(W, p.data(), W, false, prow.data() + t * rb);
   };
-  // Column parts (per lane x): dv per block of channels, its B operand packed once per sample
-  // (written first, the row part added); dq and dk (few channels) one task per sample each,
-  // added to their row parts:
-  // dv[c, i] = sum_y go[c, y] P[y, i];  dq[c, y] += sum_i k[c, i] dS[y, i];
-  // dk[c, i] += sum_y q[c, y] dS[y, i]
-  const LaneGemm<T> dv_col{Cv, H, H, W, {go, sv, HW, W}, {pc, cb, HWc, W}, {dv, sv, HW, W},
-                           false};
-  const LaneGemm<T> dqk_col[2] = {
-      {Ck, H, H, W, {k, sk, HW, W}, {dsc, cb, W, HWc}, {dq, sk, HW, W}, true},
-      {Ck, H, H, W, {q, sk, HW, W}, {dsc, cb, HWc, W}, {dk, sk, HW, W}, true}};
-  const int64_t packed_size = lane_packed_size(dv_col);
-  AlignedArray<T> packed(N * packed_size);
   const ChannelBlocks blocks(Cv, N, 2 * HW * static_cast<int64_t>(sizeof(T)));
-  const int64_t value_tasks = N * blocks.count, key_tasks = Ck == 0 ? 0 : 2 * N;
-  parallel_stages({N * chunks + energies.count(), N * H, N * vectors, value_tasks + key_tasks},
+  const int64_t value_tasks = N * blocks.count, key_tasks = Ck == 0 ? 0 : 2 * N * vectors;
+  parallel_stages({N * chunks + energies.count(), N * H, key_tasks + value_tasks},
                   [&](int stage, int64_t t) {
     if (stage == 0) {
       if (t < N * chunks) {
@@ -787,16 +809,15 @@ void backward_impl(const Dims<T>& d, const T* go, const T* q, const T* k, const 
       }
     } else if (stage == 1) {
       row_task(t);
-    } else if (stage == 2) {
-      pack_lane_b(dv_col, t / vectors, t % vectors, packed.data() + t / vectors * packed_size);
-    } else if (t < value_tasks) {
+    } else if (t < key_tasks) {
+      const int64_t v = t % vectors, n = t / vectors % N;
+      lane_gemm(dqk_col[t / (N * vectors)], n, 0, Ck, v, v + 1);
+    } else {
+      t -= key_tasks;
       const int64_t n = t / blocks.count, b = t % blocks.count;
       // dv[c, j] = sum_x go[c, x] P[x, j] + column part
       channel_block_products(d, n, blocks.begin(b), blocks.end(b, Cv), go + n * sv, dv + n * sv,
                              prow.data() + n * H * rb, dv_col, packed.data() + n * packed_size);
-    } else {
-      t -= value_tasks;
-      lane_gemm(dqk_col[t / N], t % N, 0, Ck, 0, vectors);
     }
   });
 }
