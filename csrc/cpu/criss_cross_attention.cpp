@@ -496,29 +496,6 @@ struct LaneTasks {
   }
 };
 
-// ---- Softmax statistics ----
-
-// Merge softmax statistics (m, log l) of two disjoint sets; the second may be empty (-inf).
-template <typename T>
-inline void merge_stats(T& m, T& ll, T m2, T ll2) {
-  if (m2 == neg_inf<T>()) return;
-  const T mx = std::max(m, m2);
-  ll = std::log(std::exp(m - mx + ll) + std::exp(m2 - mx + ll2));
-  m = mx;
-}
-
-// Row-wise softmax statistics of a (R x L) matrix: m[r * stride] = max, ll[r * stride] = log of
-// the sum of exp(e - max) (both -inf for an all -inf row).
-template <typename T>
-inline void row_stats(T* e, int64_t R, int64_t L, T* m_out, T* ll_out, int64_t stride) {
-  for (int64_t r = 0; r < R; ++r) {
-    T* er = e + r * L;
-    const T m = cpu::scale_and_max(er, L, T(1));
-    m_out[r * stride] = m;
-    ll_out[r * stride] = m == neg_inf<T>() ? m : std::log(cpu::exp_sum(er, L, m));
-  }
-}
-
 // The row products with a W x W block (probabilities or dS) take the block prepared once in the
 // layout that both their kernels read: B[k][x] at b[k * ld + x], ld = short_row_stride(W), zero
 // past W, 64-byte aligned. B = P, or P^T when trans (P[r][s] at p[r * ldp + s]).
@@ -585,31 +562,42 @@ LaneTasks<T> col_energies(const Dims<T>& d, const T* q, const T* k, T* pcol) {
 
 // Row task (n, y) of both passes: the row probabilities prow (W x W, [x][j]) from the row
 // energies, and the column ones pc = pcol[n][y] (H x W, [i][x]) from the column energies there.
-// With finish_stats (forward) the joint statistics are computed first and stored in sm (m) and
-// sl (log l), each a W-long row of the stats; otherwise they are read from there.
+// With finish_stats (forward) the joint statistics are computed and stored in sm (m) and sl
+// (log l), each a W-long row of the stats, and P = exp(e - m) / l: one exp per energy, its sum
+// taken on the way. Otherwise (backward) they are read from there and P = exp((e - m) - log l).
+// The two differ by an ulp or two, as any two roundings of P do.
 template <typename T>
 void row_task_probabilities(const Dims<T>& d, const T* q, const T* k, int64_t n, int64_t y,
                             T* prow, T* pc, T* sm, T* sl, bool finish_stats, T* scratch) {
   const int64_t H = d.H, W = d.W, off = n * d.Ck * d.HW + y * W;
   line_gram(d.Ck, W, q + off, k + off, d.HW, prow, W);
-  std::fill(pc + y * W, pc + (y + 1) * W, neg_inf<T>());
-  if (finish_stats) {
-    row_stats(prow, W, W, sm, sl, 1);
-    T* mc = scratch;
-    T* lc = scratch + W;
-    std::fill(mc, mc + W, neg_inf<T>());
-    std::fill(lc, lc + W, T(0));
-    for (int64_t i = 0; i < H; ++i) {
-      const T* e = pc + i * W;
-      for (int64_t x = 0; x < W; ++x) mc[x] = mc[x] < e[x] ? e[x] : mc[x];
-    }
-    for (int64_t i = 0; i < H; ++i) cpu::add_exp_shifted(lc, pc + i * W, W, mc);
-    for (int64_t x = 0; x < W; ++x) {
-      if (mc[x] != neg_inf<T>()) merge_stats(sm[x], sl[x], mc[x], std::log(lc[x]));
-    }
+  std::fill(pc + y * W, pc + (y + 1) * W, neg_inf<T>());  // the centre is in the row part
+  if (!finish_stats) {
+    for (int64_t x = 0; x < W; ++x) cpu::exp_affine(prow + x * W, W, T(1), sm[x], sl[x]);
+    for (int64_t i = 0; i < H; ++i) cpu::exp_shifted(pc + i * W, W, sm, sl);
+    return;
   }
-  for (int64_t x = 0; x < W; ++x) cpu::exp_affine(prow + x * W, W, T(1), sm[x], sl[x]);
-  for (int64_t i = 0; i < H; ++i) cpu::exp_shifted(pc + i * W, W, sm, sl);
+  // m[x]: the largest energy of position x, over its row (which holds the centre, so m is
+  // finite) and its column.
+  for (int64_t x = 0; x < W; ++x) sm[x] = cpu::scale_and_max(prow + x * W, W, T(1));
+  for (int64_t i = 0; i < H; ++i) {
+    const T* e = pc + i * W;
+    for (int64_t x = 0; x < W; ++x) sm[x] = sm[x] < e[x] ? e[x] : sm[x];
+  }
+  T* l = scratch;
+  for (int64_t x = 0; x < W; ++x) l[x] = cpu::exp_affine(prow + x * W, W, T(1), sm[x]);
+  for (int64_t i = 0; i < H; ++i) cpu::exp_shifted_accumulate(pc + i * W, W, sm, l);
+  T* inv = l;
+  for (int64_t x = 0; x < W; ++x) {
+    sl[x] = std::log(l[x]);
+    inv[x] = T(1) / l[x];
+    T* p = prow + x * W;
+    for (int64_t j = 0; j < W; ++j) p[j] *= inv[x];
+  }
+  for (int64_t i = 0; i < H; ++i) {
+    T* p = pc + i * W;
+    for (int64_t x = 0; x < W; ++x) p[x] *= inv[x];
+  }
 }
 
 // The channels of a sample split into blocks for the tasks that run the column parts: a block
@@ -701,7 +689,7 @@ void forward_impl(const Dims<T>& d, const T* q, const T* k, const T* v, T* out, 
       energies.run(t);
     } else if (stage == 1) {
       const int64_t n = t / H, y = t % H;
-      std::vector<T> p(W * W), scratch(2 * W);
+      std::vector<T> p(W * W), scratch(W);
       T* sm = st + 2 * n * HW + y * W;
       row_task_probabilities(d, q, k, n, y, p.data(),
                              pcol.data() + n * d.col_block() + y * H * W, sm, sm + HW, true,

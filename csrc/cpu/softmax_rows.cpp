@@ -79,25 +79,16 @@ SEGOPS_VEC_CLONES float exp_affine(float* row, int64_t len, float s, float m, fl
   return sum;
 }
 
-SEGOPS_VEC_CLONES float exp_sum(const float* row, int64_t len, float m) {
-  float acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= len; j += kLanes) {
-    for (int64_t k = 0; k < kLanes; ++k) acc[k] += exp_poly(row[j + k] - m);
-  }
-  for (; j < len; ++j) acc[0] += exp_poly(row[j] - m);
-  float sum = 0.0f;
-  for (int64_t k = 0; k < kLanes; ++k) sum += acc[k];
-  return sum;
-}
-
 SEGOPS_VEC_CLONES void exp_shifted(float* row, int64_t len, const float* m, const float* l) {
   for (int64_t j = 0; j < len; ++j) row[j] = exp_poly((row[j] - m[j]) - l[j]);
 }
 
-SEGOPS_VEC_CLONES void add_exp_shifted(float* acc, const float* row, int64_t len,
-                                       const float* m) {
-  for (int64_t j = 0; j < len; ++j) acc[j] += exp_poly(row[j] - m[j]);
+SEGOPS_VEC_CLONES void exp_shifted_accumulate(float* row, int64_t len, const float* m,
+                                              float* acc) {
+  for (int64_t j = 0; j < len; ++j) {
+    row[j] = exp_poly(row[j] - m[j]);
+    acc[j] += row[j];
+  }
 }
 
 double scale_and_max(double* row, int64_t len, double s) {
@@ -118,18 +109,15 @@ double exp_affine(double* row, int64_t len, double s, double m, double l) {
   return sum;
 }
 
-double exp_sum(const double* row, int64_t len, double m) {
-  double sum = 0.0;
-  for (int64_t j = 0; j < len; ++j) sum += std::exp(row[j] - m);
-  return sum;
-}
-
 void exp_shifted(double* row, int64_t len, const double* m, const double* l) {
   for (int64_t j = 0; j < len; ++j) row[j] = std::exp((row[j] - m[j]) - l[j]);
 }
 
-void add_exp_shifted(double* acc, const double* row, int64_t len, const double* m) {
-  for (int64_t j = 0; j < len; ++j) acc[j] += std::exp(row[j] - m[j]);
+void exp_shifted_accumulate(double* row, int64_t len, const double* m, double* acc) {
+  for (int64_t j = 0; j < len; ++j) {
+    row[j] = std::exp(row[j] - m[j]);
+    acc[j] += row[j];
+  }
 }
 
 }  // namespace cpu

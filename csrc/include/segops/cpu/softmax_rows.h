@@ -21,18 +21,15 @@ double scale_and_max(double* row, int64_t len, double s);
 float exp_affine(float* row, int64_t len, float s, float m, float l = 0.0f);
 double exp_affine(double* row, int64_t len, double s, double m, double l = 0.0);
 
-// sum_j exp(row[j] - m), row unchanged.
-float exp_sum(const float* row, int64_t len, float m);
-double exp_sum(const double* row, int64_t len, double m);
-
 // row[j] = exp((row[j] - m[j]) - l[j]): exp_affine with a shift per element (softmaxes whose rows
 // lie across memory, one statistic per lane).
 void exp_shifted(float* row, int64_t len, const float* m, const float* l);
 void exp_shifted(double* row, int64_t len, const double* m, const double* l);
 
-// acc[j] += exp(row[j] - m[j]), row unchanged.
-void add_exp_shifted(float* acc, const float* row, int64_t len, const float* m);
-void add_exp_shifted(double* acc, const double* row, int64_t len, const double* m);
+// row[j] = exp(row[j] - m[j]) and acc[j] += row[j]: one pass of a softmax over rows that lie
+// across memory, the sums left to the caller to divide by.
+void exp_shifted_accumulate(float* row, int64_t len, const float* m, float* acc);
+void exp_shifted_accumulate(double* row, int64_t len, const double* m, double* acc);
 
 }  // namespace cpu
 }  // namespace segops
