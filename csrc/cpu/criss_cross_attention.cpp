@@ -23,8 +23,8 @@
 // machines measured), so the Cv-channel products run per (n, block of channels) with both the
 // row and the column part of a block while it is in L2, from probability blocks prepared once
 // per pass, and the block is written to out (or dv) once, with streaming stores:
-// Forward:  column energies (lane GEMM tasks); per (n, y): row energies, row and column
-//           statistics merged into the joint ones, both probability blocks (the row one in the
+// Forward:  column energies (lane GEMM tasks); per (n, y): row energies, the joint statistics
+//           over the row and the column, both probability blocks (the row one in the
 //           short-row layout, the column one also packed for the lane kernel); per
 //           (n, block of channels): out = column part + row part.
 // Backward: column energies; column and row dP = <dout[:, u], value[:, j]> (tasks over chunks
