@@ -64,14 +64,26 @@ def environment(device: str) -> dict:
         env["device_name"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
     else:
-        cpu = platform.processor() or platform.machine()
+        cpu, isa = platform.processor() or platform.machine(), None
         try:
             with open("/proc/cpuinfo") as f:
-                m = re.search(r"model name\s*:\s*(.*)", f.read())
-                cpu = m.group(1).strip() if m else cpu
+                info = f.read()
+            m = re.search(r"model name\s*:\s*(.*)", info)
+            cpu = m.group(1).strip() if m else cpu
+            # A model name such as "AMD EPYC" hides the generation: the vector ISA and the
+            # family/model numbers tell a Zen 3 (AVX2) from a Zen 5 (AVX-512) apart.
+            flags = set((re.search(r"^flags\s*:\s*(.*)$", info, re.M) or [None, ""])[1].split())
+            isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
+                                                ("sse4_2", "SSE4.2")) if flag in flags), None)
+            fam = re.search(r"cpu family\s*:\s*(\d+)", info)
+            mod = re.search(r"^model\s*:\s*(\d+)", info, re.M)
+            if fam and mod:
+                env["cpu_family_model"] = f"{fam.group(1)}/{mod.group(1)}"
         except OSError:
             pass
-        env["device_name"] = f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        env["cpu_isa"] = isa
+        env["device_name"] = (f"{cpu} ({isa + ', ' if isa else ''}{os.cpu_count()} cores, "
+                              f"{torch.get_num_threads()} threads)")
     return env
 
 
