@@ -237,7 +237,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
     const T* V = guidance.data_ptr<T>();
     const T* Sp = S.defined() ? S.data_ptr<T>() : nullptr;
     const T* GO = grad_out.data_ptr<T>();
-    const T* Wp = weight.data_ptr<T>();
+    // The weight transposed once, (K, Cout): dD below is then a plain product, where W^T read in
+    // place would be transposed by the GEMM's packing for every tile of every block.
+    const at::Tensor weight_t = weight.reshape({g.Cout, g.Cin * g.KK}).t().contiguous();
+    const T* Wt = weight_t.data_ptr<T>();
     T* dUp = dU.data_ptr<T>();
     T* dVp = dV.data_ptr<T>();
     T* dWp = dW.data_ptr<T>();
@@ -259,8 +262,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
           // dW[:, c0 * KK : c1 * KK] (Cout x Kc) += dy @ panel^T; dD (Kc x T_) = W_blk^T @ dy
           gemm_rm<T>(false, true, g.Cout, Kc, T_, T(1), dy, g.HW, panel.data(), kTileBwd, T(1),
                      dWp + c0 * g.KK, K);
-          gemm_rm<T>(true, false, Kc, T_, g.Cout, T(1), Wp + c0 * g.KK, K, dy, g.HW, T(0),
-                     dpanel.data(), kTileBwd);
+          gemm_rm<T>(false, false, Kc, T_, g.Cout, T(1), Wt + c0 * g.KK * g.Cout, g.Cout, dy,
+                     g.HW, T(0), dpanel.data(), kTileBwd);
           const T* dD = dpanel.data();
           // Scatter dD into dU (and dV / dS) of channels [c0, c1).
           for (int64_t c = c0; c < c1; ++c) {
