@@ -108,3 +108,22 @@ def _bad(**over):
 def test_gaussian_accepts_any_guidance_channels():
     x = _bad(guidance=torch.randn(1, 7, 4, 5))
     assert segops.semantic_difference_conv2d(**x, similarity="gaussian", backend="reference").shape == (1, 2, 4, 5)
+
+
+@pytest.mark.parametrize("similarity", ["charbonnier", "gaussian"])
+def test_cpu_fp32_spans_several_gemm_blocks(similarity):
+    """Shapes past every block edge of the CPU GEMM (segops/cpu/gemm.h: 64 rows, 64-column blocks
+    in 256-column panels, 512-deep K blocks): Cin*k^2 = 720 (two K blocks of the forward), Cout =
+    72 (two row blocks), 323 pixels (two column panels of dD), and the backward's per-thread weight
+    columns (up to 720) several panels of dW."""
+    require_backend("semantic_difference_conv2d", "cpu", "cpu", torch.float32)
+    torch.manual_seed(7)
+    x = inputs(1, 80, 80, 72, 19, 17, 3)
+
+    def fused(**kw):
+        with segops.use_backend("cpu"):
+            return segops.semantic_difference_conv2d(**kw)
+
+    check_against_reference(fused, reference, x, ["input", "guidance", "weight", "bias"],
+                            torch.float32, "cpu",
+                            kwargs=dict(dilation=1, similarity=similarity, sigma=1.0))
