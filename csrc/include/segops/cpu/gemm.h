@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
@@ -80,8 +81,7 @@ struct SingleThreadedBlas {
 // while a panel's blocks pass over them.
 constexpr int64_t kBlockM = 64, kBlockN = 64, kBlockK = 512, kPanelN = 256;
 
-inline bool use_brgemm(double) { return false; }
-inline bool use_brgemm(float) {
+inline bool use_brgemm() {
   static const bool use = at::native::cpublas::brgemm != nullptr && cpu_isa() == Isa::avx512;
   return use;
 }
@@ -146,8 +146,6 @@ inline void brgemm_blocked(bool ta, bool tb, int64_t M, int64_t N, int64_t K, fl
     }
   }
 }
-inline void brgemm_blocked(bool, bool, int64_t, int64_t, int64_t, double, const double*,
-                           int64_t, const double*, int64_t, double, double*, int64_t) {}
 
 }  // namespace detail
 
@@ -164,9 +162,11 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T
     }
     return;
   }
-  if (detail::use_brgemm(T(0))) {
-    detail::brgemm_blocked(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-    return;
+  if constexpr (std::is_same_v<T, float>) {
+    if (detail::use_brgemm()) {
+      detail::brgemm_blocked(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+      return;
+    }
   }
   if (!detail::have_blas(T(0))) {
     detail::op_view(C, M, N, ldc, false)
