@@ -57,7 +57,9 @@ def _extensions():
 
     # -fno-trapping-math (as torch's own build): no kernel reads FP exception flags, and with
     # trapping math GCC keeps branches in the vectorised exponentials where AVX2 has no masks.
-    cxx = ["-O3", "-std=c++17", "-fno-trapping-math", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    # -fno-math-errno: no kernel reads errno, and with it set GCC calls sqrt element by element.
+    cxx = ["-O3", "-std=c++17", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-Wall",
+           "-Wno-unused-function"]
     if os.environ.get("SEGOPS_NATIVE", "0") == "1":
         cxx.append("-march=native")
     sources = _rel([os.path.join(ROOT, "csrc", "register.cpp"),

@@ -1,6 +1,10 @@
 """semantic_difference_conv2d beyond the contract (tests/test_contract.py): the loop form of the
 semantics, the central-difference identity, constant guidance, Triton's split-K path, and
 gaussian similarity with any number of guidance channels."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,3 +131,36 @@ def test_cpu_fp32_spans_several_gemm_blocks(similarity):
     check_against_reference(fused, reference, x, ["input", "guidance", "weight", "bias"],
                             torch.float32, "cpu",
                             kwargs=dict(dilation=1, similarity=similarity, sigma=1.0))
+
+
+_ISA_CHECK = """
+import torch, segops
+from segops.reference.semantic_difference_conv2d import semantic_difference_conv2d as reference
+from tests.test_semantic_difference_conv2d import inputs
+from tests.utils import check_against_reference
+
+def fused(**kw):
+    with segops.use_backend("cpu"):
+        return segops.semantic_difference_conv2d(**kw)
+
+torch.manual_seed(0)
+# W = 21 and 13: row segments longer and shorter than a vector, with tails; dilation 2 and k = 5
+# put whole neighbour rows outside the image.
+for dtype in (torch.float32, torch.float64):
+    for similarity in ("charbonnier", "gaussian", "none"):
+        for shape, dilation in (((2, 5, 5, 6, 9, 21, 3), 1), ((1, 4, 4, 3, 7, 13, 5), 2)):
+            check_against_reference(fused, reference, inputs(*shape), ["input", "guidance", "weight", "bias"],
+                                    dtype, "cpu", kwargs=dict(dilation=dilation, similarity=similarity, sigma=0.8))
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_cpu_kernels_of_each_instruction_set(isa):
+    """The elementwise passes of the CPU kernel (panel, scatter, gaussian similarity) are compiled
+    per instruction set and picked at run time; SEGOPS_CPU_ISA caps the pick, so this machine runs
+    every path up to its own."""
+    require_backend(OP, "cpu", "cpu", torch.float32)
+    env = dict(os.environ, SEGOPS_CPU_ISA=isa)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -69,23 +69,86 @@ Geo make_geo(const char* kernel, const at::Tensor& input, const at::Tensor& guid
   return g;
 }
 
-// Calls f(x, j, xn_valid) for the pixels p in [p0, p1) of one image, row segment by row segment,
-// for tap (dy, dx): `seg(y, yy_valid, xa, xb, lo, hi, j0)` with [lo, hi) the x whose neighbour
-// (y+dy, x+dx) is inside the image (empty when the neighbour row is outside).
-template <typename F>
-inline void for_segments(const Geo& g, int64_t p0, int64_t p1, int64_t dy, int64_t dx, F&& seg) {
-  int64_t p = p0;
-  while (p < p1) {
-    const int64_t y = p / g.W, xa = p % g.W, xb = std::min(g.W, xa + (p1 - p));
-    const int64_t yy = y + dy;
-    int64_t lo = std::min(std::max(-dx, xa), xb), hi = std::max(std::min(g.W - dx, xb), lo);
-    if (yy < 0 || yy >= g.H) lo = hi = xb;
-    seg(y, yy, xa, xb, lo, hi, p - p0);
-    p += xb - xa;
+// The row segments of pixels [p0, p1) of one image for tap (dy, dx): row y, columns [xa, xb),
+// panel column j0 at pixel (y, xa); [lo, hi) are the x whose neighbour (yy, x + dx), yy = y + dy,
+// is inside the image (empty when row yy is outside). A plain iterator, not a callback, so the
+// loops over a segment inline into the ISA-specific kernels below.
+struct Segment {
+  int64_t y, yy, xa, xb, lo, hi, j0;
+};
+
+class Segments {
+ public:
+  Segments(const Geo& g, int64_t p0, int64_t p1, int64_t dy, int64_t dx)
+      : W_(g.W), H_(g.H), p0_(p0), p_(p0), p1_(p1), dy_(dy), dx_(dx) {}
+  bool next(Segment& s) {
+    if (p_ >= p1_) return false;
+    s.y = p_ / W_;
+    s.xa = p_ % W_;
+    s.xb = std::min(W_, s.xa + (p1_ - p_));
+    s.yy = s.y + dy_;
+    s.lo = std::min(std::max(-dx_, s.xa), s.xb);
+    s.hi = std::max(std::min(W_ - dx_, s.xb), s.lo);
+    if (s.yy < 0 || s.yy >= H_) s.lo = s.hi = s.xb;
+    s.j0 = p_ - p0_;
+    p_ += s.xb - s.xa;
+    return true;
+  }
+
+ private:
+  int64_t W_, H_, p0_, p_, p1_, dy_, dx_;
+};
+
+// Each elementwise pass below is written once (*_body, always inlined) and compiled three times,
+// for AVX-512, for AVX2+FMA and for plain x86-64, picked at run time (segops/cpu/isa.h): the
+// extension is built for the x86-64 baseline, whose 128-bit vectors would leave these passes a
+// third of the SDC's time. (sqrt vectorises because the extension builds with -fno-math-errno.)
+#ifdef SEGOPS_CPU_X86
+#define SEGOPS_SDC_ISA_VARIANTS(name)                                                       \
+  template <typename T, int SIM, typename... A>                                             \
+  __attribute__((target("avx512f"))) void name##_avx512(const A&... a) {                    \
+    name##_body<T, SIM>(a...);                                                              \
+  }                                                                                         \
+  template <typename T, int SIM, typename... A>                                             \
+  __attribute__((target("avx2,fma"))) void name##_avx2(const A&... a) {                     \
+    name##_body<T, SIM>(a...);                                                              \
+  }                                                                                         \
+  template <typename T, int SIM, typename... A>                                             \
+  void name(const A&... a) {                                                                \
+    const segops::cpu::Isa isa = segops::cpu::cpu_isa();                                    \
+    if (isa == segops::cpu::Isa::avx512) return name##_avx512<T, SIM>(a...);                \
+    if (isa == segops::cpu::Isa::avx2) return name##_avx2<T, SIM>(a...);                    \
+    name##_body<T, SIM>(a...);                                                              \
+  }
+#else
+#define SEGOPS_SDC_ISA_VARIANTS(name)                                                       \
+  template <typename T, int SIM, typename... A>                                             \
+  void name(const A&... a) {                                                                \
+    name##_body<T, SIM>(a...);                                                              \
+  }
+#endif
+
+// Gaussian similarity S[n, t, p] = exp(-sum_c (V[c,p+d]-V[c,p])^2 / (2 sigma^2 Cg)), before the
+// exp: the sums of squares of plane (n, t), s (HW).
+template <typename T, int SIM>
+__attribute__((always_inline)) inline void sum_sq_diffs_body(const Geo& g, const T* V, int64_t n,
+                                                             int64_t t, T* s) {
+  const int64_t dy = g.dy(t), dx = g.dx(t);
+  for (int64_t c = 0; c < g.Cg; ++c) {
+    const T* Vc = V + (n * g.Cg + c) * g.HW;
+    Segment q;
+    for (Segments it(g, 0, g.HW, dy, dx); it.next(q);) {
+      T* srow = s + q.y * g.W;
+      const T* vrow = Vc + q.y * g.W;
+      const T* nrow = Vc + q.yy * g.W + dx;
+      for (int64_t x = q.xa; x < q.lo; ++x) srow[x] += vrow[x] * vrow[x];
+      for (int64_t x = q.lo; x < q.hi; ++x) { const T d = nrow[x] - vrow[x]; srow[x] += d * d; }
+      for (int64_t x = q.hi; x < q.xb; ++x) srow[x] += vrow[x] * vrow[x];
+    }
   }
 }
+SEGOPS_SDC_ISA_VARIANTS(sum_sq_diffs)
 
-// Gaussian similarity S[n, t, p] = exp(-sum_c (V[c,p+d]-V[c,p])^2 / (2 sigma^2 Cg)).
 template <typename T>
 at::Tensor gaussian_similarity(const at::Tensor& guidance, const Geo& g, double sigma) {
   at::Tensor S = at::zeros({g.N, g.KK, g.HW}, guidance.options());
@@ -94,20 +157,8 @@ at::Tensor gaussian_similarity(const at::Tensor& guidance, const Geo& g, double 
   const T scale = T(-1.0 / (2.0 * sigma * sigma * double(g.Cg)));
   at::parallel_for(0, g.N * g.KK, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const int64_t n = i / g.KK, t = i % g.KK, dy = g.dy(t), dx = g.dx(t);
       T* s = Sp + i * g.HW;
-      for (int64_t c = 0; c < g.Cg; ++c) {
-        const T* Vc = V + (n * g.Cg + c) * g.HW;
-        for_segments(g, 0, g.HW, dy, dx, [&](int64_t y, int64_t yy, int64_t xa, int64_t xb,
-                                            int64_t lo, int64_t hi, int64_t) {
-          T* srow = s + y * g.W;
-          const T* vrow = Vc + y * g.W;
-          const T* nrow = Vc + yy * g.W + dx;
-          for (int64_t x = xa; x < lo; ++x) srow[x] += vrow[x] * vrow[x];
-          for (int64_t x = lo; x < hi; ++x) { const T d = nrow[x] - vrow[x]; srow[x] += d * d; }
-          for (int64_t x = hi; x < xb; ++x) srow[x] += vrow[x] * vrow[x];
-        });
-      }
+      sum_sq_diffs<T, kGaussian>(g, V, i / g.KK, i % g.KK, s);
       segops::cpu::exp_affine(s, g.HW, scale, T(0));
     }
   });
@@ -117,32 +168,35 @@ at::Tensor gaussian_similarity(const at::Tensor& guidance, const Geo& g, double 
 // Similarity-weighted differences for channels [c0, c1), pixels [p0, p1) of image n:
 // D[(c - c0) * KK + t, j] (row stride ld).
 template <typename T, int SIM>
-void build_panel(const Geo& g, const T* U, const T* V, const T* S, int64_t n, int64_t c0,
-                 int64_t c1, int64_t p0, int64_t p1, T* D, int64_t ld, T inv_s2) {
+__attribute__((always_inline)) inline void build_panel_body(const Geo& g, const T* U, const T* V,
+                                                            const T* S, int64_t n, int64_t c0,
+                                                            int64_t c1, int64_t p0, int64_t p1,
+                                                            T* D, int64_t ld, T inv_s2) {
   for (int64_t c = c0; c < c1; ++c) {
     const T* Uc = U + (n * g.Cin + c) * g.HW;
     const T* Vc = SIM == kCharbonnier ? V + (n * g.Cg + c) * g.HW : nullptr;
     for (int64_t t = 0; t < g.KK; ++t) {
-      const int64_t dy = g.dy(t), dx = g.dx(t);
+      const int64_t dx = g.dx(t);
       T* drow = D + ((c - c0) * g.KK + t) * ld;
       const T* St = SIM == kGaussian ? S + (n * g.KK + t) * g.HW : nullptr;
-      for_segments(g, p0, p1, dy, dx, [&](int64_t y, int64_t yy, int64_t xa, int64_t xb,
-                                          int64_t lo, int64_t hi, int64_t j0) {
-        T* d = drow + j0 - xa;  // d[x] is pixel (y, x)
-        const T* u = Uc + y * g.W;
-        const T* un = Uc + yy * g.W + dx;
+      Segment q;
+      for (Segments it(g, p0, p1, g.dy(t), dx); it.next(q);) {
+        const int64_t xa = q.xa, xb = q.xb, lo = q.lo, hi = q.hi;
+        T* d = drow + q.j0 - xa;  // d[x] is pixel (y, x)
+        const T* u = Uc + q.y * g.W;
+        const T* un = Uc + q.yy * g.W + dx;
         if (SIM == kNone) {
           for (int64_t x = xa; x < lo; ++x) d[x] = -u[x];
           for (int64_t x = lo; x < hi; ++x) d[x] = un[x] - u[x];
           for (int64_t x = hi; x < xb; ++x) d[x] = -u[x];
         } else if (SIM == kGaussian) {
-          const T* s = St + y * g.W;
+          const T* s = St + q.y * g.W;
           for (int64_t x = xa; x < lo; ++x) d[x] = -s[x] * u[x];
           for (int64_t x = lo; x < hi; ++x) d[x] = s[x] * (un[x] - u[x]);
           for (int64_t x = hi; x < xb; ++x) d[x] = -s[x] * u[x];
         } else {
-          const T* v = Vc + y * g.W;
-          const T* vn = Vc + yy * g.W + dx;
+          const T* v = Vc + q.y * g.W;
+          const T* vn = Vc + q.yy * g.W + dx;
           for (int64_t x = xa; x < lo; ++x) d[x] = -u[x] / std::sqrt(T(1) + v[x] * v[x] * inv_s2);
           for (int64_t x = lo; x < hi; ++x) {
             const T dv = vn[x] - v[x];
@@ -150,10 +204,11 @@ void build_panel(const Geo& g, const T* U, const T* V, const T* S, int64_t n, in
           }
           for (int64_t x = hi; x < xb; ++x) d[x] = -u[x] / std::sqrt(T(1) + v[x] * v[x] * inv_s2);
         }
-      });
+      }
     }
   }
 }
+SEGOPS_SDC_ISA_VARIANTS(build_panel)
 
 template <typename T>
 void build_panel_any(int sim, const Geo& g, const T* U, const T* V, const T* S, int64_t n,
@@ -162,6 +217,108 @@ void build_panel_any(int sim, const Geo& g, const T* U, const T* V, const T* S, 
   else if (sim == kGaussian) build_panel<T, kGaussian>(g, U, V, S, n, c0, c1, p0, p1, D, ld, inv_s2);
   else build_panel<T, kCharbonnier>(g, U, V, S, n, c0, c1, p0, p1, D, ld, inv_s2);
 }
+
+// The backward's scatter of dD (rows (c - c0) * KK + t, stride ld, the pixels [p0, p1) of image
+// n) into dU, and dV (charbonnier) or the dL/dS partial sums Gb (gaussian), of channels [c0, c1).
+// a and b are per-row scratch of W elements.
+template <typename T, int SIM>
+__attribute__((always_inline)) inline void scatter_tile_body(
+    const Geo& g, const T* U, const T* V, const T* S, const T* dD, int64_t ld, int64_t n,
+    int64_t c0, int64_t c1, int64_t p0, int64_t p1, T* dUp, T* dVp, T* Gb, T* a, T* b,
+    T inv_s2) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const T* Uc = U + (n * g.Cin + c) * g.HW;
+    T* dUc = dUp + (n * g.Cin + c) * g.HW;
+    const T* Vc = SIM == kCharbonnier ? V + (n * g.Cg + c) * g.HW : nullptr;
+    T* dVc = SIM == kCharbonnier ? dVp + (n * g.Cg + c) * g.HW : nullptr;
+    for (int64_t t = 0; t < g.KK; ++t) {
+      const int64_t dx = g.dx(t);
+      const T* drow = dD + ((c - c0) * g.KK + t) * ld;
+      const T* St = SIM == kGaussian ? S + (n * g.KK + t) * g.HW : nullptr;
+      T* Gt = SIM == kGaussian ? Gb + (n * g.KK + t) * g.HW : nullptr;
+      Segment q;
+      for (Segments it(g, p0, p1, g.dy(t), dx); it.next(q);) {
+        const int64_t xa = q.xa, xb = q.xb, lo = q.lo, hi = q.hi;
+        const T* gd = drow + q.j0 - xa;
+        const T* u = Uc + q.y * g.W;
+        T* du = dUc + q.y * g.W;
+        const T* un = Uc + q.yy * g.W + dx;
+        T* dun = dUc + q.yy * g.W + dx;
+        if (SIM == kNone) {
+          for (int64_t x = xa; x < xb; ++x) du[x] -= gd[x];
+          for (int64_t x = lo; x < hi; ++x) dun[x] += gd[x];
+        } else if (SIM == kGaussian) {
+          // Separate passes: du and dun alias (one channel plane), so a fused loop would not
+          // vectorise; a[x] = dD * S is computed once into scratch.
+          const T* s = St + q.y * g.W;
+          T* gs = Gt + q.y * g.W;
+          for (int64_t x = xa; x < xb; ++x) a[x] = gd[x] * s[x];
+          for (int64_t x = xa; x < xb; ++x) du[x] -= a[x];
+          for (int64_t x = lo; x < hi; ++x) dun[x] += a[x];
+          for (int64_t x = xa; x < lo; ++x) gs[x] -= gd[x] * u[x];
+          for (int64_t x = lo; x < hi; ++x) gs[x] += gd[x] * (un[x] - u[x]);
+          for (int64_t x = hi; x < xb; ++x) gs[x] -= gd[x] * u[x];
+        } else {
+          const T* v = Vc + q.y * g.W;
+          T* dv = dVc + q.y * g.W;
+          const T* vn = Vc + q.yy * g.W + dx;
+          T* dvn = dVc + q.yy * g.W + dx;
+          // s = (1 + e^2/sigma^2)^(-1/2), ds/de = -s^3 e / sigma^2, e = V[p+d] - V[p]:
+          // a = dD * s (to dU), b = dL/de (dV[p] -= b, dV[p+d] += b), then the updates.
+          for (int64_t x = xa; x < lo; ++x) {
+            const T e = -v[x], sx = T(1) / std::sqrt(T(1) + e * e * inv_s2);
+            a[x] = gd[x] * sx;
+            b[x] = a[x] * u[x] * sx * sx * e * inv_s2;
+          }
+          for (int64_t x = lo; x < hi; ++x) {
+            const T e = vn[x] - v[x], sx = T(1) / std::sqrt(T(1) + e * e * inv_s2);
+            a[x] = gd[x] * sx;
+            b[x] = -a[x] * (un[x] - u[x]) * sx * sx * e * inv_s2;
+          }
+          for (int64_t x = hi; x < xb; ++x) {
+            const T e = -v[x], sx = T(1) / std::sqrt(T(1) + e * e * inv_s2);
+            a[x] = gd[x] * sx;
+            b[x] = a[x] * u[x] * sx * sx * e * inv_s2;
+          }
+          for (int64_t x = xa; x < xb; ++x) { du[x] -= a[x]; dv[x] -= b[x]; }
+          for (int64_t x = lo; x < hi; ++x) { dun[x] += a[x]; dvn[x] += b[x]; }
+        }
+      }
+    }
+  }
+}
+SEGOPS_SDC_ISA_VARIANTS(scatter_tile)
+
+// Gaussian backward, last pass: dV[c,p] -= dd, dV[c,p+d] += dd for every tap, with
+// dd = dS * (-S e_c / (sigma^2 Cg)), dS the summed dL/dS (Gs), for plane i = n * Cg + c.
+template <typename T, int SIM>
+__attribute__((always_inline)) inline void gaussian_dv_body(const Geo& g, const T* V, const T* Gs,
+                                                            const T* S, int64_t i, T coef, T* dVp) {
+  const int64_t n = i / g.Cg;
+  const T* Vc = V + i * g.HW;
+  T* dVc = dVp + i * g.HW;
+  for (int64_t t = 0; t < g.KK; ++t) {
+    const int64_t dx = g.dx(t);
+    const T* gs = Gs + (n * g.KK + t) * g.HW;
+    const T* st = S + (n * g.KK + t) * g.HW;
+    Segment q;
+    for (Segments it(g, 0, g.HW, g.dy(t), dx); it.next(q);) {
+      const T* v = Vc + q.y * g.W;
+      T* dv = dVc + q.y * g.W;
+      const T* vn = Vc + q.yy * g.W + dx;
+      T* dvn = dVc + q.yy * g.W + dx;
+      const T* gg = gs + q.y * g.W;
+      const T* s = st + q.y * g.W;
+      for (int64_t x = q.xa; x < q.lo; ++x) dv[x] -= gg[x] * s[x] * v[x] * coef;
+      for (int64_t x = q.lo; x < q.hi; ++x) {
+        const T dd = -gg[x] * s[x] * (vn[x] - v[x]) * coef;
+        dv[x] -= dd; dvn[x] += dd;
+      }
+      for (int64_t x = q.hi; x < q.xb; ++x) dv[x] -= gg[x] * s[x] * v[x] * coef;
+    }
+  }
+}
+SEGOPS_SDC_ISA_VARIANTS(gaussian_dv)
 
 at::Tensor sdc_forward(const at::Tensor& input, const at::Tensor& guidance, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, int64_t dilation,
@@ -264,67 +421,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
                      dWp + c0 * g.KK, K);
           gemm_rm<T>(false, false, Kc, T_, g.Cout, T(1), Wt + c0 * g.KK * g.Cout, g.Cout, dy,
                      g.HW, T(0), dpanel.data(), kTileBwd);
-          const T* dD = dpanel.data();
-          // Scatter dD into dU (and dV / dS) of channels [c0, c1).
-          for (int64_t c = c0; c < c1; ++c) {
-            const T* Uc = U + (n * g.Cin + c) * g.HW;
-            T* dUc = dUp + (n * g.Cin + c) * g.HW;
-            const T* Vc = sim == kCharbonnier ? V + (n * g.Cg + c) * g.HW : nullptr;
-            T* dVc = sim == kCharbonnier ? dVp + (n * g.Cg + c) * g.HW : nullptr;
-            for (int64_t t = 0; t < g.KK; ++t) {
-              const int64_t dy_ = g.dy(t), dx = g.dx(t);
-              const T* drow = dD + ((c - c0) * g.KK + t) * kTileBwd;
-              const T* St = Sp ? Sp + (n * g.KK + t) * g.HW : nullptr;
-              T* Gt = Gb ? Gb + (n * g.KK + t) * g.HW : nullptr;
-              for_segments(g, p0, p1, dy_, dx, [&](int64_t y, int64_t yy, int64_t xa, int64_t xb,
-                                                   int64_t lo, int64_t hi, int64_t j0) {
-                const T* gd = drow + j0 - xa;
-                const T* u = Uc + y * g.W;
-                T* du = dUc + y * g.W;
-                const T* un = Uc + yy * g.W + dx;
-                T* dun = dUc + yy * g.W + dx;
-                if (sim == kNone) {
-                  for (int64_t x = xa; x < xb; ++x) du[x] -= gd[x];
-                  for (int64_t x = lo; x < hi; ++x) dun[x] += gd[x];
-                } else if (sim == kGaussian) {
-                  // Separate passes: du and dun alias (one channel plane), so a fused loop
-                  // would not vectorise; a[x] = dD * S is computed once into scratch.
-                  const T* s = St + y * g.W;
-                  T* gs = Gt + y * g.W;
-                  for (int64_t x = xa; x < xb; ++x) a[x] = gd[x] * s[x];
-                  for (int64_t x = xa; x < xb; ++x) du[x] -= a[x];
-                  for (int64_t x = lo; x < hi; ++x) dun[x] += a[x];
-                  for (int64_t x = xa; x < lo; ++x) gs[x] -= gd[x] * u[x];
-                  for (int64_t x = lo; x < hi; ++x) gs[x] += gd[x] * (un[x] - u[x]);
-                  for (int64_t x = hi; x < xb; ++x) gs[x] -= gd[x] * u[x];
-                } else {
-                  const T* v = Vc + y * g.W;
-                  T* dv = dVc + y * g.W;
-                  const T* vn = Vc + yy * g.W + dx;
-                  T* dvn = dVc + yy * g.W + dx;
-                  // s = (1 + e^2/sigma^2)^(-1/2), ds/de = -s^3 e / sigma^2, e = V[p+d] - V[p]:
-                  // a = dD * s (to dU), b = dL/de (dV[p] -= b, dV[p+d] += b), then the updates.
-                  for (int64_t x = xa; x < lo; ++x) {
-                    const T e = -v[x], sx = T(1) / std::sqrt(T(1) + e * e * inv_s2);
-                    a[x] = gd[x] * sx;
-                    b[x] = a[x] * u[x] * sx * sx * e * inv_s2;
-                  }
-                  for (int64_t x = lo; x < hi; ++x) {
-                    const T e = vn[x] - v[x], sx = T(1) / std::sqrt(T(1) + e * e * inv_s2);
-                    a[x] = gd[x] * sx;
-                    b[x] = -a[x] * (un[x] - u[x]) * sx * sx * e * inv_s2;
-                  }
-                  for (int64_t x = hi; x < xb; ++x) {
-                    const T e = -v[x], sx = T(1) / std::sqrt(T(1) + e * e * inv_s2);
-                    a[x] = gd[x] * sx;
-                    b[x] = a[x] * u[x] * sx * sx * e * inv_s2;
-                  }
-                  for (int64_t x = xa; x < xb; ++x) { du[x] -= a[x]; dv[x] -= b[x]; }
-                  for (int64_t x = lo; x < hi; ++x) { dun[x] += a[x]; dvn[x] += b[x]; }
-                }
-              });
-            }
-          }
+          if (sim == kNone)
+            scatter_tile<T, kNone>(g, U, V, Sp, dpanel.data(), kTileBwd, n, c0, c1, p0, p1, dUp,
+                                   dVp, Gb, a, b, inv_s2);
+          else if (sim == kGaussian)
+            scatter_tile<T, kGaussian>(g, U, V, Sp, dpanel.data(), kTileBwd, n, c0, c1, p0, p1,
+                                       dUp, dVp, Gb, a, b, inv_s2);
+          else
+            scatter_tile<T, kCharbonnier>(g, U, V, Sp, dpanel.data(), kTileBwd, n, c0, c1, p0,
+                                          p1, dUp, dVp, Gb, a, b, inv_s2);
         }
       }
     });
@@ -334,30 +439,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
       const T* Gp = Gs.data_ptr<T>();
       const T coef = T(1.0 / (sigma * sigma * double(g.Cg)));
       at::parallel_for(0, g.N * g.Cg, 1, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          const int64_t n = i / g.Cg;
-          const T* Vc = V + i * g.HW;
-          T* dVc = dVp + i * g.HW;
-          for (int64_t t = 0; t < g.KK; ++t) {
-            const T* gs = Gp + (n * g.KK + t) * g.HW;
-            const T* st = Sp + (n * g.KK + t) * g.HW;
-            for_segments(g, 0, g.HW, g.dy(t), g.dx(t), [&](int64_t y, int64_t yy, int64_t xa,
-                                                        int64_t xb, int64_t lo, int64_t hi, int64_t) {
-              const T* v = Vc + y * g.W;
-              T* dv = dVc + y * g.W;
-              const T* vn = Vc + yy * g.W + g.dx(t);
-              T* dvn = dVc + yy * g.W + g.dx(t);
-              const T* gg = gs + y * g.W;
-              const T* s = st + y * g.W;
-              for (int64_t x = xa; x < lo; ++x) dv[x] -= gg[x] * s[x] * v[x] * coef;
-              for (int64_t x = lo; x < hi; ++x) {
-                const T dd = -gg[x] * s[x] * (vn[x] - v[x]) * coef;
-                dv[x] -= dd; dvn[x] += dd;
-              }
-              for (int64_t x = hi; x < xb; ++x) dv[x] -= gg[x] * s[x] * v[x] * coef;
-            });
-          }
-        }
+        for (int64_t i = b; i < e; ++i) gaussian_dv<T, kGaussian>(g, V, Gp, Sp, i, coef, dVp);
       });
     }
   });
