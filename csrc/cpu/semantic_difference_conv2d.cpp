@@ -6,7 +6,7 @@
 // builds the (Cin*k^2) x T panel of D for a tile of T pixels in per-thread scratch and multiplies
 // it by the (Cout, Cin*k^2) weight matrix (segops::cpu::gemm_rm); the backward parallelises over
 // channel blocks, so each thread rebuilds D for its channels, accumulates its own columns of
-// dW (dY_tile @ D^T), computes dD = W^T dY_tile and scatters it into dU/dV of its own channels
+// dW^T (D dY_tile^T), computes dD = W^T dY_tile and scatters it into dU/dV of its own channels
 // (deterministic, no atomics). "gaussian" uses one small (N, k^2, H*W) similarity tensor (k^2/Cin
 // of the unfold size) and, in the backward, per-thread partial sums of dL/dS of that size.
 #include "segops/cpu/gemm.h"
@@ -218,6 +218,25 @@ void build_panel_any(int sim, const Geo& g, const T* U, const T* V, const T* S, 
   else build_panel<T, kCharbonnier>(g, U, V, S, n, c0, c1, p0, p1, D, ld, inv_s2);
 }
 
+// The charbonnier backward's terms for x in [x0, x1): s = (1 + e^2/sigma^2)^(-1/2) with
+// e = V[p+d] - V[p] and ds/de = -s^3 e / sigma^2; a = dD s (to dU) and b = dL/de (dV[p] -= b,
+// dV[p+d] += b). INSIDE: the neighbour is in the image (else U, V are zero there and un, vn
+// unused). The pointers are restrict so that GCC vectorises without eleven run-time alias checks
+// (past its limit of ten, it would leave the loop scalar).
+template <typename T, bool INSIDE>
+__attribute__((always_inline)) inline void charbonnier_terms(
+    int64_t x0, int64_t x1, const T* __restrict gd, const T* __restrict u,
+    const T* __restrict un, const T* __restrict v, const T* __restrict vn, T inv_s2,
+    T* __restrict a, T* __restrict b) {
+  for (int64_t x = x0; x < x1; ++x) {
+    const T e = INSIDE ? vn[x] - v[x] : -v[x];
+    const T du = INSIDE ? un[x] - u[x] : -u[x];
+    const T sx = T(1) / std::sqrt(T(1) + e * e * inv_s2);
+    a[x] = gd[x] * sx;
+    b[x] = -a[x] * du * sx * sx * e * inv_s2;
+  }
+}
+
 // The backward's scatter of dD (rows (c - c0) * KK + t, stride ld, the pixels [p0, p1) of image
 // n) into dU, and dV (charbonnier) or the dL/dS partial sums Gb (gaussian), of channels [c0, c1).
 // a and b are per-row scratch of W elements.
@@ -263,23 +282,9 @@ __attribute__((always_inline)) inline void scatter_tile_body(
           T* dv = dVc + q.y * g.W;
           const T* vn = Vc + q.yy * g.W + dx;
           T* dvn = dVc + q.yy * g.W + dx;
-          // s = (1 + e^2/sigma^2)^(-1/2), ds/de = -s^3 e / sigma^2, e = V[p+d] - V[p]:
-          // a = dD * s (to dU), b = dL/de (dV[p] -= b, dV[p+d] += b), then the updates.
-          for (int64_t x = xa; x < lo; ++x) {
-            const T e = -v[x], sx = T(1) / std::sqrt(T(1) + e * e * inv_s2);
-            a[x] = gd[x] * sx;
-            b[x] = a[x] * u[x] * sx * sx * e * inv_s2;
-          }
-          for (int64_t x = lo; x < hi; ++x) {
-            const T e = vn[x] - v[x], sx = T(1) / std::sqrt(T(1) + e * e * inv_s2);
-            a[x] = gd[x] * sx;
-            b[x] = -a[x] * (un[x] - u[x]) * sx * sx * e * inv_s2;
-          }
-          for (int64_t x = hi; x < xb; ++x) {
-            const T e = -v[x], sx = T(1) / std::sqrt(T(1) + e * e * inv_s2);
-            a[x] = gd[x] * sx;
-            b[x] = a[x] * u[x] * sx * sx * e * inv_s2;
-          }
+          charbonnier_terms<T, false>(xa, lo, gd, u, un, v, vn, inv_s2, a, b);
+          charbonnier_terms<T, true>(lo, hi, gd, u, un, v, vn, inv_s2, a, b);
+          charbonnier_terms<T, false>(hi, xb, gd, u, un, v, vn, inv_s2, a, b);
           for (int64_t x = xa; x < xb; ++x) { du[x] -= a[x]; dv[x] -= b[x]; }
           for (int64_t x = lo; x < hi; ++x) { dun[x] += a[x]; dvn[x] += b[x]; }
         }
@@ -400,9 +405,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
     const T* Wt = weight_t.data_ptr<T>();
     T* dUp = dU.data_ptr<T>();
     T* dVp = dV.data_ptr<T>();
-    T* dWp = dW.data_ptr<T>();
+    // dW accumulated as its transpose (K, Cout), transposed once at the end: the GEMM then packs
+    // (transposes) the tile of dY (Cout x T) for op(B), not the Cin*k^2/nthreads times larger
+    // panel of D.
+    at::Tensor dWt = at::zeros({g.Cin * g.KK, g.Cout}, weight.options());
+    T* dWtp = dWt.data_ptr<T>();
     const T inv_s2 = T(1.0 / (sigma * sigma));
-    const int64_t K = g.Cin * g.KK;  // weight and dW as (Cout, K) matrices
     at::parallel_for(0, nblk_eff, 1, [&](int64_t bb, int64_t be) {
       for (int64_t blk = bb; blk < be; ++blk) {
         const int64_t c0 = blk * cb, c1 = std::min(g.Cin, c0 + cb), Kc = (c1 - c0) * g.KK;
@@ -416,9 +424,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
           const int64_t T_ = p1 - p0;
           const T* dy = GO + n * g.Cout * g.HW + p0;  // (Cout, T_), row stride HW
           build_panel_any<T>(sim, g, U, V, Sp, n, c0, c1, p0, p1, panel.data(), kTileBwd, inv_s2);
-          // dW[:, c0 * KK : c1 * KK] (Cout x Kc) += dy @ panel^T; dD (Kc x T_) = W_blk^T @ dy
-          gemm_rm<T>(false, true, g.Cout, Kc, T_, T(1), dy, g.HW, panel.data(), kTileBwd, T(1),
-                     dWp + c0 * g.KK, K);
+          // dW^T[c0 * KK : c1 * KK, :] (Kc x Cout) += panel @ dy^T; dD (Kc x T_) = W_blk^T @ dy
+          gemm_rm<T>(false, true, Kc, g.Cout, T_, T(1), panel.data(), kTileBwd, dy, g.HW, T(1),
+                     dWtp + c0 * g.KK * g.Cout, g.Cout);
           gemm_rm<T>(false, false, Kc, T_, g.Cout, T(1), Wt + c0 * g.KK * g.Cout, g.Cout, dy,
                      g.HW, T(0), dpanel.data(), kTileBwd);
           if (sim == kNone)
@@ -433,6 +441,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
         }
       }
     });
+    dW.copy_(dWt.t().reshape(weight.sizes()));
     if (sim == kGaussian) {
       // dS total, then dV[c,p] -= dd, dV[c,p+d] += dd with dd = dS * (-S e_c / (sigma^2 Cg)).
       at::Tensor Gs = G.sum(0);
