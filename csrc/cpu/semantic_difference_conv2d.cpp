@@ -295,10 +295,12 @@ __attribute__((always_inline)) inline void scatter_tile_body(
 SEGOPS_SDC_ISA_VARIANTS(scatter_tile)
 
 // Gaussian backward, last pass: dV[c,p] -= dd, dV[c,p+d] += dd for every tap, with
-// dd = dS * (-S e_c / (sigma^2 Cg)), dS the summed dL/dS (Gs), for plane i = n * Cg + c.
+// dd = dS * (-S e_c / (sigma^2 Cg)), dS the summed dL/dS (Gs), for plane i = n * Cg + c; dd is
+// computed into the scratch row a (W elements) first, as dV[c,p] and dV[c,p+d] alias.
 template <typename T, int SIM>
 __attribute__((always_inline)) inline void gaussian_dv_body(const Geo& g, const T* V, const T* Gs,
-                                                            const T* S, int64_t i, T coef, T* dVp) {
+                                                            const T* S, int64_t i, T coef, T* dVp,
+                                                            T* a) {
   const int64_t n = i / g.Cg;
   const T* Vc = V + i * g.HW;
   T* dVc = dVp + i * g.HW;
@@ -315,10 +317,9 @@ __attribute__((always_inline)) inline void gaussian_dv_body(const Geo& g, const 
       const T* gg = gs + q.y * g.W;
       const T* s = st + q.y * g.W;
       for (int64_t x = q.xa; x < q.lo; ++x) dv[x] -= gg[x] * s[x] * v[x] * coef;
-      for (int64_t x = q.lo; x < q.hi; ++x) {
-        const T dd = -gg[x] * s[x] * (vn[x] - v[x]) * coef;
-        dv[x] -= dd; dvn[x] += dd;
-      }
+      for (int64_t x = q.lo; x < q.hi; ++x) a[x] = -gg[x] * s[x] * (vn[x] - v[x]) * coef;
+      for (int64_t x = q.lo; x < q.hi; ++x) dv[x] -= a[x];
+      for (int64_t x = q.lo; x < q.hi; ++x) dvn[x] += a[x];
       for (int64_t x = q.hi; x < q.xb; ++x) dv[x] -= gg[x] * s[x] * v[x] * coef;
     }
   }
@@ -350,19 +351,19 @@ at::Tensor sdc_forward(const at::Tensor& input, const at::Tensor& guidance, cons
     T* Y = out.data_ptr<T>();
     const T inv_s2 = T(1.0 / (sigma * sigma));
     at::parallel_for(0, g.N * ntile, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> panel(K * kTileFwd), res(g.Cout * kTileFwd);
+      std::vector<T> panel(K * kTileFwd);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / ntile, p0 = (i % ntile) * kTileFwd, p1 = std::min(g.HW, p0 + kTileFwd);
         const int64_t T_ = p1 - p0;
         build_panel_any<T>(sim, g, U, V, Sp, n, 0, g.Cin, p0, p1, panel.data(), kTileFwd, inv_s2);
-        // res (Cout x T_) = W (Cout x K) @ panel (K x T_); Y[n, :, p0:p1] = res + bias
-        gemm_rm<T>(false, false, g.Cout, T_, K, T(1), Wp, K, panel.data(), kTileFwd, T(0),
-                   res.data(), kTileFwd);
+        // Y[n, :, p0:p1] (Cout x T_, rows HW apart) = W (Cout x K) @ panel (K x T_) (+ bias)
+        T* y = Y + n * g.Cout * g.HW + p0;
+        gemm_rm<T>(false, false, g.Cout, T_, K, T(1), Wp, K, panel.data(), kTileFwd, T(0), y,
+                   g.HW);
+        if (bp == nullptr) continue;
         for (int64_t o = 0; o < g.Cout; ++o) {
-          T* yo = Y + (n * g.Cout + o) * g.HW + p0;
-          const T* ro = res.data() + o * kTileFwd;
-          const T bo = bp ? bp[o] : T(0);
-          for (int64_t j = 0; j < T_; ++j) yo[j] = ro[j] + bo;
+          T* yo = y + o * g.HW;
+          for (int64_t j = 0; j < T_; ++j) yo[j] += bp[o];
         }
       }
     });
@@ -448,7 +449,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
       const T* Gp = Gs.data_ptr<T>();
       const T coef = T(1.0 / (sigma * sigma * double(g.Cg)));
       at::parallel_for(0, g.N * g.Cg, 1, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) gaussian_dv<T, kGaussian>(g, V, Gp, Sp, i, coef, dVp);
+        std::vector<T> scratch(g.W);
+        for (int64_t i = b; i < e; ++i)
+          gaussian_dv<T, kGaussian>(g, V, Gp, Sp, i, coef, dVp, scratch.data());
       });
     }
   });
