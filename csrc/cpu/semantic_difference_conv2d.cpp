@@ -5,7 +5,7 @@
 // with U, V zero outside the image. Never materialises the k^2-unfolded U or V: the forward
 // builds the (Cin*k^2) x T panel of D for a tile of T pixels in per-thread scratch and multiplies
 // it by the (Cout, Cin*k^2) weight matrix (segops::cpu::gemm_rm); the backward parallelises over
-// channel blocks, so each thread rebuilds D for its channels, accumulates its own columns of
+// channel blocks, so each thread rebuilds D for its channels, accumulates its own rows of
 // dW^T (D dY_tile^T), computes dD = W^T dY_tile and scatters it into dU/dV of its own channels
 // (deterministic, no atomics). "gaussian" uses one small (N, k^2, H*W) similarity tensor (k^2/Cin
 // of the unfold size) and, in the backward, per-thread partial sums of dL/dS of that size.
