@@ -351,14 +351,15 @@ at::Tensor sdc_forward(const at::Tensor& input, const at::Tensor& guidance, cons
     T* Y = out.data_ptr<T>();
     const T inv_s2 = T(1.0 / (sigma * sigma));
     at::parallel_for(0, g.N * ntile, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> panel(K * kTileFwd);
+      // Uninitialised: build_panel writes every element the GEMM reads.
+      std::unique_ptr<T[]> panel(new T[K * kTileFwd]);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / ntile, p0 = (i % ntile) * kTileFwd, p1 = std::min(g.HW, p0 + kTileFwd);
         const int64_t T_ = p1 - p0;
-        build_panel_any<T>(sim, g, U, V, Sp, n, 0, g.Cin, p0, p1, panel.data(), kTileFwd, inv_s2);
+        build_panel_any<T>(sim, g, U, V, Sp, n, 0, g.Cin, p0, p1, panel.get(), kTileFwd, inv_s2);
         // Y[n, :, p0:p1] (Cout x T_, rows HW apart) = W (Cout x K) @ panel (K x T_) (+ bias)
         T* y = Y + n * g.Cout * g.HW + p0;
-        gemm_rm<T>(false, false, g.Cout, T_, K, T(1), Wp, K, panel.data(), kTileFwd, T(0), y,
+        gemm_rm<T>(false, false, g.Cout, T_, K, T(1), Wp, K, panel.get(), kTileFwd, T(0), y,
                    g.HW);
         if (bp == nullptr) continue;
         for (int64_t o = 0; o < g.Cout; ++o) {
@@ -382,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
   segops::guards::check_sizes(kernel, "grad_out", grad_out, {g.N, g.Cout, g.H, g.W});
   at::Tensor dU = at::zeros_like(input);
   at::Tensor dV = at::zeros_like(guidance);
-  at::Tensor dW = at::zeros_like(weight);
+  at::Tensor dW = at::zeros_like(weight);  // stays zero only when there is nothing to multiply
   at::Tensor db = at::sum(grad_out, {0, 2, 3});
   if (input.numel() == 0 || grad_out.numel() == 0) return {dU, dV, dW, db};
   const int64_t ntile = (g.HW + kTileBwd - 1) / kTileBwd;
@@ -409,13 +410,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
     // dW accumulated as its transpose (K, Cout), transposed once at the end: the GEMM then packs
     // (transposes) the tile of dY (Cout x T) for op(B), not the Cin*k^2/nthreads times larger
     // panel of D.
-    at::Tensor dWt = at::zeros({g.Cin * g.KK, g.Cout}, weight.options());
+    // Not zeroed: each block's first tile writes its rows (beta 0), the later ones accumulate.
+    at::Tensor dWt = at::empty({g.Cin * g.KK, g.Cout}, weight.options());
     T* dWtp = dWt.data_ptr<T>();
     const T inv_s2 = T(1.0 / (sigma * sigma));
     at::parallel_for(0, nblk_eff, 1, [&](int64_t bb, int64_t be) {
       for (int64_t blk = bb; blk < be; ++blk) {
         const int64_t c0 = blk * cb, c1 = std::min(g.Cin, c0 + cb), Kc = (c1 - c0) * g.KK;
-        std::vector<T> panel(Kc * kTileBwd), dpanel(Kc * kTileBwd);
+        // Uninitialised: build_panel and the dD product write every element that is read.
+        std::unique_ptr<T[]> panel(new T[Kc * kTileBwd]), dpanel(new T[Kc * kTileBwd]);
         std::vector<T> scratch_a(g.W), scratch_b(g.W);  // per-row temporaries of the scatter
         T* a = scratch_a.data();
         T* b = scratch_b.data();
@@ -424,20 +427,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
           const int64_t n = i / ntile, p0 = (i % ntile) * kTileBwd, p1 = std::min(g.HW, p0 + kTileBwd);
           const int64_t T_ = p1 - p0;
           const T* dy = GO + n * g.Cout * g.HW + p0;  // (Cout, T_), row stride HW
-          build_panel_any<T>(sim, g, U, V, Sp, n, c0, c1, p0, p1, panel.data(), kTileBwd, inv_s2);
+          build_panel_any<T>(sim, g, U, V, Sp, n, c0, c1, p0, p1, panel.get(), kTileBwd, inv_s2);
           // dW^T[c0 * KK : c1 * KK, :] (Kc x Cout) += panel @ dy^T; dD (Kc x T_) = W_blk^T @ dy
-          gemm_rm<T>(false, true, Kc, g.Cout, T_, T(1), panel.data(), kTileBwd, dy, g.HW, T(1),
-                     dWtp + c0 * g.KK * g.Cout, g.Cout);
+          gemm_rm<T>(false, true, Kc, g.Cout, T_, T(1), panel.get(), kTileBwd, dy, g.HW,
+                     i == 0 ? T(0) : T(1), dWtp + c0 * g.KK * g.Cout, g.Cout);
           gemm_rm<T>(false, false, Kc, T_, g.Cout, T(1), Wt + c0 * g.KK * g.Cout, g.Cout, dy,
-                     g.HW, T(0), dpanel.data(), kTileBwd);
+                     g.HW, T(0), dpanel.get(), kTileBwd);
           if (sim == kNone)
-            scatter_tile<T, kNone>(g, U, V, Sp, dpanel.data(), kTileBwd, n, c0, c1, p0, p1, dUp,
+            scatter_tile<T, kNone>(g, U, V, Sp, dpanel.get(), kTileBwd, n, c0, c1, p0, p1, dUp,
                                    dVp, Gb, a, b, inv_s2);
           else if (sim == kGaussian)
-            scatter_tile<T, kGaussian>(g, U, V, Sp, dpanel.data(), kTileBwd, n, c0, c1, p0, p1,
+            scatter_tile<T, kGaussian>(g, U, V, Sp, dpanel.get(), kTileBwd, n, c0, c1, p0, p1,
                                        dUp, dVp, Gb, a, b, inv_s2);
           else
-            scatter_tile<T, kCharbonnier>(g, U, V, Sp, dpanel.data(), kTileBwd, n, c0, c1, p0,
+            scatter_tile<T, kCharbonnier>(g, U, V, Sp, dpanel.get(), kTileBwd, n, c0, c1, p0,
                                           p1, dUp, dVp, Gb, a, b, inv_s2);
         }
       }
