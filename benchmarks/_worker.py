@@ -1,7 +1,7 @@
 """Runs providers of one case in its own process and prints one `ROW` JSON line per (provider,
 mode): its time distribution (phase "time", one provider per process, or all of a case's in a
---quick smoke run) or its peak memory (phase "memory", every provider of the case in one
-process). The runner starts each phase with the allocator settings it needs
+--quick smoke run), its peak memory (phase "memory", every provider of the case in one
+process) or its time against the case's anchor, the two timed alternately (phase "paired"). The runner starts each phase with the allocator settings it needs
 (benchmarks/measure.py)."""
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def _status(exc: BaseException) -> str:
 def main() -> None:
     args = json.loads(sys.argv[1])
     from benchmarks import cases as cases_mod
-    from benchmarks.measure import counted_flops, make_step, peak_bytes, time_step
+    from benchmarks.measure import (counted_flops, make_step, peak_bytes, time_paired,
+                                    time_step)
     device, dtype = args["device"], getattr(torch, args["dtype"])
     torch.manual_seed(0)
     if args["kind"] == "op":
@@ -50,6 +51,10 @@ def main() -> None:
                 step, kwargs = build(fn, mode)
                 if args["phase"] == "memory":
                     row["peak_bytes"] = peak_bytes(step, device)
+                elif args["phase"] == "paired":
+                    anchor_step, anchor_kwargs = build(case.providers[args["anchor"]], mode)
+                    row.update(time_paired(anchor_step, step, device, args["min_run_time"]))
+                    del anchor_step, anchor_kwargs
                 else:
                     row.update(time_step(step, device, args["min_run_time"]))
                     if case.cost is None and provider == "reference":

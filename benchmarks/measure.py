@@ -87,6 +87,27 @@ def time_step(step: Callable, device: str, min_run_time: float) -> dict:
     return dict(median_ms=m.median * 1e3, p20_ms=q[1] * 1e3, p80_ms=q[7] * 1e3)
 
 
+def time_paired(anchor_step: Callable, step: Callable, device: str, min_run_time: float) -> dict:
+    """`step` against `anchor_step`, the two timed alternately in one process for twice
+    `min_run_time` (at least 5 pairs), so that both see the same machine state: a clock that
+    drifts between two separately timed rows does not move their ratio. Returns that ratio of
+    the two median times and the number of pairs."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    anchor_step(), step()  # warm-up
+    sync()
+    times: tuple[list, list] = ([], [])
+    start = time.perf_counter()
+    while len(times[0]) < 5 or (time.perf_counter() - start < 2 * min_run_time
+                                and len(times[0]) < 10000):
+        for fn, out in ((anchor_step, times[0]), (step, times[1])):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - t0)
+    return dict(paired_ratio=statistics.median(times[1]) / statistics.median(times[0]),
+                pairs=len(times[0]))
+
+
 def peak_bytes(step: Callable, device: str) -> int:
     """Peak memory of one call of `step` above what is held before it (after a warm-up call).
     On CPU, only meaningful in a process started with MEMORY_ENV."""

@@ -6,7 +6,9 @@ or a crash becomes a row, not the end of the run; a --quick smoke run times the 
 case in one process); with --rounds R, the providers of a case are
 timed R times in turn and each row keeps the median of its rounds, so that a few minutes of load
 from elsewhere on a shared machine slow one round of every provider instead of all of one
-provider's timing. Then one more process per case, started with
+provider's timing. A case with an anchor (SDC's plain `F.conv2d`) also times each fused provider
+alternately with the anchor in one process, for a ratio that such load moves far less. Then
+one more process per case, started with
 the allocator settings that make the resident set honest, measures every provider's peak
 memory (benchmarks/measure.py). The machine's bounds (GEMM
 throughput and copy bandwidth; a GPU's data-sheet dense peak) are measured once per run. Writes
@@ -158,6 +160,26 @@ def add_memory(rows: list[dict], job: dict, timeout: float) -> None:
                 r["memory_status"] = m.get("status")
 
 
+def add_paired(rows: list[dict], anchor: str | None, job: dict, timeout: float) -> None:
+    """The fused providers of a case with an anchor timed again, each alternating with the
+    anchor in one process (measure.time_paired): `vs_anchor_paired`. The references are left
+    out (seconds a step, and not what the anchor is for)."""
+    ok = {r["provider"] for r in rows if r["status"] == "ok"}
+    if anchor is None or anchor not in ok:
+        return
+    paired = [p for p in dict.fromkeys(r["provider"] for r in rows)
+              if p in ok and p != anchor and not p.startswith("reference")]
+    if not paired:
+        return
+    result = {(m["provider"], m["mode"]): m
+              for m in run_worker(dict(job, phase="paired", anchor=anchor, providers=paired),
+                                  timeout, os.environ)}
+    for r in rows:
+        m = result.get((r["provider"], r["mode"]), {})
+        if m.get("status") == "ok":
+            r["vs_anchor_paired"], r["anchor_pairs"] = m["paired_ratio"], m["pairs"]
+
+
 def progress(i: int, n: int, text: str, start: float) -> None:
     width = 24
     filled = int(width * i / max(n, 1))
@@ -221,7 +243,9 @@ def fmt_fraction(r: dict) -> str:
 def fmt_note(r: dict) -> str:
     notes = []
     if r.get("vs_anchor") is not None and r["provider"] != r["anchor"]:
-        notes.append(f"{r['vs_anchor']:.2f}× {r['anchor']}")
+        paired = r.get("vs_anchor_paired")
+        notes.append(f"{r['vs_anchor']:.2f}× {r['anchor']}"
+                     + ("" if paired is None else f" (paired {paired:.2f}×)"))
     if r.get("op_fraction") is not None:
         notes.append(f"op {r['op_ms']:.0f} ms = {r['op_fraction']:.0%}")
     return ", ".join(notes) or "-"
@@ -259,7 +283,9 @@ def markdown(rows: list[dict], env: dict, bounds: dict, rounds: int = 1) -> str:
     lines += ["", "of roofline: the row's share of the time the machine's bound allows (C: compute "
               "bound, GEMM throughput; M: memory bound, copy bandwidth) for the case's FLOPs and "
               "minimum bytes; FLOPs of cases without an analytic count are counted on the "
-              "reference (matrix products and convolutions)."]
+              "reference (matrix products and convolutions). `1.10× conv2d (paired 1.12×)`: the "
+              "row's median over the anchor's row, and the ratio of the two timed alternately "
+              "in one process (robust to a machine whose speed drifts between rows)."]
     return "\n".join(lines)
 
 
@@ -418,6 +444,7 @@ def main(argv=None) -> int:
                 done += len(batch)
             rounds.append(round_rows)
         case_rows = merge_rounds(rounds)
+        add_paired(case_rows, case.anchor, job, args.timeout)
         add_memory(case_rows, job, args.timeout)
         for r in case_rows:
             r.update(op=case.op, case=case.label, params=case.params, dtype=job["dtype"],

@@ -177,3 +177,19 @@ def test_quick_run_and_compare(tmp_path, capsys):
         assert r["flops"] > 0 and r["bytes"] > 0 and 0 < r["roofline_fraction"]
     assert run.main(argv[:-1] + [str(tmp_path / "again.json"), "--compare", out]) == 0
     assert "new of roofline" in capsys.readouterr().out
+
+
+def test_anchor_ratio_is_also_timed_paired(tmp_path):
+    """A case with an anchor: each fused provider is timed again alternating with the anchor,
+    and the note gives both ratios; the references are not paired."""
+    out = str(tmp_path / "paired.json")
+    argv = ["--quick", "--op", "semantic_difference_conv2d", "--provider", "reference", "conv2d",
+            "cpu", "--mode", "fwd", "--out", out]
+    assert run.main(argv) == 0
+    rows = json.load(open(out))["rows"]
+    by = {(r["case"], r["provider"]): r for r in rows}
+    for case in {r["case"] for r in rows}:
+        fused, anchor = by[(case, "cpu")], by[(case, "conv2d")]
+        assert fused["anchor_pairs"] >= 5 and 0 < fused["vs_anchor_paired"] < 1e3
+        assert "vs_anchor_paired" not in anchor and "vs_anchor_paired" not in by[(case, "reference")]
+        assert f"(paired {fused['vs_anchor_paired']:.2f}×)" in run.fmt_note(fused)
