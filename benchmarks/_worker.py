@@ -1,8 +1,8 @@
 """Runs providers of one case in its own process and prints one `ROW` JSON line per (provider,
 mode): its time distribution (phase "time", one provider per process, or all of a case's in a
 --quick smoke run), its peak memory (phase "memory", every provider of the case in one
-process) or its time against the case's anchor, the two timed alternately (phase "paired"). The runner starts each phase with the allocator settings it needs
-(benchmarks/measure.py)."""
+process) or its time against the case's anchor, the two timed alternately (phase "paired").
+The runner starts each phase with the allocator settings it needs (benchmarks/measure.py)."""
 from __future__ import annotations
 
 import gc

@@ -93,7 +93,8 @@ def time_paired(anchor_step: Callable, step: Callable, device: str, min_run_time
     drifts between two separately timed rows does not move their ratio. Returns that ratio of
     the two median times and the number of pairs."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    anchor_step(), step()  # warm-up
+    anchor_step()  # warm-up
+    step()
     sync()
     times: tuple[list, list] = ([], [])
     start = time.perf_counter()

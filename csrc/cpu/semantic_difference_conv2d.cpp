@@ -20,6 +20,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -383,9 +384,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdc_backward(
   segops::guards::check_sizes(kernel, "grad_out", grad_out, {g.N, g.Cout, g.H, g.W});
   at::Tensor dU = at::zeros_like(input);
   at::Tensor dV = at::zeros_like(guidance);
-  at::Tensor dW = at::zeros_like(weight);  // stays zero only when there is nothing to multiply
+  at::Tensor dW = at::empty_like(weight);  // the transpose of dW^T below, or zeros
   at::Tensor db = at::sum(grad_out, {0, 2, 3});
-  if (input.numel() == 0 || grad_out.numel() == 0) return {dU, dV, dW, db};
+  if (input.numel() == 0 || grad_out.numel() == 0) return {dU, dV, dW.zero_(), db};
   const int64_t ntile = (g.HW + kTileBwd - 1) / kTileBwd;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t nblk = std::min<int64_t>(g.Cin, nthreads);
